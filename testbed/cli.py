@@ -1,0 +1,68 @@
+"""The `testbed` command.
+
+Each subsystem owns a small `cli.py` with a `register(subparsers)` function that adds its
+subcommand(s) and sets `func` on the parser. Those modules import nothing heavy at module level
+(no torch, no transformers), so `testbed --help` answers at once; the handler imports what it
+needs when it runs. A handler returns the process exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from testbed.errors import TestbedError
+
+# Order is the order in `testbed --help`.
+SUBSYSTEMS = (
+    "testbed.train.cli",
+    "testbed.data.cli",
+    "testbed.sweep.cli",
+    "testbed.fit.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="testbed",
+        description="Train ladders of small decoder transformers, sweep them locally or on SLURM, "
+        "and fit scaling laws to the results.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBSYSTEMS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:  # a real import error inside the module: surface it
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides may come after options (`train CFG --run-dir D lr=...`): argparse stops
+    # collecting a positional list at the first option, so gather the rest here.
+    if extra and isinstance(getattr(args, "overrides", None), list):
+        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.func(args) or 0)
+    except TestbedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

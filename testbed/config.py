@@ -1,0 +1,395 @@
+"""Typed configuration: dataclasses, YAML files, dotted overrides, validation.
+
+A config file is YAML with the sections below (every key optional). Command-line overrides use
+dotted keys, e.g. `optim.lr=3e-3 model.preset=small`; values are parsed as YAML scalars.
+Every mistake becomes one `ConfigError` naming the key, the value and the fix, with the nearest
+valid key when a key is unknown.
+
+`model.preset` names a rung of the model ladder (configs/models/<name>.yaml); keys given
+explicitly in the config or on the command line win over the preset's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def configs_dir() -> Path:
+    """Where the shipped configs live (override with TESTBED_CONFIGS)."""
+    return Path(os.environ.get("TESTBED_CONFIGS", REPO_ROOT / "configs"))
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = None  # a rung of the ladder in configs/models/
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # grouped-query attention; None means n_heads
+    ffn_ratio: float = 8 / 3  # SwiGLU hidden size = ffn_ratio * d_model, rounded up
+    ffn_multiple_of: int = 32
+    vocab_size: int | None = None  # None: taken from the data
+    max_seq_len: int = 1024
+    tie_embeddings: bool = False
+    norm: str = "rmsnorm"
+    norm_placement: str = "pre"  # pre | peri (norm before and after each sublayer)
+    norm_eps: float = 1e-5
+    qk_norm: bool = False
+    attention: str = "sdpa"
+    mlp: str = "swiglu"
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    init: str = "normal"
+    init_std: float = 0.02
+    dropout: float = 0.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def d_ff(self) -> int:
+        m = self.ffn_multiple_of
+        return m * -(-int(round(self.ffn_ratio * self.d_model)) // m)
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | shards
+    path: str | None = None  # folder written by `testbed data prepare` (implies source=shards)
+    seq_len: int = 256
+    unique_tokens: int | None = None  # U: repeat the first U training tokens; None: never repeat
+    seed: int = 0  # data order (and the synthetic language's training stream)
+    val_sequences: int = 64  # validation windows evaluated each time
+    synthetic: dict[str, Any] = field(default_factory=dict)  # SyntheticSpec fields
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # constant | cosine | linear | inverse_sqrt | wsd | power
+    warmup_steps: int = 0
+    warmup_fraction: float | None = None  # alternative to warmup_steps
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+    decay_shape: str = "1-sqrt"
+    inv_sqrt_timescale: int | None = None
+    power_a: float = 4.0
+    power_b: float = -0.51
+    power_decay_fraction: float = 0.0
+    decay_start_step: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    tokens: int | None = None  # total training tokens D (one of tokens / steps / tokens_per_param)
+    steps: int | None = None
+    tokens_per_param: float | None = None  # D = ratio x N (total parameters)
+    global_batch_tokens: int = 16384  # tokens per optimizer step, across all processes
+    micro_batch_size: int | None = None  # sequences per forward pass per process; None: all
+    seed: int = 0  # model initialisation and dropout
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_every: int = 100  # steps between validations (and at the end)
+    log_every: int = 10
+    activation_checkpointing: bool = False
+    parallel: str = "ddp"  # with several processes: ddp (replicated) | fsdp (FSDP2, sharded)
+    deterministic: bool = True  # CPU runs are bit-reproducible
+
+
+@dataclass
+class CheckpointConfig:
+    every: int | None = None  # science checkpoint every k steps
+    log_spaced: int = 0  # this many log-spaced science checkpoints over the run
+    at_tokens: list[int] = field(default_factory=list)  # science checkpoints at these token counts
+    rolling_every: int | None = None  # resume checkpoints every k steps (None: off)
+    keep_rolling: int = 2
+    final: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True
+    wandb_mode: str = "offline"  # offline writes a real run folder without network
+    wandb_project: str = "testbed"
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    name: str | None = None
+    labels: dict[str, Any] = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass the path of a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: "
+                          f"{getattr(err, 'problem', err)}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, "
+                          f"not a {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value, e.g. optim.lr=3e-3")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: values in `top` win; mappings merge key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def model_preset(name: str) -> dict[str, Any]:
+    folder = configs_dir() / "models"
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        near = difflib.get_close_matches(str(name), known, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ConfigError(f"model.preset={name!r} is not a rung of the ladder; {hint}"
+                          f"choose one of {', '.join(known)}")
+    preset = read_yaml(path)
+    return preset.get("model", preset)
+
+
+def load_config(source: str | Path | dict[str, Any] | None = None,
+                overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Build a validated Config from a YAML path (or a dict) plus dotted overrides."""
+    if source is None:
+        tree: dict[str, Any] = {}
+    elif isinstance(source, dict):
+        tree = merge({}, source)
+    else:
+        tree = read_yaml(source)
+    if isinstance(overrides, dict):
+        overrides = list(overrides.items())  # type: ignore[assignment]
+    for item in overrides or []:
+        key, value = item if isinstance(item, tuple) else parse_override(item)
+        set_dotted(tree, key, value)
+    return from_dict(tree)
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    tree = merge({}, tree)
+    model = tree.get("model")
+    if isinstance(model, dict) and model.get("preset"):
+        tree["model"] = merge(model_preset(model["preset"]), model)
+    config = build_dataclass(Config, tree, "")
+    validate(config)
+    return config
+
+
+def build_dataclass(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys, "
+                          f"got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"did you mean {prefix + near[0]!r}?" if near else f"valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {prefix + str(key)!r} (value {value!r}); {hint}")
+        kwargs[key] = coerce(hints[key], value, prefix + key)
+    return cls(**kwargs)
+
+
+def coerce(hint: Any, value: Any, key: str) -> Any:
+    """Check `value` against a type hint, converting where it is lossless (int -> float)."""
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value if value is not None else {}, key + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(inner[0], value, key)
+    if hint is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list, e.g. {key}=[1,2]")
+        return [coerce(args[0], v, key) for v in value] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} must be a mapping of keys")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ConfigError(f"{key}={value!r} must be a whole number")
+        return int(value)
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 3e-3 (no dot) as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return str(value)
+    return value
+
+
+# ----------------------------------------------------------------------------- validation
+
+CHOICES = {
+    "data.source": ("synthetic", "shards"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "optim.name": None,  # checked against the optimiser registry at build time
+    "logging.wandb_mode": ("offline", "online", "disabled"),
+}
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
+    if value not in choices:
+        near = difflib.get_close_matches(str(value), list(choices), n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ConfigError(f"{key}={value!r} is not a valid choice; {hint}choose one of "
+                          f"{', '.join(choices)}")
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(c: Config) -> None:
+    m, d, t, o = c.model, c.data, c.train, c.optim
+    for key, value in (("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
+                       ("model.n_heads", m.n_heads), ("model.max_seq_len", m.max_seq_len),
+                       ("data.seq_len", d.seq_len), ("train.global_batch_tokens", t.global_batch_tokens),
+                       ("data.val_sequences", d.val_sequences), ("train.eval_every", t.eval_every),
+                       ("train.log_every", t.log_every)):
+        require(value > 0, f"{key}={value!r} must be positive")
+    require(m.d_model % m.n_heads == 0,
+            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
+            f"choose n_heads among {[h for h in range(1, 65) if m.d_model % h == 0]}")
+    require(m.head_dim % 2 == 0, f"model.d_model/n_heads={m.head_dim} must be even for rotary positions")
+    require(m.n_heads % m.kv_heads == 0,
+            f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")
+    require(d.seq_len <= m.max_seq_len,
+            f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+            f"lower data.seq_len or raise model.max_seq_len")
+    require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    require(m.ffn_ratio > 0, f"model.ffn_ratio={m.ffn_ratio} must be positive")
+    require(m.init_std > 0, f"model.init_std={m.init_std} must be positive")
+    check_choice("model.norm_placement", m.norm_placement, ("pre", "peri"))
+    check_choice("data.source", "shards" if d.path else d.source, CHOICES["data.source"])
+    require(d.source != "shards" or d.path, "data.source='shards' needs data.path=FOLDER "
+            "(a folder written by `testbed data prepare`)")
+    check_choice("train.precision", t.precision, CHOICES["train.precision"])
+    check_choice("train.parallel", t.parallel, ("ddp", "fsdp"))
+    check_choice("logging.wandb_mode", c.logging.wandb_mode, CHOICES["logging.wandb_mode"])
+    given = [k for k in ("tokens", "steps", "tokens_per_param") if getattr(t, k) is not None]
+    require(len(given) <= 1, f"train.{given[0]} and train.{given[1]} both set; give only one "
+            f"of train.tokens, train.steps, train.tokens_per_param" if len(given) > 1 else "")
+    for key in given:
+        require(getattr(t, key) > 0, f"train.{key}={getattr(t, key)!r} must be positive")
+    require(t.global_batch_tokens % d.seq_len == 0,
+            f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
+            f"data.seq_len={d.seq_len}; use {max(1, round(t.global_batch_tokens / d.seq_len)) * d.seq_len}")
+    if t.micro_batch_size is not None:
+        require(t.micro_batch_size > 0, f"train.micro_batch_size={t.micro_batch_size} must be positive")
+    require(o.lr > 0, f"optim.lr={o.lr} must be positive")
+    require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+            f"optim.betas={o.betas} must be two numbers in [0, 1)")
+    require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
+    if d.unique_tokens is not None:
+        require(d.unique_tokens > 0, f"data.unique_tokens={d.unique_tokens} must be positive")
+        require(d.unique_tokens >= t.global_batch_tokens,
+                f"data.unique_tokens={d.unique_tokens} is smaller than one batch "
+                f"(train.global_batch_tokens={t.global_batch_tokens}); raise it or shrink the batch")
+    ck = c.checkpoint
+    require(ck.keep_rolling >= 1, f"checkpoint.keep_rolling={ck.keep_rolling} must be >= 1")
+    require(ck.log_spaced >= 0, f"checkpoint.log_spaced={ck.log_spaced} must be >= 0")
+    for key in ("every", "rolling_every"):
+        v = getattr(ck, key)
+        require(v is None or v > 0, f"checkpoint.{key}={v} must be positive or null")

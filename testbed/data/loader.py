@@ -1,0 +1,189 @@
+"""Deterministic, resumable batches: the batch of step k is a pure function of (seed, k).
+
+A *source* cuts its token stream into windows of seq_len + 1 tokens (inputs are tokens 0..T-1,
+targets 1..T). Two sources exist: the built-in synthetic language (unlimited, every window an
+independent sequence from the fixed start) and prepared token shards (`testbed data prepare`).
+
+Order of training windows:
+- without repetition (data.unique_tokens unset), window j of the run is the j-th window of a
+  seeded permutation of the corpus (shards) or simply the j-th sequence of the synthetic
+  stream; no window is ever used twice, and asking for more than the corpus holds is an error;
+- with U = data.unique_tokens, the pool is the first U // seq_len windows of that same order;
+  epoch e visits the pool in a permutation seeded by (seed, e), so every epoch is reshuffled.
+
+Because position j of the run maps to a window without any state, resuming at step k gives
+exactly the batches an uninterrupted run would have seen, across epoch boundaries, and the
+global batch is the same whatever the number of processes (each takes a contiguous slice).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from testbed.config import Config
+from testbed.errors import TestbedError
+
+TRAIN, VALIDATION = "train", "validation"
+
+
+class SyntheticSource:
+    """The built-in synthetic language; its tokens count as one byte each for bits per byte."""
+
+    def __init__(self, spec_fields: dict, seq_len: int):
+        from testbed.data.synthetic import SyntheticLanguage, SyntheticSpec
+
+        try:
+            spec = SyntheticSpec(**spec_fields)
+        except TypeError as err:
+            raise TestbedError(f"data.synthetic={spec_fields!r} has a key SyntheticSpec does not know "
+                               f"({err}); see docs/synthetic-data.md for the fields") from None
+        self.language = SyntheticLanguage(spec)
+        self.seq_len = seq_len
+        self.vocab_size = spec.vocab_size
+        self.has_optimum = True
+
+    def num_windows(self, split: str = TRAIN) -> int | None:
+        return None  # unlimited
+
+    def windows(self, indices: np.ndarray, split: str = TRAIN) -> np.ndarray:
+        return self.language.sequences(np.asarray(indices), self.seq_len + 1, stream=split)
+
+    def window_bytes(self, indices: np.ndarray, split: str = TRAIN) -> np.ndarray:
+        return np.full(len(indices), self.seq_len, dtype=np.int64)
+
+    def optimal_nats(self, windows: np.ndarray) -> np.ndarray:
+        """Exact -ln p of each window's targets under the true source, summed per window."""
+        return -self.language.log_probs(windows)[:, 1:].sum(axis=1)
+
+    def fingerprint(self) -> str:
+        return self.language.fingerprint()
+
+
+class ShardSource:
+    """Token shards written by `testbed data prepare`."""
+
+    def __init__(self, path: str, seq_len: int):
+        from testbed.data.shards import TokenShards
+
+        self.shards = TokenShards(path)
+        self.seq_len = seq_len
+        self.vocab_size = self.shards.vocab_size
+        self.has_optimum = False
+
+    def num_windows(self, split: str = TRAIN) -> int | None:
+        return self.shards.num_windows(self.seq_len, split)
+
+    def windows(self, indices: np.ndarray, split: str = TRAIN) -> np.ndarray:
+        return self.shards.windows(np.asarray(indices), self.seq_len, split)
+
+    def window_bytes(self, indices: np.ndarray, split: str = TRAIN) -> np.ndarray:
+        return self.shards.window_bytes(np.asarray(indices), self.seq_len, split)
+
+    def fingerprint(self) -> str:
+        return self.shards.fingerprint()
+
+
+def make_source(config: Config):
+    d = config.data
+    if d.path or d.source == "shards":
+        if not Path(d.path).exists():
+            raise TestbedError(f"data.path={d.path!r} does not exist; run `testbed data prepare` "
+                               f"to write it, or fix the path")
+        return ShardSource(d.path, d.seq_len)
+    return SyntheticSource(d.synthetic, d.seq_len)
+
+
+class BatchPlan:
+    """Which windows make up each step's global batch."""
+
+    def __init__(self, source, global_batch_seqs: int, seed: int, unique_tokens: int | None,
+                 total_steps: int):
+        self.source = source
+        self.batch = global_batch_seqs
+        self.seed = seed
+        self.total_steps = total_steps
+        available = source.num_windows(TRAIN)
+        seq_len = source.seq_len
+        needed = total_steps * global_batch_seqs
+        self.pool = None
+        if unique_tokens is not None:
+            self.pool = unique_tokens // seq_len
+            if self.pool < global_batch_seqs:
+                raise TestbedError(
+                    f"data.unique_tokens={unique_tokens} holds {self.pool} windows of {seq_len} "
+                    f"tokens, fewer than one batch of {global_batch_seqs}; raise data.unique_tokens "
+                    f"to at least {global_batch_seqs * seq_len}")
+            if available is not None and self.pool > available:
+                raise TestbedError(
+                    f"data.unique_tokens={unique_tokens} exceeds the corpus's "
+                    f"{available * seq_len} training tokens; lower it or prepare more data")
+        elif available is not None and needed > available:
+            raise TestbedError(
+                f"the run needs {needed * seq_len:,} training tokens ({total_steps} steps) but the "
+                f"corpus holds {available * seq_len:,} (in windows of {seq_len}); shorten the run, "
+                f"or set data.unique_tokens to repeat data")
+        self.available = available
+
+    @property
+    def unique_tokens(self) -> int | None:
+        return None if self.pool is None else self.pool * self.source.seq_len
+
+    def epochs_at(self, step: int) -> float:
+        """Epochs over the unique pool completed after `step` steps (0 without repetition)."""
+        if self.pool is None:
+            return step * self.batch / self.available if self.available else 0.0
+        return step * self.batch / self.pool
+
+    @lru_cache(maxsize=1)
+    def _corpus_order(self) -> np.ndarray | None:
+        if self.available is None:
+            return None
+        return np.random.default_rng([self.seed, 0x5EED]).permutation(self.available)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return _epoch_permutation(self.seed, epoch, self.pool)
+
+    def positions_to_windows(self, positions: np.ndarray) -> np.ndarray:
+        order = self._corpus_order()
+        if self.pool is None:
+            return positions if order is None else order[positions]
+        epochs, within = np.divmod(positions, self.pool)
+        out = np.empty_like(positions)
+        for e in np.unique(epochs):
+            mask = epochs == e
+            slot = self._epoch_order(int(e))[within[mask]]
+            out[mask] = slot if order is None else order[slot]
+        return out
+
+    def window_ids(self, step: int, rank: int = 0, world: int = 1) -> np.ndarray:
+        """The windows this process reads at `step` (a contiguous slice of the global batch)."""
+        per_rank = self.batch // world
+        start = step * self.batch + rank * per_rank
+        return self.positions_to_windows(np.arange(start, start + per_rank, dtype=np.int64))
+
+    def batch_tokens(self, step: int, rank: int = 0, world: int = 1) -> np.ndarray:
+        return self.source.windows(self.window_ids(step, rank, world), TRAIN)
+
+
+@lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, pool: int) -> np.ndarray:
+    return np.random.default_rng([seed, 0xE90C, epoch]).permutation(pool)
+
+
+def validation_windows(source, n: int) -> np.ndarray:
+    """The fixed validation set: the first n validation windows (independent of training)."""
+    available = source.num_windows(VALIDATION)
+    if available is not None:
+        if available == 0:
+            raise TestbedError("the data source has no validation windows; prepare it with a larger "
+                               "validation fraction or more documents")
+        n = min(n, available)
+    return np.arange(n, dtype=np.int64)
+
+
+def planned_steps(tokens: int, global_batch_tokens: int) -> int:
+    return max(1, math.ceil(tokens / global_batch_tokens))

@@ -1,0 +1,157 @@
+"""Load the points to fit: a sweep directory or any CSV/Parquet table, mapped to the law's names.
+
+Every row dropped is counted by reason and the counts travel into the report; nothing is
+dropped silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from testbed.errors import TestbedError
+
+
+@dataclass
+class Points:
+    frame: pd.DataFrame  # clean rows, canonical column names
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> number of rows
+    warnings: list[str] = field(default_factory=list)
+
+
+def parse_columns(spec: str | None) -> dict[str, str]:
+    """`N=col,D=col,loss=col` -> {"N": "col", ...} (canonical name -> source column)."""
+    mapping: dict[str, str] = {}
+    if not spec:
+        return mapping
+    for item in spec.split(","):
+        if "=" not in item:
+            raise TestbedError(
+                f"--columns item {item!r} is not NAME=COLUMN; write e.g. --columns N=params,loss=val_loss."
+            )
+        name, column = (part.strip() for part in item.split("=", 1))
+        mapping[name] = column
+    return mapping
+
+
+def read_source(source: str | Path) -> pd.DataFrame:
+    """A table file, or a sweep directory collected on the fly."""
+    path = Path(source)
+    if path.is_dir():
+        from testbed.fit.collect import collect_runs
+
+        return collect_runs(path)
+    if not path.is_file():
+        raise TestbedError(f"input {str(path)!r} does not exist; pass a sweep directory, a .csv or a .parquet file.")
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    if path.suffix in (".csv", ".txt"):
+        return pd.read_csv(path)
+    raise TestbedError(f"input {str(path)!r} has an unknown extension; use .csv or .parquet.")
+
+
+def apply_columns(frame: pd.DataFrame, mapping: dict[str, str]) -> pd.DataFrame:
+    """Rename mapped columns to canonical names and derive D or C from C = 6 N D."""
+    for name, column in mapping.items():
+        if column not in frame.columns:
+            raise TestbedError(
+                f"--columns {name}={column}: the table has no column {column!r}; "
+                f"use one of {', '.join(map(str, frame.columns))}."
+            )
+    frame = frame.copy()
+    for name, column in mapping.items():
+        frame[name] = frame[column]
+    has = set(frame.columns)
+    if "D" not in has and {"C", "N"} <= has:
+        frame["D"] = pd.to_numeric(frame["C"], errors="coerce") / (6.0 * pd.to_numeric(frame["N"], errors="coerce"))
+    if "C" not in has and {"N", "D"} <= has:
+        frame["C"] = 6.0 * pd.to_numeric(frame["N"], errors="coerce") * pd.to_numeric(frame["D"], errors="coerce")
+    if "run_id" not in frame.columns:
+        frame["run_id"] = [f"row{i}" for i in range(len(frame))]  # each row is its own run
+    frame["run_id"] = frame["run_id"].astype(str)
+    return frame
+
+
+def clean(frame: pd.DataFrame, needed: tuple[str, ...], positive: tuple[str, ...]) -> Points:
+    """Keep rows where every needed column is a finite number (and positive where required)."""
+    for name in needed:
+        if name not in frame.columns:
+            raise TestbedError(
+                f"the table has no column {name!r}; map one with --columns {name}=COLUMN "
+                f"(columns: {', '.join(map(str, frame.columns))})."
+            )
+    dropped: dict[str, int] = {}
+    keep = np.ones(len(frame), dtype=bool)
+    numeric = {}
+    for name in needed:
+        values = pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=float)
+        if len(values) and np.isnan(values).all():
+            raise TestbedError(f"column {name!r} holds no numbers; map a numeric column with --columns {name}=COLUMN.")
+        numeric[name] = values
+        bad = ~np.isfinite(values) & keep
+        if bad.any():
+            dropped[f"{name} missing or not finite"] = int(bad.sum())
+        keep &= np.isfinite(values)
+    for name in positive:
+        bad = keep & ~(numeric[name] > 0)
+        if bad.any():
+            dropped[f"{name} <= 0"] = int(bad.sum())
+        keep &= numeric[name] > 0
+    out = frame.loc[keep].copy()
+    for name in needed:
+        out[name] = numeric[name][keep]
+    return Points(out.reset_index(drop=True), dropped)
+
+
+def select_points(points: Points, which: str = "final", skip_fraction: float = 0.1) -> Points:
+    """Choose final/cooldown points only, or also intermediate checkpoints past the early cut.
+
+    Cosine runs' intermediate points are not final losses of shorter runs (the schedule has not
+    decayed), while WSD cooldown branches are; mixing them is allowed but always reported.
+    """
+    frame, dropped, warnings = points.frame, dict(points.dropped), list(points.warnings)
+    if "point_kind" not in frame.columns:
+        return points
+    if which not in ("final", "all"):
+        raise TestbedError(f"--points {which!r} is unknown; use final or all.")
+    if not 0.0 <= skip_fraction < 1.0:
+        raise TestbedError(f"--skip-fraction {skip_fraction} is outside [0, 1); give e.g. 0.1.")
+    is_final = frame["point_kind"].isin(["final", "cooldown"])
+    if which == "final":
+        if (~is_final).any():
+            dropped["intermediate checkpoints (use --points all to include)"] = int((~is_final).sum())
+        frame = frame[is_final]
+    else:
+        planned = pd.to_numeric(frame.get("planned_steps"), errors="coerce")
+        early = ~is_final & (frame["step"] < skip_fraction * planned)
+        if early.any():
+            dropped[f"intermediate checkpoints in the first {skip_fraction:.0%} of their run"] = int(early.sum())
+        frame = frame[~early]
+        inter = frame[~frame["point_kind"].isin(["final", "cooldown"])]
+        if len(inter) and (len(inter) < len(frame)):
+            phases = inter["phase"].fillna("unknown").value_counts().to_dict() if "phase" in inter else {}
+            decaying = inter["schedule"].fillna("").str.contains("cos|linear|inv", case=False).sum() if "schedule" in inter else 0
+            warnings.append(
+                f"fit mixes {len(frame) - len(inter)} final/cooldown points with {len(inter)} intermediate "
+                f"checkpoints (phases: {phases}); intermediate points of decaying schedules "
+                f"({decaying} here) are not final losses of shorter runs and bias the data exponent."
+            )
+    return Points(frame.reset_index(drop=True), dropped, warnings)
+
+
+def load_points(
+    source: str | Path | pd.DataFrame,
+    needed: tuple[str, ...],
+    positive: tuple[str, ...],
+    columns: str | dict | None = None,
+    which: str = "final",
+    skip_fraction: float = 0.1,
+) -> Points:
+    frame = source if isinstance(source, pd.DataFrame) else read_source(source)
+    mapping = parse_columns(columns) if isinstance(columns, (str, type(None))) else dict(columns)
+    frame = apply_columns(frame, mapping)
+    points = clean(frame, needed, positive)
+    return select_points(points, which, skip_fraction)

@@ -1,0 +1,255 @@
+"""A Llama-style decoder-only transformer in one readable file.
+
+RMSNorm, rotary positions, SwiGLU, causal attention through torch's
+scaled_dot_product_attention (flash / memory-efficient kernels on GPU). Every part is looked up
+in a registry by its config name, so an ablation registers one function and sets one config
+value (see docs/ablations.md):
+
+    NORMS       model.norm          a normalisation layer factory (dim, eps) -> nn.Module
+    PLACEMENTS  model.norm_placement how a block wires norms around its sublayers (pre, peri)
+    ATTENTIONS  model.attention     the attention sublayer
+    MLPS        model.mlp           the feed-forward sublayer
+    POSITIONS   model.position      positional encoding applied to q and k
+    INITS       model.init          weight initialisation of the whole model
+
+Parameter and FLOP arithmetic lives beside it in counting.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from testbed.config import ModelConfig
+from testbed.registry import Registry
+
+NORMS = Registry("norm", "model.norm")
+PLACEMENTS = Registry("norm placement", "model.norm_placement")
+ATTENTIONS = Registry("attention", "model.attention")
+MLPS = Registry("MLP", "model.mlp")
+POSITIONS = Registry("positional encoding", "model.position")
+INITS = Registry("initialisation", "model.init")
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like Llama: bf16 sums of squares lose precision.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+NORMS.register("rmsnorm")(RMSNorm)
+
+
+@NORMS.register("layernorm")
+def layernorm(dim: int, eps: float) -> nn.Module:
+    return nn.LayerNorm(dim, eps=eps)
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding in the "rotate half" layout that Hugging Face Llama uses,
+    so exported weights need no permutation."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        # Not saved in checkpoints: they are a pure function of the config.
+        self.register_buffer("cos", torch.empty(max_seq_len, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, head_dim), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.cos.is_meta:
+            return
+        d = self.head_dim
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        freqs = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float64), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos.copy_(emb.cos())
+        self.sin.copy_(emb.sin())
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = q.shape[-2]
+        cos, sin = self.cos[:T].to(q.dtype), self.sin[:T].to(q.dtype)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@POSITIONS.register("rope")
+def rope(cfg: ModelConfig) -> nn.Module:
+    return Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+
+
+class NoPosition(nn.Module):
+    def forward(self, q, k):
+        return q, k
+
+
+POSITIONS.register("none")(lambda cfg: NoPosition())
+
+
+# ----------------------------------------------------------------------------- sublayers
+
+
+@ATTENTIONS.register("sdpa")
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        # One fused projection for q, k and v: one matmul instead of three.
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
+        self.out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.out.is_residual_output = True
+        self.position = POSITIONS.get(cfg.position)(cfg)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.position(q, k)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.kv_heads != self.n_heads)
+        return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+@MLPS.register("swiglu")
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.d_ff = cfg.d_ff
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)  # fused gate and up
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.down.is_residual_output = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.d_ff, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+@PLACEMENTS.register("pre")
+class PreNormBlock(nn.Module):
+    """x + F(norm(x)): the Llama / GPT-2 placement."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        norm = NORMS.get(cfg.norm)
+        self.attn_norm, self.mlp_norm = norm(cfg.d_model, cfg.norm_eps), norm(cfg.d_model, cfg.norm_eps)
+        self.attn, self.mlp = ATTENTIONS.get(cfg.attention)(cfg), MLPS.get(cfg.mlp)(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x)))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+@PLACEMENTS.register("peri")
+class PeriNormBlock(PreNormBlock):
+    """x + norm_out(F(norm_in(x))): Peri-LN (Kim et al. 2025), which bounds each sublayer's
+    contribution to the residual stream."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        norm = NORMS.get(cfg.norm)
+        self.attn_out_norm, self.mlp_out_norm = norm(cfg.d_model, cfg.norm_eps), norm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn_out_norm(self.attn(self.attn_norm(x))))
+        return x + self.drop(self.mlp_out_norm(self.mlp(self.mlp_norm(x))))
+
+
+# ----------------------------------------------------------------------------- init
+
+
+@INITS.register("normal")
+def init_normal(model: "Transformer", cfg: ModelConfig) -> None:
+    """N(0, init_std) for every matrix, as Hugging Face Llama does."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
+
+
+@INITS.register("scaled")
+def init_scaled(model: "Transformer", cfg: ModelConfig) -> None:
+    """N(0, init_std), with residual output projections scaled by 1/sqrt(2 n_layers)
+    (GPT-2) so the residual stream's variance does not grow with depth."""
+    init_normal(model, cfg)
+    for module in model.modules():
+        if getattr(module, "is_residual_output", False):
+            nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be resolved before building the model")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        block = PLACEMENTS.get(cfg.norm_placement)
+        self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.n_layers))
+        self.norm = NORMS.get(cfg.norm)(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re)initialise every weight; also after building on the meta device and `to_empty`."""
+        INITS.get(self.cfg.init)(self, self.cfg)
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, Rotary):
+                module.reset_parameters()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] for token ids [B, T]."""
+        x = self.embed(idx)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.head(self.norm(x))
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy in nats, computed in fp32 whatever the compute precision."""
+        logits = self(idx)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               reduction=reduction)

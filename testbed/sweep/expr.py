@@ -1,0 +1,101 @@
+"""A small, safe arithmetic evaluator for a sweep's `derived:` fields.
+
+Expressions such as `20 * n_params` or `0.003 * (n_params / 1e6) ** -0.2` are parsed with `ast`
+and walked node by node: only numbers, names, dotted config keys (`model.d_model`, looked up in
+the run's config mapping, never as Python attributes), + - * / // % **, unary minus and a
+fixed set of functions are allowed. Nothing is ever handed to `eval`.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import operator
+from typing import Any, Callable, Mapping
+
+from testbed.errors import ConfigError
+
+FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "min": min,
+    "max": max,
+    "round": round,
+    "abs": abs,
+    "log": math.log,
+    "log2": math.log2,
+    "log10": math.log10,
+    "exp": math.exp,
+    "sqrt": math.sqrt,
+    "floor": math.floor,
+    "ceil": math.ceil,
+}
+
+BINARY: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+
+# Keeps `10 ** 10 ** 10` from eating the machine: no sweep needs larger exponents.
+MAX_EXPONENT = 1000
+
+
+def evaluate(text: str, names: Mapping[str, Any], key: str = "expression") -> Any:
+    """Evaluate `text` with `names` (short names and nested config mappings) in scope."""
+    try:
+        tree = ast.parse(str(text), mode="eval")
+    except SyntaxError:
+        raise ConfigError(f"derived {key}={text!r} is not a valid expression; write arithmetic "
+                          f"such as '20 * n_params'") from None
+    try:
+        return _walk(tree.body, names, text, key)
+    except (ZeroDivisionError, OverflowError, ValueError, TypeError) as err:
+        raise ConfigError(f"derived {key}={text!r} cannot be computed ({err}); "
+                          f"check the expression and the quantities it uses") from None
+
+
+def _walk(node: ast.AST, names: Mapping[str, Any], text: str, key: str) -> Any:
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) \
+            and not isinstance(node.value, bool):
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id in names:
+            return names[node.id]
+        if node.id in FUNCTIONS:
+            raise ConfigError(f"derived {key}={text!r} uses {node.id!r} without calling it; "
+                              f"write {node.id}(...)")
+        raise ConfigError(f"derived {key}={text!r} uses unknown name {node.id!r}; "
+                          f"known names: {', '.join(sorted(k for k in names if '.' not in k))}")
+    if isinstance(node, ast.Attribute):
+        # `model.d_model` is a dotted config key, resolved in the config mapping only.
+        parent = _walk(node.value, names, text, key)
+        if isinstance(parent, Mapping) and node.attr in parent:
+            return parent[node.attr]
+        raise ConfigError(f"derived {key}={text!r}: config key {ast.unparse(node)!r} does not "
+                          f"exist; use a key of the resolved config")
+    if isinstance(node, ast.BinOp) and type(node.op) in BINARY:
+        left = _number(_walk(node.left, names, text, key), node.left, text, key)
+        right = _number(_walk(node.right, names, text, key), node.right, text, key)
+        if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
+            raise ConfigError(f"derived {key}={text!r} raises to the power {right}; "
+                              f"keep exponents within +-{MAX_EXPONENT}")
+        return BINARY[type(node.op)](left, right)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _number(_walk(node.operand, names, text, key), node.operand, text, key)
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+            and node.func.id in FUNCTIONS and not node.keywords:
+        args = [_number(_walk(a, names, text, key), a, text, key) for a in node.args]
+        return FUNCTIONS[node.func.id](*args)
+    raise ConfigError(f"derived {key}={text!r} uses {ast.unparse(node)!r}, which is not allowed; "
+                      f"use numbers, names, + - * / ** and {', '.join(FUNCTIONS)}")
+
+
+def _number(value: Any, node: ast.AST, text: str, key: str) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"derived {key}={text!r}: {ast.unparse(node)!r} is {value!r}, "
+                          f"not a number")
+    return value

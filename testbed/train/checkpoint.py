@@ -1,0 +1,249 @@
+"""Checkpoints on disk: atomic, checksummed, never unpickled.
+
+A checkpoint is a folder `checkpoints/step_XXXXXXXX/` holding
+    model.safetensors   the weights (unwrapped, full, fp32 as trained)
+    optim.safetensors   the optimiser's tensors (per-parameter state, RNG states)
+    state.json          everything else: step, tokens, loader position, optimiser param groups,
+                        the resolved config, the kind
+    SHA256SUMS          sha256 of each file above
+It is written to a hidden temporary folder, fsynced and renamed into place, so a kill at any
+moment leaves either the previous checkpoints or the complete new one. `checkpoints/index.jsonl`
+gets one line per checkpoint (see docs/run-directory.md). Loading verifies every checksum; a
+damaged newest checkpoint is skipped, with a warning, for the one before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from testbed.errors import TestbedError
+
+KIND_RANK = {"rolling": 0, "science": 1, "final": 2}
+FILES = ("model.safetensors", "optim.safetensors", "state.json")
+
+
+def folder_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- optimiser state
+
+
+def flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split torch's optimiser state into tensors (for safetensors) and JSON (the rest)."""
+    tensors, scalars = {}, {}
+    for idx, pstate in state_dict["state"].items():
+        for name, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if not key.startswith("state."):
+            continue
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta.get("scalars", {}).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save(run_dir: Path, step: int, kind: str, model_state: dict[str, torch.Tensor],
+         optim_state: dict, rng: dict[str, torch.Tensor], state: dict, index_fields: dict) -> Path:
+    """Write one checkpoint atomically and append its line to the index. Rank 0 only."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = folder_name(step)
+    final = ckpt_root / name
+    tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+    # Shared storage (tied embeddings) cannot be saved twice by safetensors: keep the first name.
+    seen: dict[int, str] = {}
+    weights = {}
+    for key, tensor in model_state.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen and tensor.numel() > 0:
+            continue
+        seen[ptr] = key
+        weights[key] = tensor.detach().contiguous().cpu()
+    save_file(weights, str(tmp / "model.safetensors"))
+    opt_tensors, opt_meta = flatten_optimizer(optim_state)
+    for key, value in rng.items():
+        opt_tensors[f"rng.{key}"] = value.contiguous().cpu()
+    save_file(opt_tensors, str(tmp / "optim.safetensors"))
+    state = dict(state, step=step, kind=kind, optimizer=opt_meta)
+    (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
+    sums = "".join(f"{sha256(tmp / f)}  {f}\n" for f in FILES)
+    (tmp / "SHA256SUMS").write_text(sums)
+    for f in (*FILES, "SHA256SUMS"):
+        with open(tmp / f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+    if final.exists():  # the same step saved again (e.g. science and final): replace it
+        old = ckpt_root / f".old-{name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(ckpt_root)
+
+    line = dict(index_fields, step=step, kind=kind, path=f"checkpoints/{name}")
+    with open(ckpt_root / "index.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return final
+
+
+def read_index(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "checkpoints" / "index.jsonl"
+    if not path.exists():
+        return []
+    lines = []
+    for raw in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill mid-write; the folder itself is still verified
+    return lines
+
+
+def write_index(run_dir: Path, lines: list[dict]) -> None:
+    path = Path(run_dir) / "checkpoints" / "index.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+def apply_retention(run_dir: Path, keep_rolling: int) -> None:
+    """Keep every science and final checkpoint; of rolling-only folders keep the newest n."""
+    lines = read_index(run_dir)
+    best_kind: dict[str, str] = {}
+    for line in lines:
+        if line.get("deleted"):
+            continue
+        k = best_kind.get(line["path"])
+        if k is None or KIND_RANK[line["kind"]] > KIND_RANK[k]:
+            best_kind[line["path"]] = line["kind"]
+    rolling = sorted((p for p, k in best_kind.items() if k == "rolling"))
+    doomed = set(rolling[:-keep_rolling]) if len(rolling) > keep_rolling else set()
+    if not doomed:
+        return
+    for path in doomed:
+        shutil.rmtree(Path(run_dir) / path, ignore_errors=True)
+    for line in lines:
+        if line["path"] in doomed:
+            line["deleted"] = True
+    write_index(run_dir, lines)
+
+
+def truncate_index(run_dir: Path, after_step: int) -> None:
+    """On resume: forget index lines of checkpoints newer than the one resumed from."""
+    lines = read_index(run_dir)
+    kept = [line for line in lines if line["step"] <= after_step]
+    if len(kept) != len(lines):
+        write_index(run_dir, kept)
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def verify(folder: Path) -> str | None:
+    """None if the folder is complete and every checksum matches, else what is wrong."""
+    sums = folder / "SHA256SUMS"
+    if not sums.is_file():
+        return "SHA256SUMS is missing"
+    expected = {}
+    for line in sums.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            expected[parts[1]] = parts[0]
+    for f in FILES:
+        if f not in expected:
+            return f"{f} is not listed in SHA256SUMS"
+        if not (folder / f).is_file():
+            return f"{f} is missing"
+        if sha256(folder / f) != expected[f]:
+            return f"{f} does not match its checksum (truncated or modified)"
+    return None
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def latest_valid(run_dir: Path, max_step: int | None = None) -> Path | None:
+    """The newest checkpoint that verifies; damaged ones are skipped with a warning."""
+    for folder in reversed(list_checkpoints(run_dir)):
+        step = int(folder.name.split("_")[1])
+        if max_step is not None and step > max_step:
+            continue
+        problem = verify(folder)
+        if problem is None:
+            return folder
+        warnings.warn(f"checkpoint {folder} is damaged ({problem}); falling back to an earlier one",
+                      stacklevel=2)
+    return None
+
+
+def load(folder: Path) -> dict[str, Any]:
+    problem = verify(folder)
+    if problem:
+        raise TestbedError(f"checkpoint {str(folder)!r} is damaged: {problem}; resume from an earlier "
+                           f"checkpoint or retrain")
+    model = load_file(str(folder / "model.safetensors"))
+    opt = load_file(str(folder / "optim.safetensors"))
+    state = json.loads((folder / "state.json").read_text())
+    rng = {k[len("rng."):]: v for k, v in opt.items() if k.startswith("rng.")}
+    optim_state = unflatten_optimizer(opt, state.pop("optimizer"))
+    return {"model": model, "optim": optim_state, "rng": rng, "state": state}
+
+
+def checkpoint_at(run_dir: Path, step: int) -> Path:
+    folder = Path(run_dir) / "checkpoints" / folder_name(step)
+    if not folder.is_dir():
+        steps = [int(p.name.split("_")[1]) for p in list_checkpoints(run_dir)]
+        raise TestbedError(f"--step {step}: {run_dir} has no checkpoint at that step; "
+                           f"checkpoints exist at steps {steps}")
+    return folder

@@ -1,0 +1,104 @@
+"""Subcommands: train, branch, schedule plot, export. Heavy imports happen inside handlers."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one model",
+                       description="Train one model from a YAML config plus dotted overrides, e.g. "
+                                   "`testbed train configs/smoke.yaml optim.lr=3e-3 model.preset=tiny`.")
+    p.add_argument("config", help="YAML config file (see configs/ and docs/config.md)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted config overrides, e.g. optim.lr=3e-3 train.tokens=2e6")
+    p.add_argument("--run-dir", help="run directory (default: runs/<name or config hash>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its newest valid checkpoint (an unfinished "
+                        "run directory is resumed automatically; a finished one is left alone)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete a finished or unfinished run in --run-dir and start again")
+    p.set_defaults(func=cmd_train)
+
+    b = sub.add_parser("branch", help="start a cooldown branch from a stable-phase checkpoint",
+                       description="Start a new run from checkpoint STEP of a WSD or constant run and "
+                                   "decay the LR over FRACTION of the branch's total length, so the "
+                                   "branch ends at STEP / (1 - FRACTION) steps with the same data order.")
+    b.add_argument("run", help="the parent run directory")
+    b.add_argument("--step", type=int, required=True, help="checkpoint step to branch from")
+    b.add_argument("--decay", type=float, required=True,
+                   help="decay fraction of the branch's total length, e.g. 0.2")
+    b.add_argument("--shape", default="1-sqrt", help="decay shape: linear, cosine or 1-sqrt")
+    b.add_argument("--run-dir", help="branch run directory (default: RUN/branches/step<S>_decay<F>_<shape>)")
+    b.set_defaults(func=cmd_branch)
+
+    s = sub.add_parser("schedule", help="learning-rate schedule tools")
+    ssub = s.add_subparsers(dest="schedule_command", metavar="ACTION")
+    sp = ssub.add_parser("plot", help="draw a config's learning-rate schedule to a PNG")
+    sp.add_argument("config", help="YAML config file")
+    sp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    sp.add_argument("--out", default="schedule.png", help="PNG path to write (default schedule.png)")
+    sp.set_defaults(func=cmd_schedule_plot)
+    s.set_defaults(func=lambda args: (s.print_help(), 2)[1])
+
+    e = sub.add_parser("export", help="export a checkpoint as a Hugging Face Llama folder",
+                       description="Write config.json and model.safetensors that "
+                                   "transformers.LlamaForCausalLM.from_pretrained loads.")
+    e.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_XXXXXXXX")
+    e.add_argument("out", help="output folder")
+    e.set_defaults(func=cmd_export)
+
+
+def default_run_dir(config) -> str:
+    from testbed.train.loop import run_id_of
+
+    return f"runs/{run_id_of(config)}"
+
+
+def cmd_train(args) -> int:
+    from testbed.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    from testbed.train.loop import train
+
+    run_dir = args.run_dir or default_run_dir(config)
+    summary = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)
+    code = summary.get("exit_code", 0)
+    if summary and code == 0 and summary.get("val_loss") is not None:
+        extra = f", optimum {summary['val_opt_loss']:.4f}" if summary.get("val_opt_loss") is not None else ""
+        print(f"{run_dir}: val_loss {summary['val_loss']:.4f} nats/token{extra}, "
+              f"val_bpb {summary['val_bpb']:.4f}; metrics {run_dir}/metrics.jsonl, "
+              f"checkpoints {run_dir}/checkpoints")
+    elif code:
+        print(f"{run_dir}: stopped early ({summary.get('state')}); exit {code}")
+    return code
+
+
+def cmd_branch(args) -> int:
+    from testbed.train.branch import branch
+
+    summary = branch(args.run, args.step, args.decay, args.shape, args.run_dir)
+    return summary.get("exit_code", 0)
+
+
+def cmd_schedule_plot(args) -> int:
+    from testbed.config import load_config
+    from testbed.train.loop import schedule_spec
+    from testbed.train.plan import describe
+    from testbed.train.schedules import plot_schedule
+
+    config = load_config(args.config, args.overrides)
+    steps = describe(config)["planned_steps"]
+    plot_schedule(args.out, steps, config.optim.lr, schedule_spec(config, steps),
+                  batch_tokens=config.train.global_batch_tokens,
+                  title=f"{config.schedule.name} schedule, {steps} steps")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from testbed.model.hf import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"wrote {out}/config.json and {out}/model.safetensors")
+    return 0

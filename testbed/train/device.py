@@ -1,0 +1,93 @@
+"""The one switch between CPU and GPU: device, precision, autocast, peak FLOP/s.
+
+Everything device-specific (CUDA, bf16, fused kernels, compile) is decided here, so the CPU
+path runs exactly the same training logic as the GPU path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from testbed.errors import ConfigError
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s, without sparsity).
+# Matched against torch.cuda.get_device_name(); the first key contained in the name wins, so
+# more specific names come first. A device not listed reports MFU as unknown.
+PEAK_BF16_FLOPS = (
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989.4e12),  # SXM
+    ("H200", 989.4e12),
+    ("GH200", 989.4e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            return torch.device("cuda", local % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but no CUDA device is visible; use train.device=cpu")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 autocast on CUDA, fp32 on CPU (exact, bit-reproducible)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
+    """(peak FLOP/s, the device name it matched) or (None, why it is unknown).
+
+    TESTBED_PEAK_FLOPS overrides the table, e.g. with a measured CPU matmul peak."""
+    override = os.environ.get("TESTBED_PEAK_FLOPS")
+    if override:
+        return float(override), "TESTBED_PEAK_FLOPS"
+    if device.type != "cuda":
+        return None, f"{device.type}: no peak table (set TESTBED_PEAK_FLOPS to a measured peak)"
+    name = torch.cuda.get_device_name(device)
+    if dtype != torch.bfloat16:
+        return None, f"{name}: peaks are tabulated for bf16 only"
+    for key, value in PEAK_BF16_FLOPS:
+        if key in name:
+            return value, key
+    return None, f"{name}: not in the peak table"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    except Exception:  # pragma: no cover - non-Linux
+        return None

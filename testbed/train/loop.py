@@ -1,0 +1,594 @@
+"""The training loop: one run, one process or many (torchrun: DDP or FSDP2).
+
+    train(config, run_dir)   -> trains, validates, checkpoints, logs; resumes when asked
+
+Contract with callers (sweeps, SLURM scripts), see docs/checkpoint.md:
+    exit 0   the run is done (status.json state "done")
+    exit 75  preempted: SIGTERM/SIGUSR1 arrived, a resume checkpoint was saved; requeue me
+    exit 2   bad input (a TestbedError): do not retry
+    other    failure (status.json state "failed" with the reason)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from testbed.config import Config, from_dict
+from testbed.data import loader as data_loader
+from testbed.errors import TestbedError
+from testbed.model.counting import flops_per_token
+from testbed.model.transformer import Transformer
+from testbed.train import checkpoint as ckpt
+from testbed.train import device as dev
+from testbed.train.metrics import MetricsLog
+from testbed.train.optim import build_optimizer
+from testbed.train.plan import describe, resolved_model
+from testbed.train.schedules import ScheduleSpec, lr_at, phase_at
+
+EXIT_REQUEUE = 75
+# Keys that may differ between an interrupted run and its resumption (they change no number).
+RESUME_FREE_KEYS = ("logging", "train.device", "train.compile", "train.micro_batch_size",
+                    "train.eval_every", "train.log_every", "checkpoint")
+
+
+class NonFiniteLoss(TestbedError):
+    pass
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def run_id_of(config: Config) -> str:
+    canonical = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    return config.name or hashlib.sha1(canonical.encode()).hexdigest()[:10]
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def read_status(run_dir: Path) -> dict:
+    path = Path(run_dir) / "status.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def schedule_spec(config: Config, total_steps: int) -> ScheduleSpec:
+    s = config.schedule
+    warmup = s.warmup_steps
+    if s.warmup_fraction is not None:
+        warmup = int(round(s.warmup_fraction * total_steps))
+    fields = {f.name for f in dataclasses.fields(ScheduleSpec)}
+    values = {k: v for k, v in dataclasses.asdict(s).items() if k in fields}
+    values["warmup_steps"] = warmup
+    return ScheduleSpec(**values)
+
+
+def science_steps(config: Config, total_steps: int) -> set[int]:
+    c, gbt = config.checkpoint, config.train.global_batch_tokens
+    steps: set[int] = set()
+    if c.every:
+        steps.update(range(c.every, total_steps + 1, c.every))
+    if c.log_spaced:
+        steps.update(int(s) for s in np.unique(np.round(np.geomspace(1, total_steps, c.log_spaced))))
+    for tokens in c.at_tokens:
+        steps.add(min(total_steps, max(1, math.ceil(tokens / gbt))))
+    return {s for s in steps if 1 <= s <= total_steps}
+
+
+def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        full = prefix + key
+        if any(full == k or full.startswith(k + ".") for k in RESUME_FREE_KEYS):
+            continue
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_differences(va, vb, full + ".")
+        elif va != vb:
+            out.append(f"{full}: {va!r} -> {vb!r}")
+    return out
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag; the loop saves at the next step boundary and exits 75."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self.previous[sig] = signal.signal(sig, self.handle)
+            except ValueError:  # not the main thread (e.g. called from a worker thread)
+                pass
+        return self
+
+    def handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and device_name != "cpu" else "gloo"
+        dist.init_process_group(backend=backend)
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(),
+                local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, d: Dist) -> Any:
+    if d.world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def wrap_model(model: torch.nn.Module, config: Config, device: torch.device, d: Dist) -> torch.nn.Module:
+    if d.world == 1:
+        return model
+    if config.train.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def full_model_state(model: torch.nn.Module, config: Config, d: Dist) -> dict[str, torch.Tensor]:
+    if d.world > 1 and config.train.parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    inner = model.module if hasattr(model, "module") else model
+    return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
+
+
+def full_optim_state(model, optimizer, config: Config, d: Dist) -> dict:
+    if d.world > 1 and config.train.parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        sd = get_optimizer_state_dict(model, optimizer,
+                                      options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return to_index_keyed(sd, model)
+    return optimizer.state_dict()
+
+
+def to_index_keyed(sd: dict, model) -> dict:
+    """FSDP's full optimiser state is keyed by parameter name; checkpoints key by position."""
+    names = [n for n, _ in (model.module if hasattr(model, "module") else model).named_parameters()]
+    pos = {n: i for i, n in enumerate(names)}
+    state = {pos[k]: v for k, v in sd["state"].items()}
+    groups = []
+    for g in sd["param_groups"]:
+        g = dict(g)
+        g["params"] = [pos[p] if isinstance(p, str) else p for p in g["params"]]
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def load_optim_state(model, optimizer, sd: dict, config: Config, d: Dist) -> None:
+    if d.world > 1 and config.train.parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_optimizer_state_dict)
+
+        names = [n for n, _ in model.named_parameters()]
+        named = {"state": {names[int(i)]: v for i, v in sd["state"].items()},
+                 "param_groups": [dict(g, params=[names[int(p)] for p in g["params"]])
+                                  for g in sd["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, named,
+                                 options=StateDictOptions(full_state_dict=True))
+        return
+    optimizer.load_state_dict(sd)
+
+
+def load_model_state(model, state: dict[str, torch.Tensor], config: Config, d: Dist) -> None:
+    inner = model.module if hasattr(model, "module") else model
+    if d.world > 1 and config.train.parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    missing, unexpected = inner.load_state_dict(state, strict=False)
+    # A tied head is saved once (under the embedding's name); anything else missing is an error.
+    missing = [k for k in missing if not (k == "head.weight" and inner.cfg.tie_embeddings)]
+    if missing or unexpected:
+        raise TestbedError(f"checkpoint does not match the model: missing {missing}, unexpected "
+                           f"{unexpected}; resume with the config the run was started with")
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool, d: Dist) -> str:
+    """Decide what to do with RUN_DIR: 'fresh', 'resume' or 'done'. Never loses a finished run."""
+    run_dir = Path(run_dir)
+    status = read_status(run_dir)
+    has_run = (run_dir / "run.json").exists()
+    if overwrite and has_run:
+        if d.main:
+            for child in ("run.json", "status.json", "metrics.jsonl", "train.log", "checkpoints", "wandb"):
+                p = run_dir / child
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        barrier(d)
+        return "fresh"
+    if status.get("state") == "done":
+        if resume:
+            return "done"
+        raise TestbedError(f"run directory {str(run_dir)!r} already holds a finished run; pass "
+                           f"--overwrite to replace it, --resume to accept it, or choose another --run-dir")
+    if has_run:
+        saved = json.loads((run_dir / "run.json").read_text())["config"]
+        diffs = config_differences(saved, config.to_dict())
+        if diffs:
+            raise TestbedError(f"run directory {str(run_dir)!r} holds an unfinished run with a different "
+                               f"config ({'; '.join(diffs[:3])}); resume it with its own config "
+                               f"(RUN_DIR/run.json), or choose another --run-dir")
+        return "resume"
+    return "fresh"
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, source, val_ids: np.ndarray, micro: int, device, dtype,
+             d: Dist, optimum_nats: float | None) -> dict[str, float]:
+    """Validation loss (nats/token), bits per token and per byte on the fixed validation set."""
+    model.eval()
+    mine = val_ids[d.rank::d.world]
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    for i in range(0, len(mine), micro):
+        windows = torch.from_numpy(source.windows(mine[i:i + micro], data_loader.VALIDATION)).to(device)
+        with dev.autocast(device, dtype):
+            logits = model(windows[:, :-1])
+        nats += torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), windows[:, 1:].reshape(-1),
+            reduction="sum").double()
+    nats = all_reduce_sum(nats, d).item()
+    model.train()
+    n_tokens = len(val_ids) * source.seq_len
+    n_bytes = int(source.window_bytes(val_ids, data_loader.VALIDATION).sum())
+    out = {"val_loss": nats / n_tokens, "val_bits_per_token": nats / n_tokens / math.log(2),
+           "val_bpb": nats / (math.log(2) * n_bytes)}
+    if optimum_nats is not None:
+        out["val_opt_loss"] = optimum_nats / n_tokens
+        out["val_excess_loss"] = out["val_loss"] - out["val_opt_loss"]
+    return out
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
+          init_from: dict | None = None, parent: dict | None = None,
+          prefix_metrics: list[dict] | None = None) -> dict:
+    """Train one run into run_dir. Returns a summary dict (also written into run.json).
+
+    init_from: a loaded checkpoint to start from (cooldown branches); parent: recorded in run.json;
+    prefix_metrics: metric lines shared with the parent, written first."""
+    t_start = time.perf_counter()
+    run_dir = Path(run_dir)
+    d = init_distributed(config.train.device)
+    device = dev.resolve_device(config.train.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = dev.resolve_precision(config.train.precision, device)
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier(d)
+    mode = prepare_run_dir(config, run_dir, resume, overwrite, d)
+    if mode == "done":
+        if d.main:
+            print(f"{run_dir}: already finished; nothing to do")
+        return json.loads((run_dir / "run.json").read_text()).get("summary", {})
+
+    info = describe(config)
+    model_cfg = resolved_model(config)
+    total_steps = info["planned_steps"]
+    spec = schedule_spec(config, total_steps)
+    gbt = config.train.global_batch_tokens
+    seq_len = config.data.seq_len
+    global_seqs = gbt // seq_len
+    if global_seqs % d.world:
+        raise TestbedError(f"train.global_batch_tokens={gbt} gives {global_seqs} sequences, not divisible "
+                           f"by the {d.world} processes; choose a batch that splits evenly")
+    local_seqs = global_seqs // d.world
+    micro = config.train.micro_batch_size or local_seqs
+    if local_seqs % micro:
+        raise TestbedError(f"train.micro_batch_size={micro} does not divide the {local_seqs} sequences "
+                           f"each process takes per step; choose a divisor of {local_seqs}")
+    accum = local_seqs // micro
+
+    source = data_loader.make_source(config)
+    plan = data_loader.BatchPlan(source, global_seqs, config.data.seed, config.data.unique_tokens, total_steps)
+    val_ids = data_loader.validation_windows(source, config.data.val_sequences)
+    optimum = None
+    if getattr(source, "has_optimum", False):
+        optimum = float(source.optimal_nats(source.windows(val_ids, data_loader.VALIDATION)).sum())
+
+    torch.manual_seed(config.train.seed)
+    if config.train.deterministic and device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    model = Transformer(model_cfg).to(device)
+    model.activation_checkpointing = config.train.activation_checkpointing
+    base_model = model
+    optimizer = build_optimizer(model, config.optim, device)
+
+    start_step = 0
+    resumed_from = None
+    loaded = init_from
+    if mode == "resume":
+        folder = ckpt.latest_valid(run_dir)
+        if folder is None:
+            if any(ckpt.list_checkpoints(run_dir)):
+                raise TestbedError(f"run directory {str(run_dir)!r} holds an unfinished run whose "
+                                   f"checkpoints are all damaged; pass --overwrite to restart it from scratch")
+            mode = "fresh"  # interrupted before its first checkpoint: nothing to resume from
+        else:
+            loaded = ckpt.load(folder)
+            resumed_from = str(folder)
+    if loaded is not None:
+        load_model_state(base_model, loaded["model"], config, Dist())
+        optimizer.load_state_dict(loaded["optim"])
+        start_step = int(loaded["state"]["step"])
+        if "torch_cpu" in loaded["rng"]:
+            torch.set_rng_state(loaded["rng"]["torch_cpu"])
+
+    model = wrap_model(model, config, device, d)
+    if config.train.compile:
+        model = torch.compile(model)
+    peak, peak_name = dev.peak_flops(device, dtype)
+    fpt = flops_per_token(model_cfg, seq_len)
+
+    run_id = run_id_of(config)
+    metrics = MetricsLog(run_dir, enabled=d.main)
+    if d.main:
+        if mode == "resume":
+            metrics.truncate_after(start_step)
+            ckpt.truncate_index(run_dir, start_step)
+        else:
+            for stale in ("metrics.jsonl",):
+                if (run_dir / stale).exists():
+                    (run_dir / stale).unlink()
+            if prefix_metrics:
+                for line in prefix_metrics:
+                    metrics.log(line)
+        run_json = {"run_id": run_id, "config": config.to_dict(), "labels": config.labels, **info,
+                    "data_entropy": optimum / (len(val_ids) * seq_len) if optimum is not None else None,
+                    "data_fingerprint": source.fingerprint(), "parent": parent,
+                    "world_size": d.world, "device": str(device), "precision": str(dtype).replace("torch.", ""),
+                    "peak_flops": peak, "peak_flops_source": peak_name, "host": socket.gethostname()}
+        write_json(run_dir / "run.json", run_json)
+        write_json(run_dir / "status.json", {"state": "running", "step": start_step, "message":
+                                             f"resumed from {resumed_from}" if resumed_from else "started"})
+        log_line(run_dir, f"{'resume from ' + resumed_from if resumed_from else 'start'} at step "
+                          f"{start_step}/{total_steps} on {device} ({d.world} process(es), {dtype})")
+        metrics.start_wandb(config.logging.wandb_project, config.logging.wandb_mode, run_id,
+                            config.to_dict(), run_dir) if config.logging.wandb else None
+
+    science = science_steps(config, total_steps)
+    rolling_every = config.checkpoint.rolling_every
+    last_eval: dict[str, float] = {}
+    last_eval_step = -1
+    timing = {"train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
+
+    def run_eval(step: int) -> dict[str, float]:
+        nonlocal last_eval, last_eval_step
+        if last_eval_step == step:
+            return last_eval
+        t0 = time.perf_counter()
+        last_eval = evaluate(model, source, val_ids, micro, device, dtype, d, optimum)
+        last_eval_step = step
+        timing["eval_s"] += time.perf_counter() - t0
+        if d.main:
+            metrics.log({"step": step, "tokens": step * gbt, "flops": step * gbt * fpt,
+                         "lr": lr_at(max(step - 1, 0), total_steps, config.optim.lr, spec, gbt),
+                         "epoch": plan.epochs_at(step), **last_eval})
+        return last_eval
+
+    def save(step: int, kind: str) -> None:
+        t0 = time.perf_counter()
+        ev = run_eval(step)
+        model_state = full_model_state(model, config, d)
+        optim_state = full_optim_state(model, optimizer, config, d)
+        if d.main:
+            rng = {"torch_cpu": torch.get_rng_state()}
+            state = {"tokens": step * gbt, "total_steps": total_steps, "run_id": run_id,
+                     "config": config.to_dict(), "world_size": d.world}
+            fields = {"tokens": step * gbt, "flops": step * gbt * fpt, "val_loss": ev["val_loss"],
+                      "val_bpb": ev["val_bpb"], "lr": lr_at(max(step - 1, 0), total_steps, config.optim.lr, spec, gbt),
+                      "phase": phase_at(max(step - 1, 0), total_steps, spec)}
+            ckpt.save(run_dir, step, kind, model_state, optim_state, rng, state, fields)
+            ckpt.apply_retention(run_dir, config.checkpoint.keep_rolling)
+        barrier(d)
+        timing["checkpoint_s"] += time.perf_counter() - t0
+
+    progress = None
+    if d.main and config.logging.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total_steps, initial=start_step, desc=run_id, unit="step",
+                        mininterval=1.0, dynamic_ncols=True, leave=False)
+
+    model.train()
+    t_startup = time.perf_counter() - t_start
+    window_t0, window_tokens = time.perf_counter(), 0
+    loss_sum = torch.zeros((), device=device)
+    steps_in_window = 0
+    exit_code = 0
+    state_msg = ("done", "finished")
+    step = done = start_step
+    try:
+        with Preemption() as preempt:
+            for step in range(start_step, total_steps):
+                t_step = time.perf_counter()
+                lr = lr_at(step, total_steps, config.optim.lr, spec, gbt)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = torch.from_numpy(plan.batch_tokens(step, d.rank, d.world))
+                batch = batch.to(device, non_blocking=True)
+                step_loss = torch.zeros((), device=device)
+                for k in range(accum):
+                    mb = batch[k * micro:(k + 1) * micro]
+                    sync = nullcontext()
+                    if d.world > 1 and k < accum - 1 and hasattr(model, "no_sync"):
+                        sync = model.no_sync()
+                    with sync:
+                        with dev.autocast(device, dtype):
+                            logits = model(mb[:, :-1])
+                        loss = torch.nn.functional.cross_entropy(
+                            logits.float().reshape(-1, logits.size(-1)), mb[:, 1:].reshape(-1))
+                        (loss / accum).backward()
+                    step_loss += loss.detach() / accum
+                clip = config.optim.grad_clip
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+                check_now = device.type == "cpu" or (step + 1) % config.train.log_every == 0
+                if check_now and not torch.isfinite(step_loss).item():
+                    raise NonFiniteLoss(
+                        f"the training loss became {step_loss.item()} at step {step + 1}; the last good "
+                        f"checkpoint is kept. Lower optim.lr (now {config.optim.lr}) or raise warmup")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                loss_sum += step_loss
+                steps_in_window += 1
+                window_tokens += gbt
+                timing["train_s"] += time.perf_counter() - t_step
+                if progress is not None:
+                    progress.update(1)
+
+                if done % config.train.log_every == 0 or done == total_steps:
+                    mean_loss = all_reduce_sum(loss_sum.clone(), d).item() / d.world / steps_in_window
+                    dev.synchronize(device)
+                    elapsed = time.perf_counter() - window_t0
+                    tps = window_tokens / max(elapsed, 1e-9)
+                    if d.main:
+                        metrics.log({"step": done, "tokens": done * gbt, "flops": done * gbt * fpt,
+                                     "lr": lr, "train_loss": mean_loss, "grad_norm": grad_norm.item(),
+                                     "tokens_per_s": tps, "mfu": tps * fpt / peak if peak else None,
+                                     "epoch": plan.epochs_at(done)})
+                        if progress is not None:
+                            progress.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)
+                    loss_sum.zero_()
+                    steps_in_window, window_tokens = 0, 0
+                if done % config.train.eval_every == 0 or done == total_steps:
+                    run_eval(done)
+                if done in science:
+                    save(done, "science")
+                elif rolling_every and done % rolling_every == 0 and done != total_steps:
+                    save(done, "rolling")
+                if preempt.requested and done < total_steps:
+                    if not (rolling_every and done % rolling_every == 0) and done not in science:
+                        save(done, "rolling")
+                    exit_code = EXIT_REQUEUE
+                    state_msg = ("preempted", f"{preempt.requested} at step {done}; resume checkpoint saved")
+                    break
+                window_t0 = time.perf_counter() if steps_in_window == 0 else window_t0
+            else:
+                if config.checkpoint.final:
+                    save(total_steps, "final")
+                else:
+                    run_eval(total_steps)
+    except BaseException as err:
+        if d.main:
+            message = str(err) if isinstance(err, TestbedError) else f"{type(err).__name__}: {err}"
+            write_json(run_dir / "status.json", {"state": "failed", "step": done, "message": message})
+            log_line(run_dir, f"failed at step {done}: {message}")
+            metrics.finish(exit_code=1)
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+
+    wall = time.perf_counter() - t_start
+    summary = {"state": state_msg[0], "steps": done, "planned_steps": total_steps,
+               **{k: v for k, v in last_eval.items()},
+               "timing": {"wall_s": wall, "startup_s": t_startup, **timing,
+                          "other_s": wall - t_startup - sum(timing.values())}}
+    if d.main:
+        run_json = json.loads((run_dir / "run.json").read_text())
+        run_json["summary"] = summary
+        write_json(run_dir / "run.json", run_json)
+        write_json(run_dir / "status.json", {"state": state_msg[0], "step": done, "message": state_msg[1]})
+        log_line(run_dir, f"{state_msg[0]}: {state_msg[1]} (wall {wall:.1f}s)")
+        metrics.finish(exit_code=0)
+    summary["exit_code"] = exit_code
+    barrier(d)
+    return summary
+
+
+def log_line(run_dir: Path, text: str) -> None:
+    with open(Path(run_dir) / "train.log", "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+
+
+def load_run_config(run_dir: Path) -> Config:
+    path = Path(run_dir) / "run.json"
+    if not path.exists():
+        raise TestbedError(f"{str(run_dir)!r} is not a run directory (no run.json); pass the folder "
+                           f"given to `testbed train --run-dir`")
+    return from_dict(json.loads(path.read_text())["config"])

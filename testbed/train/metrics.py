@@ -1,0 +1,81 @@
+"""Metrics: one JSON object a line in RUN_DIR/metrics.jsonl, mirrored to wandb.
+
+wandb runs in offline mode by default, which writes a real run folder under RUN_DIR/wandb
+without any network; `wandb sync` uploads it later.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null, so every line parses everywhere."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.wandb_run = None
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines written after the checkpoint we resume from, so the log reads
+        exactly like an uninterrupted run's."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for raw in self.path.read_text().splitlines():
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError:
+                continue  # cut by a kill mid-write
+            if line.get("step", 0) <= step:
+                kept.append(raw)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, self.path)
+
+    def start_wandb(self, project: str, mode: str, name: str, config: dict, run_dir: Path) -> None:
+        if not self.enabled or mode == "disabled":
+            return
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        self.wandb_run = wandb.init(project=project, mode=mode, name=name, dir=str(run_dir),
+                                    config=config, reinit="finish_previous")
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {k: clean(v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if v is not None and k != "step"},
+                               step=record["step"])
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=exit_code)
+            self.wandb_run = None
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for raw in path.read_text().splitlines():
+        try:
+            out.append(json.loads(raw))
+        except json.JSONDecodeError:
+            continue
+    return out

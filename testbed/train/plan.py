@@ -1,0 +1,82 @@
+"""Derived quantities of a config: what run.json records and the sweep planner prints."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from testbed.config import Config, ModelConfig
+from testbed.errors import ConfigError
+from testbed.model.counting import count_params, flops_per_token
+
+DEFAULT_SYNTHETIC_VOCAB = 128
+
+
+def data_vocab_size(config: Config) -> int:
+    """The vocabulary the data speaks: the synthetic spec's, or the prepared shards' manifest."""
+    d = config.data
+    if d.path or d.source == "shards":
+        import json
+        from pathlib import Path
+
+        manifest = Path(d.path) / "manifest.json"
+        if not manifest.is_file():
+            raise ConfigError(f"data.path={d.path!r} holds no manifest.json; run `testbed data prepare` first")
+        return int(json.loads(manifest.read_text())["vocab_size"])
+    return int(d.synthetic.get("vocab_size", DEFAULT_SYNTHETIC_VOCAB))
+
+
+def resolved_model(config: Config) -> ModelConfig:
+    """The model config with vocab_size filled in from the data (and checked against it)."""
+    vocab = data_vocab_size(config)
+    m = config.model
+    if m.vocab_size is None:
+        return dataclasses.replace(m, vocab_size=vocab)
+    if m.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the data's vocabulary "
+                          f"({vocab}); unset it to take the data's, or raise it")
+    return m
+
+
+def planned_tokens(config: Config, n_params: int) -> int:
+    t = config.train
+    if t.tokens is not None:
+        tokens = t.tokens
+    elif t.steps is not None:
+        tokens = t.steps * t.global_batch_tokens
+    elif t.tokens_per_param is not None:
+        tokens = int(t.tokens_per_param * n_params)
+    else:
+        raise ConfigError("the run has no length; set one of train.tokens, train.steps or "
+                          "train.tokens_per_param (e.g. train.tokens_per_param=20)")
+    return tokens
+
+
+def describe(config: Config) -> dict:
+    model = resolved_model(config)
+    counts = count_params(model)
+    seq_len = config.data.seq_len
+    gbt = config.train.global_batch_tokens
+    steps = max(1, math.ceil(planned_tokens(config, counts.total) / gbt))
+    tokens = steps * gbt  # whole steps: the run trains exactly this many tokens
+    fpt = flops_per_token(model, seq_len)
+    unique = config.data.unique_tokens
+    return {
+        "n_params": counts.total,
+        "n_params_non_embedding": counts.non_embedding,
+        "n_params_embedding": counts.embedding,
+        "flops_per_token": fpt,
+        "vocab_size": model.vocab_size,
+        "d_model": model.d_model,
+        "n_layers": model.n_layers,
+        "n_heads": model.n_heads,
+        "seq_len": seq_len,
+        "global_batch_tokens": gbt,
+        "planned_steps": steps,
+        "planned_tokens": tokens,
+        "planned_flops": fpt * tokens,
+        "unique_tokens": unique,
+        "epochs": tokens / unique if unique else 1.0,
+        "schedule": config.schedule.name,
+        "peak_lr": config.optim.lr,
+    }
