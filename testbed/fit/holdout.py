@@ -49,18 +49,7 @@ def holdout_mask(frame: pd.DataFrame, rule: str) -> np.ndarray:
             raise TestbedError(f"--holdout {rule!r} would hold out all {len(per_run)} runs; hold out fewer.")
         held = set(per_run.index[:count])
         return frame["run_id"].isin(held).to_numpy()
-    match = _RULE.match(rule)
-    if not match:
-        raise TestbedError(f"--holdout {rule!r} is not understood; use largest, largest:K or a rule like 'N>1e8'.")
-    column, op, value = match.groups()
-    if column not in frame.columns:
-        raise TestbedError(f"--holdout {rule!r} names column {column!r}, which the table lacks; use one of {', '.join(map(str, frame.columns))}.")
-    try:
-        threshold = float(value)
-        values = pd.to_numeric(frame[column], errors="coerce").to_numpy()
-    except ValueError:
-        threshold, values = value, frame[column].astype(str).to_numpy()
-    mask = _OPS[op](values, threshold)
+    mask = rule_mask(frame, rule)
     if mask.all():
         raise TestbedError(f"--holdout {rule!r} holds out every point; choose a rule that leaves points to fit.")
     if not mask.any():
@@ -68,6 +57,25 @@ def holdout_mask(frame: pd.DataFrame, rule: str) -> np.ndarray:
     # Hold out whole runs: a run with any matching row goes entirely to the held-out side.
     held_runs = set(frame.loc[mask, "run_id"])
     return frame["run_id"].isin(held_runs).to_numpy()
+
+
+def rule_mask(frame: pd.DataFrame, rule: str, option: str = "--holdout") -> np.ndarray:
+    """Rows matching a column rule such as `N>1e8` or `label_norm==peri`."""
+    match = _RULE.match(rule)
+    if not match:
+        raise TestbedError(f"{option} {rule!r} is not understood; write a rule like 'N>1e8'.")
+    column, op, value = match.groups()
+    if column not in frame.columns:
+        raise TestbedError(
+            f"{option} {rule!r} names column {column!r}, which the table lacks; "
+            f"use one of {', '.join(map(str, frame.columns))}."
+        )
+    try:
+        threshold = float(value)
+        values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float)
+    except ValueError:
+        threshold, values = value, frame[column].astype(str).to_numpy()
+    return np.asarray(_OPS[op](values, threshold), dtype=bool)
 
 
 def evaluate(predicted: np.ndarray, frame: pd.DataFrame) -> dict:

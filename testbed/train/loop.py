@@ -36,8 +36,8 @@ from testbed.train import checkpoint as ckpt
 from testbed.train import device as dev
 from testbed.train.metrics import MetricsLog
 from testbed.train.optim import build_optimizer
-from testbed.train.plan import describe, resolved_model
-from testbed.train.schedules import ScheduleSpec, lr_at, phase_at
+from testbed.train.plan import describe, resolved_model, schedule_spec
+from testbed.train.schedules import lr_at, phase_at
 
 EXIT_REQUEUE = 75
 # Keys that may differ between an interrupted run and its resumption (they change no number).
@@ -66,17 +66,6 @@ def write_json(path: Path, data: dict) -> None:
 def read_status(run_dir: Path) -> dict:
     path = Path(run_dir) / "status.json"
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def schedule_spec(config: Config, total_steps: int) -> ScheduleSpec:
-    s = config.schedule
-    warmup = s.warmup_steps
-    if s.warmup_fraction is not None:
-        warmup = int(round(s.warmup_fraction * total_steps))
-    fields = {f.name for f in dataclasses.fields(ScheduleSpec)}
-    values = {k: v for k, v in dataclasses.asdict(s).items() if k in fields}
-    values["warmup_steps"] = warmup
-    return ScheduleSpec(**values)
 
 
 def science_steps(config: Config, total_steps: int) -> set[int]:

@@ -8,6 +8,7 @@ import math
 from testbed.config import Config, ModelConfig
 from testbed.errors import ConfigError
 from testbed.model.counting import count_params, flops_per_token
+from testbed.train.schedules import ScheduleSpec, validate as validate_schedule
 
 DEFAULT_SYNTHETIC_VOCAB = 128
 
@@ -52,6 +53,18 @@ def planned_tokens(config: Config, n_params: int) -> int:
     return tokens
 
 
+def schedule_spec(config: Config, total_steps: int) -> ScheduleSpec:
+    """The schedule section as the pure schedule functions take it (warmup fraction resolved)."""
+    s = config.schedule
+    warmup = s.warmup_steps
+    if s.warmup_fraction is not None:
+        warmup = int(round(s.warmup_fraction * total_steps))
+    fields = {f.name for f in dataclasses.fields(ScheduleSpec)}
+    values = {k: v for k, v in dataclasses.asdict(s).items() if k in fields}
+    values["warmup_steps"] = warmup
+    return ScheduleSpec(**values)
+
+
 def describe(config: Config) -> dict:
     model = resolved_model(config)
     counts = count_params(model)
@@ -59,6 +72,7 @@ def describe(config: Config) -> dict:
     gbt = config.train.global_batch_tokens
     steps = max(1, math.ceil(planned_tokens(config, counts.total) / gbt))
     tokens = steps * gbt  # whole steps: the run trains exactly this many tokens
+    validate_schedule(schedule_spec(config, steps), steps)
     fpt = flops_per_token(model, seq_len)
     unique = config.data.unique_tokens
     return {

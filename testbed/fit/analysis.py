@@ -1,0 +1,178 @@
+"""One fit from start to finish: load, select points, choose a variant, fit, validate, bootstrap.
+
+Returns an `Analysis` holding plain JSON-ready `summary` (what fit.json stores) plus the frames
+and fitted objects the plots need.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from testbed.errors import TestbedError
+from testbed.fit import holdout as holdout_mod
+from testbed.fit.estimate import FitResult, fit
+from testbed.fit.laws import Law, get_law, law_inputs, needed_columns
+from testbed.fit.table import Points, load_points
+
+
+@dataclass
+class FitOptions:
+    law: str = "chinchilla"
+    columns: str | None = None
+    holdout: str | None = None
+    bootstrap: int = 0
+    variant: str = "free"  # a law variant, or "auto" to choose by nested extrapolation error
+    fix: dict[str, float] = field(default_factory=dict)
+    delta: float = 1e-3
+    points: str = "final"
+    skip_fraction: float = 0.1
+    where: str | None = None
+    budgets: list[float] | None = None
+    by: str | None = None
+    baseline: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class Analysis:
+    law: Law
+    options: FitOptions
+    frame: pd.DataFrame  # every clean point; `held_out` marks the validation rows
+    result: FitResult
+    summary: dict
+    groups: dict = field(default_factory=dict)  # comparison: label value -> FitResult
+
+
+def _fit_frame(law: Law, frame: pd.DataFrame, options: FitOptions, variant: str, fixed: dict, starts=None) -> FitResult:
+    return fit(law, law_inputs(law, frame), frame["loss"].to_numpy(float), delta=options.delta,
+               variant=variant, fixed=fixed, starts=starts)
+
+
+def apply_where(points: Points, rule: str | None) -> Points:
+    """Keep rows matching a column rule such as `C>=2.18e17`; the rest are counted as dropped."""
+    if not rule:
+        return points
+    held = holdout_mod.rule_mask(points.frame, rule, option="--where")
+    dropped = dict(points.dropped)
+    if (~held).any():
+        dropped[f"not matching --where {rule}"] = int((~held).sum())
+    return Points(points.frame[held].reset_index(drop=True), dropped, points.warnings)
+
+
+def constraints_for(law: Law, frame: pd.DataFrame, variant: str, fix: dict) -> dict:
+    """Fixed values for a variant: the user's, else E from the data's known entropy."""
+    fixed = dict(fix)
+    if "E" in law.variant(variant).fixed and "E" not in fixed and "data_entropy" in frame:
+        entropy = pd.to_numeric(frame["data_entropy"], errors="coerce").dropna().unique()
+        if len(entropy) == 1:
+            fixed["E"] = float(entropy[0])
+    return fixed
+
+
+def select_variant(law: Law, frame: pd.DataFrame, options: FitOptions) -> tuple[str, dict]:
+    """Pick the variant with the lowest error on the largest runs held out inside `frame`."""
+    inner = holdout_mod.holdout_mask(frame, "largest")
+    train, valid = frame[~inner], frame[inner]
+    errors = {}
+    for spec in law.variants:
+        try:
+            fixed = constraints_for(law, frame, spec.name, options.fix)
+            result = _fit_frame(law, train, options, spec.name, fixed)
+        except TestbedError as err:
+            errors[spec.name] = {"skipped": str(err)}
+            continue
+        predicted = result.predict(law_inputs(law, valid))
+        rel = np.abs(predicted - valid["loss"].to_numpy()) / np.abs(valid["loss"].to_numpy())
+        errors[spec.name] = {"mean_abs_rel_error": float(rel.mean()), "objective": result.objective}
+    scored = {k: v["mean_abs_rel_error"] for k, v in errors.items() if "mean_abs_rel_error" in v}
+    if not scored:
+        raise TestbedError("--variant auto could not fit any variant on the inner split; pass --variant free.")
+    return min(scored, key=scored.get), errors
+
+
+def default_budgets(frame: pd.DataFrame) -> list[float]:
+    top = float(frame["C"].max()) if "C" in frame else float((6 * frame["N"] * frame["D"]).max())
+    return [top, 10 * top, 100 * top]
+
+
+def analyse(source, options: FitOptions) -> Analysis:
+    law = get_law(options.law)
+    needed, positive = needed_columns(law)
+    extra = (options.by,) if options.by else ()
+    points = load_points(source, needed, positive, options.columns, options.points, options.skip_fraction)
+    points = apply_where(points, options.where)
+    frame = points.frame
+    for column in extra:
+        if column not in frame.columns:
+            raise TestbedError(f"--by {column!r} is not a column of the table; use one of {', '.join(map(str, frame.columns))}.")
+    if frame.empty:
+        raise TestbedError(f"no point is left to fit after dropping rows ({points.dropped}); check --columns and filters.")
+
+    frame = frame.copy()
+    frame["held_out"] = holdout_mod.holdout_mask(frame, options.holdout) if options.holdout else False
+    train = frame[~frame["held_out"]]
+
+    summary: dict = {"law": law.name, "formula": law.formula, "n_points": int(len(frame)),
+                     "n_runs": int(frame["run_id"].nunique()), "dropped": points.dropped,
+                     "warnings": list(points.warnings)}
+    if options.by:
+        from testbed.fit.comparison import compare_groups
+
+        return compare_groups(law, frame, options, summary)
+
+    variant = options.variant
+    if variant == "auto":
+        variant, errors = select_variant(law, train, options)
+        summary["variant_selection"] = {"chosen": variant, "validation": errors,
+                                        "rule": "largest 10% of training runs held out inside the fit"}
+    fixed = constraints_for(law, train, variant, options.fix)
+    began = time.perf_counter()
+    result = _fit_frame(law, train, options, variant, fixed)
+    summary.update({
+        "variant": variant, "fixed": result.fixed, "tied": result.tied, "params": result.params,
+        "objective": result.objective, "converged": result.converged, "message": result.message,
+        "at_bound": result.at_bound, "n_fit_points": result.n_points, "n_starts": result.n_starts,
+        "fit_seconds": round(time.perf_counter() - began, 3), "huber_delta": options.delta,
+    })
+    if result.at_bound:
+        summary["warnings"].append(f"parameters ended at a bound: {', '.join(result.at_bound)}; widen the bounds or fix them.")
+    if not result.converged:
+        summary["warnings"].append(f"the optimiser did not report convergence ({result.message}).")
+
+    if options.holdout:
+        held = frame[frame["held_out"]]
+        summary.update(holdout_mod.evaluate(result.predict(law_inputs(law, held)), held))
+        summary["holdout_rule"] = options.holdout
+
+    derived = None
+    if law.has_compute_frontier:
+        from testbed.fit.allocation import derived_quantities
+
+        budgets = options.budgets or default_budgets(frame)
+        summary["budgets"] = budgets
+
+        def derived(theta, law=law, budgets=budgets):
+            return derived_quantities(law, theta, budgets)
+
+        summary["derived"] = derived(result.theta)
+        if {"N", "C"} <= set(frame.columns):
+            from testbed.fit.approaches import approach1, approach2
+
+            for name, fn in (("approach1", approach1), ("approach2", approach2)):
+                found = fn(train)
+                if found is not None:
+                    summary[name] = {k: v for k, v in found.items() if k != "minima"} | {
+                        "minima": [{k: v for k, v in m.items() if k != "curve"} for m in found["minima"]]}
+    if options.bootstrap:
+        from testbed.fit.bootstrap import bootstrap
+
+        intervals, samples = bootstrap(result, train, options.bootstrap, delta=options.delta,
+                                       seed=options.seed, derived=derived)
+        summary["intervals"] = {k: v.as_dict() for k, v in intervals.items()}
+        summary["bootstrap"] = {"resamples": options.bootstrap, "failed": samples.attrs.get("failed", 0),
+                                "unit": "run_id", "level": 0.95}
+    return Analysis(law, options, frame, result, summary)

@@ -1,0 +1,78 @@
+"""Fit a law per variant of an ablation (`--by COLUMN`) and compare each variant with the baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from testbed.errors import TestbedError
+from testbed.fit import holdout as holdout_mod
+from testbed.fit.bootstrap import resample_runs
+from testbed.fit.compare import compute_multiplier, crossings
+from testbed.fit.estimate import fit
+from testbed.fit.laws import Law, law_inputs
+
+
+def compare_groups(law: Law, frame: pd.DataFrame, options, summary: dict):
+    from testbed.fit.analysis import Analysis, constraints_for, default_budgets
+
+    if not law.has_compute_frontier:
+        raise TestbedError(f"--by needs a law of N and D (chinchilla or kaplan); law {law.name!r} has no compute frontier.")
+    values = sorted(frame[options.by].astype(str).unique())
+    if len(values) < 2:
+        raise TestbedError(f"--by {options.by} has a single value ({values}); compare a column with two or more variants.")
+    baseline = options.baseline or values[0]
+    if baseline not in values:
+        raise TestbedError(f"--baseline {baseline!r} is not a value of {options.by}; use one of {', '.join(values)}.")
+    budgets = options.budgets or default_budgets(frame)
+    rng = np.random.default_rng(options.seed)
+    labels = frame[options.by].astype(str)
+    results, per_group = {}, {}
+    for value in values:
+        part = frame[labels == value]
+        train = part[~part["held_out"]]
+        fixed = constraints_for(law, train, options.variant, options.fix)
+        result = fit(law, law_inputs(law, train), train["loss"].to_numpy(float), delta=options.delta,
+                     variant=options.variant, fixed=fixed)
+        results[value] = (result, train)
+        entry = {"params": result.params, "objective": result.objective, "converged": result.converged,
+                 "n_points": result.n_points, "at_bound": result.at_bound}
+        held = part[part["held_out"]]
+        if len(held):
+            entry.update(holdout_mod.evaluate(result.predict(law_inputs(law, held)), held))
+        per_group[value] = entry
+    base_result, base_train = results[baseline]
+    c_low = float(frame["C"].min()) if "C" in frame else float((6 * frame["N"] * frame["D"]).min())
+    comparisons = {}
+    for value in values:
+        if value == baseline:
+            continue
+        result, train = results[value]
+        point = compute_multiplier(law, base_result.theta, result.theta, budgets)
+        samples = []
+        for _ in range(options.bootstrap):
+            try:
+                b_sample, v_sample = resample_runs(base_train, rng), resample_runs(train, rng)
+                b_fit = fit(law, law_inputs(law, b_sample), b_sample["loss"].to_numpy(float), delta=options.delta,
+                            variant=base_result.variant, fixed=base_result.fixed, starts=base_result.candidates[:3])
+                v_fit = fit(law, law_inputs(law, v_sample), v_sample["loss"].to_numpy(float), delta=options.delta,
+                            variant=result.variant, fixed=result.fixed, starts=result.candidates[:3])
+            except TestbedError:
+                continue
+            samples.append(compute_multiplier(law, b_fit.theta, v_fit.theta, budgets))
+        rows = []
+        for i, c in enumerate(budgets):
+            row = {"C": c, "multiplier": float(point[i])}
+            if samples:
+                column = np.array([s[i] for s in samples])
+                row["low"], row["high"] = (float(q) for q in np.percentile(column, [2.5, 97.5]))
+            rows.append(row)
+        comparisons[value] = {
+            "multiplier": rows,
+            "crossings_C": crossings(law, base_result.theta, result.theta, c_low / 100, max(budgets) * 100),
+        }
+    summary.update({"by": options.by, "baseline": baseline, "groups": per_group, "comparisons": comparisons,
+                    "budgets": budgets, "variant": options.variant, "params": base_result.params,
+                    "objective": base_result.objective})
+    groups = {value: r for value, (r, _) in results.items()}
+    return Analysis(law, options, frame, base_result, summary, groups)

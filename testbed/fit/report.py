@@ -1,0 +1,108 @@
+"""Write fit.json and report.md for an analysis."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def _plain(value):
+    """JSON-safe copy: numpy scalars to Python, non-finite floats to strings."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (int, np.integer)):
+        return str(value)
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def write_json(summary: dict, out_dir: Path) -> Path:
+    path = out_dir / "fit.json"
+    path.write_text(json.dumps(_plain(summary), indent=2) + "\n")
+    return path
+
+
+def markdown(summary: dict, plots: list[str]) -> str:
+    lines = [f"# Fit of the {summary['law']} law", "", f"`{summary['formula']}`", ""]
+    lines.append(f"{summary['n_points']} points from {summary['n_runs']} runs.")
+    if summary.get("dropped"):
+        lines.append("Rows dropped: " + "; ".join(f"{k}: {v}" for k, v in summary["dropped"].items()) + ".")
+    for warning in summary.get("warnings", []):
+        lines.append(f"\n> Warning: {warning}")
+    lines.append("")
+    if "groups" in summary:
+        lines += [f"## Variants of `{summary['by']}` (baseline `{summary['baseline']}`)", "",
+                  "| variant | " + " | ".join(next(iter(summary["groups"].values()))["params"]) + " | objective |",
+                  "|---" * (len(next(iter(summary["groups"].values()))["params"]) + 2) + "|"]
+        for value, entry in summary["groups"].items():
+            lines.append(f"| {value} | " + " | ".join(_fmt(v) for v in entry["params"].values()) + f" | {_fmt(entry['objective'])} |")
+        lines += ["", "## Compute multipliers (compute the baseline needs to match the variant, ÷ C)", "",
+                  "| variant | C | multiplier | 95% interval |", "|---|---|---|---|"]
+        for value, comp in summary["comparisons"].items():
+            for row in comp["multiplier"]:
+                interval = f"[{_fmt(row['low'])}, {_fmt(row['high'])}]" if "low" in row else "-"
+                lines.append(f"| {value} | {_fmt(row['C'])} | {_fmt(row['multiplier'])} | {interval} |")
+            where = ", ".join(_fmt(c) for c in comp["crossings_C"]) or "none in range"
+            lines.append(f"\nCurves of `{value}` and the baseline cross at C = {where}.\n")
+    else:
+        lines += [f"## Parameters (variant `{summary['variant']}`)", ""]
+        intervals = summary.get("intervals", {})
+        lines += ["| parameter | estimate | 95% interval | bootstrap SE |", "|---|---|---|---|"]
+        for name, value in summary["params"].items():
+            iv = intervals.get(name)
+            cell = f"[{_fmt(iv['low'])}, {_fmt(iv['high'])}] | {_fmt(iv['se'])}" if iv else "- | -"
+            note = " (fixed)" if name in summary.get("fixed", {}) else (" (tied)" if name in summary.get("tied", {}) else "")
+            lines.append(f"| {name}{note} | {_fmt(value)} | {cell} |")
+        lines += ["", f"Objective (sum of Huber, delta={summary.get('huber_delta')}): {summary['objective']:.9e}; "
+                  f"converged: {summary['converged']}; starts: {summary.get('n_starts')}; "
+                  f"fit time {summary.get('fit_seconds')} s.",
+                  f"Parameters at a bound: {', '.join(summary['at_bound']) or 'none'}."]
+        if "bootstrap" in summary:
+            b = summary["bootstrap"]
+            lines.append(f"Intervals: percentile bootstrap over {b['resamples']} resamples of whole runs ({b['failed']} failed).")
+        if "variant_selection" in summary:
+            sel = summary["variant_selection"]
+            lines += ["", f"## Variant selection ({sel['rule']})", "", "| variant | validation error |", "|---|---|"]
+            for name, entry in sel["validation"].items():
+                lines.append(f"| {name} | {_fmt(entry.get('mean_abs_rel_error', entry.get('skipped')))} |")
+            lines.append(f"\nChosen: `{sel['chosen']}`.")
+        if "derived" in summary:
+            lines += ["", "## Compute-optimal allocation (C = 6 N D)", "", "| quantity | estimate | 95% interval |", "|---|---|---|"]
+            for name, value in summary["derived"].items():
+                iv = intervals.get(name)
+                cell = f"[{_fmt(iv['low'])}, {_fmt(iv['high'])}]" if iv else "-"
+                lines.append(f"| {name} | {_fmt(value)} | {cell} |")
+            for key, title in (("approach1", "Approach 1 (lowest loss per compute bin)"),
+                               ("approach2", "Approach 2 (IsoFLOP parabolas)")):
+                if key in summary:
+                    lines.append(f"\n{title}: N_opt ∝ C^{summary[key]['a']:.4f}, D_opt ∝ C^{summary[key]['b']:.4f} "
+                                 f"from {len(summary[key]['minima'])} budgets.")
+    if "holdout" in summary:
+        lines += ["", f"## Held-out points (`{summary.get('holdout_rule')}`)", "",
+                  "| run | loss | predicted | relative error |", "|---|---|---|---|"]
+        for row in summary["holdout"]:
+            lines.append(f"| {row.get('run_id')} | {_fmt(row['loss'])} | {_fmt(row['predicted'])} | {row['rel_error']:+.4%} |")
+        lines.append(f"\nMean absolute relative error: {summary['mean_abs_rel_error']:.4%}.")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(summary: dict, plots: list[str], out_dir: Path) -> Path:
+    path = out_dir / "report.md"
+    path.write_text(markdown(summary, plots))
+    return path

@@ -1,0 +1,239 @@
+"""The sweep directory's run registry: one JSON record per run, updated under a lock.
+
+    SWEEP_DIR/
+      registry.lock           fcntl lock held while records are read-modified-written
+      registry/<run_id>.json  the run's state and history (written as tmp + os.replace)
+      runs/<run_id>/          the run directory (config.yaml written here, the rest by the trainer)
+      logs/<run_id>.log       the trainer's stdout and stderr, appended across attempts
+      slurm/                  generated batch scripts and SLURM's own output files
+
+States: pending (known, never started), submitted (handed to SLURM), running, preempted
+(stopped with a resume checkpoint; will continue), done, failed (with a reason; retried while
+`failures <= max_retries` unless the input itself was bad).
+
+Every claim of a run happens while holding the lock and re-reading the record, so two
+submitters of the same sweep (two shells, two `sweep run` invocations) never start it twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from testbed.errors import TestbedError
+
+STATES = ("pending", "submitted", "running", "preempted", "done", "failed")
+ACTIVE = ("submitted", "running")
+HISTORY_LIMIT = 100
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Registry:
+    def __init__(self, sweep_dir: str | Path):
+        self.root = Path(sweep_dir).resolve()
+        self.records_dir = self.root / "registry"
+        self.runs_dir = self.root / "runs"
+        self.logs_dir = self.root / "logs"
+        self.lock_path = self.root / "registry.lock"
+
+    # ------------------------------------------------------------------ paths
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs_dir / run_id
+
+    def config_path(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "config.yaml"
+
+    def log_path(self, run_id: str) -> Path:
+        return self.logs_dir / f"{run_id}.log"
+
+    def record_path(self, run_id: str) -> Path:
+        return self.records_dir / f"{run_id}.json"
+
+    def exists(self) -> bool:
+        return self.records_dir.is_dir()
+
+    # ------------------------------------------------------------------ locking and records
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def read(self, run_id: str) -> dict[str, Any] | None:
+        return read_json(self.record_path(run_id))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records_dir.mkdir(parents=True, exist_ok=True)
+        record["updated_at"] = now()
+        write_json_atomic(self.record_path(record["run_id"]), record)
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.records_dir.is_dir():
+            return []
+        out = [read_json(p) for p in sorted(self.records_dir.glob("*.json"))]
+        return sorted((r for r in out if r), key=lambda r: (r.get("order", 0), r["run_id"]))
+
+    def set_state(self, record: dict[str, Any], state: str, reason: str | None = None,
+                  **fields: Any) -> dict[str, Any]:
+        """Change a record's state in memory (the caller writes it, holding the lock)."""
+        assert state in STATES, state
+        record.update(fields)
+        if state != record.get("state") or reason != record.get("reason"):
+            record.setdefault("history", []).append({"time": now(), "state": state,
+                                                     "reason": reason})
+            record["history"] = record["history"][-HISTORY_LIMIT:]
+        record["state"] = state
+        record["reason"] = reason
+        return record
+
+    def update(self, run_id: str, state: str, reason: str | None = None,
+               **fields: Any) -> dict[str, Any]:
+        with self.locked():
+            record = self.read(run_id)
+            if record is None:
+                raise TestbedError(f"run {run_id!r} is not in the registry of {str(self.root)!r}; "
+                                   f"submit the sweep with `testbed sweep run` first")
+            self.set_state(record, state, reason, **fields)
+            self.write(record)
+            return record
+
+    # ------------------------------------------------------------------ adding a sweep
+
+    def add_runs(self, sweep: Any) -> list[str]:
+        """Record every run of `sweep` not yet known; returns the sweep's run ids in order.
+
+        A run whose config hash is already registered keeps its existing id (its label slug
+        may have changed when axes were added), so it is never trained a second time.
+        """
+        import yaml
+
+        with self.locked():
+            by_hash = {r["config_hash"]: r for r in self.records()}
+            order = len(by_hash)
+            ids = []
+            for run in sweep.runs:
+                known = by_hash.get(run.config_hash)
+                if known is not None:
+                    if run.run_id != known["run_id"]:
+                        run.run_id = known["run_id"]
+                        run.config.name = f"{sweep.name}/{run.run_id}"
+                    ids.append(run.run_id)
+                    continue
+                run_dir = self.run_dir(run.run_id)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                config_path = self.config_path(run.run_id)
+                tmp = config_path.with_name(".config.yaml.tmp")
+                tmp.write_text(yaml.safe_dump(run.config.to_dict(), sort_keys=False))
+                os.replace(tmp, config_path)
+                record = {"run_id": run.run_id, "config_hash": run.config_hash,
+                          "sweep": sweep.name, "labels": run.labels, "order": order,
+                          "quantities": run.quantities, "failures": 0, "preemptions": 0,
+                          "launches": 0, "retryable": True, "created_at": now()}
+                self.set_state(record, "pending")
+                self.write(record)
+                order += 1
+                ids.append(run.run_id)
+            return ids
+
+    # ------------------------------------------------------------------ reading run directories
+
+    def run_status(self, run_id: str) -> dict[str, Any] | None:
+        return read_json(self.run_dir(run_id) / "status.json")
+
+    def is_done(self, run_id: str) -> bool:
+        status = self.run_status(run_id)
+        return bool(status and status.get("state") == "done")
+
+    def reconcile(self, live_jobs: set[str] | None = None) -> list[dict[str, Any]]:
+        """Bring records in line with the run directories and with what is still alive.
+
+        `live_jobs`: SLURM job ids (`ARRAY_TASK` form and plain) still queued or running, when
+        known; a submitted run whose job is gone and which never finished is marked failed.
+        """
+        host = socket.gethostname()
+        with self.locked():
+            records = self.records()
+            for record in records:
+                changed = self._reconcile_one(record, live_jobs, host)
+                if changed:
+                    self.write(record)
+            return records
+
+    def _reconcile_one(self, record: dict[str, Any], live_jobs: set[str] | None,
+                       host: str) -> bool:
+        state = record.get("state")
+        status = self.run_status(record["run_id"]) or {}
+        if status.get("state") == "done":
+            if state != "done":
+                self.set_state(record, "done", None, finished_at=record.get("finished_at") or now())
+                return True
+            return False
+        if state not in ACTIVE:
+            return False
+        owner = record.get("owner") or {}
+        if record.get("executor") == "local":
+            pid = owner.get("pid")
+            if owner.get("host") == host and pid and not process_alive(pid):
+                self.set_state(record, "preempted", "the local executor that ran it stopped; "
+                               "it resumes on the next `testbed sweep run`")
+                return True
+            return False
+        job = record.get("job_id")
+        if live_jobs is not None and job and job not in live_jobs:
+            if status.get("state") == "preempted":
+                self.set_state(record, "preempted", "its SLURM job ended after saving a resume "
+                               "checkpoint; it resumes on the next `testbed sweep run`")
+            else:
+                record["failures"] = record.get("failures", 0) + 1
+                self.set_state(record, "failed", f"SLURM job {job} ended without finishing the "
+                               f"run (time limit, memory or node failure); see the log")
+            return True
+        return False
+
+
+def eligible(record: dict[str, Any], max_retries: int) -> bool:
+    """Whether a run should be started (again) now."""
+    state = record.get("state")
+    if state in ("pending", "preempted"):
+        return True
+    if state == "failed":
+        return bool(record.get("retryable", True)) and record.get("failures", 0) <= max_retries
+    return False

@@ -1,0 +1,230 @@
+"""Sweep files: parse, expand the axes into runs, compute derived fields and run ids.
+
+A sweep is YAML:
+
+    name: widths
+    base: ../base.yaml            # or an inline mapping of config sections
+    grid:                         # cartesian product over every key
+      model.d_model: [32, 64]
+    zip:                          # varied together (lists of equal length)
+      optim.lr: [3e-3, 1e-3]
+      train.seed: [0, 1]
+    derived:                      # evaluated in order for every run, see expr.py
+      train.tokens: "20 * n_params"
+    labels: [model.d_model]       # default: every axis key
+
+Runs = product(grid) x zip. A run id is `<label slug>-<10 hex>`, the hex being a hash of the
+resolved config without the keys that cannot change the result (name, labels, logging, and the
+preset name once its values are filled in), so editing a sweep keeps the ids of unchanged runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed.config import Config, from_dict, merge, read_yaml, set_dotted
+from testbed.errors import ConfigError
+from testbed.sweep.expr import evaluate
+from testbed.sweep.quantities import describe, expression_names
+
+SWEEP_KEYS = ("name", "description", "base", "grid", "zip", "derived", "labels")
+HASH_CHARS = 10
+SLUG_CHARS = 60
+
+
+@dataclass
+class PlannedRun:
+    run_id: str
+    config_hash: str
+    labels: dict[str, Any]
+    config: Config
+    quantities: dict[str, Any] = field(default_factory=dict)
+
+    def config_tree(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+
+@dataclass
+class Sweep:
+    name: str
+    runs: list[PlannedRun]
+    source: str | None = None
+    description: str | None = None
+
+
+def load_sweep(source: str | Path | dict[str, Any]) -> Sweep:
+    """Read a sweep file (or mapping) and expand it into validated runs."""
+    if isinstance(source, dict):
+        spec, folder, where = source, Path.cwd(), "sweep"
+    else:
+        path = Path(source)
+        spec, folder, where = read_yaml(path), path.resolve().parent, str(path)
+    check_keys(spec, where)
+    name = spec.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ConfigError(f"{where}: name={name!r} must be a word of letters, digits, '_', '.' "
+                          f"or '-', e.g. name: widths")
+    base = load_base(spec.get("base"), folder, where)
+    grid = axis_mapping(spec.get("grid"), "grid", where)
+    zipped = axis_mapping(spec.get("zip"), "zip", where)
+    derived = spec.get("derived") or {}
+    if not isinstance(derived, dict):
+        raise ConfigError(f"{where}: derived={derived!r} must be a mapping of dotted key -> "
+                          f"expression, e.g. train.tokens: '20 * n_params'")
+    check_overlaps(grid, zipped, derived, where)
+    label_keys = label_names(spec.get("labels"), list(grid) + list(zipped), where)
+
+    runs: list[PlannedRun] = []
+    seen: dict[str, PlannedRun] = {}
+    for assignment in expand(grid, zipped, where):
+        labels = {short: assignment[key] for short, key in label_keys.items()}
+        config = resolve_run(base, assignment, derived, labels, where)
+        config_hash = hash_config(config)
+        if config_hash in seen:
+            raise ConfigError(f"{where}: runs {seen[config_hash].labels} and {labels} resolve to "
+                              f"the same config; remove the duplicate axis value or make the "
+                              f"axes change the config")
+        run_id = f"{slug(labels)}-{config_hash}" if labels else config_hash
+        config.name = f"{name}/{run_id}"
+        run = PlannedRun(run_id=run_id, config_hash=config_hash, labels=labels, config=config,
+                         quantities=describe(config))
+        seen[config_hash] = run
+        runs.append(run)
+    return Sweep(name=name, runs=runs, source=None if isinstance(source, dict) else str(source),
+                 description=spec.get("description"))
+
+
+def check_keys(spec: dict[str, Any], where: str) -> None:
+    for key in spec:
+        if key not in SWEEP_KEYS:
+            near = difflib.get_close_matches(str(key), SWEEP_KEYS, n=1)
+            hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(SWEEP_KEYS)}"
+            raise ConfigError(f"{where}: unknown sweep key {key!r}; {hint}")
+
+
+def load_base(base: Any, folder: Path, where: str) -> dict[str, Any]:
+    if base is None:
+        return {}
+    if isinstance(base, str):
+        path = Path(base) if Path(base).is_absolute() else folder / base
+        if not path.is_file():
+            raise ConfigError(f"{where}: base={base!r} does not exist (looked for {str(path)!r}); "
+                              f"give a config path relative to the sweep file")
+        return read_yaml(path)
+    if isinstance(base, dict):
+        return merge({}, base)
+    raise ConfigError(f"{where}: base={base!r} must be a config mapping or the path of a config "
+                      f"YAML relative to the sweep file")
+
+
+def axis_mapping(axes: Any, kind: str, where: str) -> dict[str, list[Any]]:
+    if axes is None:
+        return {}
+    if not isinstance(axes, dict):
+        raise ConfigError(f"{where}: {kind}={axes!r} must be a mapping of dotted config key -> "
+                          f"list of values, e.g. model.d_model: [32, 64]")
+    out = {}
+    for key, values in axes.items():
+        if not isinstance(values, list):
+            raise ConfigError(f"{where}: {kind} axis {key}={values!r} must be a list of values, "
+                              f"e.g. {key}: [{values!r}]")
+        if not values:
+            raise ConfigError(f"{where}: {kind} axis {key}=[] is empty, so the sweep has no runs; "
+                              f"give at least one value")
+        out[str(key)] = values
+    if kind == "zip" and len({len(v) for v in out.values()}) > 1:
+        lengths = {k: len(v) for k, v in out.items()}
+        raise ConfigError(f"{where}: zip axes have different lengths {lengths}; zip lists are "
+                          f"varied together, so give them equal lengths")
+    return out
+
+
+def check_overlaps(grid: dict[str, Any], zipped: dict[str, Any], derived: dict[str, Any],
+                   where: str) -> None:
+    for key in grid:
+        if key in zipped:
+            raise ConfigError(f"{where}: {key!r} is both a grid and a zip axis; keep it in one")
+    for key in derived:
+        if key in grid or key in zipped:
+            raise ConfigError(f"{where}: derived field {key!r} is also an axis; drop one of them")
+
+
+def label_names(labels: Any, axis_keys: list[str], where: str) -> dict[str, str]:
+    """Map short label name -> axis key (the last dotted part, longer where two collide)."""
+    if labels is None:
+        keys = axis_keys
+    elif isinstance(labels, dict):
+        return {str(short): str(key) for short, key in labels.items()}
+    elif isinstance(labels, list):
+        keys = [str(k) for k in labels]
+        for key in keys:
+            if key not in axis_keys:
+                raise ConfigError(f"{where}: label {key!r} is not an axis key; choose among "
+                                  f"{', '.join(axis_keys) or '(no axes)'}")
+    else:
+        raise ConfigError(f"{where}: labels={labels!r} must be a list of axis keys")
+    shorts: dict[str, str] = {}
+    for key in keys:
+        parts = key.split(".")
+        depth = 1
+        while ".".join(parts[-depth:]) in shorts and depth < len(parts):
+            depth += 1
+        shorts[".".join(parts[-depth:]).replace(".", "_")] = key
+    return shorts
+
+
+def expand(grid: dict[str, list[Any]], zipped: dict[str, list[Any]],
+           where: str) -> list[dict[str, Any]]:
+    zip_rows = list(zip(*zipped.values())) if zipped else [()]
+    out = []
+    for combo in itertools.product(*grid.values()):
+        for row in zip_rows:
+            out.append({**dict(zip(grid, combo)), **dict(zip(zipped, row))})
+    if not out:
+        raise ConfigError(f"{where}: the axes expand to no runs; give every axis at least one value")
+    return out
+
+
+def resolve_run(base: dict[str, Any], assignment: dict[str, Any], derived: dict[str, Any],
+                labels: dict[str, Any], where: str) -> Config:
+    tree = merge({}, base)
+    for key, value in assignment.items():
+        set_dotted(tree, key, value)
+    try:
+        config = from_dict(tree)
+        for key, expression in derived.items():
+            value = expression
+            if isinstance(expression, str):
+                value = evaluate(expression, expression_names(config), key)
+                if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+                    value = int(value)  # counts (tokens, steps, batch) must be whole numbers
+            set_dotted(tree, key, value)
+            config = from_dict(tree)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: run {assignment}: {err}") from None
+    config.labels = {**config.labels, **labels}
+    return config
+
+
+def hash_config(config: Config) -> str:
+    tree = config.to_dict()
+    for cosmetic in ("name", "labels", "logging"):
+        tree.pop(cosmetic, None)
+    tree["model"].pop("preset", None)  # its values are already filled in
+    canonical = json.dumps(tree, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:HASH_CHARS]
+
+
+def slug(labels: dict[str, Any]) -> str:
+    parts = []
+    for short, value in labels.items():
+        text = format(value, "g") if isinstance(value, float) else str(value)
+        parts.append(f"{short}-{re.sub(r'[^A-Za-z0-9.+-]+', '', text)}")
+    return "_".join(parts)[:SLUG_CHARS].strip("_-.") or "run"
