@@ -188,7 +188,7 @@ def test_dtype_follows_vocabulary_size(corpus, prepared, tmp_path):
     assert m["dtype"] == "uint32" and m["vocab_size"] == 300 + 65536
     shards = TokenShards(tmp_path / "out")
     stream = np.concatenate([shards.tokens("train"), shards.tokens("validation")])
-    assert stream.max() >= 65536 + 300 - 1 - 70  # the added tokens survive the wider dtype
+    assert {300 + 70, 300 + 65000} <= set(stream.tolist())  # ids past 65535 survive the wider dtype
 
 
 def test_pretrained_folder_gives_the_same_shards(corpus, prepared, tmp_path):
@@ -283,7 +283,7 @@ def test_damaged_shards_are_clear_errors_and_nothing_is_deleted(corpus, prepared
 
     out = tmp_path / "copy"
     shutil.copytree(prepared[300], out)
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.name != ".verified.json")
     first = out / "train-00000.bin"
     data = first.read_bytes()
     first.write_bytes(data[:-2])  # truncated

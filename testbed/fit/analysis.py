@@ -7,6 +7,7 @@ and fitted objects the plots need.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,10 +100,28 @@ def default_budgets(frame: pd.DataFrame) -> list[float]:
     return [top, 10 * top, 100 * top]
 
 
+def curves_table(sweep_dir) -> pd.DataFrame:
+    """Loss curves for the annealing law: validation points where a run has them, else train."""
+    from testbed.fit.collect import collect_curves
+
+    curves = collect_curves(sweep_dir)
+    parts = []
+    for _, run in curves.groupby("run_id", sort=False):
+        run = run.sort_values("step")
+        known = run["lr"].notna()
+        if known.sum() >= 2:  # evaluation lines may lack lr: interpolate it from the train lines
+            run = run.assign(lr=np.interp(run["step"], run.loc[known, "step"], run.loc[known, "lr"].astype(float)))
+        val = run[run["loss_kind"] == "val"]
+        parts.append(val if len(val) >= 5 else run[run["loss_kind"] == "train"])
+    return pd.concat(parts, ignore_index=True)
+
+
 def analyse(source, options: FitOptions) -> Analysis:
     law = get_law(options.law)
     needed, positive = needed_columns(law)
     extra = (options.by,) if options.by else ()
+    if law.name == "annealing" and not isinstance(source, pd.DataFrame) and Path(source).is_dir():
+        source = curves_table(source)  # whole loss curves from metrics.jsonl, not checkpoints
     points = load_points(source, needed, positive, options.columns, options.points, options.skip_fraction)
     points = apply_where(points, options.where)
     frame = points.frame

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from testbed.fit.estimate import FitResult, fit
+from testbed.fit.estimate import FitResult, fit_replicates
 from testbed.fit.laws import law_inputs
 
 
@@ -54,18 +54,19 @@ def bootstrap(
     """Percentile intervals for every parameter (and derived quantity) of `result`."""
     law = result.law
     rng = np.random.default_rng(seed)
-    starts = result.candidates[:3] if result.candidates is not None else result.theta[None]
+    run_index = pd.factorize(frame["run_id"])[0]
+    n_runs = run_index.max() + 1
+    # Drawing runs with replacement = weighting each run by how often it was drawn.
+    counts = rng.multinomial(n_runs, np.full(n_runs, 1.0 / n_runs), size=n_resamples)
+    weights = counts[:, run_index].astype(float)
+    thetas = fit_replicates(result, law_inputs(law, frame), frame["loss"].to_numpy(float), weights, delta=delta)
     samples = []
-    for _ in range(n_resamples):
-        sample = resample_runs(frame, rng)
-        try:
-            refit = fit(law, law_inputs(law, sample), sample["loss"].to_numpy(float), delta=delta,
-                        variant=result.variant, fixed=result.fixed, starts=starts)
-        except Exception:  # a degenerate resample (too few distinct runs) is skipped, and counted
-            continue
-        row = dict(refit.params)
+    for theta in thetas:
+        if not np.all(np.isfinite(theta)):
+            continue  # a degenerate replicate is skipped, and counted below
+        row = law.public(theta)
         if derived is not None:
-            row.update(derived(refit.theta))
+            row.update(derived(theta))
         samples.append(row)
     table = pd.DataFrame(samples)
     point = dict(result.params)

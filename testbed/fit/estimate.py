@@ -126,12 +126,19 @@ class _Problem:
         return np.clip(free, self.lower, self.upper)
 
 
-def _lm_batch(problem: _Problem, starts: np.ndarray, iterations: int) -> tuple[np.ndarray, np.ndarray]:
-    """Batched Levenberg-Marquardt on the Huber (IRLS) majoriser; returns (thetas, objectives)."""
+def _lm_batch(problem: _Problem, starts: np.ndarray, iterations: int,
+              weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Batched Levenberg-Marquardt on the Huber (IRLS) majoriser; returns (thetas, objectives).
+
+    `weights` (S, n) gives each start its own point weights: a bootstrap replicate is the
+    original data with each run weighted by how often it was drawn, so all replicates are
+    fitted together in the same array operations.
+    """
     delta = problem.delta
     theta = problem.clip(starts.copy())
+    w = np.ones((1, problem.target.size)) if weights is None else weights
     r = problem.residuals(theta)
-    obj = np.where(np.isfinite(r).all(axis=1), huber(r, delta).sum(axis=1), np.inf)
+    obj = np.where(np.isfinite(r).all(axis=1), (w * huber(r, delta)).sum(axis=1), np.inf)
     damping = np.full(len(theta), 1e-2)
     eye = np.eye(theta.shape[1])
     jac = None
@@ -144,8 +151,8 @@ def _lm_batch(problem: _Problem, starts: np.ndarray, iterations: int) -> tuple[n
             jac[changed] = problem.jacobian(theta[changed])
         jac = np.where(np.isfinite(jac), jac, 0.0)
         r_ok = np.where(np.isfinite(r), r, 0.0)
-        psi = np.clip(r_ok, -delta, delta)
-        weight = np.where(np.abs(r_ok) > delta, delta / np.maximum(np.abs(r_ok), 1e-300), 1.0)
+        psi = w * np.clip(r_ok, -delta, delta)
+        weight = w * np.where(np.abs(r_ok) > delta, delta / np.maximum(np.abs(r_ok), 1e-300), 1.0)
         jac_t = jac.transpose(0, 2, 1)
         grad = np.matmul(jac_t, psi[..., None])  # minus the objective's gradient, (S, F, 1)
         hess = np.matmul(jac_t * weight[:, None, :], jac)
@@ -159,7 +166,7 @@ def _lm_batch(problem: _Problem, starts: np.ndarray, iterations: int) -> tuple[n
         step = np.where(np.isfinite(step), step, 0.0)
         trial = problem.clip(theta + step)
         trial_r = problem.residuals(trial)
-        trial_obj = huber(trial_r, delta).sum(axis=1)
+        trial_obj = (w * huber(trial_r, delta)).sum(axis=1)
         trial_obj = np.where(np.isfinite(trial_obj), trial_obj, np.inf)
         changed = trial_obj < obj
         theta = np.where(changed[:, None], trial, theta)
@@ -208,7 +215,7 @@ def fit(
     variant: str = "free",
     fixed: dict[str, float] | None = None,
     starts: np.ndarray | None = None,
-    screen_iterations: int = 25,
+    screen_iterations: int = 12,
     refine_iterations: int = 60,
     n_polish: int = 6,
 ) -> FitResult:
@@ -288,3 +295,17 @@ def fit(
         seconds=time.perf_counter() - began,
         candidates=np.array([problem.full(t)[0] for _, t in polished]),
     )
+
+
+def fit_replicates(result: FitResult, x: dict, y: np.ndarray, weights: np.ndarray, *,
+                   delta: float = 1e-3, iterations: int = 200) -> np.ndarray:
+    """Refit `result`'s law for many point weightings at once, from its optimum: (K, P) thetas."""
+    law = result.law
+    internal_fixed = {law.param(k).name: law.param(k).to_internal(v) for k, v in result.fixed.items()}
+    tied = {law.param(k).name: law.param(v).name for k, v in result.tied.items()}
+    problem = _Problem(law, x, np.asarray(y, float), delta, internal_fixed, tied)
+    start = np.repeat(result.theta[None, problem.free], len(weights), axis=0)
+    thetas, objs = _lm_batch(problem, start, iterations, weights=weights)
+    full = problem.full(thetas)
+    full[~np.isfinite(objs)] = np.nan
+    return full

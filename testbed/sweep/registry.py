@@ -173,6 +173,29 @@ class Registry:
                 ids.append(run.run_id)
             return ids
 
+    def claim(self, run_ids: list[str], max_retries: int, executor: str,
+              **fields: Any) -> dict[str, Any] | None:
+        """Mark the first startable run of `run_ids` as running by this process; None if none.
+
+        The record is re-read under the lock, so concurrent executors never claim the same run.
+        """
+        host = socket.gethostname()
+        with self.locked():
+            for run_id in run_ids:
+                record = self.read(run_id)
+                if record is None:
+                    continue
+                if self._reconcile_one(record, None, host):
+                    self.write(record)
+                if not eligible(record, max_retries):
+                    continue
+                record["launches"] = record.get("launches", 0) + 1
+                self.set_state(record, "running", None, executor=executor, started_at=now(),
+                               owner={"host": host, "pid": os.getpid()}, **fields)
+                self.write(record)
+                return record
+        return None
+
     # ------------------------------------------------------------------ reading run directories
 
     def run_status(self, run_id: str) -> dict[str, Any] | None:
@@ -182,20 +205,23 @@ class Registry:
         status = self.run_status(run_id)
         return bool(status and status.get("state") == "done")
 
-    def reconcile(self, live_jobs: set[str] | None = None) -> list[dict[str, Any]]:
+    def reconcile(self, live_jobs: Any = None) -> list[dict[str, Any]]:
         """Bring records in line with the run directories and with what is still alive.
 
-        `live_jobs`: SLURM job ids (`ARRAY_TASK` form and plain) still queued or running, when
-        known; a submitted run whose job is gone and which never finished is marked failed.
+        `live_jobs`: a callable returning the SLURM job ids (`ARRAY_TASK` form) still queued
+        or running, called while the lock is held so that no submission can slip between the
+        query and the update; a submitted run whose job is gone unfinished is marked failed.
         """
-        host = socket.gethostname()
         with self.locked():
-            records = self.records()
-            for record in records:
-                changed = self._reconcile_one(record, live_jobs, host)
-                if changed:
-                    self.write(record)
-            return records
+            return self.reconcile_locked(live_jobs() if callable(live_jobs) else live_jobs)
+
+    def reconcile_locked(self, live_jobs: set[str] | None) -> list[dict[str, Any]]:
+        host = socket.gethostname()
+        records = self.records()
+        for record in records:
+            if self._reconcile_one(record, live_jobs, host):
+                self.write(record)
+        return records
 
     def _reconcile_one(self, record: dict[str, Any], live_jobs: set[str] | None,
                        host: str) -> bool:
@@ -229,9 +255,16 @@ class Registry:
         return False
 
 
-def eligible(record: dict[str, Any], max_retries: int) -> bool:
-    """Whether a run should be started (again) now."""
+def eligible(record: dict[str, Any], max_retries: int,
+             live_jobs: set[str] | None = None) -> bool:
+    """Whether a run should be started (again) now.
+
+    A run whose SLURM job is still queued or running (e.g. preempted and requeued by SLURM) is
+    left to that job.
+    """
     state = record.get("state")
+    if live_jobs is not None and record.get("job_id") in live_jobs:
+        return False
     if state in ("pending", "preempted"):
         return True
     if state == "failed":

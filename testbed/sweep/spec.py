@@ -20,6 +20,7 @@ preset name once its values are filled in), so editing a sweep keeps the ids of 
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import itertools
@@ -84,8 +85,10 @@ def load_sweep(source: str | Path | dict[str, Any]) -> Sweep:
     runs: list[PlannedRun] = []
     seen: dict[str, PlannedRun] = {}
     for assignment in expand(grid, zipped, where):
-        labels = {short: assignment[key] for short, key in label_keys.items()}
-        config = resolve_run(base, assignment, derived, labels, where)
+        config = resolve_run(base, assignment, derived, where)
+        tree = config.to_dict()
+        labels = {short: dotted(tree, key) for short, key in label_keys.items()}
+        config.labels = {**config.labels, **labels}
         config_hash = hash_config(config)
         if config_hash in seen:
             raise ConfigError(f"{where}: runs {seen[config_hash].labels} and {labels} resolve to "
@@ -193,8 +196,8 @@ def expand(grid: dict[str, list[Any]], zipped: dict[str, list[Any]],
 
 
 def resolve_run(base: dict[str, Any], assignment: dict[str, Any], derived: dict[str, Any],
-                labels: dict[str, Any], where: str) -> Config:
-    tree = merge({}, base)
+                where: str) -> Config:
+    tree = copy.deepcopy(base)  # set_dotted writes into nested mappings
     for key, value in assignment.items():
         set_dotted(tree, key, value)
     try:
@@ -209,8 +212,15 @@ def resolve_run(base: dict[str, Any], assignment: dict[str, Any], derived: dict[
             config = from_dict(tree)
     except ConfigError as err:
         raise ConfigError(f"{where}: run {assignment}: {err}") from None
-    config.labels = {**config.labels, **labels}
     return config
+
+
+def dotted(tree: dict[str, Any], key: str) -> Any:
+    """The resolved value of a dotted key (typed, e.g. 3e-3 read as a float)."""
+    node: Any = tree
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def hash_config(config: Config) -> str:

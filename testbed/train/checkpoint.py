@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import warnings
@@ -127,10 +128,17 @@ def save(run_dir: Path, step: int, kind: str, model_state: dict[str, torch.Tenso
 
     line = dict(index_fields, step=step, kind=kind, path=f"checkpoints/{name}")
     with open(ckpt_root / "index.jsonl", "a") as f:
-        f.write(json.dumps(line) + "\n")
+        f.write(index_json(line) + "\n")
         f.flush()
         os.fsync(f.fileno())
     return final
+
+
+def index_json(line: dict) -> str:
+    """JSON has no NaN/inf (a diverging run evaluates to NaN): write null, as metrics.jsonl does,
+    so that every reader, not only Python's, parses the index."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in line.items()})
 
 
 def read_index(run_dir: Path) -> list[dict]:
@@ -149,7 +157,7 @@ def read_index(run_dir: Path) -> list[dict]:
 def write_index(run_dir: Path, lines: list[dict]) -> None:
     path = Path(run_dir) / "checkpoints" / "index.jsonl"
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    tmp.write_text("".join(index_json(line) + "\n" for line in lines))
     os.replace(tmp, path)
 
 
@@ -181,6 +189,20 @@ def truncate_index(run_dir: Path, after_step: int) -> None:
     kept = [line for line in lines if line["step"] <= after_step]
     if len(kept) != len(lines):
         write_index(run_dir, kept)
+
+
+def set_aside_newer(run_dir: Path, step: int) -> list[Path]:
+    """On resume from `step`: move the checkpoint folders newer than it (the resume skipped them
+    as damaged) to hidden `.damaged-step_*` folders, kept for inspection. Left in place, they
+    would sit outside the index, escape retention and be re-examined at every resume."""
+    moved = []
+    for folder in list_checkpoints(run_dir):
+        if int(folder.name.split("_")[1]) > step:
+            aside = folder.with_name(f".damaged-{folder.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(folder, aside)
+            moved.append(aside)
+    return moved
 
 
 # ----------------------------------------------------------------------------- load

@@ -399,6 +399,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
         if mode == "resume":
             metrics.truncate_after(start_step)
             ckpt.truncate_index(run_dir, start_step)
+            for aside in ckpt.set_aside_newer(run_dir, start_step):
+                log_line(run_dir, f"damaged checkpoint moved aside to {aside}")
         else:
             for stale in ("metrics.jsonl",):
                 if (run_dir / stale).exists():
@@ -444,10 +446,14 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
         ev = run_eval(step)
         model_state = full_model_state(model, config, d)
         optim_state = full_optim_state(model, optimizer, config, d)
+        # The train-loss line averages the steps since the last one; a resume between two lines
+        # must continue that average, or the next line differs from an uninterrupted run's.
+        window_sum = all_reduce_sum(loss_sum.clone(), d).item()
         if d.main:
             rng = {"torch_cpu": torch.get_rng_state()}
             state = {"tokens": step * gbt, "total_steps": total_steps, "run_id": run_id,
-                     "config": config.to_dict(), "world_size": d.world}
+                     "config": config.to_dict(), "world_size": d.world,
+                     "log_window": {"loss_sum": window_sum, "steps": steps_in_window}}
             fields = {"tokens": step * gbt, "flops": step * gbt * fpt, "val_loss": ev["val_loss"],
                       "val_bpb": ev["val_bpb"], "lr": lr_at(max(step - 1, 0), total_steps, config.optim.lr, spec, gbt),
                       "phase": phase_at(max(step - 1, 0), total_steps, spec)}
@@ -468,6 +474,12 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
     window_t0, window_tokens = time.perf_counter(), 0
     loss_sum = torch.zeros((), device=device)
     steps_in_window = 0
+    window = (loaded or {}).get("state", {}).get("log_window")
+    # Continue the window only when it ends where this run's next line falls (train.log_every
+    # may change across a resume). Each process takes its share of the summed losses back.
+    if window and window["steps"] and window["steps"] == start_step % config.train.log_every:
+        loss_sum.fill_(window["loss_sum"] / d.world)
+        steps_in_window = int(window["steps"])
     exit_code = 0
     state_msg = ("done", "finished")
     step = done = start_step

@@ -1,0 +1,128 @@
+"""`testbed fit`: fit scaling laws to a sweep or a table; `testbed fit collect`: build the table.
+
+Imports nothing heavy at module level so `testbed --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """Two forms:
+  testbed fit collect SWEEP_DIR [--out table.csv|table.parquet]
+      turn a sweep's run directories (SWEEP_DIR/runs/<id>/, or any folder of run directories)
+      into one tidy table of points: run, labels, N, D, U, compute, loss, point kind...
+  testbed fit SWEEP_DIR_OR_TABLE --law NAME [--columns N=col,D=col,C=col,loss=col]
+          [--holdout largest] [--bootstrap K] [--out DIR]
+      fit a law (chinchilla, kaplan, power, data_constrained, vocab, annealing) and write
+      DIR/fit.json, DIR/report.md and PNG plots."""
+
+
+def _fixes(items: list[str] | None) -> dict[str, float]:
+    from testbed.errors import TestbedError
+
+    out = {}
+    for item in items or []:
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise TestbedError(f"--fix {item!r} is not NAME=NUMBER; write e.g. --fix E=1.69.")
+    return out
+
+
+def _budgets(text: str | None) -> list[float] | None:
+    from testbed.errors import TestbedError
+
+    if not text:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise TestbedError(f"--budgets {text!r} is not a comma-separated list of numbers; write e.g. 1e18,1e20.")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "fit", help="fit scaling laws to a sweep or table (or: fit collect SWEEP_DIR)",
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", help="a sweep directory, a .csv/.parquet table, or the word 'collect'")
+    parser.add_argument("sweep_dir", nargs="?", help="with 'collect': the sweep directory to tabulate")
+    parser.add_argument("--out", help="fit: output directory (default fit_out); collect: table path (.csv or .parquet, default SWEEP_DIR/points.csv)")
+    parser.add_argument("--law", default="chinchilla", help="law to fit: chinchilla, kaplan, power, data_constrained, vocab, annealing (default chinchilla)")
+    parser.add_argument("--columns", help="map table columns to the law's names, e.g. N=params,D=tokens,C=flops,loss=val_loss (D = C/(6N) when only C is given)")
+    parser.add_argument("--holdout", help="validate on held-out runs: largest (top 10%% by compute), largest:K, or a rule like 'N>1e8'")
+    parser.add_argument("--bootstrap", type=int, default=0, help="number of bootstrap resamples of whole runs for intervals (default 0: none)")
+    parser.add_argument("--variant", default="free", help="law variant: free, tied (alpha=beta), fixed_E (with --fix E=... or the data's entropy), or auto (chosen by extrapolation error on the largest training runs)")
+    parser.add_argument("--fix", action="append", metavar="NAME=VALUE", help="fix a parameter for a fixed_* variant, e.g. --fix E=1.69 (repeatable)")
+    parser.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log-loss residuals (default 1e-3)")
+    parser.add_argument("--points", default="final", choices=["final", "all"], help="final: final and cooldown points only (default); all: also intermediate checkpoints")
+    parser.add_argument("--skip-fraction", type=float, default=0.1, help="with --points all: drop intermediate checkpoints in this first fraction of each run (default 0.1)")
+    parser.add_argument("--where", help="keep only rows matching a rule, e.g. 'C>=2.18e17' (dropped rows are counted in the report)")
+    parser.add_argument("--budgets", help="compute budgets for allocations and multipliers, comma-separated (default: the largest compute, x10, x100)")
+    parser.add_argument("--by", help="compare variants: fit per value of this column (e.g. label_norm_placement) and report compute multipliers")
+    parser.add_argument("--baseline", help="with --by: the baseline value (default: the first in sort order)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for the bootstrap (default 0)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.set_defaults(func=handler)
+
+
+def handler(args) -> int:
+    if args.source == "collect":
+        return _collect(args)
+    from testbed.errors import TestbedError
+
+    if args.sweep_dir:
+        raise TestbedError(f"unexpected second argument {args.sweep_dir!r}; only 'collect' takes a sweep directory after it.")
+    return _fit(args)
+
+
+def _collect(args) -> int:
+    from pathlib import Path
+
+    from testbed.errors import TestbedError
+    from testbed.fit.collect import collect_runs, write_table
+
+    if not args.sweep_dir:
+        raise TestbedError("fit collect needs a sweep directory; run testbed fit collect SWEEP_DIR.")
+    table = collect_runs(args.sweep_dir)
+    out = write_table(table, args.out or Path(args.sweep_dir) / "points.csv")
+    kinds = table["point_kind"].value_counts().to_dict()
+    print(f"{len(table)} points from {table['run_id'].nunique()} runs ({kinds}) -> {out}")
+    return 0
+
+
+def _fit(args) -> int:
+    from pathlib import Path
+
+    from testbed.fit.analysis import FitOptions, analyse
+    from testbed.fit.report import write_json, write_report
+
+    options = FitOptions(
+        law=args.law, columns=args.columns, holdout=args.holdout, bootstrap=args.bootstrap,
+        variant=args.variant, fix=_fixes(args.fix), delta=args.delta, points=args.points,
+        skip_fraction=args.skip_fraction, where=args.where, budgets=_budgets(args.budgets),
+        by=args.by, baseline=args.baseline, seed=args.seed,
+    )
+    analysis = analyse(args.source, options)
+    out_dir = Path(args.out or "fit_out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = []
+    if not args.no_plots:
+        from testbed.fit.plots import write_plots
+
+        plots = write_plots(analysis, out_dir)
+    summary = analysis.summary
+    summary["plots"] = [Path(p).name for p in plots]
+    write_json(summary, out_dir)
+    write_report(summary, plots, out_dir)
+    params = ", ".join(f"{k}={v:.5g}" for k, v in summary["params"].items())
+    print(f"{analysis.law.formula}")
+    print(f"fitted ({summary.get('variant', 'free')}): {params}; objective {summary['objective']:.6e}")
+    if "mean_abs_rel_error" in summary:
+        print(f"held-out ({args.holdout}): mean absolute relative error {summary['mean_abs_rel_error']:.3%} "
+              f"over {len(summary['holdout'])} points")
+    for warning in summary.get("warnings", []):
+        print(f"warning: {warning}")
+    print(f"report: {out_dir / 'report.md'}; plots: {', '.join(str(out_dir / Path(p).name) for p in plots) or 'none'}")
+    return 0

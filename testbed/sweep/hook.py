@@ -1,0 +1,49 @@
+"""Registry updates called from inside a SLURM batch script (light: no torch import).
+
+    python -m testbed.sweep.hook begin SWEEP_DIR RUN_ID JOB      exit 0: train it; 3: already done
+    python -m testbed.sweep.hook end   SWEEP_DIR RUN_ID RC JOB   exit 0 done, 75 preempted, 1 failed
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from testbed.sweep.outcome import record_exit
+from testbed.sweep.registry import Registry, now
+
+SKIP = 3
+
+
+def begin(sweep_dir: str, run_id: str, job: str) -> int:
+    registry = Registry(sweep_dir)
+    with registry.locked():
+        record = registry.read(run_id) or {"run_id": run_id}
+        if registry.is_done(run_id):
+            registry.set_state(record, "done", None)
+            registry.write(record)
+            return SKIP
+        record["launches"] = record.get("launches", 0) + 1
+        registry.set_state(record, "running", None, executor="slurm", job_id=job,
+                           started_at=now(), restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+                           node=os.uname().nodename)
+        registry.write(record)
+    return 0
+
+
+def end(sweep_dir: str, run_id: str, exit_code: int) -> int:
+    record = record_exit(Registry(sweep_dir), run_id, exit_code)
+    return {"done": 0, "preempted": 75}.get(record["state"], 1)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) >= 3 and argv[0] == "begin":
+        return begin(argv[1], argv[2], argv[3] if len(argv) > 3 else "")
+    if len(argv) >= 4 and argv[0] == "end":
+        return end(argv[1], argv[2], int(argv[3]))
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,56 @@
+"""Turning a trainer's exit status into a registry state (shared by every executor).
+
+The trainer's contract: 0 done; 75 preempted with a resume checkpoint saved (run it again to
+continue); 2 bad input (retrying cannot help); anything else a failure worth retrying.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from testbed.sweep.registry import Registry, now
+
+EXIT_DONE = 0
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 75
+
+
+def tail(path: Path, lines: int = 10) -> list[str]:
+    try:
+        with open(path, errors="replace") as handle:
+            return [line.rstrip("\n") for line in deque(handle, maxlen=lines)]
+    except FileNotFoundError:
+        return []
+
+
+def record_exit(registry: Registry, run_id: str, exit_code: int) -> dict[str, Any]:
+    """Store the outcome of one trainer process; returns the updated record."""
+    status = registry.run_status(run_id) or {}
+    # Under torchrun the exit status of a preempted rank is not passed through unchanged, so
+    # the run directory's own word counts as well.
+    if exit_code not in (EXIT_DONE, EXIT_PREEMPTED) and status.get("state") == "preempted":
+        exit_code = EXIT_PREEMPTED
+    with registry.locked():
+        record = registry.read(run_id) or {"run_id": run_id}
+        record["last_exit_code"] = exit_code
+        if exit_code == EXIT_DONE and status.get("state") == "done":
+            registry.set_state(record, "done", None, finished_at=now())
+        elif exit_code == EXIT_DONE:
+            record["failures"] = record.get("failures", 0) + 1
+            registry.set_state(record, "failed", "the trainer exited 0 but status.json does not "
+                               f"say done (it says {status.get('state')!r})")
+        elif exit_code == EXIT_PREEMPTED:
+            record["preemptions"] = record.get("preemptions", 0) + 1
+            registry.set_state(record, "preempted", "stopped after saving a resume checkpoint")
+        elif exit_code == EXIT_BAD_INPUT:
+            last = next((l for l in reversed(tail(registry.log_path(run_id), 20)) if l.strip()), "")
+            registry.set_state(record, "failed", f"bad input (exit 2), not retried: {last}",
+                               retryable=False)
+        else:
+            record["failures"] = record.get("failures", 0) + 1
+            registry.set_state(record, "failed", f"the trainer exited with status {exit_code}; "
+                               f"see {registry.log_path(run_id)}")
+        registry.write(record)
+        return record

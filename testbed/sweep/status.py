@@ -1,0 +1,103 @@
+"""`testbed sweep status`: progress of every run in a sweep directory, failures, an ETA."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from typing import Any
+
+from testbed.errors import TestbedError
+from testbed.sweep.outcome import tail
+from testbed.sweep.plan import duration, format_table, human
+from testbed.sweep.registry import STATES, Registry
+
+LOG_LINES = 8
+
+
+def last_metrics(registry: Registry, run_id: str) -> dict[str, Any]:
+    """The newest step and train/validation losses from the run's metrics.jsonl."""
+    out: dict[str, Any] = {}
+    for line in reversed(tail(registry.run_dir(run_id) / "metrics.jsonl", 200)):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line being written right now
+        out.setdefault("step", row.get("step"))
+        if "train_loss" in row:
+            out.setdefault("train_loss", row["train_loss"])
+        if "val_loss" in row:
+            out.setdefault("val_loss", row["val_loss"])
+        if {"step", "train_loss", "val_loss"} <= out.keys():
+            break
+    return out
+
+
+def parse_time(text: str | None) -> float | None:
+    try:
+        return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S")) if text else None
+    except ValueError:
+        return None
+
+
+def collect(registry: Registry) -> dict[str, Any]:
+    if not registry.exists():
+        raise TestbedError(f"{str(registry.root)!r} is not a sweep directory (no registry/ inside); "
+                           f"pass the --sweep-dir given to `testbed sweep run`")
+    live = None
+    if any(r.get("executor") == "slurm" for r in registry.records()) and shutil.which("squeue"):
+        from testbed.sweep.slurm import live_jobs
+
+        live = live_jobs
+    records = registry.reconcile(live)
+    runs, done_flops, total_flops, starts = [], 0.0, 0.0, []
+    for record in records:
+        q = record.get("quantities") or {}
+        planned = q.get("planned_steps")
+        metrics = last_metrics(registry, record["run_id"])
+        step = metrics.get("step") or 0
+        fraction = 1.0 if record["state"] == "done" else min(1.0, step / planned) if planned else 0.0
+        flops = q.get("planned_flops") or 0
+        total_flops += flops
+        done_flops += fraction * flops
+        if parse_time(record.get("started_at")):
+            starts.append(parse_time(record.get("started_at")))
+        run = {"run_id": record["run_id"], "labels": record.get("labels", {}),
+               "state": record["state"], "reason": record.get("reason"), "step": step,
+               "planned_steps": planned, "train_loss": metrics.get("train_loss"),
+               "val_loss": metrics.get("val_loss"), "failures": record.get("failures", 0),
+               "preemptions": record.get("preemptions", 0), "job_id": record.get("job_id")}
+        if record["state"] == "failed":
+            run["log_tail"] = tail(registry.log_path(record["run_id"]), LOG_LINES)
+        runs.append(run)
+    counts = {state: 0 for state in STATES}
+    for run in runs:
+        counts[run["state"]] = counts.get(run["state"], 0) + 1
+    eta = None
+    if starts and 0 < done_flops < total_flops:
+        elapsed = time.time() - min(starts)
+        eta = (total_flops - done_flops) / (done_flops / elapsed) if elapsed > 0 else None
+    return {"sweep_dir": str(registry.root), "counts": counts, "runs": runs,
+            "progress": done_flops / total_flops if total_flops else 0.0, "eta_seconds": eta}
+
+
+def render_status(report: dict[str, Any]) -> str:
+    rows = []
+    for r in report["runs"]:
+        loss = r["val_loss"] if r["val_loss"] is not None else r["train_loss"]
+        rows.append([r["run_id"], r["state"], f"{r['step']}/{r['planned_steps'] or '?'}",
+                     f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
+                     str(r["failures"]), str(r["job_id"] or "-")])
+    text = [format_table(["run", "state", "step", "loss", "fails", "job"], rows)]
+    counts = ", ".join(f"{n} {s}" for s, n in report["counts"].items() if n)
+    eta = duration(report["eta_seconds"]) if report["eta_seconds"] is not None else "-"
+    text.append(f"\n{len(report['runs'])} runs: {counts or 'none'}; "
+                f"{100 * report['progress']:.0f}% of the FLOPs done; ETA {eta}")
+    for r in report["runs"]:
+        if r["state"] == "failed":
+            text.append(f"\nFAILED {r['run_id']} ({r['failures']} failures): {r['reason']}")
+            text.extend(f"    {line}" for line in r.get("log_tail", []))
+    return "\n".join(text)
+
+
+__all__ = ["collect", "render_status", "human"]

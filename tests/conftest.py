@@ -1,0 +1,66 @@
+"""Shared fixtures: a real one-node SLURM cluster for the sweep tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
+
+
+def slurm_missing_reason() -> str | None:
+    for tool in ("sbatch", "squeue", "scontrol", "slurmctld", "slurmd", "munged"):
+        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
+            return f"{tool} not found (install with: apt-get install -y slurm-wlm munge)"
+    if os.geteuid() != 0:
+        return "starting the local SLURM cluster needs root (munge and slurmd)"
+    return None
+
+
+def cluster_answers(conf: str) -> bool:
+    env = {**os.environ, "SLURM_CONF": conf}
+    result = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True,
+                            text=True, timeout=30)
+    return result.returncode == 0 and any(s in result.stdout for s in ("idle", "mixed", "alloc"))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """SLURM_CONF of a running one-node cluster; started here (and stopped after) if needed.
+
+    Without SLURM the tests skip, except under CI, where a missing cluster is a failure.
+    """
+    reason = slurm_missing_reason()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but no SLURM cluster can be started: {reason}")
+        pytest.skip(reason)
+    existing = os.environ.get("SLURM_CONF")
+    if existing and Path(existing).is_file() and cluster_answers(existing):
+        yield existing  # someone else's cluster: use it, leave it running
+        return
+    state_dir = os.environ.get("TESTBED_SLURM_STATE", "/tmp/testbed-slurm")
+    conf = str(Path(state_dir) / "slurm.conf")
+    already = subprocess.run(["bash", str(CLUSTER_SCRIPT), "status", state_dir],
+                             capture_output=True).returncode == 0
+    if not already:
+        result = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start", state_dir],
+                                capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            pytest.fail(f"scripts/slurm_cluster.sh start failed: {result.stderr}")
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    try:
+        yield conf
+    finally:
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+        if not already:
+            subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop", state_dir], capture_output=True)
