@@ -130,10 +130,10 @@ def resumed_steps(run_dir: Path) -> list[int]:
 
 
 def child(config_path: Path, run_dir: Path, *flags: str) -> subprocess.Popen:
-    out = open(run_dir.parent / f"{run_dir.name}.out", "ab")
-    return subprocess.Popen([sys.executable, "-m", "testbed", "train", str(config_path), "--run-dir",
-                             str(run_dir), *flags], cwd=REPO, env=CHILD_ENV, stdout=out,
-                            stderr=subprocess.STDOUT)
+    with open(run_dir.parent / f"{run_dir.name}.out", "ab") as out:  # the child keeps its own copy
+        return subprocess.Popen([sys.executable, "-m", "testbed", "train", str(config_path), "--run-dir",
+                                 str(run_dir), *flags], cwd=REPO, env=CHILD_ENV, stdout=out,
+                                stderr=subprocess.STDOUT)
 
 
 def wait_until(predicate, proc: subprocess.Popen, what: str, timeout: float = 120.0):
@@ -152,6 +152,7 @@ def wait_for_training(proc: subprocess.Popen, run_dir: Path, log_before: int, st
     """Block until this child has written its start line (metrics are truncated by then) and
     has completed `step` steps; return the last completed step seen."""
     wait_until(lambda: len(log_lines(run_dir)) > log_before, proc, "the start line in train.log")
+
     def reached():
         last = last_train_step(run_dir)
         return last if last >= step else 0
@@ -282,8 +283,8 @@ def test_sigkilled_run_resumes_to_the_exact_reference_losses(killed_run, referen
     assert len(killed_run["cycles"]) == N_KILLS
     for cycle, point in zip(killed_run["cycles"], killed_run["points"]):
         assert point <= cycle["kill_after"] < STEPS
-    # Every kill after the first checkpoint (step 1) is followed by a resume from a checkpoint
-    # no newer than the last step the killed child completed.
+    # Every kill is followed by a resume (the third launch has no --resume flag: automatic) from
+    # a checkpoint no newer than the last step the killed child completed.
     resumed = killed_run["resumed"]
     assert len(resumed) == N_KILLS
     for cycle, step in zip(killed_run["cycles"], resumed):
@@ -491,6 +492,23 @@ def test_leftover_temporary_folder_is_ignored(root, config_path, preempted, refe
     # The checkpoint whose write was cut is written again, as in the uninterrupted run.
     at_9 = [x for x in ckpt.read_index(reference["dir"]) if x["step"] == 9]
     assert len(at_9) == 1 and [x for x in index if x["step"] == 9] == at_9
+
+
+def test_checkpoint_renamed_but_not_indexed_gets_its_index_line(root, config_path, preempted, reference):
+    """A kill between a checkpoint's rename and its index line leaves a complete folder the index
+    does not know; resuming from it must write the line, or retention and the fitter miss it."""
+    run_dir = fresh_copy(preempted[8], root / "unindexed")
+    index_path = run_dir / "checkpoints" / "index.jsonl"
+    *kept, cut = index_path.read_text().splitlines()
+    assert json.loads(cut)["step"] == 8
+    index_path.write_text("".join(line + "\n" for line in kept))
+    assert run_cli("train", config_path, "--run-dir", run_dir) == 0
+    assert resumed_steps(run_dir) == [8]
+    assert_matches_reference(run_dir, reference, stopped_at=8)
+    index = ckpt.read_index(run_dir)
+    assert [x for x in index if x["step"] == 8] == [dict(json.loads(cut), deleted=True)]  # rolling, retired
+    live = {line["path"] for line in index if not line.get("deleted")}
+    assert {f"checkpoints/{p.name}" for p in ckpt.list_checkpoints(run_dir)} == live
 
 
 # ----------------------------------------------------------------------------- 7. cooldown branches

@@ -95,6 +95,16 @@ def test_every_format_reads_the_same_documents(corpus):
     assert texts(str(root / "parts" / "*.jsonl")) == docs
 
 
+def test_hub_code_path_reads_a_dataset_folder(corpus):
+    # The hub branch is load_dataset(name, config, split=..., streaming=True); a local dataset
+    # folder answers to the same call, so it stands in for a hub name here.
+    hub_like = Source(str(corpus["root"] / "parts"), fingerprint="hub-like")
+    assert hub_like.is_hub
+    assert list(hub_like.iter_texts()) == corpus["docs"]
+    with pytest.raises(TestbedError, match="text_field='body'"):
+        next(Source(str(corpus["root"] / "parts"), text_field="body", fingerprint="x").iter_texts())
+
+
 def test_split_is_stable_under_file_order_and_layout(corpus, tmp_path):
     docs = corpus["docs"]
     shuffled = docs[:]

@@ -379,18 +379,29 @@ def _tokenise(source, plan, tok: TextTokenizer, dtype, workers, writers, done_do
         return tokenised
 
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    ctx = multiprocessing.get_context("spawn")  # fork after tokenizers threads ran is unsafe
-    with ctx.Pool(workers, _worker_init, (tok.backend.to_str(), tok.eos_id, dtype)) as pool:
-        in_flight: deque = deque()
-        for job in batches():
-            in_flight.append(pool.apply_async(_worker_encode, (job,)))
-            while len(in_flight) > 2 * workers:  # bounded: the corpus never sits in memory
-                split, tokens, counts, nbytes = in_flight.popleft().get()
+    # spawn: forking after tokenizers' threads ran is unsafe. The executor (unlike Pool) raises
+    # instead of hanging when a worker dies, e.g. killed for memory.
+    ctx = multiprocessing.get_context("spawn")
+    initargs = (tok.backend.to_str(), tok.eos_id, dtype)
+    try:
+        with ProcessPoolExecutor(workers, ctx, initializer=_worker_init, initargs=initargs) as pool:
+            in_flight: deque = deque()
+            for job in batches():
+                in_flight.append(pool.submit(_worker_encode, job))
+                while len(in_flight) > 2 * workers:  # bounded: the corpus never sits in memory
+                    split, tokens, counts, nbytes = in_flight.popleft().result()
+                    writers[split].add(tokens, counts, nbytes)
+            while in_flight:
+                split, tokens, counts, nbytes = in_flight.popleft().result()
                 writers[split].add(tokens, counts, nbytes)
-        while in_flight:
-            split, tokens, counts, nbytes = in_flight.popleft().get()
-            writers[split].add(tokens, counts, nbytes)
+    except BrokenProcessPool as err:
+        raise TestbedError(
+            f"workers={workers}: a tokenising process died ({err}); finished shards are kept, so "
+            "run the same command again, with fewer --workers if memory is short."
+        ) from err
     return tokenised
 
 

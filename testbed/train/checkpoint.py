@@ -126,12 +126,15 @@ def save(run_dir: Path, step: int, kind: str, model_state: dict[str, torch.Tenso
         os.replace(tmp, final)
     fsync_dir(ckpt_root)
 
-    line = dict(index_fields, step=step, kind=kind, path=f"checkpoints/{name}")
-    with open(ckpt_root / "index.jsonl", "a") as f:
+    append_index(run_dir, dict(index_fields, step=step, kind=kind, path=f"checkpoints/{name}"))
+    return final
+
+
+def append_index(run_dir: Path, line: dict) -> None:
+    with open(Path(run_dir) / "checkpoints" / "index.jsonl", "a") as f:
         f.write(index_json(line) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    return final
 
 
 def index_json(line: dict) -> str:

@@ -34,7 +34,7 @@ from testbed.model.counting import flops_per_token
 from testbed.model.transformer import Transformer
 from testbed.train import checkpoint as ckpt
 from testbed.train import device as dev
-from testbed.train.metrics import MetricsLog
+from testbed.train.metrics import MetricsLog, read_metrics
 from testbed.train.optim import build_optimizer
 from testbed.train.plan import describe, resolved_model, schedule_spec
 from testbed.train.schedules import lr_at, phase_at
@@ -401,6 +401,17 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
             ckpt.truncate_index(run_dir, start_step)
             for aside in ckpt.set_aside_newer(run_dir, start_step):
                 log_line(run_dir, f"damaged checkpoint moved aside to {aside}")
+            if not any(line["step"] == start_step for line in ckpt.read_index(run_dir)):
+                # Killed between the folder's rename and its index line: write the line now, with
+                # the evaluation the killed process logged for that step just before saving.
+                ev = next((m for m in read_metrics(run_dir) if m.get("step") == start_step
+                           and "val_loss" in m), {})
+                ckpt.append_index(run_dir, {
+                    "tokens": start_step * gbt, "flops": start_step * gbt * fpt,
+                    "val_loss": ev.get("val_loss"), "val_bpb": ev.get("val_bpb"),
+                    "lr": lr_at(max(start_step - 1, 0), total_steps, config.optim.lr, spec, gbt),
+                    "phase": phase_at(max(start_step - 1, 0), total_steps, spec), "step": start_step,
+                    "kind": loaded["state"]["kind"], "path": f"checkpoints/{Path(resumed_from).name}"})
         else:
             for stale in ("metrics.jsonl",):
                 if (run_dir / stale).exists():
