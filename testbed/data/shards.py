@@ -238,7 +238,8 @@ def prepare(
     """Tokenise `source` into shards under `out` and return the manifest (resumes if killed).
 
     Exactly one of `vocab_size` (train byte-level BPE on a sample of the training split) and
-    `tokenizer` (pretrained name or path) must be given.
+    `tokenizer` (pretrained name or path) must be given. The returned manifest also carries
+    `_run` (bytes tokenised by this call and seconds spent), which is not written to disk.
     """
     log = log or (lambda msg: None)
     if (vocab_size is None) == (tokenizer is None):
@@ -251,7 +252,14 @@ def prepare(
     out = Path(out)
     _check_out_dir(out)
     if not isinstance(source, Source):
-        source = open_source(source, text_field)
+        opened = open_source(source, text_field)
+        try:
+            return prepare(opened, out, vocab_size=vocab_size, tokenizer=tokenizer, workers=workers,
+                           shard_tokens=shard_tokens, val_fraction=val_fraction,
+                           min_val_docs=min_val_docs, sample_bytes=sample_bytes, seed=seed,
+                           cache_dir=cache_dir, log=log)
+        finally:
+            opened.close()
 
     if vocab_size is not None:
         sample = draw_sample(source, sample_bytes, seed, val_fraction, min_val_docs, cache_dir)

@@ -319,6 +319,13 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
 
     init_from: a loaded checkpoint to start from (cooldown branches); parent: recorded in run.json;
     prefix_metrics: metric lines shared with the parent, written first."""
+    # Listen for SIGTERM/SIGUSR1 from the very start: a signal during start-up is honoured at
+    # the first step boundary instead of killing the process with no resume point.
+    with Preemption() as preempt:
+        return _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics, preempt)
+
+
+def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics, preempt) -> dict:
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     d = init_distributed(config.train.device)
@@ -454,6 +461,12 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
 
     def save(step: int, kind: str) -> None:
         t0 = time.perf_counter()
+        bad = torch.zeros((), device=device)
+        for p in model.parameters():
+            bad += (~torch.isfinite(p)).sum()
+        if all_reduce_sum(bad, d).item():
+            raise NonFiniteLoss(f"the weights became non-finite by step {step}; the last good checkpoint "
+                                f"is kept. Lower optim.lr (now {config.optim.lr}) or raise warmup")
         ev = run_eval(step)
         model_state = full_model_state(model, config, d)
         optim_state = full_optim_state(model, optimizer, config, d)
@@ -495,7 +508,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
     state_msg = ("done", "finished")
     step = done = start_step
     try:
-        with Preemption() as preempt:
+        with nullcontext():
             for step in range(start_step, total_steps):
                 t_step = time.perf_counter()
                 lr = lr_at(step, total_steps, config.optim.lr, spec, gbt)
