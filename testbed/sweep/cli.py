@@ -110,10 +110,26 @@ def run_handler(args: argparse.Namespace) -> int:
         if not args.wait:
             return 0
         counts = slurm.wait(registry, sweep.name, run_ids, profile, pack=args.pack,
-                            max_retries=args.max_retries)
+                            max_retries=args.max_retries, on_poll=print_changes())
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
     print(f"sweep {sweep.name}: {summary}; details: testbed sweep status {sweep_dir}")
     return 0 if counts.get("done", 0) == len(run_ids) else 1
+
+
+def print_changes():
+    """A polling callback that prints the count of runs per state whenever it changes."""
+    last: list[str] = []
+
+    def report(records: list[dict]) -> None:
+        counts: dict[str, int] = {}
+        for record in records:
+            counts[record["state"]] = counts.get(record["state"], 0) + 1
+        line = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        if [line] != last:
+            print(f"waiting: {line}", flush=True)
+            last[:] = [line]
+
+    return report
 
 
 def check_sweep_dir(sweep_dir: Path, name: str) -> None:

@@ -62,8 +62,17 @@ def cmd_train(args) -> int:
     from testbed.train.loop import train
 
     run_dir = args.run_dir or default_run_dir(config)
-    summary = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)
+    try:
+        summary = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)
+    except BaseException:
+        shutdown_distributed(wait=False)  # the other ranks may never reach a barrier
+        raise
+    shutdown_distributed()
     code = summary.get("exit_code", 0)
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return code
     if summary and code == 0 and summary.get("val_loss") is not None:
         extra = f", optimum {summary['val_opt_loss']:.4f}" if summary.get("val_opt_loss") is not None else ""
         print(f"{run_dir}: val_loss {summary['val_loss']:.4f} nats/token{extra}, "
@@ -72,6 +81,19 @@ def cmd_train(args) -> int:
     elif code:
         print(f"{run_dir}: stopped early ({summary.get('state')}); exit {code}")
     return code
+
+
+def shutdown_distributed(wait: bool = True) -> None:
+    """A barrier before destroying the process group: without it gloo ranks sometimes abort at
+    exit after training correctly."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if wait:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def cmd_branch(args) -> int:

@@ -41,7 +41,7 @@ from testbed.train.schedules import lr_at, phase_at
 
 EXIT_REQUEUE = 75
 # Keys that may differ between an interrupted run and its resumption (they change no number).
-RESUME_FREE_KEYS = ("logging", "train.device", "train.compile", "train.micro_batch_size",
+RESUME_FREE_KEYS = ("logging", "train.device", "train.compile", "train.micro_batch_size", "train.parallel",
                     "train.eval_every", "train.log_every", "checkpoint")
 
 
@@ -205,6 +205,8 @@ def full_optim_state(model, optimizer, config: Config, d: Dist) -> dict:
 
 def to_index_keyed(sd: dict, model) -> dict:
     """FSDP's full optimiser state is keyed by parameter name; checkpoints key by position."""
+    if "state" not in sd:  # ranks other than 0 receive nothing with cpu_offload; they do not save
+        return {}
     names = [n for n, _ in (model.module if hasattr(model, "module") else model).named_parameters()]
     pos = {n: i for i, n in enumerate(names)}
     state = {pos[k]: v for k, v in sd["state"].items()}
@@ -372,7 +374,6 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
     model = Transformer(model_cfg).to(device)
     model.activation_checkpointing = config.train.activation_checkpointing
     base_model = model
-    optimizer = build_optimizer(model, config.optim, device)
 
     start_step = 0
     resumed_from = None
@@ -389,12 +390,15 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
             resumed_from = str(folder)
     if loaded is not None:
         load_model_state(base_model, loaded["model"], config, Dist())
-        optimizer.load_state_dict(loaded["optim"])
         start_step = int(loaded["state"]["step"])
         if "torch_cpu" in loaded["rng"]:
             torch.set_rng_state(loaded["rng"]["torch_cpu"])
 
+    # The optimiser is built on the wrapped model: FSDP2 replaces parameters by sharded ones.
     model = wrap_model(model, config, device, d)
+    optimizer = build_optimizer(model, config.optim, device)
+    if loaded is not None:
+        load_optim_state(model, optimizer, loaded["optim"], config, d)
     if config.train.compile:
         model = torch.compile(model)
     peak, peak_name = dev.peak_flops(device, dtype)
@@ -463,7 +467,8 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
         t0 = time.perf_counter()
         bad = torch.zeros((), device=device)
         for p in model.parameters():
-            bad += (~torch.isfinite(p)).sum()
+            local = p.to_local() if hasattr(p, "to_local") else p  # FSDP2: this rank's shard
+            bad += (~torch.isfinite(local.detach())).sum()
         if all_reduce_sum(bad, d).item():
             raise NonFiniteLoss(f"the weights became non-finite by step {step}; the last good checkpoint "
                                 f"is kept. Lower optim.lr (now {config.optim.lr}) or raise warmup")
