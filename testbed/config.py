@@ -143,6 +143,7 @@ class LoggingConfig:
 @dataclass
 class Config:
     name: str | None = None
+    imports: list[str] = field(default_factory=list)  # modules that register ablation parts
     labels: dict[str, Any] = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -298,6 +299,11 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}={value!r} must be true or false")
     if hint is int:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML reads 2e6 (no dot) as a string
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
             raise ConfigError(f"{key}={value!r} must be a whole number")
         return int(value)
@@ -360,7 +366,6 @@ def validate(c: Config) -> None:
     require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     require(m.ffn_ratio > 0, f"model.ffn_ratio={m.ffn_ratio} must be positive")
     require(m.init_std > 0, f"model.init_std={m.init_std} must be positive")
-    check_choice("model.norm_placement", m.norm_placement, ("pre", "peri"))
     check_choice("data.source", "shards" if d.path else d.source, CHOICES["data.source"])
     require(d.source != "shards" or d.path, "data.source='shards' needs data.path=FOLDER "
             "(a folder written by `testbed data prepare`)")

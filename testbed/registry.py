@@ -26,8 +26,12 @@ class Registry:
 
     def register(self, name: str) -> Callable[[Any], Any]:
         def add(obj: Any) -> Any:
-            if name in self._items:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
+            old = self._items.get(name)
+            # The same definition registering again (its module re-imported) replaces itself;
+            # a different one under a taken name is a mistake.
+            if old is not None and (getattr(old, "__module__", None), getattr(old, "__qualname__", None)) != (
+                    getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)):
+                raise ValueError(f"{self.kind} {name!r} is already registered by {old!r}")
             self._items[name] = obj
             return obj
 

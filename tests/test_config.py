@@ -22,7 +22,6 @@ from testbed.errors import ConfigError
     (["optim.betas=[0.9]"], ["optim.betas"]),
     (["data.unique_tokens=100"], ["data.unique_tokens=100", "smaller than one batch"]),
     (["model.preset=1M"], ["model.preset", "1m"]),
-    (["model.norm_placement=post"], ["model.norm_placement", "pre", "peri"]),
 ])
 def test_bad_values_name_key_value_and_fix(override, words):
     with pytest.raises(ConfigError) as err:
@@ -43,6 +42,16 @@ def test_registry_names_are_checked(tmp_path):
 
     with pytest.raises(ConfigError, match="model.norm='rmsnrom'.*rmsnorm"):
         Transformer(ModelConfig(norm="rmsnrom", vocab_size=8))
+
+
+def test_unknown_registered_parts_are_named_before_training():
+    from testbed.train.plan import describe
+
+    with pytest.raises(ConfigError) as err:
+        describe(load_config(None, ["model.norm_placement=post"]))
+    assert "model.norm_placement='post'" in str(err.value) and "peri" in str(err.value)
+    with pytest.raises(ConfigError, match="imports: module 'no_such_module'"):
+        describe(load_config(None, ["imports=[no_such_module]"]))
 
 
 def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):

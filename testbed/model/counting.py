@@ -27,10 +27,22 @@ class ParamCounts:
     matmul: int  # weights used in matrix multiplies (for FLOPs)
 
 
+BUILTIN_PARTS = {"norm": ("rmsnorm", "layernorm"), "norm_placement": ("pre", "peri"),
+                 "attention": ("sdpa",), "mlp": ("swiglu",), "position": ("rope", "none")}
+
+
+def is_builtin(cfg: ModelConfig) -> bool:
+    return all(getattr(cfg, key) in names for key, names in BUILTIN_PARTS.items())
+
+
 def count_params(cfg: ModelConfig) -> ParamCounts:
+    """Closed form for the built-in parts; a registered ablation part is counted on the meta
+    device (no memory), since its shape is only known to its own code."""
     d, L, V, hd = cfg.d_model, cfg.n_layers, cfg.vocab_size, cfg.head_dim
     if V is None:
         raise ValueError("vocab_size must be resolved before counting parameters")
+    if not is_builtin(cfg):
+        return count_on_meta(cfg)
     attn = d * (cfg.n_heads + 2 * cfg.kv_heads) * hd + cfg.n_heads * hd * d
     mlp = 3 * d * cfg.d_ff
     norms_per_layer = (2 if cfg.norm_placement == "pre" else 4) * d
@@ -43,6 +55,22 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
     matmul = L * (attn + mlp) + V * d
     return ParamCounts(total=non_embedding + embedding, non_embedding=non_embedding,
                        embedding=embedding, matmul=matmul)
+
+
+def count_on_meta(cfg: ModelConfig) -> ParamCounts:
+    import torch
+    from torch import nn
+
+    from testbed.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.embed.weight.numel()
+    if model.head.weight is not model.embed.weight:
+        embedding += model.head.weight.numel()
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return ParamCounts(total=total, non_embedding=total - embedding, embedding=embedding, matmul=matmul)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:

@@ -65,8 +65,36 @@ def schedule_spec(config: Config, total_steps: int) -> ScheduleSpec:
     return ScheduleSpec(**values)
 
 
+def import_plugins(config: Config) -> None:
+    """Import the modules named in `imports`, so their registered ablation parts exist."""
+    import importlib
+
+    for name in config.imports:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(f"imports: module {name!r} cannot be imported ({err}); put it on "
+                              f"PYTHONPATH or fix the name") from None
+
+
+def check_registered(model: ModelConfig) -> None:
+    """Name every unknown part before anything trains (nearest registered name included)."""
+    from testbed.model.counting import BUILTIN_PARTS
+
+    if all(getattr(model, key) in names for key, names in BUILTIN_PARTS.items()) and model.init in ("normal", "scaled"):
+        return
+    from testbed.model import transformer as t
+
+    for registry, value in ((t.NORMS, model.norm), (t.PLACEMENTS, model.norm_placement),
+                            (t.ATTENTIONS, model.attention), (t.MLPS, model.mlp),
+                            (t.POSITIONS, model.position), (t.INITS, model.init)):
+        registry.get(value)
+
+
 def describe(config: Config) -> dict:
+    import_plugins(config)
     model = resolved_model(config)
+    check_registered(model)
     counts = count_params(model)
     seq_len = config.data.seq_len
     gbt = config.train.global_batch_tokens
