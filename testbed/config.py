@@ -70,7 +70,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | shards
+    source: str = "synthetic"  # synthetic | shards | random (uniform tokens, for benchmarks)
     path: str | None = None  # folder written by `testbed data prepare` (implies source=shards)
     seq_len: int = 256
     unique_tokens: int | None = None  # U: repeat the first U training tokens; None: never repeat
@@ -326,7 +326,7 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
 # ----------------------------------------------------------------------------- validation
 
 CHOICES = {
-    "data.source": ("synthetic", "shards"),
+    "data.source": ("synthetic", "shards", "random"),
     "train.precision": ("auto", "fp32", "bf16"),
     "optim.name": None,  # checked against the optimiser registry at build time
     "logging.wandb_mode": ("offline", "online", "disabled"),
@@ -367,6 +367,7 @@ def validate(c: Config) -> None:
     require(m.ffn_ratio > 0, f"model.ffn_ratio={m.ffn_ratio} must be positive")
     require(m.init_std > 0, f"model.init_std={m.init_std} must be positive")
     check_choice("data.source", "shards" if d.path else d.source, CHOICES["data.source"])
+    require(d.source != "random" or m.vocab_size, "data.source='random' needs model.vocab_size")
     require(d.source != "shards" or d.path, "data.source='shards' needs data.path=FOLDER "
             "(a folder written by `testbed data prepare`)")
     check_choice("train.precision", t.precision, CHOICES["train.precision"])

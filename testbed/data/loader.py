@@ -87,6 +87,29 @@ class ShardSource:
         return self.shards.fingerprint()
 
 
+class RandomSource:
+    """Uniform random tokens at any vocabulary: for speed benchmarks only (nothing to learn)."""
+
+    has_optimum = False
+
+    def __init__(self, vocab_size: int, seq_len: int, seed: int):
+        self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
+
+    def num_windows(self, split: str = TRAIN) -> int | None:
+        return None
+
+    def windows(self, indices: np.ndarray, split: str = TRAIN) -> np.ndarray:
+        stream = 0 if split == TRAIN else 1
+        return np.stack([np.random.default_rng([self.seed, stream, int(i)]).integers(
+            0, self.vocab_size, self.seq_len + 1) for i in indices])
+
+    def window_bytes(self, indices: np.ndarray, split: str = TRAIN) -> np.ndarray:
+        return np.full(len(indices), self.seq_len, dtype=np.int64)
+
+    def fingerprint(self) -> str:
+        return f"random-v{self.vocab_size}-s{self.seed}"
+
+
 def make_source(config: Config):
     d = config.data
     if d.path or d.source == "shards":
@@ -94,6 +117,8 @@ def make_source(config: Config):
             raise TestbedError(f"data.path={d.path!r} does not exist; run `testbed data prepare` "
                                f"to write it, or fix the path")
         return ShardSource(d.path, d.seq_len)
+    if d.source == "random":
+        return RandomSource(config.model.vocab_size, d.seq_len, d.seed)
     return SyntheticSource(d.synthetic, d.seq_len)
 
 

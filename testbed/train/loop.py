@@ -560,6 +560,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
                         metrics.log({"step": done, "tokens": done * gbt, "flops": done * gbt * fpt,
                                      "lr": lr, "train_loss": mean_loss, "grad_norm": grad_norm.item(),
                                      "tokens_per_s": tps, "mfu": tps * fpt / peak if peak else None,
+                                     "peak_mem_gb": (dev.peak_memory_bytes(device) or 0) / 2**30,
                                      "epoch": plan.epochs_at(done)})
                         if progress is not None:
                             progress.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)

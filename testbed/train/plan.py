@@ -24,6 +24,8 @@ def data_vocab_size(config: Config) -> int:
         if not manifest.is_file():
             raise ConfigError(f"data.path={d.path!r} holds no manifest.json; run `testbed data prepare` first")
         return int(json.loads(manifest.read_text())["vocab_size"])
+    if d.source == "random":
+        return int(config.model.vocab_size)
     return int(d.synthetic.get("vocab_size", DEFAULT_SYNTHETIC_VOCAB))
 
 
