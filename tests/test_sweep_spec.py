@@ -129,9 +129,11 @@ def test_smoke_sweep_is_valid_and_small():
     assert len(s.runs) >= 4
     assert all(r.config.checkpoint.log_spaced >= 4 for r in s.runs)
     assert all(r.config.data.source == "synthetic" for r in s.runs)
-    sizes = [r.quantities["n_params"] for r in s.runs]
-    assert sizes == sorted(sizes) and sizes[-1] >= 4 * sizes[0]  # a span worth fitting
-    assert sum(r.quantities["planned_tokens"] for r in s.runs) < 4_000_000
+    sizes = sorted(r.quantities["n_params"] for r in s.runs)
+    assert sizes[-1] >= 4 * sizes[0]  # a span worth fitting
+    assert len({r.quantities["planned_tokens"] for r in s.runs}) >= 2  # and several durations
+    # A few minutes on 2 CPU cores: these tiny models run at well over 100 steps/s per core.
+    assert sum(r.quantities["planned_steps"] for r in s.runs) <= 30_000
 
 
 def test_sweep_cli_imports_no_torch():
