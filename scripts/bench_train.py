@@ -111,6 +111,12 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    from testbed.train.device import cpu_has_bf16_units
+
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bf16_units():
+        print("this CPU has no bf16 matrix units (AVX512-BF16/AMX): bf16 would be emulated; "
+              "not measured", file=sys.stderr)
+        return 3
     peak = matmul_peak(dtype, device)
     cfg = ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                       vocab_size=args.vocab, max_seq_len=args.seq_len)

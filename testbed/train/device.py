@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 
@@ -46,10 +47,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_has_bf16_units() -> bool:
+    """AVX512-BF16 or AMX: without them a CPU emulates bf16 matmuls, about 100x slower than fp32."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # older torch: assume not
+        return False
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 autocast on CUDA, fp32 on CPU (exact, bit-reproducible)."""
+    """auto: bf16 autocast on CUDA, fp32 on CPU (exact, bit-reproducible).
+
+    bf16 on a CPU is honoured, with a warning where the processor has no bf16 matrix units."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16_units():
+        warnings.warn("train.precision=bf16 on a CPU without AVX512-BF16 or AMX: bf16 matmuls are "
+                      "emulated and far slower than fp32; use train.precision=fp32 here", stacklevel=2)
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
