@@ -241,8 +241,13 @@ def load_config(source: str | Path | dict[str, Any] | None = None,
         tree = read_yaml(source)
     if isinstance(overrides, dict):
         overrides = list(overrides.items())  # type: ignore[assignment]
+    duration = ("train.tokens", "train.steps", "train.tokens_per_param")
     for item in overrides or []:
         key, value = item if isinstance(item, tuple) else parse_override(item)
+        if key in duration and isinstance(tree.get("train"), dict):
+            # A run length given on the command line replaces the file's, whichever form it took.
+            for other in duration:
+                tree["train"].pop(other.split(".")[1], None)
         set_dotted(tree, key, value)
     return from_dict(tree)
 

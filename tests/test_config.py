@@ -36,6 +36,15 @@ def test_overrides_parse_yaml_scalars_and_presets_yield_to_explicit_keys():
     assert c.optim.lr == 3e-3 and c.optim.betas == [0.9, 0.99]
 
 
+def test_a_run_length_override_replaces_the_files(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  tokens: 1000000\n")
+    assert load_config(cfg, ["train.steps=5"]).train.steps == 5
+    assert load_config(cfg, ["train.steps=5"]).train.tokens is None
+    with pytest.raises(ConfigError, match="only one"):
+        load_config({"train": {"tokens": 10, "steps": 3}})
+
+
 def test_registry_names_are_checked(tmp_path):
     from testbed.model.transformer import Transformer
     from testbed.config import ModelConfig
