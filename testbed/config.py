@@ -242,12 +242,16 @@ def load_config(source: str | Path | dict[str, Any] | None = None,
     if isinstance(overrides, dict):
         overrides = list(overrides.items())  # type: ignore[assignment]
     duration = ("train.tokens", "train.steps", "train.tokens_per_param")
+    given: set[str] = set()
     for item in overrides or []:
         key, value = item if isinstance(item, tuple) else parse_override(item)
         if key in duration and isinstance(tree.get("train"), dict):
-            # A run length given on the command line replaces the file's, whichever form it took.
+            # A run length given on the command line replaces the file's, whichever form it took
+            # (two lengths on the command line are still an error).
             for other in duration:
-                tree["train"].pop(other.split(".")[1], None)
+                if other not in given:
+                    tree["train"].pop(other.split(".")[1], None)
+        given.add(key)
         set_dotted(tree, key, value)
     return from_dict(tree)
 
