@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.wandb_run = None
+        self.wandb_thread: threading.Thread | None = None
+        self.wandb_pending: list[dict[str, Any]] = []
+        self.wandb_error: str | None = None
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines written after the checkpoint we resume from, so the log reads
@@ -44,13 +48,35 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def start_wandb(self, project: str, mode: str, name: str, config: dict, run_dir: Path) -> None:
+        """Start wandb in a background thread: importing it and starting its service takes ~2 s,
+        which would otherwise be dead time before the first step. Records logged meanwhile are
+        queued and sent, in order, once the run exists."""
         if not self.enabled or mode == "disabled":
             return
         os.environ.setdefault("WANDB_SILENT", "true")
-        import wandb
 
-        self.wandb_run = wandb.init(project=project, mode=mode, name=name, dir=str(run_dir),
-                                    config=config, reinit="finish_previous")
+        def init() -> None:
+            try:
+                import wandb
+
+                self.wandb_run = wandb.init(project=project, mode=mode, name=name, dir=str(run_dir),
+                                            config=config, reinit="finish_previous")
+            except Exception as err:  # logging must never stop training
+                self.wandb_error = f"{type(err).__name__}: {err}"
+
+        self.wandb_thread = threading.Thread(target=init, name="wandb-init", daemon=True)
+        self.wandb_thread.start()
+
+    def _flush_wandb(self, wait: bool = False) -> None:
+        thread = self.wandb_thread
+        if thread is None or (thread.is_alive() and not wait):
+            return
+        thread.join()
+        if self.wandb_run is not None:
+            for record in self.wandb_pending:
+                self.wandb_run.log({k: v for k, v in record.items() if v is not None and k != "step"},
+                                   step=record["step"])
+        self.wandb_pending = []
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -58,11 +84,14 @@ class MetricsLog:
         record = {k: clean(v) for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in record.items() if v is not None and k != "step"},
-                               step=record["step"])
+        if self.wandb_thread is not None:
+            self.wandb_pending.append(record)
+            self._flush_wandb()
 
     def finish(self, exit_code: int = 0) -> None:
+        self._flush_wandb(wait=True)
+        if self.wandb_error:
+            print(f"warning: wandb did not start ({self.wandb_error}); metrics.jsonl is complete")
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
