@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import ConfigError
+from testbed.train.schedules import ScheduleSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,19 +90,12 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
 
 
-@dataclass
-class ScheduleConfig:
-    name: str = "cosine"  # constant | cosine | linear | inverse_sqrt | wsd | power
-    warmup_steps: int = 0
+@dataclass(frozen=True)
+class ScheduleConfig(ScheduleSpec):
+    """The schedule section: the pure schedule's fields (testbed/train/schedules.py) plus a
+    warmup given as a fraction of the run, resolved to steps once the run length is known."""
+
     warmup_fraction: float | None = None  # alternative to warmup_steps
-    min_lr_ratio: float = 0.1
-    decay_fraction: float = 0.2
-    decay_shape: str = "1-sqrt"
-    inv_sqrt_timescale: int | None = None
-    power_a: float = 4.0
-    power_b: float = -0.51
-    power_decay_fraction: float = 0.0
-    decay_start_step: int | None = None
 
 
 @dataclass
