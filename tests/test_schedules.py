@@ -212,6 +212,31 @@ def test_power_floor_never_raises_the_decay():
     assert all(a >= b for a, b in zip(table[500:], table[501:]))
 
 
+def test_power_batch_size_is_beta_and_tokens_stay_tokens():
+    batch_tokens, seqs = 4096 * 64, 64
+    spec = ScheduleSpec(name="power", power_batch_size=seqs)
+    peak = 0.02  # the paper's lr_max
+    for step in (10, 1000, 100_000):
+        expected = min(peak, seqs * 4.0 * ((step + 1) * batch_tokens) ** -0.51)
+        assert lr_at(step, 200_000, peak, spec, batch_tokens=batch_tokens) == approx(expected)
+    # counted in sequences the law decays within a realistic run; counted in tokens it would not
+    assert lr_at(100_000, 200_000, peak, spec, batch_tokens=batch_tokens) < peak / 10
+    tokens_beta = ScheduleSpec(name="power")
+    assert lr_at(100_000, 200_000, peak, tokens_beta, batch_tokens=batch_tokens) == peak
+    with pytest.raises(ConfigError, match=r"schedule\.power_batch_size is 0"):
+        lr_at(0, 100, PEAK, ScheduleSpec(name="power", power_batch_size=0), batch_tokens=64)
+
+
+def test_the_trainer_passes_the_batch_in_sequences():
+    from testbed.config import load_config
+    from testbed.train.plan import schedule_spec
+
+    config = load_config(None, ["schedule.name=power", "data.seq_len=128", "train.global_batch_tokens=8192"])
+    assert schedule_spec(config, 100).power_batch_size == 64
+    config = load_config(None, ["schedule.name=power", "schedule.power_batch_size=3"])
+    assert schedule_spec(config, 100).power_batch_size == 3
+
+
 def test_power_needs_batch_tokens():
     with pytest.raises(ConfigError, match="batch_tokens"):
         lr_at(0, 100, PEAK, ScheduleSpec(name="power"))

@@ -64,6 +64,9 @@ def schedule_spec(config: Config, total_steps: int) -> ScheduleSpec:
     fields = {f.name for f in dataclasses.fields(ScheduleSpec)}
     values = {k: v for k, v in dataclasses.asdict(s).items() if k in fields}
     values["warmup_steps"] = warmup
+    if values.get("power_batch_size") is None and s.name == "power":
+        # Shen et al.'s beta is the batch in sequences (n, the tokens seen, stays in tokens).
+        values["power_batch_size"] = config.train.global_batch_tokens // config.data.seq_len
     return ScheduleSpec(**values)
 
 

@@ -31,7 +31,8 @@ Schedules (``floor = min_lr_ratio · peak``):
   the decay start ``d = total - round(decay_fraction · total)`` (or ``decay_start_step``), then
   ``p = (step - d) / (total - d)`` and ``lr = floor + (peak - floor) · shape(p)``.
 * ``power`` (Shen et al. 2024, "Power Scheduler: A Batch Size and Token Number Agnostic Learning
-  Rate Scheduler"): ``lr = min(peak, B · a · n^b)`` with ``B = batch_tokens`` and
+  Rate Scheduler"): ``lr = min(peak, B · a · n^b)`` with ``B = power_batch_size`` (the batch in
+  sequences, as the paper counts it; ``batch_tokens`` when unset) and
   ``n = (step + 1) · B`` the tokens seen once the step is taken. With a final decay starting at
   ``d = total - round(power_decay_fraction · total)`` (or ``decay_start_step``):
   ``lr = f + (P(d) - f) · shape(p)``, ``p = (step - d) / (total - d)``, where ``P(d)`` is the
@@ -77,6 +78,9 @@ class ScheduleSpec:
     power_b: float = -0.51
     power_decay_fraction: float = 0.0
     decay_start_step: int | None = None
+    # power: beta, the batch size in the law. Shen et al. count it in sequences (with n in
+    # tokens); None uses batch_tokens. The trainer fills in the run's sequences per step.
+    power_batch_size: int | None = None
 
 
 def spec_from_dict(section: Mapping[str, Any] | None) -> ScheduleSpec:
@@ -147,6 +151,9 @@ def validate(spec: ScheduleSpec, total_steps: int) -> None:
             f"schedule.inv_sqrt_timescale is {t0!r}; set it to a whole number of steps of at least 1, "
             f"or leave it empty to use warmup_steps."
         )
+    if spec.power_batch_size is not None and (not _is_int(spec.power_batch_size) or spec.power_batch_size < 1):
+        raise ConfigError(f"schedule.power_batch_size is {spec.power_batch_size!r}; set it to the batch size "
+                          f"in sequences, or leave it unset to take the run's.")
     if not _is_number(spec.power_a) or spec.power_a <= 0:
         raise ConfigError(f"schedule.power_a is {spec.power_a!r}; set it to a positive number (the paper uses 4).")
     # A positive exponent would make the learning rate grow with tokens seen.
@@ -206,7 +213,8 @@ def _progress(step: int, start: int, total_steps: int) -> float:
 
 def _power_law(step: int, peak_lr: float, spec: ScheduleSpec, batch_tokens: int) -> float:
     tokens_seen = (step + 1) * batch_tokens
-    return min(peak_lr, batch_tokens * spec.power_a * tokens_seen**spec.power_b)
+    beta = spec.power_batch_size or batch_tokens
+    return min(peak_lr, beta * spec.power_a * tokens_seen**spec.power_b)
 
 
 def _after_warmup(step: int, total_steps: int, peak_lr: float, spec: ScheduleSpec, batch_tokens: int | None) -> float:
