@@ -331,7 +331,6 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
 CHOICES = {
     "data.source": ("synthetic", "shards", "random"),
     "train.precision": ("auto", "fp32", "bf16"),
-    "optim.name": None,  # checked against the optimiser registry at build time
     "logging.wandb_mode": ("offline", "online", "disabled"),
 }
 

@@ -18,7 +18,6 @@ global batch is the same whatever the number of processes (each takes a contiguo
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -209,6 +208,3 @@ def validation_windows(source, n: int) -> np.ndarray:
         n = min(n, available)
     return np.arange(n, dtype=np.int64)
 
-
-def planned_steps(tokens: int, global_batch_tokens: int) -> int:
-    return max(1, math.ceil(tokens / global_batch_tokens))

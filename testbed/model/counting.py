@@ -78,10 +78,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     return 6 * count_params(cfg).matmul + 12 * cfg.n_layers * seq_len * cfg.d_model
 
 
-def flops_per_token_forward(cfg: ModelConfig, seq_len: int) -> int:
-    return flops_per_token(cfg, seq_len) // 3
-
-
 def mfu(tokens_per_second: float, cfg: ModelConfig, seq_len: int, peak_flops: float | None) -> float | None:
     """Model FLOPs utilisation: achieved model FLOP/s over the device's peak (None if unknown)."""
     if not peak_flops:

@@ -9,7 +9,6 @@ shared), so its curve reads as one run; run.json records the parent and the bran
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 

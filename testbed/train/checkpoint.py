@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from testbed.errors import TestbedError
+from testbed.train.metrics import read_jsonl
 
 KIND_RANK = {"rolling": 0, "science": 1, "final": 2}
 FILES = ("model.safetensors", "optim.safetensors", "state.json")
@@ -145,16 +146,8 @@ def index_json(line: dict) -> str:
 
 
 def read_index(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "checkpoints" / "index.jsonl"
-    if not path.exists():
-        return []
-    lines = []
-    for raw in path.read_text().splitlines():
-        try:
-            lines.append(json.loads(raw))
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill mid-write; the folder itself is still verified
-    return lines
+    # A line cut by a kill mid-write is skipped; the folder itself is still verified on load.
+    return read_jsonl(Path(run_dir) / "checkpoints" / "index.jsonl")
 
 
 def write_index(run_dir: Path, lines: list[dict]) -> None:

@@ -97,8 +97,9 @@ class MetricsLog:
             self.wandb_run = None
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every complete line of a JSONL log; a line cut by a kill mid-write is skipped."""
+    path = Path(path)
     if not path.exists():
         return []
     out = []
@@ -108,3 +109,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")

@@ -84,9 +84,9 @@ def import_plugins(config: Config) -> None:
 
 def check_registered(model: ModelConfig) -> None:
     """Name every unknown part before anything trains (nearest registered name included)."""
-    from testbed.model.counting import BUILTIN_PARTS
+    from testbed.model.counting import is_builtin
 
-    if all(getattr(model, key) in names for key, names in BUILTIN_PARTS.items()) and model.init in ("normal", "scaled"):
+    if is_builtin(model) and model.init in ("normal", "scaled"):
         return
     from testbed.model import transformer as t
 
