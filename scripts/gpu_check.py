@@ -1,24 +1,82 @@
 #!/usr/bin/env python
-"""GPU checks in one go: correctness (bf16 autocast vs fp32 losses) and training throughput/MFU
-for ladder rungs from 100m to 1b with the real trainer (bf16, torch.compile, fused AdamW).
+"""The whole GPU check in one process: writes OUT/gpu_check.json and OUT/gpu_check.log.
 
-    python scripts/gpu_check.py --json gpu.json          # on a CUDA machine
-    python scripts/gpu_check.py --smoke                  # tiny version on the CPU (tests the script)
+Sections (each timed; one failing is recorded and the others still run):
+  correctness   bf16 autocast against fp32: validation losses of the 10m rung after 200 steps
+  throughput    the real trainer (bf16, torch.compile per block, fused AdamW, fused chunked
+                cross-entropy, micro-batch found automatically) at GPT-2 124M shape (seq 1024)
+                and the 300m and 1b rungs (seq 2048): tokens/s, MFU, compile time, peak memory
+  baseline      a plain `transformers` LlamaForCausalLM loop with the same shape, batch,
+                bf16 autocast, fused AdamW and per-layer compile, timed in the same process
+  vocab128k     the 1b rung at vocab 128,256 and seq 2048: the largest micro-batch that fits,
+                and the memory the plain (materialised fp32 logits) loss needs at that size
+  resume        SIGKILL a CUDA run after a checkpoint, resume it, compare with an uninterrupted
+                run (dropout on, so the CUDA generator's state matters)
+  checkpoint    save and load time of the 1b rung's full state, and the stall it would cause
+                on a log-spaced schedule
+
+MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 6 N_matmul + 12 L T d (PaLM,
+testbed/model/counting.py) and the data-sheet dense bf16 peak (989.4 TFLOP/s for H100 SXM and
+H200). --memory-gib caps the caching allocator (default 78 GiB, so an H200 reports what fits
+on an 80 GB H100).
+
+    python scripts/gpu_check.py --out results/         # on a CUDA machine (about 6 minutes)
+    python scripts/gpu_check.py --smoke --out /tmp/g   # tiny version on the CPU (the tests run it)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
+import traceback
 from pathlib import Path
 
-COMMON = ["logging.wandb=false", "logging.progress=false", "checkpoint.final=false"]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout with the machine's python as it is
+
+COMMON = ["logging.wandb=false", "logging.progress=false"]
+GPT2_124M = ["model.d_model=768", "model.n_layers=12", "model.n_heads=12", "model.tie_embeddings=true",
+             "model.vocab_size=50304", "model.max_seq_len=1024"]
 
 
-def run(overrides: list[str], run_dir: Path) -> tuple[dict, list[dict]]:
+class Report:
+    """The JSON result and the log, both rewritten after every section (a timeout keeps them)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        self.result: dict = {}
+        self.log_file = open(out / "gpu_check.log", "a")
+
+    def log(self, text: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {text}"
+        print(line, flush=True)
+        self.log_file.write(line + "\n")
+        self.log_file.flush()
+
+    def section(self, name: str, fn, *args) -> None:
+        self.log(f"--- {name}")
+        t0 = time.perf_counter()
+        try:
+            value = fn(self, *args)
+        except Exception as err:  # one failing section must not lose the others' figures
+            value = {"error": f"{type(err).__name__}: {err}"}
+            self.log(traceback.format_exc())
+        value["section_s"] = round(time.perf_counter() - t0, 1)
+        self.result[name] = value
+        self.log(f"{name}: {json.dumps(value)}")
+        (self.out / "gpu_check.json").write_text(json.dumps(self.result, indent=1))
+
+
+def run_trainer(overrides: list[str], run_dir: Path) -> tuple[dict, list[dict]]:
     from testbed.config import load_config
     from testbed.train.loop import train
 
@@ -27,70 +85,390 @@ def run(overrides: list[str], run_dir: Path) -> tuple[dict, list[dict]]:
     return summary, lines
 
 
-def correctness(tmp: Path, smoke: bool) -> dict:
-    preset = "100k" if smoke else "10m"
-    steps = 10 if smoke else 200
-    batch = 1024 if smoke else 8192
+def release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def environment(report: Report, args) -> dict:
+    import torch
+
+    info = {"torch": torch.__version__, "python": sys.version.split()[0], "cpus": os.cpu_count(),
+            "smoke": args.smoke}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, cuda=torch.version.cuda, memory_gib=round(props.total_memory / 2**30, 1),
+                    memory_cap_gib=args.memory_gib)
+        if args.memory_gib and props.total_memory / 2**30 > args.memory_gib:
+            torch.cuda.set_per_process_memory_fraction(args.memory_gib * 2**30 / props.total_memory)
+    else:
+        from testbed.train.device import cpu_has_bf16_units
+
+        info.update(device="cpu", cpu_bf16_units=cpu_has_bf16_units())
+    for module in ("transformers", "triton", "wandb", "datasets"):
+        try:
+            info[module] = __import__(module).__version__
+        except Exception:
+            info[module] = None
+    return info
+
+
+def correctness(report: Report, args, tmp: Path) -> dict:
+    preset, steps, batch = ("100k", 10, 1024) if args.smoke else ("10m", 200, 8192)
     base = [f"model.preset={preset}", "data.seq_len=128", "model.max_seq_len=128",
             f"train.global_batch_tokens={batch}", f"train.steps={steps}", f"train.eval_every={steps}",
-            "optim.lr=3e-3", f"schedule.warmup_steps={steps // 5}"]
-    device = ["train.device=cpu"] if smoke else []
-    fp32, _ = run(base + device + ["train.precision=fp32"], tmp / "fp32")
-    bf16, _ = run(base + device + ["train.precision=bf16"], tmp / "bf16")
+            "optim.lr=3e-3", f"schedule.warmup_steps={steps // 5}", "checkpoint.final=false",
+            "train.compile=false"]
+    fp32, _ = run_trainer(base + ["train.precision=fp32"], tmp / "fp32")
+    bf16, _ = run_trainer(base + ["train.precision=bf16"], tmp / "bf16")
     gap = abs(bf16["val_loss"] - fp32["val_loss"])
     return {"preset": preset, "steps": steps, "fp32_val_loss": fp32["val_loss"],
-            "bf16_val_loss": bf16["val_loss"], "abs_gap": gap, "ok": gap < 0.02 * fp32["val_loss"]}
+            "bf16_val_loss": bf16["val_loss"], "abs_gap": gap, "rel_gap": gap / fp32["val_loss"],
+            "ok": gap < 0.02 * fp32["val_loss"]}
 
 
-def throughput(tmp: Path, preset: str, seq_len: int, vocab: int, smoke: bool) -> dict:
+def rung_overrides(rung: str, args) -> tuple[list[str], int]:
+    """(overrides, seq_len) of a benchmark rung."""
+    if args.smoke:
+        return ["model.preset=100k", "model.vocab_size=256", "model.max_seq_len=64"], 64
+    if rung == "124m":
+        return list(GPT2_124M), 1024
+    return [f"model.preset={rung}", f"model.vocab_size={args.vocab}"], 2048
+
+
+def throughput(report: Report, args, tmp: Path, rung: str) -> dict:
+    from testbed.model.counting import count_params, flops_per_token
     from testbed.config import load_config
-    from testbed.train.memory import largest_micro_batch
+    from testbed.train.plan import resolved_model
 
-    base = [f"model.preset={preset}", f"model.vocab_size={vocab}", "data.source=random",
-            f"data.seq_len={seq_len}", f"model.max_seq_len={seq_len}", "data.val_sequences=8"]
-    if smoke:
-        micro, extra = 4, ["train.device=cpu", "train.precision=fp32"]
-    else:
-        micro = min(64, largest_micro_batch(load_config(None, COMMON + base + ["train.precision=bf16"])))
-        extra = ["train.precision=bf16", "train.compile=true"]
-    accum = max(1, (2 ** 19) // (micro * seq_len)) if not smoke else 1
-    steps = 8 if smoke else 40
-    _, lines = run(base + extra + [f"train.micro_batch_size={micro}",
-                                   f"train.global_batch_tokens={micro * accum * seq_len}",
-                                   f"train.steps={steps}", "train.log_every=5",
-                                   f"train.eval_every={steps}"], tmp / f"tp-{preset}")
-    timed = [x for x in lines if "tokens_per_s" in x][1:]  # the first window holds compilation
-    return {"preset": preset, "seq_len": seq_len, "vocab": vocab, "micro_batch": micro,
-            "global_batch_tokens": micro * accum * seq_len,
-            "tokens_per_s": statistics.median(x["tokens_per_s"] for x in timed),
-            "mfu": statistics.median(x["mfu"] for x in timed) if timed[0]["mfu"] is not None else None,
-            "peak_mem_gb": max(x["peak_mem_gb"] for x in timed)}
+    model, seq_len = rung_overrides(rung, args)
+    seqs, steps, log_every = (4, 6, 2) if args.smoke else {"124m": (64, 31, 10), "300m": (32, 25, 8),
+                                                           "1b": (32, 16, 5)}.get(rung, (32, 16, 5))
+    extra = ["train.device=cpu", "train.precision=fp32"] if args.smoke else ["train.precision=bf16"]
+    overrides = model + extra + [
+        "data.source=random", f"data.seq_len={seq_len}", "data.val_sequences=8",
+        f"train.global_batch_tokens={seqs * seq_len}", f"train.steps={steps}", f"train.log_every={log_every}",
+        f"train.eval_every={steps}", "checkpoint.final=true"]
+    if rung == args.checkpoint_rung or args.smoke:
+        overrides.append(f"checkpoint.every={steps - log_every}")  # two full saves: one mid-run, the final
+    release_memory()
+    run_dir = tmp / f"tp-{rung}"
+    summary, lines = run_trainer(overrides, run_dir)
+    cfg = resolved_model(load_config(None, COMMON + overrides))
+    timed = [x for x in lines if x.get("tokens_per_s")]
+    out = {"rung": rung, "params": count_params(cfg).total, "non_embedding": count_params(cfg).non_embedding,
+           "seq_len": seq_len, "vocab": cfg.vocab_size, "global_batch_tokens": seqs * seq_len,
+           "micro_batch": summary["micro_batch_size"], "flops_per_token": flops_per_token(cfg, seq_len),
+           "windows_tokens_per_s": [round(x["tokens_per_s"]) for x in timed],
+           "tokens_per_s": statistics.median(x["tokens_per_s"] for x in timed),
+           "mfu": statistics.median(x["mfu"] for x in timed) if timed[0]["mfu"] is not None else None,
+           "peak_mem_gib": max(x["peak_mem_gb"] for x in timed),
+           "compile_s": summary["timing"]["compile_s"], "train_s": summary["timing"]["train_s"],
+           "final_train_loss": next(x["train_loss"] for x in reversed(lines) if "train_loss" in x)}
+    if "checkpoint.every" in " ".join(overrides):
+        out["checkpoint"] = checkpoint_cost(run_dir, summary, out)
+    return out
+
+
+def checkpoint_cost(run_dir: Path, summary: dict, tp: dict) -> dict:
+    """Save time (the trainer's own timing: non-finite check, evaluation, copy to host, write,
+    checksums, fsync), load time (read and verify), and the stall on a log-spaced schedule."""
+    from testbed.train import checkpoint as ckpt
+
+    folders = ckpt.list_checkpoints(run_dir)
+    size = sum(f.stat().st_size for f in folders[-1].iterdir())
+    t0 = time.perf_counter()
+    loaded = ckpt.load(folders[-1])
+    load_s = time.perf_counter() - t0
+    del loaded
+    save_s = summary["timing"]["checkpoint_s"] / len(folders)
+    # A Chinchilla-sized run of this model (20 tokens per parameter) with 30 log-spaced
+    # checkpoints plus a rolling one every hour, at the measured speed.
+    tokens = 20 * tp["params"]
+    wall = tokens / tp["tokens_per_s"]
+    saves = 30 + wall // 3600
+    return {"bytes": size, "saves_timed": len(folders), "save_s": save_s, "load_s": load_s,
+            "chinchilla_run_hours": wall / 3600, "saves_on_schedule": saves,
+            "stall_fraction": saves * save_s / wall}
+
+
+def baseline(report: Report, args, rung: str, micro: int) -> dict:
+    """A plain transformers loop: same shape, batch, precision, optimiser; compiled per layer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from testbed.config import load_config
+    from testbed.model.counting import flops_per_token
+    from testbed.train.plan import resolved_model
+
+    model_overrides, seq_len = rung_overrides(rung, args)
+    cfg = resolved_model(load_config(None, COMMON + model_overrides + [f"data.seq_len={seq_len}"]))
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    release_memory()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
+        max_position_embeddings=seq_len, tie_word_embeddings=cfg.tie_embeddings,
+        attn_implementation="sdpa")).to(device)
+    compiled = device.type == "cuda"
+    if compiled:
+        for layer in model.model.layers:
+            layer.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
+    steps, warmup = (4, 1) if args.smoke else (20, 3)
+    seqs = 64 if rung == "124m" and not args.smoke else (4 if args.smoke else 32)
+    data = torch.randint(0, cfg.vocab_size, (steps + warmup, seqs, seq_len + 1), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step(i: int) -> None:
+        accum = seqs // micro
+        for k in range(accum):
+            x = data[i, k * micro:(k + 1) * micro]
+            with autocast:
+                logits = model(x[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, cfg.vocab_size),
+                                                     x[:, 1:].reshape(-1))
+            (loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    while True:  # the plain loss needs more memory than ours: halve the micro-batch until it fits
+        try:
+            for i in range(warmup):
+                step(i)
+            break
+        except torch.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            release_memory()
+            if micro == 1:
+                raise
+            micro //= 2
+            report.log(f"baseline {rung}: out of memory, micro-batch {micro * 2} -> {micro}")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tps = steps * seqs * seq_len / (time.perf_counter() - t0)
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    del model, opt, data
+    release_memory()
+    return {"rung": rung, "micro_batch": micro, "accum": seqs // micro, "compiled_per_layer": compiled,
+            "warmup_s": warm_s, "tokens_per_s": tps, "flops_per_token": flops_per_token(cfg, seq_len),
+            "peak_mem_gib": peak_mem}
+
+
+def vocab128k(report: Report, args) -> dict:
+    """Largest micro-batch of the 1b rung at vocab 128,256 (fused loss), then one step of the
+    plain loss at that micro-batch: its peak memory, or the out-of-memory it runs into."""
+    import torch
+
+    from testbed.config import load_config
+    from testbed.model.transformer import Transformer
+    from testbed.train.memory import largest_micro_batch
+    from testbed.train.plan import resolved_model
+
+    if args.smoke or not torch.cuda.is_available():
+        return {"skipped": "needs CUDA"}
+    config = load_config(None, COMMON + ["model.preset=1b", "model.vocab_size=128256", "data.seq_len=2048",
+                                         "data.source=random", "train.precision=bf16"])
+    release_memory()
+    t0 = time.perf_counter()
+    micro = largest_micro_batch(config, limit=64)
+    probe_s = time.perf_counter() - t0
+    out = {"micro_batch": micro, "tokens_per_micro_batch": micro * 2048, "probe_s": probe_s}
+    for name in ("fused", "plain"):
+        release_memory()
+        model = Transformer(resolved_model(config)).cuda()
+        x = torch.randint(0, 128256, (micro, 2049), device="cuda")
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                if name == "fused":
+                    loss = model(x[:, :-1], x[:, 1:])
+                else:
+                    logits = model(x[:, :-1])
+                    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+            loss.backward()
+            torch.cuda.synchronize()
+            out[f"{name}_peak_gib_fwd_bwd"] = torch.cuda.max_memory_allocated() / 2**30
+        except torch.OutOfMemoryError:
+            out[f"{name}_peak_gib_fwd_bwd"] = "out of memory"
+        finally:
+            loss = logits = None
+            del model, x
+            release_memory()
+    return out
+
+
+def resume(report: Report, args, tmp: Path) -> dict:
+    """Uninterrupted run vs the same run SIGKILLed after its step-40 checkpoint and resumed,
+    each in its own `python -m testbed train` process, as a cluster would run them."""
+    import yaml
+
+    steps, kill_at = 60, 40
+    device = "cpu" if args.smoke else "cuda"
+    config = {"model": {"preset": "100k" if args.smoke else "10m", "max_seq_len": 256, "dropout": 0.1},
+              "data": {"seq_len": 64 if args.smoke else 256, "val_sequences": 8},
+              "train": {"steps": steps, "global_batch_tokens": (8 if args.smoke else 32) * (64 if args.smoke else 256),
+                        "device": device, "log_every": 5, "eval_every": 20, "deterministic": True},
+              "checkpoint": {"rolling_every": 20}, "optim": {"lr": 3e-3}, "logging": {"wandb": False, "progress": False}}
+    cfg_path = tmp / "resume.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "testbed", "train", str(cfg_path), "--run-dir"]
+    full, killed = tmp / "resume-full", tmp / "resume-killed"
+    subprocess.run(cmd + [str(full)], env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(cmd + [str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    index = killed / "checkpoints" / "index.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if index.exists() and any(json.loads(x)["step"] >= kill_at for x in index.read_text().splitlines() if x.strip()):
+            break
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        raise RuntimeError(f"the run to be killed ended first: {proc.stderr.read().decode()[-2000:]}")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_after = max(json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()
+                       if "train_loss" in x)
+    subprocess.run(cmd + [str(killed), "--resume"], env=env, check=True, capture_output=True)
+
+    def losses(run_dir: Path) -> dict[int, float]:
+        out = {}
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            m = json.loads(line)
+            for key in ("train_loss", "val_loss"):
+                if key in m:
+                    out[(key, m["step"])] = m[key]
+        return out
+
+    a, b = losses(full), losses(killed)
+    diffs = [abs(a[k] - b[k]) for k in a if k in b]
+    return {"device": device, "steps": steps, "killed_after_step": killed_after,
+            "resumed_from": kill_at, "compared_values": len(diffs), "missing": sorted(set(a) ^ set(b)),
+            "max_abs_diff": max(diffs), "bit_identical": max(diffs) == 0.0 and set(a) == set(b)}
+
+
+def profile(report: Report, args, rung: str, micro: int) -> dict:
+    """Where a compiled training step's GPU time goes: torch.profiler over 3 steps after warm-up;
+    the table of the top kernels by self CUDA time is written beside the JSON."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from testbed.config import load_config
+    from testbed.model.transformer import Transformer
+    from testbed.train.optim import build_optimizer
+    from testbed.train.plan import resolved_model
+
+    if args.smoke or not torch.cuda.is_available():
+        return {"skipped": "needs CUDA"}
+    model_overrides, seq_len = rung_overrides(rung, args)
+    config = load_config(None, COMMON + model_overrides + [f"data.seq_len={seq_len}", "data.source=random"])
+    release_memory()
+    model = Transformer(resolved_model(config)).cuda()
+    for block in model.blocks:
+        block.compile()
+    opt = build_optimizer(model, config.optim, torch.device("cuda"))
+    x = torch.randint(0, model.cfg.vocab_size, (micro, seq_len + 1), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
+    (report.out / f"profile_{rung}.txt").write_text(table)
+    events = prof.key_averages()
+    total = sum(e.self_device_time_total for e in events)
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
+    del model, opt, x
+    release_memory()
+    return {"rung": rung, "micro_batch": micro, "cuda_ms_per_step": total / 3 / 1000,
+            "top": [{"name": e.key[:80], "share": e.self_device_time_total / total} for e in top]}
+
+
+# ----------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny CPU version that checks the script runs")
-    p.add_argument("--presets", default="100m,300m,1b", help="ladder rungs to benchmark")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--json", help="write results here")
+    p.add_argument("--out", default="gpu_check", help="folder for gpu_check.json and gpu_check.log")
+    p.add_argument("--rungs", default="124m,300m,1b", help="throughput rungs: 124m (GPT-2 shape) or ladder presets")
+    p.add_argument("--baseline-rungs", default="124m", help="rungs also timed with the transformers loop")
+    p.add_argument("--checkpoint-rung", default="1b", help="rung whose checkpoint save/load is timed")
+    p.add_argument("--vocab", type=int, default=32768, help="vocabulary of the ladder rungs")
+    p.add_argument("--memory-gib", type=float, default=78.0, help="cap GPU memory (0: no cap)")
+    p.add_argument("--sections", default="correctness,resume,throughput,vocab128k,profile",
+                   help="which sections to run, comma-separated")
     args = p.parse_args(argv)
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
         print("no CUDA device: run with --smoke on a CPU", file=sys.stderr)
         return 2
-    presets = ["100k"] if args.smoke else args.presets.split(",")
-    seq_len, vocab = (64, 256) if args.smoke else (args.seq_len, args.vocab)
+    report = Report(Path(args.out))
+    sections = args.sections.split(",")
+    report.section("environment", environment, args)
+    rungs = ["100k"] if args.smoke else args.rungs.split(",")
+    baseline_rungs = rungs if args.smoke else args.baseline_rungs.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu",
-                  "torch": torch.__version__, "correctness": correctness(tmp, args.smoke),
-                  "throughput": [throughput(tmp, p_, seq_len, vocab, args.smoke) for p_ in presets]}
-    print(json.dumps(result, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return 0 if result["correctness"]["ok"] else 1
+        if "correctness" in sections:
+            report.section("correctness", correctness, args, tmp)
+        if "resume" in sections:
+            report.section("resume", resume, args, tmp)
+        if "throughput" in sections:
+            for rung in rungs:
+                report.section(f"throughput_{rung}", throughput, args, tmp, rung)
+                ours = report.result[f"throughput_{rung}"]
+                if rung in baseline_rungs and "micro_batch" in ours:
+                    report.section(f"baseline_{rung}", baseline, args, rung, ours["micro_batch"])
+                    theirs = report.result[f"baseline_{rung}"]
+                    if "tokens_per_s" in theirs:
+                        ours["ratio_to_transformers"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
+                        report.log(f"{rung}: testbed / transformers = {ours['ratio_to_transformers']:.3f}")
+                for folder in tmp.glob(f"tp-{rung}/checkpoints"):  # free the disk for the next rung
+                    import shutil
+
+                    shutil.rmtree(folder, ignore_errors=True)
+        if "vocab128k" in sections:
+            report.section("vocab128k", vocab128k, args)
+        if "profile" in sections:
+            rung = rungs[-1]
+            micro = report.result.get(f"throughput_{rung}", {}).get("micro_batch", 8)
+            report.section(f"profile_{rung}", profile, args, rung, micro)
+    failed = [k for k, v in report.result.items() if "error" in v]
+    ok = not failed and report.result.get("correctness", {}).get("ok", True)
+    report.log(f"done: {'all sections ran' if not failed else 'failed: ' + ', '.join(failed)}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

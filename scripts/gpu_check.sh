@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# On a CUDA machine: set up, then run correctness (bf16 vs fp32) and the MFU benchmark in one go.
+# The GPU check (scripts/gpu_check.py) from a checkout. Where the machine's python already
+# imports torch (a GPU machine, a cluster node without network), it runs with that python as it
+# is and nothing is installed; elsewhere .venv is set up first.
+#   bash scripts/gpu_check.sh [OUT_DIR] [extra gpu_check.py flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-. .venv/bin/activate
+out=${1:-gpu_check}; shift || true
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  bash scripts/setup.sh
+  PY=.venv/bin/python
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-python scripts/gpu_check.py --json "${1:-gpu_check.json}"
-python scripts/bench_train.py --device cuda --precision bf16 --compile --d-model 768 --n-layers 12 \
-    --n-heads 12 --seq-len 1024 --batch 16 --vocab 32768 --steps 30 --json "${2:-bench_train_gpu.json}"
+PYTHONUNBUFFERED=1 exec "$PY" scripts/gpu_check.py --out "$out" "$@"

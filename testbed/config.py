@@ -104,10 +104,10 @@ class TrainConfig:
     steps: int | None = None
     tokens_per_param: float | None = None  # D = ratio x N (total parameters)
     global_batch_tokens: int = 16384  # tokens per optimizer step, across all processes
-    micro_batch_size: int | None = None  # sequences per forward pass per process; None: all
+    micro_batch_size: int | None = None  # sequences per forward pass per process; None: all on a CPU, the largest that fits on CUDA
     seed: int = 0  # model initialisation and dropout
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    compile: bool = False
+    compile: bool | None = None  # torch.compile each block; None: on CUDA, off on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_every: int = 100  # steps between validations (and at the end)
     log_every: int = 10

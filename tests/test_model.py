@@ -52,7 +52,7 @@ def test_training_flops_match_a_flop_counter(kw):
     model = Transformer(cfg)
     x = torch.randint(0, cfg.vocab_size, (B, T))
     with FlopCounterMode(display=False) as counter:
-        model.loss(x, x).backward()
+        model(x, x).backward()
     linear_flops = counter.get_total_flops() / (B * T)
     assert linear_flops == 6 * count_params(cfg).matmul
 
@@ -104,7 +104,7 @@ def test_meta_build_then_materialise_gives_a_working_model():
     model.to_empty(device="cpu")
     model.reset_parameters()
     x = torch.randint(0, cfg.vocab_size, (2, 16))
-    loss = model.loss(x, x)
+    loss = model(x, x)
     assert math.isfinite(loss.item())
     # a fresh model predicts roughly uniformly: loss near ln V
     assert abs(loss.item() - math.log(cfg.vocab_size)) < 0.5

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from testbed.config import ModelConfig
+from testbed.model.loss import linear_cross_entropy
 from testbed.registry import Registry
 
 NORMS = Registry("norm", "model.norm")
@@ -238,18 +239,17 @@ class Transformer(nn.Module):
             elif isinstance(module, Rotary):
                 module.reset_parameters()
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, V] for token ids [B, T]."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        """Logits [B, T, V] for token ids [B, T]; with targets [B, T], the cross-entropy in nats
+        (mean or sum over tokens), computed without materialising the logits (loss.py)."""
         x = self.embed(idx)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.head(self.norm(x))
-
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Cross-entropy in nats, computed in fp32 whatever the compute precision."""
-        logits = self(idx)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                               reduction=reduction)
+        x = self.norm(x)
+        if targets is None:
+            return self.head(x)
+        return linear_cross_entropy(x, self.head.weight, targets, reduction)

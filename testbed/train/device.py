@@ -67,6 +67,12 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def use_compile(setting: bool | None, device: torch.device) -> bool:
+    """train.compile: None (the default) compiles on CUDA, where it pays for itself within a few
+    steps, and not on a CPU, where compiling takes longer than most CPU runs train."""
+    return device.type == "cuda" if setting is None else setting
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()

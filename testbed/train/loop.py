@@ -37,6 +37,7 @@ from testbed.train import device as dev
 from testbed.train.metrics import MetricsLog, read_metrics
 from testbed.train.optim import build_optimizer
 from testbed.train.plan import describe, resolved_model, schedule_spec
+from testbed.train.prefetch import Prefetcher
 from testbed.train.schedules import lr_at, phase_at
 
 EXIT_REQUEUE = 75
@@ -115,6 +116,35 @@ class Preemption:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["torch_cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def restore_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
+    """CPU and CUDA generators as saved; a CUDA state is skipped on a CPU (a resume that changes
+    device is allowed: the batches are still exact, only dropout masks differ)."""
+    if "torch_cpu" in rng:
+        torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["torch_cuda"], device)
+
+
+def auto_micro_batch(config: Config, device: torch.device, local_seqs: int, d: "Dist") -> int:
+    """All of a process's sequences in one pass on a CPU; on CUDA the largest divisor of them
+    whose training step fits in memory (probed once, before the model is built)."""
+    if device.type != "cuda":
+        return local_seqs
+    from testbed.train.memory import largest_micro_batch
+
+    micro = largest_micro_batch(config, limit=local_seqs, divisor_of=local_seqs) if d.main else None
+    micro = broadcast_object(micro, d)
+    torch.cuda.reset_peak_memory_stats(device)
+    return micro
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -295,10 +325,7 @@ def evaluate(model: torch.nn.Module, source, val_ids: np.ndarray, micro: int, de
     for i in range(0, len(mine), micro):
         windows = torch.from_numpy(source.windows(mine[i:i + micro], data_loader.VALIDATION)).to(device)
         with dev.autocast(device, dtype):
-            logits = model(windows[:, :-1])
-        nats += torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), windows[:, 1:].reshape(-1),
-            reduction="sum").double()
+            nats += model(windows[:, :-1], windows[:, 1:], reduction="sum").double()
     nats = all_reduce_sum(nats, d).item()
     model.train()
     n_tokens = len(val_ids) * source.seq_len
@@ -355,7 +382,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
         raise TestbedError(f"train.global_batch_tokens={gbt} gives {global_seqs} sequences, not divisible "
                            f"by the {d.world} processes; choose a batch that splits evenly")
     local_seqs = global_seqs // d.world
-    micro = config.train.micro_batch_size or local_seqs
+    micro = config.train.micro_batch_size or auto_micro_batch(config, device, local_seqs, d)
     if local_seqs % micro:
         raise TestbedError(f"train.micro_batch_size={micro} does not divide the {local_seqs} sequences "
                            f"each process takes per step; choose a divisor of {local_seqs}")
@@ -380,6 +407,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
     start_step = 0
     resumed_from = None
     loaded = init_from
+    t_restore = time.perf_counter()
     if mode == "resume":
         folder = ckpt.latest_valid(run_dir)
         if folder is None:
@@ -393,16 +421,20 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
     if loaded is not None:
         load_model_state(base_model, loaded["model"], config, Dist())
         start_step = int(loaded["state"]["step"])
-        if "torch_cpu" in loaded["rng"]:
-            torch.set_rng_state(loaded["rng"]["torch_cpu"])
+        restore_rng(loaded["rng"], device)
 
+    compiled = dev.use_compile(config.train.compile, device)
+    if compiled:
+        # Regional compilation (as torchtitan does): every block shares one compiled graph, so
+        # compiling takes seconds whatever the depth, and parameter names stay unchanged.
+        for block in base_model.blocks:
+            block.compile()
     # The optimiser is built on the wrapped model: FSDP2 replaces parameters by sharded ones.
     model = wrap_model(model, config, device, d)
     optimizer = build_optimizer(model, config.optim, device)
     if loaded is not None:
         load_optim_state(model, optimizer, loaded["optim"], config, d)
-    if config.train.compile:
-        model = torch.compile(model)
+    timing_restore = time.perf_counter() - t_restore
     peak, peak_name = dev.peak_flops(device, dtype)
     fpt = flops_per_token(model_cfg, seq_len)
 
@@ -449,7 +481,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
     rolling_every = config.checkpoint.rolling_every
     last_eval: dict[str, float] = {}
     last_eval_step = -1
-    timing = {"train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
+    timing = {"train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "compile_s": 0.0}
 
     def run_eval(step: int) -> dict[str, float]:
         nonlocal last_eval, last_eval_step
@@ -481,7 +513,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
         # must continue that average, or the next line differs from an uninterrupted run's.
         window_sum = all_reduce_sum(loss_sum.clone(), d).item()
         if d.main:
-            rng = {"torch_cpu": torch.get_rng_state()}
+            rng = rng_state(device)
             state = {"tokens": step * gbt, "total_steps": total_steps, "run_id": run_id,
                      "config": config.to_dict(), "world_size": d.world,
                      "log_window": {"loss_sum": window_sum, "steps": steps_in_window}}
@@ -514,6 +546,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
     exit_code = 0
     state_msg = ("done", "finished")
     step = done = start_step
+    prefetch = Prefetcher(plan, d.rank, d.world, device)
     try:
         with nullcontext():
             for step in range(start_step, total_steps):
@@ -521,8 +554,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
                 lr = lr_at(step, total_steps, config.optim.lr, spec, gbt)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = torch.from_numpy(plan.batch_tokens(step, d.rank, d.world))
-                batch = batch.to(device, non_blocking=True)
+                batch = prefetch.get(step, step + 1 if step + 1 < total_steps else None)
                 step_loss = torch.zeros((), device=device)
                 for k in range(accum):
                     mb = batch[k * micro:(k + 1) * micro]
@@ -531,9 +563,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
                         sync = model.no_sync()
                     with sync:
                         with dev.autocast(device, dtype):
-                            logits = model(mb[:, :-1])
-                        loss = torch.nn.functional.cross_entropy(
-                            logits.float().reshape(-1, logits.size(-1)), mb[:, 1:].reshape(-1))
+                            loss = model(mb[:, :-1], mb[:, 1:])
                         (loss / accum).backward()
                     step_loss += loss.detach() / accum
                 clip = config.optim.grad_clip
@@ -549,7 +579,14 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
                 loss_sum += step_loss
                 steps_in_window += 1
                 window_tokens += gbt
-                timing["train_s"] += time.perf_counter() - t_step
+                if compiled and step == start_step:
+                    # The first step of a process compiles: time it apart and start the
+                    # throughput window after it, so tokens_per_s is the steady-state speed.
+                    dev.synchronize(device)
+                    timing["compile_s"] = time.perf_counter() - t_step
+                    window_t0, window_tokens = time.perf_counter(), 0
+                else:
+                    timing["train_s"] += time.perf_counter() - t_step
                 if progress is not None:
                     progress.update(1)
 
@@ -557,11 +594,11 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
                     mean_loss = all_reduce_sum(loss_sum.clone(), d).item() / d.world / steps_in_window
                     dev.synchronize(device)
                     elapsed = time.perf_counter() - window_t0
-                    tps = window_tokens / max(elapsed, 1e-9)
+                    tps = window_tokens / elapsed if window_tokens else None
                     if d.main:
                         metrics.log({"step": done, "tokens": done * gbt, "flops": done * gbt * fpt,
                                      "lr": lr, "train_loss": mean_loss, "grad_norm": grad_norm.item(),
-                                     "tokens_per_s": tps, "mfu": tps * fpt / peak if peak else None,
+                                     "tokens_per_s": tps, "mfu": tps * fpt / peak if peak and tps else None,
                                      "peak_mem_gb": (dev.peak_memory_bytes(device) or 0) / 2**30,
                                      "epoch": plan.epochs_at(done)})
                         if progress is not None:
@@ -594,13 +631,15 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
             metrics.finish(exit_code=1)
         raise
     finally:
+        prefetch.close()
         if progress is not None:
             progress.close()
 
     wall = time.perf_counter() - t_start
     summary = {"state": state_msg[0], "steps": done, "planned_steps": total_steps,
                **{k: v for k, v in last_eval.items()},
-               "timing": {"wall_s": wall, "startup_s": t_startup, **timing,
+               "micro_batch_size": micro,
+               "timing": {"wall_s": wall, "startup_s": t_startup, "restore_s": timing_restore, **timing,
                           "other_s": wall - t_startup - sum(timing.values())}}
     if d.main:
         run_json = json.loads((run_dir / "run.json").read_text())

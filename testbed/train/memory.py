@@ -24,8 +24,8 @@ def fits(config: Config, micro: int, device: torch.device) -> bool:
         optimizer = build_optimizer(model, config.optim, device)
         x = torch.randint(0, cfg.vocab_size, (micro, config.data.seq_len + 1), device=device)
         with dev.autocast(device, dtype):
-            logits = model(x[:, :-1])
-        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
+            loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
         optimizer.step()
         dev.synchronize(device)
         return True
@@ -37,23 +37,35 @@ def fits(config: Config, micro: int, device: torch.device) -> bool:
             torch.cuda.empty_cache()
 
 
-def largest_micro_batch(config: Config, limit: int = 4096) -> int:
-    """Double until a step no longer fits, then bisect. Needs a GPU (a CPU has no fixed limit)."""
+def largest_micro_batch(config: Config, limit: int = 4096, divisor_of: int | None = None) -> int:
+    """The largest micro-batch (at most `limit`, and dividing `divisor_of` when given) whose
+    training step fits: a binary search over the candidates. Needs a GPU (a CPU has no fixed
+    limit). The probe runs eagerly, which needs at least the memory of a compiled step."""
     from testbed.train import device as dev
 
     device = dev.resolve_device(config.train.device)
     if device.type != "cuda":
         raise TestbedError("largest_micro_batch needs a CUDA device; on a CPU memory is not the limit")
-    if not fits(config, 1, device):
+    candidates = [m for m in range(1, limit + 1) if divisor_of is None or divisor_of % m == 0]
+    best = largest_fitting(candidates, lambda micro: fits(config, micro, device))
+    if best is None:
         raise TestbedError("even a micro-batch of 1 sequence does not fit; set "
                            "train.activation_checkpointing=true, shorten data.seq_len or use train.parallel=fsdp")
-    good, bad = 1, None
-    while bad is None and good < limit:
-        if fits(config, good * 2, device):
-            good *= 2
+    return best
+
+
+def largest_fitting(candidates: list[int], fits_at) -> int | None:
+    """The largest of the ascending candidates for which fits_at holds (assumed monotone):
+    exponential steps from the smallest, then bisection; O(log n) probes."""
+    if not candidates or not fits_at(candidates[0]):
+        return None
+    lo, hi, step = 0, len(candidates), 1  # candidates[lo] fits; candidates[hi] does not (or is past the end)
+    while lo + step < hi:
+        if fits_at(candidates[lo + step]):
+            lo, step = lo + step, step * 2
         else:
-            bad = good * 2
-    while bad is not None and bad - good > 1:
-        mid = (good + bad) // 2
-        good, bad = (mid, bad) if fits(config, mid, device) else (good, mid)
-    return good
+            hi = lo + step
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits_at(candidates[mid]) else (lo, mid)
+    return candidates[lo]

@@ -1,0 +1,100 @@
+"""Cross-entropy of the output head without materialising the logits of the whole batch.
+
+A plain `F.cross_entropy(head(h).float(), targets)` keeps, per token, V logits in the compute
+precision, their fp32 copy, the fp32 log-softmax saved for backward and the fp32 gradient: at
+vocab 128k and seq 2048 that is about 3 GB per sequence, more than the rest of a 1B model's
+activations. Here the head's matmul and the loss are fused and cut into chunks of tokens. Each
+chunk's logits live only while that chunk is processed, and since the gradient of the summed
+loss with respect to the logits (softmax minus one-hot) is known in the forward pass, the
+gradients of h and of the head weight are computed there too (as Liger's fused linear
+cross-entropy does); backward only scales them. The matmul count equals the plain path's
+(forward, grad of h, grad of W), so it costs no speed, and it is the one place the testbed
+computes a cross-entropy: training, validation and the memory probe all call it.
+
+Logits are computed in the autocast dtype (bf16 on a GPU) and reduced in fp32; the weight
+gradient is accumulated in fp32 across chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Logit elements per chunk (2^28: 1 GiB in fp32). At vocab 32k that is 8192 tokens, at 128k
+# 2048 tokens, and a CPU run at a small vocabulary is a single chunk.
+CHUNK_LOGITS = 2 ** 28
+
+
+def chunk_tokens(vocab_size: int, limit: int = CHUNK_LOGITS) -> int:
+    return max(1, limit // vocab_size)
+
+
+def compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    device_type = h.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum over tokens of -log softmax(h @ W^T)[target], with gradients for h and W."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, dtype):
+        n = h.shape[0]
+        w = weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, n, chunk):
+            hc = h[start:start + chunk].to(dtype)
+            tc = targets[start:start + chunk]
+            logits = (hc @ w.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            # d(sum of losses)/d(logits) = softmax - one_hot, built in place in the logits' memory.
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[torch.arange(len(tc), device=tc.device), tc] -= 1.0
+            g = probs.to(dtype)
+            grad_h[start:start + chunk] = g @ w
+            grad_w.add_(g.t() @ hc)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_total.to(grad_h.dtype), (grad_w * grad_total).to(ctx.weight_dtype),
+                None, None, None)
+
+
+@torch.no_grad()
+def _loss_only(h, weight, targets, chunk, dtype) -> torch.Tensor:
+    w = weight.to(dtype)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for start in range(0, h.shape[0], chunk):
+        logits = (h[start:start + chunk].to(dtype) @ w.t()).float()
+        tc = targets[start:start + chunk]
+        total += (torch.logsumexp(logits, dim=-1) - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+    return total
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         reduction: str = "mean", chunk: int | None = None) -> torch.Tensor:
+    """Cross-entropy in nats of logits h @ weight^T against targets; h [..., d], targets [...]."""
+    h = h.reshape(-1, h.shape[-1])
+    targets = targets.reshape(-1)
+    chunk = chunk or chunk_tokens(weight.shape[0])
+    dtype = compute_dtype(h, weight)
+    device_type = h.device.type
+    # The casts are explicit; autocast inside would only repeat them.
+    with torch.autocast(device_type, enabled=False):
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            total = FusedLinearCrossEntropy.apply(h, weight, targets, chunk, dtype)
+        else:
+            total = _loss_only(h, weight, targets, chunk, dtype)
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / targets.numel()
+    raise ValueError(f"reduction={reduction!r}: use 'mean' or 'sum'")
