@@ -44,6 +44,10 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"train.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but no CUDA device is visible; use train.device=cpu")
+    if device.type == "cuda" and device.index is None:
+        # Plain "cuda" means this process's GPU (torchrun's LOCAL_RANK), as auto does: an index
+        # is needed by torch.cuda.set_device and the RNG calls.
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return device
 
 
