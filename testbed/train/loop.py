@@ -535,6 +535,13 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
     model.train()
     t_startup = time.perf_counter() - t_start
     window_t0, window_tokens = time.perf_counter(), 0
+
+    # tokens_per_s is the speed of training steps: validation and checkpoints that fall inside a
+    # logging window are taken out of its time.
+    def paused() -> float:
+        return timing["eval_s"] + timing["checkpoint_s"]
+
+    window_paused = paused()
     loss_sum = torch.zeros((), device=device)
     steps_in_window = 0
     window = (loaded or {}).get("state", {}).get("log_window")
@@ -584,7 +591,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
                     # throughput window after it, so tokens_per_s is the steady-state speed.
                     dev.synchronize(device)
                     timing["compile_s"] = time.perf_counter() - t_step
-                    window_t0, window_tokens = time.perf_counter(), 0
+                    window_t0, window_tokens, window_paused = time.perf_counter(), 0, paused()
                 else:
                     timing["train_s"] += time.perf_counter() - t_step
                 if progress is not None:
@@ -593,7 +600,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
                 if done % config.train.log_every == 0 or done == total_steps:
                     mean_loss = all_reduce_sum(loss_sum.clone(), d).item() / d.world / steps_in_window
                     dev.synchronize(device)
-                    elapsed = time.perf_counter() - window_t0
+                    elapsed = time.perf_counter() - window_t0 - (paused() - window_paused)
                     tps = window_tokens / elapsed if window_tokens else None
                     if d.main:
                         metrics.log({"step": done, "tokens": done * gbt, "flops": done * gbt * fpt,
@@ -617,7 +624,8 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
                     exit_code = EXIT_REQUEUE
                     state_msg = ("preempted", f"{preempt.requested} at step {done}; resume checkpoint saved")
                     break
-                window_t0 = time.perf_counter() if steps_in_window == 0 else window_t0
+                if steps_in_window == 0:
+                    window_t0, window_paused = time.perf_counter(), paused()
             else:
                 if config.checkpoint.final:
                     save(total_steps, "final")

@@ -1,0 +1,100 @@
+"""The device switch and the parts of the GPU path that run the same logic on a CPU: device
+resolution, compile default, automatic micro-batch, the prefetching loader, window timing."""
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from testbed.config import load_config
+from testbed.train import checkpoint as ckpt
+from testbed.train import device as dev
+from testbed.train.loop import train
+from testbed.train.prefetch import Prefetcher
+
+COMMON = ["model.preset=100k", "data.seq_len=32", "model.max_seq_len=32", "train.global_batch_tokens=256",
+          "logging.wandb=false", "logging.progress=false", "train.device=cpu"]
+
+
+def test_plain_cuda_resolves_to_this_process_gpu(monkeypatch):
+    """torch.cuda.set_device and the RNG calls need an index: `cuda` alone once crashed the trainer."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "6")
+    assert dev.resolve_device("cuda") == torch.device("cuda", 2)
+    assert dev.resolve_device("cuda:3") == torch.device("cuda", 3)
+    assert dev.resolve_device("auto") == torch.device("cuda", 2)
+
+
+def test_compile_defaults_to_the_device():
+    assert load_config(None, []).train.compile is None
+    assert dev.use_compile(None, torch.device("cuda", 0)) is True
+    assert dev.use_compile(None, torch.device("cpu")) is False
+    assert dev.use_compile(True, torch.device("cpu")) is True
+
+
+class CountingPlan:
+    def __init__(self, fail_at=None):
+        self.calls, self.fail_at = [], fail_at
+        self.thread_names = set()
+
+    def batch_tokens(self, step, rank, world):
+        self.calls.append(step)
+        self.thread_names.add(threading.current_thread().name)
+        if step == self.fail_at:
+            raise ValueError(f"bad shard at step {step}")
+        return np.full((2, 3), step + 10 * rank, dtype=np.int64)
+
+
+def test_prefetcher_reads_ahead_in_a_thread_and_keeps_the_order():
+    plan = CountingPlan()
+    pf = Prefetcher(plan, rank=1, world=2, device=torch.device("cpu"))
+    got = [int(pf.get(s, s + 1 if s < 4 else None)[0, 0]) for s in range(5)]
+    pf.close()
+    assert got == [10, 11, 12, 13, 14]
+    assert sorted(plan.calls) == [0, 1, 2, 3, 4]  # each batch built once
+    assert any(name.startswith("prefetch") for name in plan.thread_names)
+
+
+def test_prefetcher_reraises_a_data_error_at_its_step():
+    pf = Prefetcher(CountingPlan(fail_at=2), rank=0, world=1, device=torch.device("cpu"))
+    pf.get(0, 1)
+    pf.get(1, 2)
+    with pytest.raises(ValueError, match="bad shard at step 2"):
+        pf.get(2, 3)
+    pf.close()
+
+
+def test_a_jump_in_steps_is_read_directly():
+    plan = CountingPlan()
+    pf = Prefetcher(plan, 0, 1, torch.device("cpu"))
+    pf.get(0, 1)
+    assert int(pf.get(5, 6)[0, 0]) == 5  # not the prefetched step 1
+    pf.close()
+
+
+def test_cpu_micro_batch_defaults_to_all_sequences(tmp_path):
+    summary = train(load_config(None, COMMON + ["train.steps=2"]), tmp_path / "r")
+    assert summary["micro_batch_size"] == 256 // 32
+    assert summary["timing"]["compile_s"] == 0.0 and summary["timing"]["restore_s"] >= 0
+
+
+def test_throughput_window_leaves_out_checkpoint_time(tmp_path, monkeypatch):
+    """A save inside a logging window (1 s here) must not show up as a slower training speed."""
+    real_save = ckpt.save
+
+    def slow_save(*args, **kwargs):
+        time.sleep(1.0)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save", slow_save)
+    run = tmp_path / "r"
+    train(load_config(None, COMMON + ["train.steps=12", "train.log_every=6", "checkpoint.every=3",
+                                      "train.eval_every=1000"]), run)
+    windows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    windows = [x for x in windows if "tokens_per_s" in x]
+    seconds = [6 * 256 / x["tokens_per_s"] for x in windows]
+    assert len(seconds) == 2 and max(seconds) < 1.0, seconds  # each window holds >= 1 s of saves
