@@ -141,3 +141,27 @@ def test_sweep_cli_imports_no_torch():
            "c.register(argparse.ArgumentParser().add_subparsers()); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_plan_states_its_precision_and_uses_the_trainer_peak_table(tmp_path, capsys):
+    import json
+
+    from testbed.train import device as dev
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(sweep(grid={"model.d_model": [32, 64]}, derived={"train.tokens": 1e5})))
+    assert main(["sweep", "plan", str(path), "--device", "a10g", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["precision"] == "bf16" and report["peak_flops"] == dict(dev.PEAK_BF16_FLOPS)["A10G"]
+
+    assert main(["sweep", "plan", str(path), "--device", "cpu", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["precision"] == "fp32" and report["peak_flops"] > 1e9
+    assert any("bf16 matrix units" in n for n in report["notes"]) == dev.cpu_has_bf16_units()
+
+    path.write_text(yaml.safe_dump(sweep(grid={"model.d_model": [32, 64], "train.precision": ["bf16"]},
+                                         derived={"train.tokens": 1e5})))
+    assert main(["sweep", "plan", str(path), "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    assert "in bf16 at" in table
+    assert ("emulated" in table) == (not dev.cpu_has_bf16_units())

@@ -19,8 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan = sub.add_parser("plan", help="print every run's size, length and cost; trains nothing")
     plan.add_argument("sweep", help="sweep YAML file (e.g. configs/sweeps/smoke.yaml)")
     plan.add_argument("--device", default="h100",
-                      help="device to estimate time for: h100, h200, a100, l40s, a10g or cpu "
-                      "(cpu measures this machine; default h100)")
+                      help="device to estimate time for: a GPU of the trainer's peak table (h100, "
+                      "h200, a100, l40s, a10g, ...) or cpu (measures this machine's matmul peak "
+                      "at the runs' precision, as the trainer sees it); default h100")
     plan.add_argument("--mfu", type=float, default=0.4,
                       help="assumed model FLOPs utilisation, in (0, 1] (default 0.4)")
     plan.add_argument("--peak-flops", type=float, default=None,

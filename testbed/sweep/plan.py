@@ -2,45 +2,53 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from testbed.errors import TestbedError
 from testbed.sweep.spec import Sweep
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets (no sparsity).
-DEVICE_PEAK_FLOPS = {
-    "h100": 989e12,
-    "h200": 989e12,
-    "a100": 312e12,
-    "l40s": 362e12,
-    "a10g": 125e12,
-}
+
+def run_precisions(sweep: Sweep, device: str) -> list[str]:
+    """The precisions the sweep's runs train in on this kind of device (train.precision, with
+    auto resolved as the trainer resolves it: bf16 on a GPU, fp32 on a CPU)."""
+    found = set()
+    for run in sweep.runs:
+        precision = run.config.train.precision
+        if precision == "auto":
+            precision = "fp32" if device == "cpu" else "bf16"
+        found.add(precision)
+    return sorted(found)
 
 
-def measure_cpu_peak(seconds: float = 0.5) -> float:
-    """FLOP/s of a float32 matrix multiply on this CPU, a rough stand-in for its peak."""
-    import numpy as np
+def peak_flops(device: str, given: float | None, precision: str) -> tuple[float, list[str]]:
+    """(peak FLOP/s the estimate uses, notes for the reader). The device table and the CPU
+    measurement are the trainer's own (testbed/train/device.py)."""
+    from testbed.train import device as dev
 
-    n = 512
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    a @ a  # warm up the BLAS threads
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ a
-        count += 1
-    return 2 * n**3 * count / (time.perf_counter() - start)
-
-
-def peak_flops(device: str, given: float | None) -> float:
+    notes: list[str] = []
     if given:
-        return float(given)
+        return float(given), notes
     if device == "cpu":
-        return measure_cpu_peak()
-    if device not in DEVICE_PEAK_FLOPS:
+        import torch
+
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        if precision == "bf16" and not dev.cpu_has_bf16_units():
+            notes.append("this CPU has no bf16 matrix units (AVX512-BF16/AMX): bf16 is emulated and "
+                         "far slower; set train.precision=fp32")
+        peak = dev.measure_cpu_peak(dtype)
+        if precision == "fp32" and dev.cpu_has_bf16_units():
+            bf16 = dev.measure_cpu_peak(torch.bfloat16)
+            notes.append(f"this CPU has bf16 matrix units: bf16 matmuls measured {bf16 / peak:.1f}x "
+                         f"fp32 here; train.precision=bf16 trades bit-exact fp32 for that speed")
+        return peak, notes
+    peak = dev.named_peak(device)
+    if peak is None:
         raise TestbedError(f"--device={device!r} has no known peak; choose one of "
-                           f"{', '.join([*DEVICE_PEAK_FLOPS, 'cpu'])} or give --peak-flops")
-    return DEVICE_PEAK_FLOPS[device]
+                           f"{', '.join([*dev.device_names(), 'cpu'])} or give --peak-flops")
+    if precision != "bf16":
+        notes.append(f"runs train in {precision}, but GPU peaks are tabulated for bf16; the estimate "
+                     f"is optimistic (give --peak-flops for {precision})")
+    return peak, notes
 
 
 def plan_rows(sweep: Sweep, peak: float, mfu: float) -> list[dict[str, Any]]:
@@ -58,9 +66,16 @@ def plan_rows(sweep: Sweep, peak: float, mfu: float) -> list[dict[str, Any]]:
 def plan_report(sweep: Sweep, device: str, mfu: float, given_peak: float | None) -> dict[str, Any]:
     if not 0 < mfu <= 1:
         raise TestbedError(f"--mfu={mfu} must be in (0, 1], e.g. --mfu 0.4")
-    peak = peak_flops(device, given_peak)
+    precisions = run_precisions(sweep, device)
+    # A sweep mixing precisions is estimated at the slower one's peak.
+    precision = "fp32" if "fp32" in precisions else precisions[0]
+    peak, notes = peak_flops(device, given_peak, precision)
+    if len(precisions) > 1:
+        notes.append(f"runs mix precisions ({', '.join(precisions)}); every run is estimated at the "
+                     f"{precision} peak")
     rows = plan_rows(sweep, peak, mfu)
-    return {"sweep": sweep.name, "device": device, "peak_flops": peak, "mfu": mfu, "runs": rows,
+    return {"sweep": sweep.name, "device": device, "precision": precision, "peak_flops": peak,
+            "mfu": mfu, "notes": notes, "runs": rows,
             "totals": {"runs": len(rows), "tokens": sum(r["tokens"] for r in rows),
                        "flops": sum(r["flops"] for r in rows),
                        "seconds": sum(r["seconds"] for r in rows)}}
@@ -97,6 +112,7 @@ def render_plan(report: dict[str, Any]) -> str:
     t = report["totals"]
     rows.append(["TOTAL", f"{t['runs']} runs", "", human(t["tokens"]), "", human(t["flops"]), "",
                  duration(t["seconds"])])
-    head = (f"sweep {report['sweep']}: time on one {report['device']} at "
+    head = (f"sweep {report['sweep']}: time on one {report['device']} in {report['precision']} at "
             f"{human(report['peak_flops'])}FLOP/s peak x MFU {report['mfu']}")
-    return head + "\n" + format_table(["run", "labels", "N", "D", "steps", "FLOPs", "epochs", "time"], rows)
+    notes = "".join(f"\nnote: {n}" for n in report["notes"])
+    return head + "\n" + format_table(["run", "labels", "N", "D", "steps", "FLOPs", "epochs", "time"], rows) + notes

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
 
 import torch
@@ -99,6 +100,33 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float | None, 
         if key in name:
             return value, key
     return None, f"{name}: not in the peak table"
+
+
+def device_names() -> list[str]:
+    """The table's devices as `sweep plan --device` spells them (h100, h100-pcie, a10g, ...)."""
+    return [key.lower().replace(" ", "-") for key, _ in PEAK_BF16_FLOPS]
+
+
+def named_peak(name: str) -> float | None:
+    """The bf16 peak of a device named as device_names() spells it; None if not in the table."""
+    for key, value in PEAK_BF16_FLOPS:
+        if key.lower().replace(" ", "-") == name.lower():
+            return value
+    return None
+
+
+def measure_cpu_peak(dtype: torch.dtype, seconds: float = 0.3, n: int = 1024) -> float:
+    """Best FLOP/s of an n x n x n torch matmul at this precision, with the threads the trainer
+    gets: the CPU's practical peak, as the trainer will see it."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b  # warm up the thread pool
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
 
 
 def synchronize(device: torch.device) -> None:
