@@ -51,7 +51,7 @@ class CountingPlan:
 
 def test_prefetcher_reads_ahead_in_a_thread_and_keeps_the_order():
     plan = CountingPlan()
-    pf = Prefetcher(plan, rank=1, world=2, device=torch.device("cpu"))
+    pf = Prefetcher(plan, rank=1, world=2, device=torch.device("cpu"), threaded=True)
     got = [int(pf.get(s, s + 1 if s < 4 else None)[0, 0]) for s in range(5)]
     pf.close()
     assert got == [10, 11, 12, 13, 14]
@@ -60,7 +60,7 @@ def test_prefetcher_reads_ahead_in_a_thread_and_keeps_the_order():
 
 
 def test_prefetcher_reraises_a_data_error_at_its_step():
-    pf = Prefetcher(CountingPlan(fail_at=2), rank=0, world=1, device=torch.device("cpu"))
+    pf = Prefetcher(CountingPlan(fail_at=2), rank=0, world=1, device=torch.device("cpu"), threaded=True)
     pf.get(0, 1)
     pf.get(1, 2)
     with pytest.raises(ValueError, match="bad shard at step 2"):
@@ -68,9 +68,17 @@ def test_prefetcher_reraises_a_data_error_at_its_step():
     pf.close()
 
 
-def test_a_jump_in_steps_is_read_directly():
+def test_on_a_cpu_batches_are_read_in_the_training_thread():
     plan = CountingPlan()
     pf = Prefetcher(plan, 0, 1, torch.device("cpu"))
+    assert [int(pf.get(s, s + 1)[0, 0]) for s in range(3)] == [0, 1, 2]
+    pf.close()
+    assert plan.calls == [0, 1, 2] and plan.thread_names == {threading.current_thread().name}
+
+
+def test_a_jump_in_steps_is_read_directly():
+    plan = CountingPlan()
+    pf = Prefetcher(plan, 0, 1, torch.device("cpu"), threaded=True)
     pf.get(0, 1)
     assert int(pf.get(5, 6)[0, 0]) == 5  # not the prefetched step 1
     pf.close()

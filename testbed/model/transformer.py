@@ -78,19 +78,20 @@ class Rotary(nn.Module):
         d = self.head_dim
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
         freqs = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float64), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos.copy_(emb.cos())
-        self.sin.copy_(emb.sin())
+        self.cos.copy_(torch.cat((freqs, freqs), dim=-1).cos())
+        # The sign of rotate_half, cat(-x2, x1), is folded into sin: rotate_half(x) * sin equals
+        # swap_halves(x) * cat(-sin, sin), which saves a negation in forward and backward.
+        self.sin.copy_(torch.cat((-freqs, freqs), dim=-1).sin())
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = q.shape[-2]
         cos, sin = self.cos[:T].to(q.dtype), self.sin[:T].to(q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        return q * cos + swap_halves(q) * sin, k * cos + swap_halves(k) * sin
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x2, x1), dim=-1)
 
 
 @POSITIONS.register("rope")

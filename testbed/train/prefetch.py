@@ -13,10 +13,14 @@ import torch
 
 
 class Prefetcher:
-    def __init__(self, plan, rank: int, world: int, device: torch.device):
+    """threaded (default: on CUDA only): on a CPU the training step already keeps every core
+    busy, and a reader thread beside it slows the step's thread pool more than it saves."""
+
+    def __init__(self, plan, rank: int, world: int, device: torch.device, threaded: bool | None = None):
         self.plan, self.rank, self.world, self.device = plan, rank, world, device
         self.pin = device.type == "cuda"
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        threaded = device.type == "cuda" if threaded is None else threaded
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if threaded else None
         self.pending: tuple[int, Future] | None = None
 
     def _load(self, step: int) -> torch.Tensor:
@@ -29,9 +33,13 @@ class Prefetcher:
             host = self.pending[1].result()  # re-raises a data error from the thread
         else:
             host = self._load(step)
-        self.pending = (next_step, self.pool.submit(self._load, next_step)) if next_step is not None else None
+        if self.pool is not None and next_step is not None:
+            self.pending = (next_step, self.pool.submit(self._load, next_step))
+        else:
+            self.pending = None
         return host.to(self.device, non_blocking=True)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
         self.pending = None
