@@ -290,7 +290,7 @@ def vocab128k(report: Report, args) -> dict:
                                          "data.source=random", "train.precision=bf16"])
     release_memory()
     t0 = time.perf_counter()
-    micro = largest_micro_batch(config, limit=64)
+    micro = largest_micro_batch(config, limit=32)
     probe_s = time.perf_counter() - t0
     out = {"micro_batch": micro, "tokens_per_micro_batch": micro * 2048, "probe_s": probe_s}
     for name in ("fused", "plain"):

@@ -106,3 +106,10 @@ def test_throughput_window_leaves_out_checkpoint_time(tmp_path, monkeypatch):
     windows = [x for x in windows if "tokens_per_s" in x]
     seconds = [6 * 256 / x["tokens_per_s"] for x in windows]
     assert len(seconds) == 2 and max(seconds) < 1.0, seconds  # each window holds >= 1 s of saves
+
+
+def test_memory_probe_runs_a_real_step_on_the_device():
+    from testbed.train.memory import fits
+
+    config = load_config(None, COMMON)
+    assert fits(config, 2, torch.device("cpu")) is True

@@ -19,7 +19,10 @@ def fits(config: Config, micro: int, device: torch.device) -> bool:
     dtype = dev.resolve_precision(config.train.precision, device)
     model = optimizer = None
     try:
-        model = Transformer(cfg).to(device)
+        # Built on the device itself: a probe needs no reproducible weights, and initialising a
+        # 1B model on the host takes seconds per probe.
+        with torch.device(device):
+            model = Transformer(cfg)
         model.activation_checkpointing = config.train.activation_checkpointing
         optimizer = build_optimizer(model, config.optim, device)
         x = torch.randint(0, cfg.vocab_size, (micro, config.data.seq_len + 1), device=device)
