@@ -49,6 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--max-retries", type=int, default=2,
                      help="times a failed run is started again before it is reported (default 2)")
     run.add_argument("--no-progress", action="store_true", help="local: no progress bar")
+    run.add_argument("--no-fork-server", action="store_true",
+                     help="local: start every run in a fresh Python process instead of forking it "
+                     "from a warm one that has imported torch (slower start-up, same results)")
     run.set_defaults(func=run_handler)
 
     status = sub.add_parser("status", help="progress, failures and ETA of a sweep directory")
@@ -99,8 +102,8 @@ def run_handler(args: argparse.Namespace) -> int:
 
         gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
         counts = LocalExecutor(registry, run_ids, workers=args.workers, gpus=gpus,
-                               max_retries=args.max_retries,
-                               progress=not args.no_progress).run()
+                               max_retries=args.max_retries, progress=not args.no_progress,
+                               fork_server=not args.no_fork_server).run()
     else:
         from testbed.sweep import slurm
 

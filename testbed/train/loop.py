@@ -422,6 +422,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
         load_model_state(base_model, loaded["model"], config, Dist())
         start_step = int(loaded["state"]["step"])
         restore_rng(loaded["rng"], device)
+    restore_s = time.perf_counter() - t_restore
 
     compiled = dev.use_compile(config.train.compile, device)
     if compiled:
@@ -433,8 +434,9 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
     model = wrap_model(model, config, device, d)
     optimizer = build_optimizer(model, config.optim, device)
     if loaded is not None:
+        t_restore = time.perf_counter()
         load_optim_state(model, optimizer, loaded["optim"], config, d)
-    timing_restore = time.perf_counter() - t_restore
+        restore_s += time.perf_counter() - t_restore
     peak, peak_name = dev.peak_flops(device, dtype)
     fpt = flops_per_token(model_cfg, seq_len)
 
@@ -647,7 +649,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
     summary = {"state": state_msg[0], "steps": done, "planned_steps": total_steps,
                **{k: v for k, v in last_eval.items()},
                "micro_batch_size": micro,
-               "timing": {"wall_s": wall, "startup_s": t_startup, "restore_s": timing_restore, **timing,
+               "timing": {"wall_s": wall, "startup_s": t_startup, "restore_s": restore_s, **timing,
                           "other_s": wall - t_startup - sum(timing.values())}}
     if d.main:
         run_json = json.loads((run_dir / "run.json").read_text())
