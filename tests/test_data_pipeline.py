@@ -355,3 +355,14 @@ def test_bits_per_byte_from_window_bytes_is_exact(prepared):
     assert used >= len(idx) // 2 and non_ascii > 0
     # The whole validation split: every token's bytes add up to the validation text bytes.
     assert int(shards.token_bytes[shards.tokens("validation")].sum()) == shards.validation_bytes_total()
+
+
+def test_a_missing_datasets_package_is_one_clear_error(tmp_path, monkeypatch):
+    """datasets is optional (GPU nodes often lack it): reading text without it says what to do."""
+    import sys
+
+    (tmp_path / "a.jsonl").write_text('{"text": "hello world"}\n')
+    source = open_source(str(tmp_path / "a.jsonl"))
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(TestbedError, match="needs the `datasets` package"):
+        list(source.iter_texts())

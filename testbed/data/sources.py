@@ -104,7 +104,12 @@ class Source:
 
     def iter_texts(self) -> Iterator[str]:
         """Every non-empty document, in a fixed order (files sorted by path)."""
-        import datasets
+        try:
+            import datasets
+        except ModuleNotFoundError:  # optional: a GPU node may train from prepared shards alone
+            raise TestbedError("reading a text source needs the `datasets` package, which is not "
+                               "installed here; `pip install datasets`, or prepare the shards on a "
+                               "machine that has it and copy the folder") from None
 
         datasets.disable_progress_bars()
         if self.is_hub:
