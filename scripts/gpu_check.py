@@ -12,8 +12,11 @@ Sections (each timed; one failing is recorded and the others still run):
                 and the memory the plain (materialised fp32 logits) loss needs at that size
   resume        SIGKILL a CUDA run after a checkpoint, resume it, compare with an uninterrupted
                 run (dropout on, so the CUDA generator's state matters)
-  checkpoint    save and load time of the 1b rung's full state, and the stall it would cause
-                on a log-spaced schedule
+  syncs         host-device synchronisations per training step outside logging steps (torch's
+                sync debug mode over 20- and 30-step runs; expected 0)
+  checkpoint    (within the 1b throughput run) save and load time of the full state, and the
+                stall it would cause on a log-spaced schedule
+  profile       torch.profiler over three compiled steps of the last rung: where GPU time goes
 
 MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 6 N_matmul + 12 L T d (PaLM,
 testbed/model/counting.py) and the data-sheet dense bf16 peak (989.4 TFLOP/s for H100 SXM and
@@ -392,6 +395,36 @@ def resume_once(report: Report, args, tmp: Path, variant: dict) -> dict:
             "max_abs_diff": max(diffs), "bit_identical": max(diffs) == 0.0 and set(a) == set(b)}
 
 
+def syncs(report: Report, args, tmp: Path) -> dict:
+    """Host-device synchronisations the trainer causes, from torch's sync debug mode: a run of
+    30 steps that logs, validates and saves only at its end, so any sync in the 29 steps before
+    would show as a count that grows with the steps (two runs, 20 and 30 steps, are compared)."""
+    import warnings
+
+    import torch
+
+    if args.smoke or not torch.cuda.is_available():
+        return {"skipped": "needs CUDA"}
+    counts, messages = {}, set()
+    for steps in (20, 30):
+        overrides = ["model.preset=10m", "model.vocab_size=4096", "data.source=random", "data.seq_len=256",
+                     "model.max_seq_len=256", "train.global_batch_tokens=8192", f"train.steps={steps}",
+                     f"train.log_every={steps}", f"train.eval_every={steps}", "data.val_sequences=8",
+                     "train.compile=false", "train.micro_batch_size=32", "checkpoint.final=false"]
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                run_trainer(overrides, tmp / f"syncs-{steps}")
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        found = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        counts[steps] = len(found)
+        messages.update(f"{Path(w.filename).name}:{w.lineno}" for w in found)
+    return {"syncs_at_20_steps": counts[20], "syncs_at_30_steps": counts[30],
+            "per_step_syncs": (counts[30] - counts[20]) / 10, "where": sorted(messages)[:20]}
+
+
 def profile(report: Report, args, rung: str, micro: int) -> dict:
     """Where a compiled training step's GPU time goes: torch.profiler over 3 steps after warm-up;
     the table of the top kernels by self CUDA time is written beside the JSON."""
@@ -453,7 +486,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint-rung", default="1b", help="rung whose checkpoint save/load is timed")
     p.add_argument("--vocab", type=int, default=32768, help="vocabulary of the ladder rungs")
     p.add_argument("--memory-gib", type=float, default=78.0, help="cap GPU memory (0: no cap)")
-    p.add_argument("--sections", default="correctness,resume,throughput,vocab128k,profile",
+    p.add_argument("--sections", default="correctness,resume,syncs,throughput,vocab128k,profile",
                    help="which sections to run, comma-separated")
     args = p.parse_args(argv)
     import torch
@@ -472,6 +505,8 @@ def main(argv=None) -> int:
             report.section("correctness", correctness, args, tmp)
         if "resume" in sections:
             report.section("resume", resume, args, tmp)
+        if "syncs" in sections:
+            report.section("syncs", syncs, args, tmp)
         if "throughput" in sections:
             for rung in rungs:
                 report.section(f"throughput_{rung}", throughput, args, tmp, rung)
