@@ -24,24 +24,6 @@ from pathlib import Path
 import torch
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 10) -> float:
-    """Best observed FLOP/s of an n x n x n matmul: the practical peak of this machine."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    best = 0.0
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
-    return best
-
-
 def testbed_round(args, steps: int, workdir: Path, round_id: int) -> float:
     from testbed.config import load_config
     from testbed.train.loop import train
@@ -117,7 +99,9 @@ def main(argv=None) -> int:
         print("this CPU has no bf16 matrix units (AVX512-BF16/AMX): bf16 would be emulated; "
               "not measured", file=sys.stderr)
         return 3
-    peak = matmul_peak(dtype, device)
+    from testbed.train.device import measure_matmul_peak
+
+    peak = measure_matmul_peak(dtype, device, seconds=1.0, n=2048)
     cfg = ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                       vocab_size=args.vocab, max_seq_len=args.seq_len)
     fpt = flops_per_token(cfg, args.seq_len)

@@ -19,7 +19,9 @@ def requirements(pyproject: Path) -> list[str]:
     if tomllib is not None:
         project = tomllib.loads(text)["project"]
         return project["dependencies"] + project.get("optional-dependencies", {}).get("test", [])
-    return re.findall(r'^\s*"([A-Za-z][^"]*)",?\s*$', text, re.M)
+    # Python 3.10 has no TOML reader: take the quoted items of the two arrays named here only.
+    blocks = re.findall(r'^(?:dependencies|test)\s*=\s*\[(.*?)\]', text, re.M | re.S)
+    return [item for block in blocks for item in re.findall(r'"([^"]+)"', block)]
 
 
 def main() -> int:

@@ -60,3 +60,19 @@ def test_bench_train_writes_its_interface_fields(tmp_path):
         assert result[key] > 0
     assert result["ratio"] == result["testbed_tokens_per_s"] / result["baseline_tokens_per_s"] or \
         abs(result["ratio"] - sorted(result["ratios"])[len(result["ratios"]) // 2]) < 1e-12
+
+
+def test_requirements_are_read_alike_with_and_without_a_toml_reader():
+    """Python 3.10 has no tomllib: the fallback must list the same requirements and nothing else
+    (the pytest markers are quoted lines too)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import missing_requirements
+
+    pyproject = ROOT / "pyproject.toml"
+    with_toml = missing_requirements.requirements(pyproject)
+    reader, missing_requirements.tomllib = missing_requirements.tomllib, None
+    try:
+        without = missing_requirements.requirements(pyproject)
+    finally:
+        missing_requirements.tomllib = reader
+    assert without == with_toml and "pytest>=8" in without and not any(":" in r for r in without)

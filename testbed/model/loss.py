@@ -35,22 +35,26 @@ def compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def chunk_loss(hc: torch.Tensor, w: torch.Tensor, tc: torch.Tensor, dtype: torch.dtype):
+    """(fp32 logits, their log-sum-exp, summed loss) of one chunk of tokens."""
+    logits = (hc.to(dtype) @ w.t()).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    return logits, lse, (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """sum over tokens of -log softmax(h @ W^T)[target], with gradients for h and W."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk, dtype):
-        n = h.shape[0]
         w = weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for start in range(0, n, chunk):
-            hc = h[start:start + chunk].to(dtype)
-            tc = targets[start:start + chunk]
-            logits = (hc @ w.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+        for start in range(0, h.shape[0], chunk):
+            hc, tc = h[start:start + chunk].to(dtype), targets[start:start + chunk]
+            logits, lse, loss = chunk_loss(hc, w, tc, dtype)
+            total += loss
             # d(sum of losses)/d(logits) = softmax - one_hot, built in place in the logits' memory.
             probs = logits.sub_(lse[:, None]).exp_()
             probs[torch.arange(len(tc), device=tc.device), tc] -= 1.0
@@ -71,12 +75,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 @torch.no_grad()
 def _loss_only(h, weight, targets, chunk, dtype) -> torch.Tensor:
     w = weight.to(dtype)
-    total = torch.zeros((), dtype=torch.float32, device=h.device)
-    for start in range(0, h.shape[0], chunk):
-        logits = (h[start:start + chunk].to(dtype) @ w.t()).float()
-        tc = targets[start:start + chunk]
-        total += (torch.logsumexp(logits, dim=-1) - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-    return total
+    return sum((chunk_loss(h[s:s + chunk], w, targets[s:s + chunk], dtype)[2]
+                for s in range(0, h.shape[0], chunk)), torch.zeros((), device=h.device))
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

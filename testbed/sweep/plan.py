@@ -35,9 +35,9 @@ def peak_flops(device: str, given: float | None, precision: str) -> tuple[float,
         if precision == "bf16" and not dev.cpu_has_bf16_units():
             notes.append("this CPU has no bf16 matrix units (AVX512-BF16/AMX): bf16 is emulated and "
                          "far slower; set train.precision=fp32")
-        peak = dev.measure_cpu_peak(dtype)
+        peak = dev.measure_matmul_peak(dtype)
         if precision == "fp32" and dev.cpu_has_bf16_units():
-            bf16 = dev.measure_cpu_peak(torch.bfloat16)
+            bf16 = dev.measure_matmul_peak(torch.bfloat16)
             notes.append(f"this CPU has bf16 matrix units: bf16 matmuls measured {bf16 / peak:.1f}x "
                          f"fp32 here; train.precision=bf16 trades bit-exact fp32 for that speed")
         return peak, notes

@@ -115,16 +115,19 @@ def named_peak(name: str) -> float | None:
     return None
 
 
-def measure_cpu_peak(dtype: torch.dtype, seconds: float = 0.3, n: int = 1024) -> float:
-    """Best FLOP/s of an n x n x n torch matmul at this precision, with the threads the trainer
-    gets: the CPU's practical peak, as the trainer will see it."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    a @ b  # warm up the thread pool
+def measure_matmul_peak(dtype: torch.dtype, device: torch.device = torch.device("cpu"),
+                        seconds: float = 0.3, n: int = 1024) -> float:
+    """Best FLOP/s of an n x n x n torch matmul at this precision on this device, with the
+    threads the trainer gets: the practical peak, as the trainer will see it."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    a @ b  # warm up the thread pool (or the GPU's kernels)
+    synchronize(device)
     best, start = 0.0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         a @ b
+        synchronize(device)
         best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
     return best
 
