@@ -12,6 +12,8 @@ Sections (each timed; one failing is recorded and the others still run):
                 and the memory the plain (materialised fp32 logits) loss needs at that size
   resume        SIGKILL a CUDA run after a checkpoint, resume it, compare with an uninterrupted
                 run (dropout on, so the CUDA generator's state matters)
+  loss          the fused chunked cross-entropy at the 124M shape (16k tokens, vocab 50,304),
+                forward + backward in ms, with the elementwise part eager and compiled
   syncs         host-device synchronisations per training step outside logging steps (torch's
                 sync debug mode over 20- and 30-step runs; expected 0)
   checkpoint    (within the 1b throughput run) save and load time of the full state, and the
@@ -425,6 +427,46 @@ def syncs(report: Report, args, tmp: Path) -> dict:
             "per_step_syncs": (counts[30] - counts[20]) / 10, "where": sorted(messages)[:20]}
 
 
+def loss(report: Report, args) -> dict:
+    """The head's fused cross-entropy alone, eager against compiled elementwise, side by side:
+    the same inputs, each timed over 20 forward+backward passes after warm-up."""
+    import torch
+
+    from testbed.model.loss import linear_cross_entropy
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokens, d, vocab = (64, 32, 512) if args.smoke else (16 * 1024, 768, 50304)
+    gen = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(tokens, d, device=device, generator=gen, requires_grad=True)
+    w = (torch.randn(vocab, d, device=device, generator=gen) * 0.02).requires_grad_()
+    t = torch.randint(0, vocab, (tokens,), device=device, generator=gen)
+    result = {"tokens": tokens, "d_model": d, "vocab": vocab}
+    grads = {}
+    for name, compiled in (("eager", False), ("compiled", True)):
+        def once():
+            h.grad = w.grad = None
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                value = linear_cross_entropy(h, w, t, compiled=compiled)
+            value.backward()
+            return value
+        for _ in range(3):
+            value = once()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            once()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        result[f"{name}_ms"] = (time.perf_counter() - t0) / 20 * 1000
+        result[f"{name}_loss"] = value.item()
+        grads[name] = (h.grad.clone(), w.grad.clone())
+    result["speedup"] = result["eager_ms"] / result["compiled_ms"]
+    result["max_grad_h_diff"] = (grads["eager"][0] - grads["compiled"][0]).abs().max().item()
+    result["loss_diff"] = abs(result["eager_loss"] - result["compiled_loss"])
+    return result
+
+
 def profile(report: Report, args, rung: str, micro: int) -> dict:
     """Where a compiled training step's GPU time goes: torch.profiler over 3 steps after warm-up;
     the table of the top kernels by self CUDA time is written beside the JSON."""
@@ -486,7 +528,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint-rung", default="1b", help="rung whose checkpoint save/load is timed")
     p.add_argument("--vocab", type=int, default=32768, help="vocabulary of the ladder rungs")
     p.add_argument("--memory-gib", type=float, default=78.0, help="cap GPU memory (0: no cap)")
-    p.add_argument("--sections", default="correctness,resume,syncs,throughput,vocab128k,profile",
+    p.add_argument("--profile-rung", default="", help="rung to profile (default: the last throughput rung)")
+    p.add_argument("--sections", default="correctness,resume,loss,syncs,throughput,vocab128k,profile",
                    help="which sections to run, comma-separated")
     args = p.parse_args(argv)
     import torch
@@ -505,6 +548,8 @@ def main(argv=None) -> int:
             report.section("correctness", correctness, args, tmp)
         if "resume" in sections:
             report.section("resume", resume, args, tmp)
+        if "loss" in sections:
+            report.section("loss", loss, args)
         if "syncs" in sections:
             report.section("syncs", syncs, args, tmp)
         if "throughput" in sections:
@@ -524,7 +569,7 @@ def main(argv=None) -> int:
         if "vocab128k" in sections:
             report.section("vocab128k", vocab128k, args)
         if "profile" in sections:
-            rung = rungs[-1]
+            rung = args.profile_rung or rungs[-1]
             micro = report.result.get(f"throughput_{rung}", {}).get("micro_batch", 8)
             report.section(f"profile_{rung}", profile, args, rung, micro)
     failed = [k for k, v in report.result.items() if "error" in v]

@@ -85,3 +85,25 @@ def test_largest_fitting_finds_the_boundary_with_few_probes(limit):
     assert len(probes) <= 2 * 7 + 1  # logarithmic, not linear
     divisors = [m for m in candidates if 96 % m == 0]
     assert largest_fitting(divisors, lambda m: m <= 40) == 32
+
+
+def test_compiled_elementwise_path_matches_the_eager_one():
+    """The one-kernel gradient (loss.softmax_grad, compiled on GPUs) computes what the in-place
+    eager path does; run here without compiling, since the maths is what could be wrong."""
+    from testbed.model import loss as loss_module
+
+    torch.manual_seed(4)
+    h = torch.randn(3, 20, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 50, (3, 20))
+    eager = linear_cross_entropy(h, w, t, chunk=7)
+    ge = torch.autograd.grad(eager, (h, w))
+    original = loss_module._compiled_softmax_grad
+    loss_module._compiled_softmax_grad = loss_module.softmax_grad
+    try:
+        fused = linear_cross_entropy(h, w, t, chunk=7, compiled=True)
+        gf = torch.autograd.grad(fused, (h, w))
+    finally:
+        loss_module._compiled_softmax_grad = original
+    assert fused.item() == pytest.approx(eager.item(), rel=1e-12)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(ge, gf))

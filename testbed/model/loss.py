@@ -12,7 +12,10 @@ cross-entropy does); backward only scales them. The matmul count equals the plai
 computes a cross-entropy: training, validation and the memory probe all call it.
 
 Logits are computed in the autocast dtype (bf16 on a GPU) and reduced in fp32; the weight
-gradient is accumulated in fp32 across chunks.
+gradient is accumulated in fp32 across chunks. With `compiled=True` (the trainer sets it where it
+compiles the blocks) the elementwise work between the two matmuls, which the eager path does in
+about six passes over fp32 logits, is one compiled kernel that reads the bf16 logits and writes
+the bf16 gradient.
 """
 
 from __future__ import annotations
@@ -42,23 +45,47 @@ def chunk_loss(hc: torch.Tensor, w: torch.Tensor, tc: torch.Tensor, dtype: torch
     return logits, lse, (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
 
 
+def softmax_grad(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
+    """(summed loss, d loss / d logits in `dtype`) of one chunk, written for torch.compile to fuse
+    into one pass; the eager path below does the same in place."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    loss = (lse - x.gather(1, targets[:, None])).sum()
+    one_hot = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
+    return loss, (torch.exp(x - lse) - one_hot.float()).to(dtype)
+
+
+_compiled_softmax_grad = None
+
+
+def compiled_softmax_grad():
+    global _compiled_softmax_grad
+    if _compiled_softmax_grad is None:
+        # dynamic=False: a run has two chunk lengths at most (full and last), one graph each.
+        _compiled_softmax_grad = torch.compile(softmax_grad, dynamic=False)
+    return _compiled_softmax_grad
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """sum over tokens of -log softmax(h @ W^T)[target], with gradients for h and W."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk, dtype):
+    def forward(ctx, h, weight, targets, chunk, dtype, compiled):
         w = weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, h.shape[0], chunk):
             hc, tc = h[start:start + chunk].to(dtype), targets[start:start + chunk]
-            logits, lse, loss = chunk_loss(hc, w, tc, dtype)
+            if compiled:
+                loss, g = compiled_softmax_grad()(hc @ w.t(), tc, dtype)
+            else:
+                logits, lse, loss = chunk_loss(hc, w, tc, dtype)
+                # d(sum of losses)/d(logits) = softmax - one_hot, built in the logits' memory.
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(len(tc), device=tc.device), tc] -= 1.0
+                g = probs.to(dtype)
             total += loss
-            # d(sum of losses)/d(logits) = softmax - one_hot, built in place in the logits' memory.
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs[torch.arange(len(tc), device=tc.device), tc] -= 1.0
-            g = probs.to(dtype)
             grad_h[start:start + chunk] = g @ w
             grad_w.add_(g.t() @ hc)
         ctx.save_for_backward(grad_h, grad_w)
@@ -69,7 +96,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_total.to(grad_h.dtype), (grad_w * grad_total).to(ctx.weight_dtype),
-                None, None, None)
+                None, None, None, None)
 
 
 @torch.no_grad()
@@ -80,8 +107,10 @@ def _loss_only(h, weight, targets, chunk, dtype) -> torch.Tensor:
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         reduction: str = "mean", chunk: int | None = None) -> torch.Tensor:
-    """Cross-entropy in nats of logits h @ weight^T against targets; h [..., d], targets [...]."""
+                         reduction: str = "mean", chunk: int | None = None,
+                         compiled: bool = False) -> torch.Tensor:
+    """Cross-entropy in nats of logits h @ weight^T against targets; h [..., d], targets [...].
+    compiled: fuse the elementwise part of the gradient with torch.compile."""
     h = h.reshape(-1, h.shape[-1])
     targets = targets.reshape(-1)
     chunk = chunk or chunk_tokens(weight.shape[0])
@@ -90,7 +119,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     # The casts are explicit; autocast inside would only repeat them.
     with torch.autocast(device_type, enabled=False):
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            total = FusedLinearCrossEntropy.apply(h, weight, targets, chunk, dtype)
+            total = FusedLinearCrossEntropy.apply(h, weight, targets, chunk, dtype, compiled)
         else:
             total = _loss_only(h, weight, targets, chunk, dtype)
     if reduction == "sum":

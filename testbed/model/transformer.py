@@ -226,6 +226,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.activation_checkpointing = False
+        self.compile_loss = False  # set by the trainer where it compiles the blocks
         self.reset_parameters()
 
     @torch.no_grad()
@@ -253,4 +254,4 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.head(x)
-        return linear_cross_entropy(x, self.head.weight, targets, reduction)
+        return linear_cross_entropy(x, self.head.weight, targets, reduction, compiled=self.compile_loss)

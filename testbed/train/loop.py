@@ -430,6 +430,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
         # compiling takes seconds whatever the depth, and parameter names stay unchanged.
         for block in base_model.blocks:
             block.compile()
+        base_model.compile_loss = True
     # The optimiser is built on the wrapped model: FSDP2 replaces parameters by sharded ones.
     model = wrap_model(model, config, device, d)
     optimizer = build_optimizer(model, config.optim, device)
