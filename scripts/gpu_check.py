@@ -487,6 +487,7 @@ def profile(report: Report, args, rung: str, micro: int) -> dict:
     model = Transformer(resolved_model(config)).cuda()
     for block in model.blocks:
         block.compile()
+    model.compile_loss = True
     opt = build_optimizer(model, config.optim, torch.device("cuda"))
     x = torch.randint(0, model.cfg.vocab_size, (micro, seq_len + 1), device="cuda")
 
