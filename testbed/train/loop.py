@@ -490,6 +490,8 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
         nonlocal last_eval, last_eval_step
         if last_eval_step == step:
             return last_eval
+        # Training kernels still queued on the GPU belong to the step time, not to validation.
+        dev.synchronize(device)
         t0 = time.perf_counter()
         last_eval = evaluate(model, source, val_ids, micro, device, dtype, d, optimum)
         last_eval_step = step
@@ -501,6 +503,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
         return last_eval
 
     def save(step: int, kind: str) -> None:
+        dev.synchronize(device)  # as in run_eval: queued training kernels are step time
         t0 = time.perf_counter()
         bad = torch.zeros((), device=device)
         for p in model.parameters():
