@@ -39,7 +39,6 @@ from testbed.data.sources import (
 from testbed.data.tokenizer import (
     DEFAULT_SAMPLE_BYTES,
     TextTokenizer,
-    _atomic_write_text,
     _key,
     cache_root,
     draw_sample,
@@ -48,6 +47,7 @@ from testbed.data.tokenizer import (
     train_bpe,
 )
 from testbed.errors import TestbedError
+from testbed.rundir import write_text_atomic
 
 SPLITS = ("train", "validation")
 FORMAT_VERSION = 1
@@ -185,7 +185,7 @@ def _split_plan(source: Source, val_fraction: float, min_val_docs: int, cache_di
     if path.exists():
         return SplitPlan.from_dict(json.loads(path.read_text()))
     plan = scan_split(source, val_fraction, min_val_docs)
-    _atomic_write_text(path, json.dumps(plan.to_dict()))
+    write_text_atomic(path, json.dumps(plan.to_dict()))
     return plan
 
 
@@ -308,7 +308,7 @@ def prepare(
 
     def save_progress() -> None:
         shards = [r for s in SPLITS for r in by_split[s]]
-        _atomic_write_text(progress_path, json.dumps(
+        write_text_atomic(progress_path, json.dumps(
             {"settings_key": settings_key, "settings": settings, "shards": shards}, indent=1))
 
     def shard_done(record: dict) -> None:
@@ -333,7 +333,7 @@ def prepare(
             f"source={source.spec!r} changed while it was being prepared ({plan.documents} documents "
             f"when scanned, {counted} now); run testbed data prepare again once it is stable."
         )
-    _atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
     progress_path.unlink(missing_ok=True)
     for leftover in out.glob(".*.tmp-*"):
         leftover.unlink(missing_ok=True)
@@ -526,7 +526,7 @@ class TokenShards:
             changed = True
         if mode == "cached" and changed:
             try:
-                _atomic_write_text(cache_path, json.dumps(cache))
+                write_text_atomic(cache_path, json.dumps(cache))
             except OSError:
                 pass  # a read-only folder just re-hashes next time
 

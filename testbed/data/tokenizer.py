@@ -32,6 +32,7 @@ from testbed.data.sources import (
     check_val_fraction,
 )
 from testbed.errors import TestbedError
+from testbed.rundir import write_text_atomic
 
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_SAMPLE_BYTES = 100_000_000
@@ -43,13 +44,6 @@ def cache_root(explicit: str | os.PathLike | None = None) -> Path:
         return Path(explicit).expanduser()
     env = os.environ.get("TESTBED_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "testbed"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _key(*parts) -> str:
@@ -125,10 +119,10 @@ def draw_sample(
     chosen = sorted((-p, h, t, b) for p, h, t, b in heap if not plan.is_validation(h))
     lines = "".join(json.dumps(t, ensure_ascii=False) + "\n" for _, _, t, _ in chosen)
     total = sum(b for *_, b in chosen)
-    _atomic_write_text(path, lines)
+    write_text_atomic(path, lines)
     meta = {"documents": len(chosen), "bytes": total, "plan": plan.to_dict(),
             "source": source.describe(), "seed": seed, "sample_bytes": sample_bytes}
-    _atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    write_text_atomic(meta_path, json.dumps(meta, indent=1))
     return Sample(path, key, len(chosen), total, plan, seed, sample_bytes)
 
 
@@ -208,7 +202,7 @@ def train_bpe(sample: Sample, vocab_size: int, cache_dir: str | os.PathLike | No
                 f"from {sample.bytes} bytes); pass --vocab-size {got} or less, or a larger "
                 "--sample-bytes / corpus."
             )
-        _atomic_write_text(path, backend.to_str())
+        write_text_atomic(path, backend.to_str())
     return TextTokenizer(backend, backend.token_to_id(EOS_TOKEN), describe)
 
 

@@ -1,18 +1,19 @@
 """Turn a sweep's run directories into one tidy table of (run, checkpoint) points.
 
-Reads only what docs/run-directory.md promises: run.json, checkpoints/index.jsonl and, for runs
-without an index, the evaluation lines of metrics.jsonl. A sweep directory holds its runs at
-SWEEP_DIR/runs/<run_id>/; any other folder is searched recursively for run.json files.
+Reads only what docs/run-directory.md promises, through testbed/rundir.py: run.json,
+checkpoints/index.jsonl and, for runs without an index, the evaluation lines of metrics.jsonl.
+Every run is found, cooldown branches (RUN_DIR/branches/*) included: a branch's final point is a
+`cooldown` point.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from testbed.errors import TestbedError
+from testbed.rundir import RunDir, find_runs
 
 # run.json key -> table column
 RUN_COLUMNS = {
@@ -33,47 +34,22 @@ RUN_COLUMNS = {
 }
 
 
-def find_run_dirs(root: str | Path) -> list[Path]:
-    root = Path(root)
-    if not root.is_dir():
-        raise TestbedError(f"sweep directory {str(root)!r} does not exist; pass a folder of run directories.")
-    runs = root / "runs"
-    found = sorted(runs.glob("*/run.json")) if runs.is_dir() else []
-    if not found:
-        found = sorted(root.rglob("run.json"))
-    if not found:
+def find_run_dirs(root: str | Path) -> list[RunDir]:
+    """Every run under `root`, cooldown branches included (testbed/rundir.py)."""
+    runs = find_runs(root)
+    if not runs:
         raise TestbedError(
             f"no run.json found under {str(root)!r}; pass a sweep directory or a folder of run directories."
         )
-    return [p.parent for p in found]
+    return runs
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    if not path.is_file():
-        return rows
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            # A run killed mid-write leaves a partial last line; anything else is corruption.
-            if number != len(path.read_text().splitlines()):
-                raise TestbedError(f"{path} line {number} is not valid JSON; repair or remove that line.")
-    return rows
-
-
-def _checkpoint_rows(run_dir: Path) -> list[dict]:
-    index = _read_jsonl(run_dir / "checkpoints" / "index.jsonl")
-    rows = [r for r in index if r.get("val_loss") is not None]
+def _checkpoint_rows(run: RunDir) -> list[dict]:
+    rows = [r for r in run.index() if r.get("val_loss") is not None]
     if rows:
         return rows
     # No usable index: fall back to the evaluation lines of the metrics log.
-    return [
-        {**r, "kind": "eval"} for r in _read_jsonl(run_dir / "metrics.jsonl") if r.get("val_loss") is not None
-    ]
+    return [{**r, "kind": "eval"} for r in run.metrics() if r.get("val_loss") is not None]
 
 
 def _point_kind(row: dict, run: dict, is_branch: bool) -> str:
@@ -88,11 +64,8 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
     """One row per evaluated checkpoint of every run under `root`."""
     records = []
     for run_dir in find_run_dirs(root):
-        try:
-            run = json.loads((run_dir / "run.json").read_text())
-        except json.JSONDecodeError as err:
-            raise TestbedError(f"{run_dir / 'run.json'} is not valid JSON ({err}); rewrite or remove it.")
-        base = {"run_id": str(run.get("run_id") or run_dir.name), "run_dir": str(run_dir)}
+        run = run_dir.read_run() or {}
+        base = {"run_id": str(run.get("run_id") or run_dir.path.name), "run_dir": str(run_dir.path)}
         for key, value in (run.get("labels") or {}).items():
             base[f"label_{key}"] = value
         for key, column in RUN_COLUMNS.items():
@@ -146,9 +119,9 @@ def collect_curves(root: str | Path) -> pd.DataFrame:
     """
     records = []
     for run_dir in find_run_dirs(root):
-        run = json.loads((run_dir / "run.json").read_text())
-        run_id = str(run.get("run_id") or run_dir.name)
-        for row in _read_jsonl(run_dir / "metrics.jsonl"):
+        run = run_dir.read_run() or {}
+        run_id = str(run.get("run_id") or run_dir.path.name)
+        for row in run_dir.metrics():
             is_eval = row.get("val_loss") is not None
             loss = row.get("val_loss") if is_eval else row.get("train_loss")
             records.append({

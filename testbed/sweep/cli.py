@@ -140,13 +140,15 @@ def check_sweep_dir(sweep_dir: Path, name: str) -> None:
     """One sweep directory holds one sweep: refuse to mix two under the same registry."""
     marker = sweep_dir / "sweep.json"
     if marker.is_file():
-        known = json.loads(marker.read_text()).get("name")
+        from testbed.rundir import read_json
+
+        known = (read_json(marker) or {}).get("name")
         if known != name:
             raise TestbedError(f"--sweep-dir {str(sweep_dir)!r} holds sweep {known!r}, not "
                                f"{name!r}; choose another --sweep-dir")
         return
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    from testbed.sweep.registry import write_json_atomic
+    from testbed.rundir import write_json_atomic
 
     write_json_atomic(marker, {"name": name})
 

@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from testbed import exits
+
 # Imported once by the server, before any fork: everything a CPU training run imports lazily
 # that costs noticeable time. Import only; nothing here may run a torch op at import.
 PRELOAD = (
@@ -59,8 +61,6 @@ PRELOAD = (
 # Present only in some installations; a trainer without them behaves as a fresh process would.
 OPTIONAL_PRELOAD = ("wandb", "tqdm.auto")
 
-# A child whose server died before announcing it exits with this, having done nothing.
-EXIT_NOT_STARTED = 70
 
 
 class ServerGone(Exception):
@@ -309,7 +309,7 @@ def _child(request: dict, gate: int, inherited: list[int]) -> None:
         released = os.read(gate, 1)
         os.close(gate)
         if not released:
-            code = EXIT_NOT_STARTED
+            code = exits.NOT_STARTED
         else:
             code = _run_child(request)
     except BaseException:

@@ -1,7 +1,9 @@
 """Registry updates called from inside a SLURM batch script (light: no torch import).
 
-    python -m testbed.sweep.hook begin SWEEP_DIR RUN_ID JOB      exit 0: train it; 3: already done
-    python -m testbed.sweep.hook end   SWEEP_DIR RUN_ID RC JOB   exit 0 done, 75 preempted, 1 failed
+    python -m testbed.sweep.hook begin SWEEP_DIR RUN_ID JOB      exit DONE: train it; SKIP: already done
+    python -m testbed.sweep.hook end   SWEEP_DIR RUN_ID RC JOB   exit DONE, PREEMPTED or FAILURE
+
+(the codes are testbed/exits.py's; the batch script is rendered with their values)
 """
 
 from __future__ import annotations
@@ -9,10 +11,10 @@ from __future__ import annotations
 import os
 import sys
 
+from testbed import exits
 from testbed.sweep.outcome import record_exit
 from testbed.sweep.registry import Registry, now
 
-SKIP = 3
 
 
 def begin(sweep_dir: str, run_id: str, job: str) -> int:
@@ -22,18 +24,18 @@ def begin(sweep_dir: str, run_id: str, job: str) -> int:
         if registry.is_done(run_id):
             registry.set_state(record, "done", None)
             registry.write(record)
-            return SKIP
+            return exits.SKIP
         record["launches"] = record.get("launches", 0) + 1
         registry.set_state(record, "running", None, executor="slurm", job_id=job,
                            started_at=now(), restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
                            node=os.uname().nodename)
         registry.write(record)
-    return 0
+    return exits.DONE
 
 
 def end(sweep_dir: str, run_id: str, exit_code: int) -> int:
     record = record_exit(Registry(sweep_dir), run_id, exit_code)
-    return {"done": 0, "preempted": 75}.get(record["state"], 1)
+    return exits.from_state(record["state"])
 
 
 def main(argv: list[str]) -> int:
@@ -42,7 +44,7 @@ def main(argv: list[str]) -> int:
     if len(argv) >= 4 and argv[0] == "end":
         return end(argv[1], argv[2], int(argv[3]))
     print(__doc__, file=sys.stderr)
-    return 2
+    return exits.BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -2,12 +2,12 @@
 
 Each worker slot claims the next startable run from the registry (under its lock), runs the
 trainer as a subprocess with output appended to SWEEP_DIR/logs/<run_id>.log, and records the
-exit status. A run that exits 75 (preempted) is simply started again and resumes from its
+exit status. A run that exits PREEMPTED (75, testbed/exits.py) is simply started again and resumes from its
 checkpoint; a failed run is retried until it has failed `max_retries + 1` times.
 
 Slots: `workers` CPU processes (each limited to its share of the cores), or one per GPU with
 CUDA_VISIBLE_DEVICES set to that GPU. Ctrl-C or SIGTERM asks every trainer to save and stop
-(they exit 75 and stay resumable); nothing is lost.
+(they exit PREEMPTED and stay resumable); nothing is lost.
 
 On CPU slots each trainer is forked from a per-slot fork server (testbed/sweep/forkserver.py)
 that has imported torch once, instead of starting a fresh interpreter: seconds saved per run,
@@ -18,17 +18,18 @@ every slot do so.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
+from testbed import exits
+from testbed.errors import TestbedError
+from testbed.rundir import RunDir
 from testbed.sweep.forkserver import ForkServer, ServerGone
-from testbed.sweep.outcome import EXIT_DONE, EXIT_PREEMPTED, record_exit
+from testbed.sweep.outcome import record_exit
 from testbed.sweep.registry import Registry
 
 # A run preempted again and again without us asking is more likely a loop than a machine
@@ -45,16 +46,6 @@ def fork_server_usable() -> bool:
     """Forking a process that holds imported torch is safe on Linux; on macOS fork is not (the
     system libraries torch loads may not be used in a forked child)."""
     return sys.platform.startswith("linux") and hasattr(os, "fork") and hasattr(os, "waitid")
-
-
-def status_stamp(run_dir: Path) -> tuple[int, int] | None:
-    """Identity of status.json as it is now: every write replaces the file (tmp + rename), so a
-    different stamp later means a trainer wrote it meanwhile."""
-    try:
-        st = os.stat(run_dir / "status.json")
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns
 
 
 def worker_slots(workers: int, gpus: list[str] | None) -> list[dict[str, str]]:
@@ -149,7 +140,7 @@ class LocalExecutor:
             log.flush()
             with self.children_lock:
                 if self.stopping.is_set():
-                    return 75  # asked to stop before it started: still resumable
+                    return exits.PREEMPTED  # asked to stop before it started: still resumable
                 child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)  # Ctrl-C reaches it via us only
                 self.children[child.pid] = child
@@ -186,12 +177,12 @@ class LocalExecutor:
         argv = ["train", str(self.registry.config_path(run_id)),
                 "--run-dir", str(self.registry.run_dir(run_id))]
         log_path = self.registry.log_path(run_id)
-        before = status_stamp(self.registry.run_dir(run_id))
+        before = RunDir(self.registry.run_dir(run_id)).status_stamp()
         try:
             server.wait_ready()  # outside the lock: the signal handler must not wait on imports
             with self.children_lock:
                 if self.stopping.is_set():
-                    return 75  # asked to stop before it started: still resumable
+                    return exits.PREEMPTED  # asked to stop before it started: still resumable
                 with open(log_path, "ab") as log:
                     log.write(f"\n=== {' '.join(command)} (forked by fork server {server.pid})\n"
                               .encode())
@@ -215,16 +206,16 @@ class LocalExecutor:
         """A forked trainer ended after its server died, so its exit status is lost: read its
         outcome from status.json, which the trainer writes before its first step and at its end.
         Untouched: it never got that far (or never started), and it is started again."""
-        run_dir = self.registry.run_dir(run_id)
-        if status_stamp(run_dir) == before:
+        run = RunDir(self.registry.run_dir(run_id))
+        if run.status_stamp() == before:
             return None
         try:
-            state = json.loads((run_dir / "status.json").read_text()).get("state")
-        except (OSError, ValueError):
-            return 1
+            state = run.read_status().get("state")
+        except (OSError, TestbedError):
+            return exits.FAILURE
         # "running" means it was killed; "failed" loses whether it was bad input (exit 2):
         # both count as a failure, retried within the limit like any other.
-        return {"done": EXIT_DONE, "preempted": EXIT_PREEMPTED}.get(state, 1)
+        return exits.from_state(state)
 
     def _server_gone(self, slot: int, server: ForkServer, err: Exception) -> None:
         if self.servers.get(slot) is server:
@@ -258,7 +249,7 @@ class LocalExecutor:
         with self.children_lock:
             for child in self.children.values():
                 try:
-                    child.send_signal(signal.SIGTERM)  # the trainer saves and exits 75
+                    child.send_signal(signal.SIGTERM)  # the trainer saves and exits PREEMPTED
                 except ProcessLookupError:
                     pass
         print("stopping: asked every running trainer to save a checkpoint and exit",

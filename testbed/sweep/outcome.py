@@ -1,7 +1,6 @@
 """Turning a trainer's exit status into a registry state (shared by every executor).
 
-The trainer's contract: 0 done; 75 preempted with a resume checkpoint saved (run it again to
-continue); 2 bad input (retrying cannot help); anything else a failure worth retrying.
+The trainer's exit contract is testbed/exits.py.
 """
 
 from __future__ import annotations
@@ -10,11 +9,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from testbed import exits
 from testbed.sweep.registry import Registry, now
 
-EXIT_DONE = 0
-EXIT_BAD_INPUT = 2
-EXIT_PREEMPTED = 75
 
 
 def tail(path: Path, lines: int = 10) -> list[str]:
@@ -27,26 +24,26 @@ def tail(path: Path, lines: int = 10) -> list[str]:
 
 def record_exit(registry: Registry, run_id: str, exit_code: int) -> dict[str, Any]:
     """Store the outcome of one trainer process; returns the updated record."""
-    status = registry.run_status(run_id) or {}
+    status = registry.run_status(run_id)
     # Under torchrun the exit status of a preempted rank is not passed through unchanged, so
     # the run directory's own word counts as well.
-    if exit_code not in (EXIT_DONE, EXIT_PREEMPTED) and status.get("state") == "preempted":
-        exit_code = EXIT_PREEMPTED
+    if exit_code not in (exits.DONE, exits.PREEMPTED) and status.get("state") == "preempted":
+        exit_code = exits.PREEMPTED
     with registry.locked():
         record = registry.read(run_id) or {"run_id": run_id}
         record["last_exit_code"] = exit_code
-        if exit_code == EXIT_DONE and status.get("state") == "done":
+        if exit_code == exits.DONE and status.get("state") == "done":
             registry.set_state(record, "done", None, finished_at=now())
-        elif exit_code == EXIT_DONE:
+        elif exit_code == exits.DONE:
             record["failures"] = record.get("failures", 0) + 1
             registry.set_state(record, "failed", "the trainer exited 0 but status.json does not "
                                f"say done (it says {status.get('state')!r})")
-        elif exit_code == EXIT_PREEMPTED:
+        elif exit_code == exits.PREEMPTED:
             record["preemptions"] = record.get("preemptions", 0) + 1
             registry.set_state(record, "preempted", "stopped after saving a resume checkpoint")
-        elif exit_code == EXIT_BAD_INPUT:
+        elif exit_code == exits.BAD_INPUT:
             last = next((l for l in reversed(tail(registry.log_path(run_id), 20)) if l.strip()), "")
-            registry.set_state(record, "failed", f"bad input (exit 2), not retried: {last}",
+            registry.set_state(record, "failed", f"bad input (exit {exits.BAD_INPUT}), not retried: {last}",
                                retryable=False)
         else:
             record["failures"] = record.get("failures", 0) + 1

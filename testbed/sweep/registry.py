@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import socket
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from testbed.errors import TestbedError
+from testbed.rundir import RunDir, read_json, write_json_atomic, write_text_atomic
 
 STATES = ("pending", "submitted", "running", "preempted", "done", "failed")
 ACTIVE = ("submitted", "running")
@@ -35,19 +35,6 @@ HISTORY_LIMIT = 100
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def process_alive(pid: int) -> bool:
@@ -74,7 +61,7 @@ class Registry:
         return self.runs_dir / run_id
 
     def config_path(self, run_id: str) -> Path:
-        return self.run_dir(run_id) / "config.yaml"
+        return RunDir(self.run_dir(run_id)).config_yaml
 
     def log_path(self, run_id: str) -> Path:
         return self.logs_dir / f"{run_id}.log"
@@ -103,7 +90,7 @@ class Registry:
     def write(self, record: dict[str, Any]) -> None:
         self.records_dir.mkdir(parents=True, exist_ok=True)
         record["updated_at"] = now()
-        write_json_atomic(self.record_path(record["run_id"]), record)
+        write_json_atomic(self.record_path(record["run_id"]), record, sort_keys=True)
 
     def records(self) -> list[dict[str, Any]]:
         if not self.records_dir.is_dir():
@@ -159,10 +146,8 @@ class Registry:
                     continue
                 run_dir = self.run_dir(run.run_id)
                 run_dir.mkdir(parents=True, exist_ok=True)
-                config_path = self.config_path(run.run_id)
-                tmp = config_path.with_name(".config.yaml.tmp")
-                tmp.write_text(yaml.safe_dump(run.config.to_dict(), sort_keys=False))
-                os.replace(tmp, config_path)
+                write_text_atomic(self.config_path(run.run_id),
+                                  yaml.safe_dump(run.config.to_dict(), sort_keys=False))
                 record = {"run_id": run.run_id, "config_hash": run.config_hash,
                           "sweep": sweep.name, "labels": run.labels, "order": order,
                           "quantities": run.quantities, "failures": 0, "preemptions": 0,
@@ -198,8 +183,8 @@ class Registry:
 
     # ------------------------------------------------------------------ reading run directories
 
-    def run_status(self, run_id: str) -> dict[str, Any] | None:
-        return read_json(self.run_dir(run_id) / "status.json")
+    def run_status(self, run_id: str) -> dict[str, Any]:
+        return RunDir(self.run_dir(run_id)).read_status()
 
     def is_done(self, run_id: str) -> bool:
         status = self.run_status(run_id)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from testbed import exits
 from testbed.config import REPO_ROOT, read_yaml
 from testbed.errors import ConfigError, TestbedError
 from testbed.sweep.registry import ACTIVE, Registry, eligible, now
@@ -128,6 +129,9 @@ def render_script(sweep_name: str, sweep_dir: Path, tasks: list[list[str]],
         "launch": launch_command(profile, trainer),
         "nodes": str(profile["nodes"]),
         "port": str(profile["port"]),
+        "exit_done": str(exits.DONE),
+        "exit_skip": str(exits.SKIP),
+        "exit_preempted": str(exits.PREEMPTED),
     }
     for key, value in values.items():
         template = template.replace("{{" + key + "}}", value)

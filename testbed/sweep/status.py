@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from typing import Any
 
 from testbed.errors import TestbedError
+from testbed.rundir import RunDir
 from testbed.sweep.outcome import tail
 from testbed.sweep.plan import duration, format_table, human
 from testbed.sweep.registry import STATES, Registry
@@ -18,11 +18,7 @@ LOG_LINES = 8
 def last_metrics(registry: Registry, run_id: str) -> dict[str, Any]:
     """The newest step and train/validation losses from the run's metrics.jsonl."""
     out: dict[str, Any] = {}
-    for line in reversed(tail(registry.run_dir(run_id) / "metrics.jsonl", 200)):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line being written right now
+    for row in reversed(RunDir(registry.run_dir(run_id)).metrics()):
         out.setdefault("step", row.get("step"))
         if "train_loss" in row:
             out.setdefault("train_loss", row["train_loss"])

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from testbed.config import from_dict
 from testbed.errors import TestbedError
+from testbed.rundir import RunDir
 from testbed.train import checkpoint as ckpt
 from testbed.train.loop import load_run_config, train
-from testbed.train.metrics import read_metrics
 from testbed.train.plan import describe, schedule_spec
 from testbed.train.schedules import DECAY_SHAPES, phase_at
 
@@ -57,11 +57,12 @@ def branch(parent_dir: str | Path, step: int, fraction: float, shape: str = "1-s
     config = branch_config(parent_config, step, fraction, shape)
     folder = ckpt.checkpoint_at(parent_dir, step)
     loaded = ckpt.load(folder)
-    run_dir = Path(run_dir) if run_dir else parent_dir / "branches" / f"step{step}_decay{fraction:g}_{shape}"
-    prefix = [line for line in read_metrics(parent_dir) if line.get("step", 0) <= step]
+    parent_run = RunDir(parent_dir)
+    run_dir = Path(run_dir) if run_dir else parent_run.branch(f"step{step}_decay{fraction:g}_{shape}").path
+    prefix = [line for line in parent_run.metrics() if line.get("step", 0) <= step]
     parent = {"run_dir": str(parent_dir.resolve()), "step": step, "checkpoint": str(folder)}
     summary = train(config, run_dir, init_from=loaded, parent=parent, prefix_metrics=prefix,
-                    resume=(run_dir / "run.json").exists())
+                    resume=RunDir(run_dir).exists())
     if summary.get("val_loss") is not None:
         print(f"{run_dir}: branch from step {step} decayed to step {config.train.steps}: "
               f"final val_loss {summary['val_loss']:.4f}")

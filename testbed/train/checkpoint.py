@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import warnings
@@ -27,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from testbed.errors import TestbedError
-from testbed.train.metrics import read_jsonl
+from testbed.rundir import RunDir, fsync_dir
 
 KIND_RANK = {"rolling": 0, "science": 1, "final": 2}
 FILES = ("model.safetensors", "optim.safetensors", "state.json")
@@ -43,14 +42,6 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- optimiser state
@@ -87,7 +78,7 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def save(run_dir: Path, step: int, kind: str, model_state: dict[str, torch.Tensor],
          optim_state: dict, rng: dict[str, torch.Tensor], state: dict, index_fields: dict) -> Path:
     """Write one checkpoint atomically and append its line to the index. Rank 0 only."""
-    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root = RunDir(run_dir).checkpoints
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = folder_name(step)
     final = ckpt_root / name
@@ -127,34 +118,12 @@ def save(run_dir: Path, step: int, kind: str, model_state: dict[str, torch.Tenso
         os.replace(tmp, final)
     fsync_dir(ckpt_root)
 
-    append_index(run_dir, dict(index_fields, step=step, kind=kind, path=f"checkpoints/{name}"))
+    RunDir(run_dir).append_index(dict(index_fields, step=step, kind=kind, path=f"checkpoints/{name}"))
     return final
 
 
-def append_index(run_dir: Path, line: dict) -> None:
-    with open(Path(run_dir) / "checkpoints" / "index.jsonl", "a") as f:
-        f.write(index_json(line) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def index_json(line: dict) -> str:
-    """JSON has no NaN/inf (a diverging run evaluates to NaN): write null, as metrics.jsonl does,
-    so that every reader, not only Python's, parses the index."""
-    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                       for k, v in line.items()})
-
-
 def read_index(run_dir: Path) -> list[dict]:
-    # A line cut by a kill mid-write is skipped; the folder itself is still verified on load.
-    return read_jsonl(Path(run_dir) / "checkpoints" / "index.jsonl")
-
-
-def write_index(run_dir: Path, lines: list[dict]) -> None:
-    path = Path(run_dir) / "checkpoints" / "index.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(index_json(line) + "\n" for line in lines))
-    os.replace(tmp, path)
+    return RunDir(run_dir).index()
 
 
 def apply_retention(run_dir: Path, keep_rolling: int) -> None:
@@ -176,7 +145,7 @@ def apply_retention(run_dir: Path, keep_rolling: int) -> None:
     for line in lines:
         if line["path"] in doomed:
             line["deleted"] = True
-    write_index(run_dir, lines)
+    RunDir(run_dir).write_index(lines)
 
 
 def truncate_index(run_dir: Path, after_step: int) -> None:
@@ -184,7 +153,7 @@ def truncate_index(run_dir: Path, after_step: int) -> None:
     lines = read_index(run_dir)
     kept = [line for line in lines if line["step"] <= after_step]
     if len(kept) != len(lines):
-        write_index(run_dir, kept)
+        RunDir(run_dir).write_index(kept)
 
 
 def set_aside_newer(run_dir: Path, step: int) -> list[Path]:
@@ -225,7 +194,7 @@ def verify(folder: Path) -> str | None:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))

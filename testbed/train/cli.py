@@ -50,9 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def default_run_dir(config) -> str:
-    from testbed.train.loop import run_id_of
+    from testbed.rundir import run_id
 
-    return f"runs/{run_id_of(config)}"
+    return f"runs/{run_id(config.to_dict())}"
 
 
 def cmd_train(args) -> int:

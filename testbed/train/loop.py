@@ -12,8 +12,6 @@ Contract with callers (sweeps, SLURM scripts), see docs/checkpoint.md:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import shutil
@@ -27,20 +25,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from testbed import exits
 from testbed.config import Config, from_dict
 from testbed.data import loader as data_loader
 from testbed.errors import TestbedError
 from testbed.model.counting import flops_per_token
 from testbed.model.transformer import Transformer
+from testbed.rundir import RunDir, run_id
 from testbed.train import checkpoint as ckpt
 from testbed.train import device as dev
-from testbed.train.metrics import MetricsLog, read_metrics
+from testbed.train.metrics import MetricsLog
 from testbed.train.optim import build_optimizer
 from testbed.train.plan import describe, resolved_model, schedule_spec
 from testbed.train.prefetch import Prefetcher
 from testbed.train.schedules import lr_at, phase_at
 
-EXIT_REQUEUE = 75
 # Keys that may differ between an interrupted run and its resumption (they change no number).
 RESUME_FREE_KEYS = ("logging", "train.device", "train.compile", "train.micro_batch_size", "train.parallel",
                     "train.eval_every", "train.log_every", "checkpoint")
@@ -51,22 +50,6 @@ class NonFiniteLoss(TestbedError):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def run_id_of(config: Config) -> str:
-    canonical = json.dumps(config.to_dict(), sort_keys=True, default=str)
-    return config.name or hashlib.sha1(canonical.encode()).hexdigest()[:10]
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def read_status(run_dir: Path) -> dict:
-    path = Path(run_dir) / "status.json"
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def science_steps(config: Config, total_steps: int) -> set[int]:
@@ -283,13 +266,12 @@ def load_model_state(model, state: dict[str, torch.Tensor], config: Config, d: D
 
 def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool, d: Dist) -> str:
     """Decide what to do with RUN_DIR: 'fresh', 'resume' or 'done'. Never loses a finished run."""
-    run_dir = Path(run_dir)
-    status = read_status(run_dir)
-    has_run = (run_dir / "run.json").exists()
+    rd = RunDir(run_dir)
+    status = rd.read_status()
+    has_run = rd.exists()
     if overwrite and has_run:
         if d.main:
-            for child in ("run.json", "status.json", "metrics.jsonl", "train.log", "checkpoints", "wandb"):
-                p = run_dir / child
+            for p in (rd.run_json, rd.status_json, rd.metrics_path, rd.log_path, rd.checkpoints, rd.path / "wandb"):
                 if p.is_dir():
                     shutil.rmtree(p)
                 elif p.exists():
@@ -302,7 +284,7 @@ def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool
         raise TestbedError(f"run directory {str(run_dir)!r} already holds a finished run; pass "
                            f"--overwrite to replace it, --resume to accept it, or choose another --run-dir")
     if has_run:
-        saved = json.loads((run_dir / "run.json").read_text())["config"]
+        saved = rd.read_run()["config"]
         diffs = config_differences(saved, config.to_dict())
         if diffs:
             raise TestbedError(f"run directory {str(run_dir)!r} holds an unfinished run with a different "
@@ -369,7 +351,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
     if mode == "done":
         if d.main:
             print(f"{run_dir}: already finished; nothing to do")
-        return json.loads((run_dir / "run.json").read_text()).get("summary", {})
+        return RunDir(run_dir).read_run().get("summary", {})
 
     info = describe(config)
     model_cfg = resolved_model(config)
@@ -441,7 +423,8 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
     peak, peak_name = dev.peak_flops(device, dtype)
     fpt = flops_per_token(model_cfg, seq_len)
 
-    run_id = run_id_of(config)
+    rd = RunDir(run_dir)
+    this_run_id = run_id(config.to_dict())
     metrics = MetricsLog(run_dir, enabled=d.main)
     if d.main:
         if mode == "resume":
@@ -449,35 +432,33 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
             ckpt.truncate_index(run_dir, start_step)
             for aside in ckpt.set_aside_newer(run_dir, start_step):
                 log_line(run_dir, f"damaged checkpoint moved aside to {aside}")
-            if not any(line["step"] == start_step for line in ckpt.read_index(run_dir)):
+            if not any(line["step"] == start_step for line in rd.index()):
                 # Killed between the folder's rename and its index line: write the line now, with
                 # the evaluation the killed process logged for that step just before saving.
-                ev = next((m for m in read_metrics(run_dir) if m.get("step") == start_step
+                ev = next((m for m in rd.metrics() if m.get("step") == start_step
                            and "val_loss" in m), {})
-                ckpt.append_index(run_dir, {
+                rd.append_index({
                     "tokens": start_step * gbt, "flops": start_step * gbt * fpt,
                     "val_loss": ev.get("val_loss"), "val_bpb": ev.get("val_bpb"),
                     "lr": lr_at(max(start_step - 1, 0), total_steps, config.optim.lr, spec, gbt),
                     "phase": phase_at(max(start_step - 1, 0), total_steps, spec), "step": start_step,
                     "kind": loaded["state"]["kind"], "path": f"checkpoints/{Path(resumed_from).name}"})
         else:
-            for stale in ("metrics.jsonl",):
-                if (run_dir / stale).exists():
-                    (run_dir / stale).unlink()
+            rd.metrics_path.unlink(missing_ok=True)
             if prefix_metrics:
                 for line in prefix_metrics:
                     metrics.log(line)
-        run_json = {"run_id": run_id, "config": config.to_dict(), "labels": config.labels, **info,
+        run_json = {"run_id": this_run_id, "config": config.to_dict(), "labels": config.labels, **info,
                     "data_entropy": optimum / (len(val_ids) * seq_len) if optimum is not None else None,
                     "data_fingerprint": source.fingerprint(), "parent": parent,
                     "world_size": d.world, "device": str(device), "precision": str(dtype).replace("torch.", ""),
                     "peak_flops": peak, "peak_flops_source": peak_name, "host": socket.gethostname()}
-        write_json(run_dir / "run.json", run_json)
-        write_json(run_dir / "status.json", {"state": "running", "step": start_step, "message":
-                                             f"resumed from {resumed_from}" if resumed_from else "started"})
+        rd.write_run(run_json)
+        rd.write_status("running", step=start_step,
+                        message=f"resumed from {resumed_from}" if resumed_from else "started")
         log_line(run_dir, f"{'resume from ' + resumed_from if resumed_from else 'start'} at step "
                           f"{start_step}/{total_steps} on {device} ({d.world} process(es), {dtype})")
-        metrics.start_wandb(config.logging.wandb_project, config.logging.wandb_mode, run_id,
+        metrics.start_wandb(config.logging.wandb_project, config.logging.wandb_mode, this_run_id,
                             config.to_dict(), run_dir) if config.logging.wandb else None
 
     science = science_steps(config, total_steps)
@@ -520,7 +501,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
         window_sum = all_reduce_sum(loss_sum.clone(), d).item()
         if d.main:
             rng = rng_state(device)
-            state = {"tokens": step * gbt, "total_steps": total_steps, "run_id": run_id,
+            state = {"tokens": step * gbt, "total_steps": total_steps, "run_id": this_run_id,
                      "config": config.to_dict(), "world_size": d.world,
                      "log_window": {"loss_sum": window_sum, "steps": steps_in_window}}
             fields = {"tokens": step * gbt, "flops": step * gbt * fpt, "val_loss": ev["val_loss"],
@@ -535,7 +516,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
     if d.main and config.logging.progress:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=total_steps, initial=start_step, desc=run_id, unit="step",
+        progress = tqdm(total=total_steps, initial=start_step, desc=this_run_id, unit="step",
                         mininterval=1.0, dynamic_ncols=True, leave=False)
 
     model.train()
@@ -627,7 +608,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
                 if preempt.requested and done < total_steps:
                     if not (rolling_every and done % rolling_every == 0) and done not in science:
                         save(done, "rolling")
-                    exit_code = EXIT_REQUEUE
+                    exit_code = exits.PREEMPTED
                     state_msg = ("preempted", f"{preempt.requested} at step {done}; resume checkpoint saved")
                     break
                 if steps_in_window == 0:
@@ -640,7 +621,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
     except BaseException as err:
         if d.main:
             message = str(err) if isinstance(err, TestbedError) else f"{type(err).__name__}: {err}"
-            write_json(run_dir / "status.json", {"state": "failed", "step": done, "message": message})
+            rd.write_status("failed", step=done, message=message)
             log_line(run_dir, f"failed at step {done}: {message}")
             metrics.finish(exit_code=1)
         raise
@@ -656,10 +637,10 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
                "timing": {"wall_s": wall, "startup_s": t_startup, "restore_s": restore_s, **timing,
                           "other_s": wall - t_startup - sum(timing.values())}}
     if d.main:
-        run_json = json.loads((run_dir / "run.json").read_text())
+        run_json = rd.read_run()
         run_json["summary"] = summary
-        write_json(run_dir / "run.json", run_json)
-        write_json(run_dir / "status.json", {"state": state_msg[0], "step": done, "message": state_msg[1]})
+        rd.write_run(run_json)
+        rd.write_status(state_msg[0], step=done, message=state_msg[1])
         log_line(run_dir, f"{state_msg[0]}: {state_msg[1]} (wall {wall:.1f}s)")
         metrics.finish(exit_code=0)
     summary["exit_code"] = exit_code
@@ -668,13 +649,13 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
 
 
 def log_line(run_dir: Path, text: str) -> None:
-    with open(Path(run_dir) / "train.log", "a") as f:
+    with open(RunDir(run_dir).log_path, "a") as f:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
 
 def load_run_config(run_dir: Path) -> Config:
-    path = Path(run_dir) / "run.json"
-    if not path.exists():
+    run = RunDir(run_dir).read_run()
+    if run is None:
         raise TestbedError(f"{str(run_dir)!r} is not a run directory (no run.json); pass the folder "
                            f"given to `testbed train --run-dir`")
-    return from_dict(json.loads(path.read_text())["config"])
+    return from_dict(run["config"])

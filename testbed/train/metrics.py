@@ -6,24 +6,18 @@ without any network; `wandb sync` uploads it later.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import threading
 from pathlib import Path
 from typing import Any
 
-
-def clean(value: Any) -> Any:
-    """JSON has no NaN/inf: write them as null, so every line parses everywhere."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+from testbed.rundir import RunDir, clean
 
 
 class MetricsLog:
     def __init__(self, run_dir: Path, enabled: bool = True):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.run_dir = RunDir(run_dir)
+        self.path = self.run_dir.metrics_path
         self.enabled = enabled
         self.wandb_run = None
         self.wandb_thread: threading.Thread | None = None
@@ -35,17 +29,7 @@ class MetricsLog:
         exactly like an uninterrupted run's."""
         if not self.enabled or not self.path.exists():
             return
-        kept = []
-        for raw in self.path.read_text().splitlines():
-            try:
-                line = json.loads(raw)
-            except json.JSONDecodeError:
-                continue  # cut by a kill mid-write
-            if line.get("step", 0) <= step:
-                kept.append(raw)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        self.run_dir.write_metrics([line for line in self.run_dir.metrics() if line.get("step", 0) <= step])
 
     def start_wandb(self, project: str, mode: str, name: str, config: dict, run_dir: Path) -> None:
         """Start wandb in a background thread: importing it and starting its service takes ~2 s,
@@ -81,9 +65,8 @@ class MetricsLog:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {k: clean(v) for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        record = clean(record)
+        self.run_dir.append_metrics(record)
         if self.wandb_thread is not None:
             self.wandb_pending.append(record)
             self._flush_wandb()
@@ -95,21 +78,3 @@ class MetricsLog:
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every complete line of a JSONL log; a line cut by a kill mid-write is skipped."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    out = []
-    for raw in path.read_text().splitlines():
-        try:
-            out.append(json.loads(raw))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    return read_jsonl(Path(run_dir) / "metrics.jsonl")

@@ -1,0 +1,296 @@
+"""The run directory: the contract between the trainer, sweeps and the fitter (docs/run-directory.md).
+
+Every file of a run directory is named, written and read here, and nowhere else:
+
+    RUN_DIR/run.json               resolved config, derived quantities, summary at the end
+    RUN_DIR/status.json            {"state", "step", "message", ...}
+    RUN_DIR/metrics.jsonl          one JSON object a line
+    RUN_DIR/train.log              the human-readable log
+    RUN_DIR/checkpoints/index.jsonl, checkpoints/step_XXXXXXXX/
+    RUN_DIR/branches/<name>/       cooldown branches, each a run directory of its own
+
+Writes are atomic (a hidden temporary file, fsynced and renamed), so a reader never sees half a
+JSON file. JSONL files are appended a whole line at a time; a kill can still cut the last line,
+and that is the one thing the reader forgives: any other unreadable line is damage and an error
+that names the file and the line. An append first drops such a cut tail, so the cut line can
+only ever be the last one. JSON has no NaN or infinity: they are written as null, so every
+reader, not only Python's, parses every file.
+
+Standard library only: sweeps, the fitter and SLURM hooks read run directories without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from testbed.errors import TestbedError
+
+RUN_JSON = "run.json"
+STATUS_JSON = "status.json"
+METRICS = "metrics.jsonl"
+TRAIN_LOG = "train.log"
+CHECKPOINTS = "checkpoints"
+INDEX = "index.jsonl"
+BRANCHES = "branches"
+CONFIG_YAML = "config.yaml"  # written by a sweep before the trainer starts
+
+# status.json states (the registry of a sweep has states of its own).
+STATES = ("running", "done", "failed", "preempted")
+
+HASH_CHARS = 10
+# Config keys that name or describe a run without changing a number it produces.
+COSMETIC_KEYS = ("name", "labels", "logging")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def clean(value: Any) -> Any:
+    """NaN and infinity (a diverging run evaluates to NaN) become null, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    return value
+
+
+def to_json(data: Any, indent: int | None = None, sort_keys: bool = False) -> str:
+    return json.dumps(clean(data), indent=indent, sort_keys=sort_keys, default=str)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str, fsync: bool = False) -> None:
+    """Replace `path` with `text` in one rename; fsync=True also survives a power cut."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        if fsync:
+            handle.flush()
+            os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any, sort_keys: bool = False, fsync: bool = False) -> None:
+    write_text_atomic(path, to_json(data, indent=1, sort_keys=sort_keys), fsync=fsync)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The object in a JSON file; None when the file does not exist. Files here are written
+    atomically, so one that does not parse was damaged or edited: an error naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise TestbedError(f"{path} is not valid JSON ({err}); restore it from a backup or remove "
+                           f"it (a run without run.json is trained again from its checkpoints)")
+
+
+def _split_lines(path: Path) -> tuple[list[str], bool]:
+    """(lines, whether the last one is cut: no newline after it)."""
+    data = path.read_bytes().decode("utf-8", errors="replace")
+    if not data:
+        return [], False
+    cut = not data.endswith("\n")
+    return data.splitlines(), cut
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every line of a JSONL file. Only a last line cut by a kill mid-write is skipped; any
+    other line that does not parse is an error naming the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines, cut = _split_lines(path)
+    rows = []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            rows.append(json.loads(raw))
+        except json.JSONDecodeError:
+            if number == len(lines) and cut:
+                break  # the write a kill interrupted
+            raise TestbedError(f"{path} line {number} is not valid JSON ({raw[:60]!r}); it was damaged "
+                               f"after being written: repair or delete that line")
+    return rows
+
+
+def _drop_cut_tail(path: Path) -> None:
+    """Truncate a JSONL file after its last newline, so the next line starts on its own."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    if size == 0:
+        return
+    with open(path, "rb+") as handle:
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return
+        handle.seek(0)  # rare: a kill cut the last append
+        handle.truncate(handle.read().rfind(b"\n") + 1)
+
+
+def append_jsonl(path: Path, record: dict[str, Any], fsync: bool = False) -> None:
+    path = Path(path)
+    _drop_cut_tail(path)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(to_json(record) + "\n")
+        if fsync:
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
+    write_text_atomic(path, "".join(to_json(r) + "\n" for r in records))
+
+
+# ----------------------------------------------------------------------------- run ids
+
+
+def config_hash(tree: dict[str, Any]) -> str:
+    """A short hash of what a config computes: its name, labels, logging and the model preset's
+    name (its values are filled in) do not count."""
+    tree = {k: v for k, v in tree.items() if k not in COSMETIC_KEYS}
+    if isinstance(tree.get("model"), dict):
+        tree["model"] = {k: v for k, v in tree["model"].items() if k != "preset"}
+    canonical = json.dumps(tree, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:HASH_CHARS]
+
+
+def run_id(tree: dict[str, Any]) -> str:
+    """A run's id: its config's name (a sweep names each run), else the config's hash."""
+    return tree.get("name") or config_hash(tree)
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+class RunDir:
+    """The files of one run directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    run_json = property(lambda self: self.path / RUN_JSON)
+    status_json = property(lambda self: self.path / STATUS_JSON)
+    metrics_path = property(lambda self: self.path / METRICS)
+    log_path = property(lambda self: self.path / TRAIN_LOG)
+    checkpoints = property(lambda self: self.path / CHECKPOINTS)
+    index_path = property(lambda self: self.path / CHECKPOINTS / INDEX)
+    branches = property(lambda self: self.path / BRANCHES)
+    config_yaml = property(lambda self: self.path / CONFIG_YAML)
+
+    def exists(self) -> bool:
+        return self.run_json.is_file()
+
+    # run.json and status.json
+    def read_run(self) -> dict[str, Any] | None:
+        return read_json(self.run_json)
+
+    def write_run(self, data: dict[str, Any]) -> None:
+        write_json_atomic(self.run_json, data)
+
+    def read_status(self) -> dict[str, Any]:
+        return read_json(self.status_json) or {}
+
+    def write_status(self, state: str, **fields: Any) -> None:
+        if state not in STATES:
+            raise ValueError(f"status state {state!r} is not one of {STATES}")
+        write_json_atomic(self.status_json, {"state": state, **fields})
+
+    def status_stamp(self) -> tuple[int, int] | None:
+        """Identity of status.json as it is now: every write replaces the file (a new inode), so
+        a different stamp later means a process wrote it meanwhile."""
+        try:
+            stat = self.status_json.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns
+
+    # metrics.jsonl
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.metrics_path)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.metrics_path, record)
+
+    def write_metrics(self, records: list[dict[str, Any]]) -> None:
+        write_jsonl_atomic(self.metrics_path, records)
+
+    # checkpoints/index.jsonl
+    def index(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.index_path)
+
+    def append_index(self, line: dict[str, Any]) -> None:
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        append_jsonl(self.index_path, line, fsync=True)
+
+    def write_index(self, lines: list[dict[str, Any]]) -> None:
+        write_jsonl_atomic(self.index_path, lines)
+
+    # branches
+    def branch(self, name: str) -> "RunDir":
+        return RunDir(self.branches / name)
+
+    def branch_dirs(self) -> list["RunDir"]:
+        if not self.branches.is_dir():
+            return []
+        return [RunDir(p.parent) for p in sorted(self.branches.glob(f"*/{RUN_JSON}"))]
+
+    def with_branches(self) -> Iterator["RunDir"]:
+        """This run, then its branches (and theirs), depth first."""
+        yield self
+        for branch in self.branch_dirs():
+            yield from branch.with_branches()
+
+
+# ----------------------------------------------------------------------------- many runs
+
+
+def find_runs(root: str | Path) -> list[RunDir]:
+    """Every run under `root`, branches included: a sweep directory's runs/<id>/, a single run
+    directory, or any folder searched for run.json (inside checkpoints/ and wandb/ never)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise TestbedError(f"{str(root)!r} does not exist; pass a sweep directory or a folder of run "
+                           f"directories")
+    if (root / RUN_JSON).is_file():
+        return list(RunDir(root).with_branches())
+    sweep_runs = root / "runs"
+    if sweep_runs.is_dir():
+        tops = [RunDir(p.parent) for p in sorted(sweep_runs.glob(f"*/{RUN_JSON}"))]
+    else:
+        tops = []
+        for path in sorted(root.rglob(RUN_JSON)):
+            parts = path.relative_to(root).parts[:-1]
+            # A branch is reached through its parent, and nothing inside a run's private
+            # folders is a run.
+            if BRANCHES in parts or CHECKPOINTS in parts or "wandb" in parts:
+                continue
+            tops.append(RunDir(path.parent))
+    return [run for top in tops for run in top.with_branches()]

@@ -1,0 +1,164 @@
+"""The run directory (testbed/rundir.py): its files, the one tolerant reader, and every reader
+of a run (trainer, checkpoints, sweep status, fitter) agreeing on it; cooldown branches of a
+sweep reach the fit."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import yaml
+
+from testbed import exits
+from testbed.cli import main
+from testbed.errors import TestbedError
+from testbed.rundir import RunDir, append_jsonl, config_hash, find_runs, read_jsonl, run_id
+
+
+def test_only_a_cut_last_line_is_forgiven(tmp_path):
+    path = tmp_path / "m.jsonl"
+    append_jsonl(path, {"step": 1})
+    append_jsonl(path, {"step": 2, "loss": float("nan")})
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2, "loss": None}]  # NaN written as null
+    with open(path, "a") as handle:
+        handle.write('{"step": 3, "lo')  # a kill in the middle of an append
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2, "loss": None}]
+    append_jsonl(path, {"step": 4})  # the next append drops the cut tail first
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 4]
+    assert path.read_text().count("\n") == 3
+
+    damaged = tmp_path / "d.jsonl"
+    damaged.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(TestbedError, match=r"d.jsonl line 2 is not valid JSON"):
+        read_jsonl(damaged)
+    # A complete but unparsable last line (it has its newline) is damage too, not a cut write.
+    damaged.write_text('{"step": 1}\n{"step": 2, "lo\n')
+    with pytest.raises(TestbedError, match="line 2"):
+        read_jsonl(damaged)
+
+
+def test_damaged_json_file_is_an_error_naming_it(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.read_run() is None and run.read_status() == {}
+    run.write_status("running", step=3)
+    assert run.read_status() == {"state": "running", "step": 3}
+    run.status_json.write_text('{"state": "run')
+    with pytest.raises(TestbedError, match="status.json is not valid JSON"):
+        run.read_status()
+    with pytest.raises(ValueError, match="not one of"):
+        run.write_status("finished")
+
+
+def test_run_ids_ignore_what_changes_no_number():
+    tree = {"name": None, "labels": {}, "logging": {"wandb": True}, "model": {"preset": "1m", "d_model": 8},
+            "train": {"steps": 3}}
+    other = dict(tree, logging={"wandb": False}, labels={"x": 1}, model={"preset": None, "d_model": 8})
+    assert config_hash(tree) == config_hash(other) == run_id(tree)
+    assert config_hash(dict(tree, train={"steps": 4})) != config_hash(tree)
+    assert run_id(dict(tree, name="sweep/a")) == "sweep/a"
+
+
+def test_exit_codes_are_the_ones_the_batch_script_is_rendered_with():
+    from testbed.sweep.slurm import TEMPLATES_DIR
+
+    for template in sorted(TEMPLATES_DIR.glob("*.sbatch")):
+        text = template.read_text()
+        # No exit code is written into a template by hand: all come from testbed/exits.py.
+        assert "{{exit_preempted}}" in text and "== 75" not in text and "== 3 " not in text
+    assert exits.from_state("done") == exits.DONE and exits.from_state("preempted") == exits.PREEMPTED
+    assert exits.from_state("failed") == exits.from_state(None) == exits.FAILURE
+
+
+# ----------------------------------------------------------------------------- real runs
+
+TINY = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=16", "data.seq_len=16",
+        "data.val_sequences=8", "train.global_batch_tokens=128", "logging.wandb=false",
+        "logging.progress=false", "data.source=synthetic"]
+
+
+@pytest.mark.slow
+def test_every_reader_agrees_on_a_run_killed_mid_write(tmp_path):
+    """A kill can cut the last line of metrics.jsonl and of the checkpoint index: the trainer's
+    resume, the checkpoint index, sweep status and the fitter all read the same complete lines."""
+    from testbed.config import load_config
+    from testbed.fit.collect import collect_curves, collect_runs
+    from testbed.sweep.registry import Registry
+    from testbed.sweep.status import last_metrics
+    from testbed.train import checkpoint as ckpt
+    from testbed.train.loop import train
+    from testbed.train.metrics import MetricsLog
+
+    sweep = tmp_path / "sweep"
+    run = RunDir(sweep / "runs" / "r1")
+    config = load_config(None, TINY + ["train.steps=8", "train.log_every=2", "train.eval_every=4",
+                                       "checkpoint.every=4", "checkpoint.final=false"])
+    train(config, run.path)
+    metrics, index = run.metrics(), run.index()
+    assert [m["step"] for m in metrics if "train_loss" in m] == [2, 4, 6, 8] and len(index) == 2
+    with open(run.metrics_path, "a") as handle:
+        handle.write('{"step": 10, "train_loss": 1.')
+    with open(run.index_path, "a") as handle:
+        handle.write('{"step": 12, "val_loss"')
+
+    assert run.metrics() == metrics and run.index() == index
+    assert ckpt.read_index(run.path) == index
+    status = last_metrics(Registry(sweep), "r1")
+    assert status == {"step": 8, "train_loss": [m for m in metrics if "train_loss" in m][-1]["train_loss"],
+                      "val_loss": [m for m in metrics if "val_loss" in m][-1]["val_loss"]}
+    points = collect_runs(sweep)
+    assert sorted(points["step"]) == [4, 8]
+    assert list(points["loss"]) == pytest.approx([i["val_loss"] for i in index])
+    curves = collect_curves(sweep)
+    assert len(curves) == len(metrics) and curves["step"].max() == 8
+    # What a resume from step 8 keeps of the log: the same lines, the cut one dropped.
+    MetricsLog(run.path).truncate_after(8)
+    assert run.metrics() == metrics and run.metrics_path.read_text().endswith("\n")
+
+
+@pytest.mark.slow
+def test_cooldown_branches_of_a_sweep_reach_the_fit(tmp_path, capsys):
+    """A local sweep of WSD runs, `testbed branch` cooldowns from each, then `fit collect` lists
+    every branch's final point as `cooldown` and `testbed fit` uses them."""
+    spec = {
+        "name": "wsdbranches",
+        "base": {
+            "model": {"n_layers": 1, "n_heads": 2, "max_seq_len": 16},
+            "data": {"source": "synthetic", "seq_len": 16, "val_sequences": 16},
+            "optim": {"lr": 1.0e-2},
+            "schedule": {"name": "wsd", "decay_fraction": 0.25, "warmup_steps": 1},
+            "train": {"steps": 16, "global_batch_tokens": 128, "eval_every": 8, "log_every": 4},
+            "checkpoint": {"every": 4, "log_spaced": 0},
+            "logging": {"wandb": False, "progress": False},
+        },
+        "grid": {"model.d_model": [8, 16, 24]},
+        "labels": ["model.d_model"],
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    assert main(["sweep", "run", str(path), "--sweep-dir", str(out), "--workers", "1", "--no-progress"]) == 0
+    parents = sorted(p for p in (out / "runs").iterdir() if p.is_dir())
+    assert len(parents) == 3
+    for parent in parents:
+        for step in (4, 8):
+            assert main(["branch", str(parent), "--step", str(step), "--decay", "0.5"]) == 0
+    capsys.readouterr()
+
+    runs = find_runs(out)
+    assert len(runs) == 9 and sum(1 for r in runs if "branches" in r.path.parts) == 6
+    table_path = tmp_path / "points.csv"
+    assert main(["fit", "collect", str(out), "--out", str(table_path)]) == 0
+    table = pd.read_csv(table_path)
+    cooldown = table[table["point_kind"] == "cooldown"]
+    assert len(cooldown) == 6 and cooldown["parent_run"].notna().all()
+    assert sorted(cooldown["step"].tolist()) == [8, 8, 8, 16, 16, 16]  # S / (1 - 0.5)
+    assert (table["point_kind"] == "final").sum() == 3
+
+    fit_out = tmp_path / "fit"
+    assert main(["fit", str(out), "--law", "chinchilla", "--no-plots", "--bootstrap", "0",
+                 "--out", str(fit_out)]) == 0
+    result = json.loads((fit_out / "fit.json").read_text())
+    assert result["n_points"] == 9  # 3 final + 6 cooldown points
+    assert math.isfinite(result["objective"])
