@@ -59,15 +59,16 @@ def cmd_train(args) -> int:
     from testbed.config import load_config
 
     config = load_config(args.config, args.overrides)
+    from testbed.train.distributed import teardown
     from testbed.train.loop import train
 
     run_dir = args.run_dir or default_run_dir(config)
     try:
         summary = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)
     except BaseException:
-        shutdown_distributed(wait=False)  # the other ranks may never reach a barrier
+        teardown(wait=False)  # the other ranks may never reach a barrier
         raise
-    shutdown_distributed()
+    teardown()
     code = summary.get("exit_code", 0)
     import os
 
@@ -81,19 +82,6 @@ def cmd_train(args) -> int:
     elif code:
         print(f"{run_dir}: stopped early ({summary.get('state')}); exit {code}")
     return code
-
-
-def shutdown_distributed(wait: bool = True) -> None:
-    """A barrier before destroying the process group: without it gloo ranks sometimes abort at
-    exit after training correctly."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        try:
-            if wait:
-                dist.barrier()
-        finally:
-            dist.destroy_process_group()
 
 
 def cmd_branch(args) -> int:
