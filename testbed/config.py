@@ -1,12 +1,13 @@
 """Typed configuration: dataclasses, YAML files, dotted overrides, validation.
 
 A config file is YAML with the sections below (every key optional). Command-line overrides use
-dotted keys, e.g. `optim.lr=3e-3 model.preset=small`; values are parsed as YAML scalars.
+dotted keys, e.g. `optim.lr=3e-3 model.preset=1m`; values are parsed as YAML scalars.
 Every mistake becomes one `ConfigError` naming the key, the value and the fix, with the nearest
 valid key when a key is unknown.
 
-`model.preset` names a rung of the model ladder (configs/models/<name>.yaml); keys given
-explicitly in the config or on the command line win over the preset's.
+`model.preset` names a rung of the model ladder (testbed/presets/models/<name>.yaml, shipped
+inside the package); keys given explicitly in the config or on the command line win over the
+preset's.
 """
 
 from __future__ import annotations
@@ -23,17 +24,21 @@ from typing import Any
 from testbed.errors import ConfigError
 from testbed.train.schedules import ScheduleSpec
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# The ladder ships as package data next to this module, so an installed wheel finds it without
+# a checkout.
+PRESETS_DIR = Path(__file__).resolve().parent / "presets" / "models"
 
 
-def configs_dir() -> Path:
-    """Where the shipped configs live (override with TESTBED_CONFIGS)."""
-    return Path(os.environ.get("TESTBED_CONFIGS", REPO_ROOT / "configs"))
+def presets_dir() -> Path:
+    """Where the model ladder's presets live: TESTBED_CONFIGS/models when that variable names a
+    folder of one's own presets, else the ones shipped in the package."""
+    override = os.environ.get("TESTBED_CONFIGS")
+    return Path(override) / "models" if override else PRESETS_DIR
 
 
 @dataclass
 class ModelConfig:
-    preset: str | None = None  # a rung of the ladder in configs/models/
+    preset: str | None = None  # a rung of the ladder in testbed/presets/models/
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -211,11 +216,19 @@ def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def preset_names(folder: Path | None = None) -> list[str]:
+    return sorted(p.stem for p in (folder or presets_dir()).glob("*.yaml"))
+
+
 def model_preset(name: str) -> dict[str, Any]:
-    folder = configs_dir() / "models"
+    folder = presets_dir()
     path = folder / f"{name}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        known = preset_names(folder)
+        if not known:
+            raise ConfigError(f"model.preset={name!r}: no presets found in {str(folder)!r}; "
+                              f"unset TESTBED_CONFIGS or point it at a folder holding "
+                              f"models/<name>.yaml")
         near = difflib.get_close_matches(str(name), known, n=1)
         hint = f"did you mean {near[0]!r}? " if near else ""
         raise ConfigError(f"model.preset={name!r} is not a rung of the ladder; {hint}"

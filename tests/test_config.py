@@ -1,5 +1,7 @@
 """Config errors name the key, the value and the fix; the CLI prints them without a traceback."""
 
+from pathlib import Path
+
 import pytest
 
 from testbed.cli import main
@@ -34,6 +36,21 @@ def test_overrides_parse_yaml_scalars_and_presets_yield_to_explicit_keys():
     c = load_config({"model": {"preset": "1m", "n_layers": 3}}, ["optim.lr=3e-3", "optim.betas=[0.9,0.99]"])
     assert c.model.d_model == 128 and c.model.n_layers == 3
     assert c.optim.lr == 3e-3 and c.optim.betas == [0.9, 0.99]
+
+
+def test_presets_ship_in_the_package_and_testbed_configs_replaces_them(tmp_path, monkeypatch):
+    import testbed
+    from testbed.config import presets_dir
+
+    assert presets_dir().is_relative_to(Path(testbed.__file__).parent)
+    monkeypatch.setenv("TESTBED_CONFIGS", str(tmp_path))
+    with pytest.raises(ConfigError, match="no presets found .*TESTBED_CONFIGS"):
+        load_config(None, ["model.preset=1m"])
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "mine.yaml").write_text("model:\n  d_model: 96\n  n_heads: 3\n")
+    assert load_config(None, ["model.preset=mine"]).model.d_model == 96
+    with pytest.raises(ConfigError, match="choose one of mine"):
+        load_config(None, ["model.preset=1m"])
 
 
 def test_a_run_length_override_replaces_the_files(tmp_path):

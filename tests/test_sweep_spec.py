@@ -94,6 +94,29 @@ def test_bad_sweeps_name_the_problem(fields, message):
         load_sweep(sweep(**{"derived": {"train.steps": 5}, **fields}))
 
 
+@pytest.mark.parametrize("key, bad, good", [
+    ("optim.name", "lion", "adamw"),
+    ("model.norm", "batchnorm", "rmsnorm"),
+    ("model.init", "xavier", "normal"),
+])
+def test_unknown_registered_names_fail_the_sweep_not_the_runs(key, bad, good, tmp_path, capsys):
+    # Every run would fail at start; the sweep must be rejected before any is queued.
+    with pytest.raises(ConfigError, match=rf"{key}={bad!r} is not a registered .*{good}"):
+        load_sweep(sweep(grid={key: [good, bad]}, derived={"train.steps": 5}))
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(sweep(grid={key: [bad]}, derived={"train.steps": 5})))
+    assert main(["sweep", "plan", str(path)]) == 2
+    assert f"{key}={bad!r}" in capsys.readouterr().err
+
+
+def test_checking_the_optimiser_name_imports_no_torch():
+    code = ("import sys; from testbed.config import load_config; from testbed.train.plan import describe; "
+            "describe(load_config(None, ['train.steps=3', 'optim.name=adamw'])); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_expressions_are_restricted():
     names = {"n_params": 1e6, "model": {"d_model": 64}}
     assert evaluate("0.003 * (n_params / 1e6) ** -0.2", names) == pytest.approx(0.003)

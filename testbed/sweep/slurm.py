@@ -1,9 +1,10 @@
 """Run a sweep on SLURM: site profiles, batch scripts from templates, submission, waiting.
 
 Runs are packed `pack` per array task and trained one after another inside the task. The
-scripts come from slurm/array.sbatch (one node per task) or slurm/multinode.sbatch (profile
-`nodes` > 1: srun + torchrun over the allocation). Values from the sweep (paths, run ids) are
-written with shlex.quote; profile values that land in `#SBATCH` lines must be plain words.
+scripts come from the templates shipped beside this module: templates/array.sbatch (one node
+per task) or templates/multinode.sbatch (profile `nodes` > 1: srun + torchrun over the
+allocation). Values from the sweep (paths, run ids) are written with shlex.quote; profile
+values that land in `#SBATCH` lines must be plain words.
 
 Submission holds the registry lock from choosing the runs until their job ids are recorded, so
 two submitters never queue the same run. A run preempted and requeued by SLURM stays with its
@@ -22,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from testbed import exits
-from testbed.config import REPO_ROOT, read_yaml
+from testbed.config import read_yaml
 from testbed.errors import ConfigError, TestbedError
 from testbed.sweep.registry import ACTIVE, Registry, eligible, now
 
-TEMPLATES_DIR = REPO_ROOT / "slurm"
+# Package data beside this module, so an installed wheel renders scripts without a checkout.
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 REQUIRED = ("partition", "time", "cpus_per_task", "mem")
 DEFAULTS: dict[str, Any] = {
     "account": None,

@@ -96,8 +96,12 @@ def load_sweep(source: str | Path | dict[str, Any]) -> Sweep:
                               f"axes change the config")
         run_id = f"{slug(labels)}-{config_hash}" if labels else config_hash
         config.name = f"{name}/{run_id}"
+        try:
+            quantities = describe(config)  # also checks every registered name the trainer looks up
+        except ConfigError as err:
+            raise ConfigError(f"{where}: run {assignment}: {err}") from None
         run = PlannedRun(run_id=run_id, config_hash=config_hash, labels=labels, config=config,
-                         quantities=describe(config))
+                         quantities=quantities)
         seen[config_hash] = run
         runs.append(run)
     return Sweep(name=name, runs=runs, source=None if isinstance(source, dict) else str(source),

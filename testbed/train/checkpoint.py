@@ -3,8 +3,9 @@
 A checkpoint is a folder `checkpoints/step_XXXXXXXX/` holding
     model.safetensors   the weights (unwrapped, full, fp32 as trained)
     optim.safetensors   the optimiser's tensors (per-parameter state, RNG states)
-    state.json          everything else: step, tokens, loader position, optimiser param groups,
-                        the resolved config, the kind
+    state.json          everything else: step, kind, tokens, total_steps, run_id, world_size,
+                        the resolved config, optimiser param groups and scalars, the open
+                        train-loss window (the data order follows from the step)
     SHA256SUMS          sha256 of each file above
 It is written to a hidden temporary folder, fsynced and renamed into place, so a kill at any
 moment leaves either the previous checkpoints or the complete new one. `checkpoints/index.jsonl`

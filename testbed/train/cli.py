@@ -8,7 +8,7 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one model",
                        description="Train one model from a YAML config plus dotted overrides, e.g. "
-                                   "`testbed train configs/smoke.yaml optim.lr=3e-3 model.preset=tiny`.")
+                                   "`testbed train configs/smoke.yaml optim.lr=3e-3 model.preset=1m`.")
     p.add_argument("config", help="YAML config file (see configs/ and docs/config.md)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted config overrides, e.g. optim.lr=3e-3 train.tokens=2e6")

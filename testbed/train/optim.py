@@ -1,12 +1,20 @@
-"""Optimisers behind a registry: an ablation registers a builder and sets optim.name."""
+"""Optimisers behind a registry: an ablation registers a builder and sets optim.name.
+
+`OPTIMIZERS` is the one list of valid `optim.name` values: the planner (`testbed.train.plan`)
+checks a config against it before any run starts. torch is imported inside the builders only,
+so that check (and `testbed sweep plan`) does not load torch.
+"""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from testbed.config import OptimConfig
 from testbed.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 OPTIMIZERS = Registry("optimiser", "optim.name")
 
@@ -26,6 +34,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 @OPTIMIZERS.register("adamw")
 def adamw(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    import torch
+
     # The fused kernel is one launch per step on CUDA; on CPU the default (foreach) path is used.
     fused = device.type == "cuda"
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,

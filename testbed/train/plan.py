@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from testbed.config import Config, ModelConfig
+from testbed.config import Config, ModelConfig, OptimConfig
 from testbed.errors import ConfigError
 from testbed.model.counting import count_params, flops_per_token
 from testbed.train.schedules import ScheduleSpec, validate as validate_schedule
@@ -82,10 +82,15 @@ def import_plugins(config: Config) -> None:
                               f"PYTHONPATH or fix the name") from None
 
 
-def check_registered(model: ModelConfig) -> None:
-    """Name every unknown part before anything trains (nearest registered name included)."""
+def check_registered(model: ModelConfig, optim: OptimConfig | None = None) -> None:
+    """Name every unknown part or optimiser before anything trains (nearest registered name
+    included), so a sweep with a bad name is rejected at planning instead of failing every run."""
     from testbed.model.counting import is_builtin
 
+    if optim is not None:
+        from testbed.train.optim import OPTIMIZERS  # torch-free at import
+
+        OPTIMIZERS.get(optim.name)
     if is_builtin(model) and model.init in ("normal", "scaled"):
         return
     from testbed.model import transformer as t
@@ -99,7 +104,7 @@ def check_registered(model: ModelConfig) -> None:
 def describe(config: Config) -> dict:
     import_plugins(config)
     model = resolved_model(config)
-    check_registered(model)
+    check_registered(model, config.optim)
     counts = count_params(model)
     seq_len = config.data.seq_len
     gbt = config.train.global_batch_tokens
