@@ -13,7 +13,7 @@ def fits(config: Config, micro: int, device: torch.device) -> bool:
     from testbed.model.transformer import Transformer
     from testbed.train import device as dev
     from testbed.train.optim import build_optimizer
-    from testbed.train.plan import resolved_model
+    from testbed.plan import resolved_model
 
     cfg = resolved_model(config)
     dtype = dev.resolve_precision(config.train.precision, device)
