@@ -38,7 +38,7 @@ def help_time(n: int = 5) -> float:
 
 def loader_rate(config, steps: int = 50) -> float:
     from testbed.data import loader
-    from testbed.train.plan import describe
+    from testbed.plan import describe
 
     info = describe(config)
     source = loader.make_source(config)

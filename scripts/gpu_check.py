@@ -153,7 +153,7 @@ def rung_overrides(rung: str, args) -> tuple[list[str], int]:
 def throughput(report: Report, args, tmp: Path, rung: str) -> dict:
     from testbed.model.counting import count_params, flops_per_token
     from testbed.config import load_config
-    from testbed.train.plan import resolved_model
+    from testbed.plan import resolved_model
 
     model, seq_len = rung_overrides(rung, args)
     seqs, steps, log_every = (4, 6, 2) if args.smoke else {"124m": (64, 31, 10), "300m": (32, 25, 8),
@@ -213,7 +213,7 @@ def baseline(report: Report, args, rung: str, micro: int) -> dict:
 
     from testbed.config import load_config
     from testbed.model.counting import flops_per_token
-    from testbed.train.plan import resolved_model
+    from testbed.plan import resolved_model
 
     model_overrides, seq_len = rung_overrides(rung, args)
     cfg = resolved_model(load_config(None, COMMON + model_overrides + [f"data.seq_len={seq_len}"]))
@@ -287,7 +287,7 @@ def vocab128k(report: Report, args) -> dict:
     from testbed.config import load_config
     from testbed.model.transformer import Transformer
     from testbed.train.memory import largest_micro_batch
-    from testbed.train.plan import resolved_model
+    from testbed.plan import resolved_model
 
     if args.smoke or not torch.cuda.is_available():
         return {"skipped": "needs CUDA"}
@@ -476,8 +476,8 @@ def profile(report: Report, args, rung: str, micro: int) -> dict:
 
     from testbed.config import load_config
     from testbed.model.transformer import Transformer
-    from testbed.train.optim import build_optimizer
-    from testbed.train.plan import resolved_model
+    from testbed.optim import build_optimizer
+    from testbed.plan import resolved_model
 
     if args.smoke or not torch.cuda.is_available():
         return {"skipped": "needs CUDA"}

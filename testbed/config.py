@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import ConfigError
-from testbed.train.schedules import ScheduleSpec
+from testbed.schedules import Schedule, split_section
 
 # The ladder ships as package data next to this module, so an installed wheel finds it without
 # a checkout.
@@ -95,14 +95,6 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
 
 
-@dataclass(frozen=True)
-class ScheduleConfig(ScheduleSpec):
-    """The schedule section: the pure schedule's fields (testbed/train/schedules.py) plus a
-    warmup given as a fraction of the run, resolved to steps once the run length is known."""
-
-    warmup_fraction: float | None = None  # alternative to warmup_steps
-
-
 @dataclass
 class TrainConfig:
     tokens: int | None = None  # total training tokens D (one of tokens / steps / tokens_per_param)
@@ -147,13 +139,16 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # One of the registered schedules (testbed/schedules.py), chosen by the section's `name`.
+    schedule: Schedule = field(default_factory=lambda: split_section(None)[0]())
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        tree = dataclasses.asdict(self)
+        tree["schedule"] = self.schedule.to_dict()  # asdict drops the name, which is no field
+        return tree
 
 
 # ----------------------------------------------------------------------------- loading
@@ -263,8 +258,24 @@ def load_config(source: str | Path | dict[str, Any] | None = None,
     return from_dict(tree)
 
 
+def import_plugins(modules: list[str] | Any) -> None:
+    """Import the modules named in `imports`, so their registered parts (ablations, schedules)
+    exist; before the rest of the config is built, since the schedule section names a class."""
+    import importlib
+
+    if not isinstance(modules, (list, tuple)):
+        raise ConfigError(f"imports={modules!r} must be a list of module names, e.g. imports=[my_ablation]")
+    for name in modules:
+        try:
+            importlib.import_module(str(name))
+        except ImportError as err:
+            raise ConfigError(f"imports: module {name!r} cannot be imported ({err}); put it on "
+                              f"PYTHONPATH or fix the name") from None
+
+
 def from_dict(tree: dict[str, Any]) -> Config:
     tree = merge({}, tree)
+    import_plugins(tree.get("imports") or [])
     model = tree.get("model")
     if isinstance(model, dict) and model.get("preset"):
         tree["model"] = merge(model_preset(model["preset"]), model)
@@ -291,6 +302,10 @@ def build_dataclass(cls: type, values: Any, prefix: str) -> Any:
 
 def coerce(hint: Any, value: Any, key: str) -> Any:
     """Check `value` against a type hint, converting where it is lossless (int -> float)."""
+    if hint is Schedule:
+        # The section's name picks the dataclass; only that schedule's fields are accepted.
+        cls, values = split_section(value)
+        return build_dataclass(cls, values, key + ".")
     if dataclasses.is_dataclass(hint):
         return build_dataclass(hint, value if value is not None else {}, key + ".")
     origin = typing.get_origin(hint)

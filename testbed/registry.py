@@ -18,10 +18,18 @@ from typing import Any, Callable
 from testbed.errors import ConfigError
 
 
+def _definition(obj: Any) -> tuple[Any, Any]:
+    return getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+
+
 class Registry:
-    def __init__(self, kind: str, config_key: str):
+    """Name -> object. `origin(obj)` says where an object is defined (default: its module and
+    qualified name), so that a module imported again may re-register its own definitions."""
+
+    def __init__(self, kind: str, config_key: str, origin: Callable[[Any], Any] = _definition):
         self.kind = kind
         self.config_key = config_key
+        self._origin = origin
         self._items: dict[str, Any] = {}
 
     def register(self, name: str) -> Callable[[Any], Any]:
@@ -29,9 +37,10 @@ class Registry:
             old = self._items.get(name)
             # The same definition registering again (its module re-imported) replaces itself;
             # a different one under a taken name is a mistake.
-            if old is not None and (getattr(old, "__module__", None), getattr(old, "__qualname__", None)) != (
-                    getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)):
-                raise ValueError(f"{self.kind} {name!r} is already registered by {old!r}")
+            # A user's plugin can cause this, so it is a ConfigError (one line, no traceback).
+            if old is not None and old is not obj and self._origin(old) != self._origin(obj):
+                raise ConfigError(f"{self.kind} {name!r} is already registered by {self._origin(old)}; "
+                                  f"register {self._origin(obj)} under another name")
             self._items[name] = obj
             return obj
 
@@ -47,6 +56,14 @@ class Registry:
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+    def items(self) -> list[tuple[str, Any]]:
+        """(name, object) pairs in registration order."""
+        return list(self._items.items())
+
+    def name_of(self, obj: Any) -> str | None:
+        """The name `obj` is registered under (None when it is not)."""
+        return next((name for name, item in self._items.items() if item is obj), None)
 
     def __contains__(self, name: str) -> bool:
         return name in self._items

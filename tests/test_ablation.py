@@ -9,7 +9,7 @@ import pytest
 from testbed.config import load_config
 from testbed.model.counting import count_params
 from testbed.train.loop import train
-from testbed.train.plan import describe, resolved_model
+from testbed.plan import describe, resolved_model
 
 POST_NORM = textwrap.dedent('''
     from testbed.model.transformer import PLACEMENTS, PreNormBlock

@@ -71,7 +71,7 @@ def test_registry_names_are_checked(tmp_path):
 
 
 def test_unknown_registered_parts_are_named_before_training():
-    from testbed.train.plan import describe
+    from testbed.plan import describe
 
     with pytest.raises(ConfigError) as err:
         describe(load_config(None, ["model.norm_placement=post"]))

@@ -12,6 +12,7 @@ import pytest
 
 from testbed.cli import build_parser
 from testbed.config import Config, preset_names
+from testbed.schedules import SCHEDULES
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -22,8 +23,12 @@ FILE_SUFFIXES = {"safetensors", "log", "json", "jsonl", "yaml", "csv", "png", "p
 
 def sections() -> dict[str, set[str]]:
     hints = typing.get_type_hints(Config)
-    return {f.name: {x.name for x in dataclasses.fields(hints[f.name])}
-            for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
+    known = {f.name: {x.name for x in dataclasses.fields(hints[f.name])}
+             for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
+    # The schedule section is whichever registered schedule its `name` picks.
+    known["schedule"] = {"name"}.union(*({x.name for x in dataclasses.fields(cls)}
+                                         for _, cls in SCHEDULES.items()))
+    return known
 
 
 def inline_code(text: str) -> list[str]:

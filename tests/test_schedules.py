@@ -7,11 +7,11 @@ import math
 import pytest
 
 from testbed.errors import ConfigError
-from testbed.train.schedules import (
-    ScheduleSpec,
+from testbed.schedules import (
     decay_shape,
     lr_at,
     lr_multiplier,
+    make_schedule,
     phase_at,
     plot_schedule,
     schedule_table,
@@ -32,7 +32,7 @@ def approx(x):
 
 @pytest.mark.parametrize("name", ["constant", "cosine", "linear", "inverse_sqrt", "wsd"])
 def test_warmup_is_linear_and_never_zero(name):
-    spec = ScheduleSpec(name=name, warmup_steps=10)
+    spec = make_schedule(name=name, warmup_steps=10)
     assert lr_at(0, T, PEAK, spec) == approx(PEAK * 1 / 10)
     assert lr_at(4, T, PEAK, spec) == approx(PEAK * 5 / 10)
     assert lr_at(9, T, PEAK, spec) == approx(PEAK)
@@ -41,20 +41,20 @@ def test_warmup_is_linear_and_never_zero(name):
 
 
 def test_no_warmup_starts_at_peak():
-    assert lr_at(0, T, PEAK, ScheduleSpec(name="cosine")) == approx(PEAK)
+    assert lr_at(0, T, PEAK, make_schedule(name="cosine")) == approx(PEAK)
 
 
 # --- constant, cosine, linear -----------------------------------------------------------------
 
 
 def test_constant():
-    spec = ScheduleSpec(name="constant", warmup_steps=5)
+    spec = make_schedule(name="constant", warmup_steps=5)
     assert schedule_table(T, PEAK, spec)[5:] == [PEAK] * (T - 5)
     assert {phase_at(s, T, spec) for s in range(5, T)} == {"stable"}
 
 
 def test_cosine_values():
-    spec = ScheduleSpec(name="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    spec = make_schedule(name="cosine", warmup_steps=10, min_lr_ratio=0.1)
     floor = 0.1 * PEAK
     # p = (step - 10) / 90
     assert lr_at(10, T, PEAK, spec) == approx(PEAK)
@@ -67,7 +67,7 @@ def test_cosine_values():
 
 def test_cosine_and_linear_are_monotone_after_warmup_and_label_decay():
     for name in ("cosine", "linear"):
-        spec = ScheduleSpec(name=name, warmup_steps=10)
+        spec = make_schedule(name=name, warmup_steps=10)
         table = schedule_table(T, PEAK, spec)
         after = table[10:]
         assert all(a > b for a, b in zip(after, after[1:])), name
@@ -75,11 +75,11 @@ def test_cosine_and_linear_are_monotone_after_warmup_and_label_decay():
 
 
 def test_linear_values():
-    spec = ScheduleSpec(name="linear", warmup_steps=0, min_lr_ratio=0.0)
+    spec = make_schedule(name="linear", warmup_steps=0, min_lr_ratio=0.0)
     assert lr_at(0, T, PEAK, spec) == approx(PEAK)
     assert lr_at(25, T, PEAK, spec) == approx(0.75 * PEAK)
     assert lr_at(99, T, PEAK, spec) == approx(0.01 * PEAK)
-    spec = ScheduleSpec(name="linear", min_lr_ratio=0.2)
+    spec = make_schedule(name="linear", min_lr_ratio=0.2)
     assert lr_at(50, T, PEAK, spec) == approx(0.2 * PEAK + 0.8 * PEAK * 0.5)
 
 
@@ -87,7 +87,7 @@ def test_linear_values():
 
 
 def test_inverse_sqrt_default_timescale_is_warmup():
-    spec = ScheduleSpec(name="inverse_sqrt", warmup_steps=16)
+    spec = make_schedule(name="inverse_sqrt", warmup_steps=16)
     assert lr_at(16, 1000, PEAK, spec) == approx(PEAK)
     assert lr_at(64, 1000, PEAK, spec) == approx(PEAK * math.sqrt(16 / 64))
     assert lr_at(400, 1000, PEAK, spec) == approx(PEAK * 0.2)
@@ -95,12 +95,12 @@ def test_inverse_sqrt_default_timescale_is_warmup():
 
 
 def test_inverse_sqrt_explicit_timescale_and_no_warmup():
-    spec = ScheduleSpec(name="inverse_sqrt", inv_sqrt_timescale=4)
+    spec = make_schedule(name="inverse_sqrt", inv_sqrt_timescale=4)
     assert lr_at(0, 100, PEAK, spec) == approx(PEAK)
     assert lr_at(3, 100, PEAK, spec) == approx(PEAK)
     assert lr_at(36, 100, PEAK, spec) == approx(PEAK / 3)
     # default with no warmup: t0 = 1
-    assert lr_at(25, 100, PEAK, ScheduleSpec(name="inverse_sqrt")) == approx(PEAK / 5)
+    assert lr_at(25, 100, PEAK, make_schedule(name="inverse_sqrt")) == approx(PEAK / 5)
 
 
 # --- WSD --------------------------------------------------------------------------------------
@@ -117,8 +117,8 @@ def test_decay_shapes():
 
 
 def test_wsd_is_constant_before_decay_and_reaches_floor():
-    spec = ScheduleSpec(name="wsd", warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.0)
-    const = ScheduleSpec(name="constant", warmup_steps=10)
+    spec = make_schedule(name="wsd", warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.0)
+    const = make_schedule(name="constant", warmup_steps=10)
     start = T - round(0.2 * T)  # 80
     for s in range(start):
         assert lr_at(s, T, PEAK, spec) == lr_at(s, T, PEAK, const)
@@ -134,7 +134,7 @@ def test_wsd_is_constant_before_decay_and_reaches_floor():
 
 def test_wsd_floor_and_other_shapes():
     for shape, expected in (("linear", 0.5), ("cosine", 0.5), ("1-sqrt", 1 - math.sqrt(0.5))):
-        spec = ScheduleSpec(name="wsd", decay_fraction=0.5, decay_shape=shape, min_lr_ratio=0.1)
+        spec = make_schedule(name="wsd", decay_fraction=0.5, decay_shape=shape, min_lr_ratio=0.1)
         floor = 0.1 * PEAK
         # decay from step 50 over 50 steps; step 75 is p = 0.5
         assert lr_at(75, T, PEAK, spec) == approx(floor + (PEAK - floor) * expected), shape
@@ -142,8 +142,8 @@ def test_wsd_floor_and_other_shapes():
 
 
 def test_wsd_decay_start_step_for_cooldown_branches():
-    main = ScheduleSpec(name="wsd", decay_fraction=0.0)
-    branch = ScheduleSpec(name="wsd", decay_start_step=40, decay_shape="linear", min_lr_ratio=0.0)
+    main = make_schedule(name="wsd", decay_fraction=0.0)
+    branch = make_schedule(name="wsd", decay_start_step=40, decay_shape="linear", min_lr_ratio=0.0)
     # a branch leaving the main run at step 40 and cooling down until step 60
     total = 60
     for s in range(40):
@@ -155,7 +155,7 @@ def test_wsd_decay_start_step_for_cooldown_branches():
 
 
 def test_decay_start_step_rounding_matches_fraction():
-    spec = ScheduleSpec(name="wsd", decay_fraction=0.1)
+    spec = make_schedule(name="wsd", decay_fraction=0.1)
     assert phase_at(89, 100, spec) == "stable"
     assert phase_at(90, 100, spec) == "decay"
 
@@ -169,7 +169,7 @@ def power_formula(step, batch, a=4.0, b=-0.51, peak=PEAK):
 
 def test_power_matches_formula_and_is_capped():
     batch = 2
-    spec = ScheduleSpec(name="power", power_a=4.0, power_b=-0.51)
+    spec = make_schedule(name="power", power_a=4.0, power_b=-0.51)
     peak = 0.5
     table = schedule_table(2000, peak, spec, batch_tokens=batch)
     for s in (0, 10, 123, 999, 1999):
@@ -183,7 +183,7 @@ def test_power_matches_formula_and_is_capped():
 
 def test_power_warmup_ramps_to_the_power_value():
     batch = 2
-    spec = ScheduleSpec(name="power", warmup_steps=100)
+    spec = make_schedule(name="power", warmup_steps=100)
     target = power_formula(100, batch, peak=1.0)
     assert target < 1.0  # so the ramp really targets the power law, not the peak
     assert lr_at(0, 1000, 1.0, spec, batch_tokens=batch) == approx(target / 100)
@@ -193,7 +193,7 @@ def test_power_warmup_ramps_to_the_power_value():
 
 def test_power_final_decay():
     batch = 2
-    spec = ScheduleSpec(name="power", power_decay_fraction=0.1, decay_shape="linear", min_lr_ratio=0.0)
+    spec = make_schedule(name="power", power_decay_fraction=0.1, decay_shape="linear", min_lr_ratio=0.0)
     total = 1000
     at_start = power_formula(900, batch, peak=1.0)
     assert lr_at(899, total, 1.0, spec, batch_tokens=batch) == approx(power_formula(899, batch, peak=1.0))
@@ -207,53 +207,53 @@ def test_power_final_decay():
 def test_power_floor_never_raises_the_decay():
     # a floor above the power-law value at the decay start would make the "decay" climb
     batch = 2
-    spec = ScheduleSpec(name="power", power_decay_fraction=0.5, min_lr_ratio=0.9)
+    spec = make_schedule(name="power", power_decay_fraction=0.5, min_lr_ratio=0.9)
     table = schedule_table(1000, 1.0, spec, batch_tokens=batch)
     assert all(a >= b for a, b in zip(table[500:], table[501:]))
 
 
 def test_power_batch_size_is_beta_and_tokens_stay_tokens():
     batch_tokens, seqs = 4096 * 64, 64
-    spec = ScheduleSpec(name="power", power_batch_size=seqs)
+    spec = make_schedule(name="power", power_batch_size=seqs)
     peak = 0.02  # the paper's lr_max
     for step in (10, 1000, 100_000):
         expected = min(peak, seqs * 4.0 * ((step + 1) * batch_tokens) ** -0.51)
         assert lr_at(step, 200_000, peak, spec, batch_tokens=batch_tokens) == approx(expected)
     # counted in sequences the law decays within a realistic run; counted in tokens it would not
     assert lr_at(100_000, 200_000, peak, spec, batch_tokens=batch_tokens) < peak / 10
-    tokens_beta = ScheduleSpec(name="power")
+    tokens_beta = make_schedule(name="power")
     assert lr_at(100_000, 200_000, peak, tokens_beta, batch_tokens=batch_tokens) == peak
     with pytest.raises(ConfigError, match=r"schedule\.power_batch_size is 0"):
-        lr_at(0, 100, PEAK, ScheduleSpec(name="power", power_batch_size=0), batch_tokens=64)
+        lr_at(0, 100, PEAK, make_schedule(name="power", power_batch_size=0), batch_tokens=64)
 
 
 def test_the_trainer_passes_the_batch_in_sequences():
     from testbed.config import load_config
-    from testbed.train.plan import schedule_spec
+    from testbed.plan import run_schedule
 
     config = load_config(None, ["schedule.name=power", "data.seq_len=128", "train.global_batch_tokens=8192"])
-    assert schedule_spec(config, 100).power_batch_size == 64
+    assert run_schedule(config, 100).power_batch_size == 64
     config = load_config(None, ["schedule.name=power", "schedule.power_batch_size=3"])
-    assert schedule_spec(config, 100).power_batch_size == 3
+    assert run_schedule(config, 100).power_batch_size == 3
 
 
 def test_power_needs_batch_tokens():
     with pytest.raises(ConfigError, match="batch_tokens"):
-        lr_at(0, 100, PEAK, ScheduleSpec(name="power"))
+        lr_at(0, 100, PEAK, make_schedule(name="power"))
 
 
 # --- helpers ----------------------------------------------------------------------------------
 
 
 def test_lr_multiplier_and_table_length():
-    spec = ScheduleSpec(name="cosine", warmup_steps=10)
+    spec = make_schedule(name="cosine", warmup_steps=10)
     assert lr_multiplier(55, T, spec) == approx(lr_at(55, T, 3.0, spec) / 3.0)
     assert len(schedule_table(T, PEAK, spec)) == T
 
 
 def test_spec_from_dict():
-    assert spec_from_dict({"name": "wsd", "warmup_steps": 5}) == ScheduleSpec(name="wsd", warmup_steps=5)
-    assert spec_from_dict(None) == ScheduleSpec()
+    assert spec_from_dict({"name": "wsd", "warmup_steps": 5}) == make_schedule(name="wsd", warmup_steps=5)
+    assert spec_from_dict(None) == make_schedule()
     with pytest.raises(ConfigError, match=r"schedule\.warmup.*warmup_steps"):
         spec_from_dict({"warmup": 5})
 
@@ -264,33 +264,33 @@ def test_spec_from_dict():
 @pytest.mark.parametrize(
     "spec, pattern",
     [
-        (ScheduleSpec(name="cosin"), r"schedule\.name is 'cosin'.*did you mean 'cosine'"),
-        (ScheduleSpec(name="wsd", decay_shape="sqrt"), r"schedule\.decay_shape is 'sqrt'.*1-sqrt"),
-        (ScheduleSpec(warmup_steps=100), r"schedule\.warmup_steps is 100.*100 steps"),
-        (ScheduleSpec(warmup_steps=-1), r"schedule\.warmup_steps is -1"),
-        (ScheduleSpec(min_lr_ratio=1.5), r"schedule\.min_lr_ratio is 1\.5.*between 0 and 1"),
-        (ScheduleSpec(name="wsd", decay_fraction=-0.1), r"schedule\.decay_fraction is -0\.1"),
-        (ScheduleSpec(name="power", power_decay_fraction=2.0), r"schedule\.power_decay_fraction is 2\.0"),
-        (ScheduleSpec(name="inverse_sqrt", inv_sqrt_timescale=0), r"schedule\.inv_sqrt_timescale is 0"),
-        (ScheduleSpec(name="power", power_b=0.5), r"schedule\.power_b is 0\.5"),
-        (ScheduleSpec(name="power", power_a=0.0), r"schedule\.power_a is 0\.0"),
-        (ScheduleSpec(name="cosine", decay_start_step=50), r"schedule\.decay_start_step is 50.*wsd or power"),
-        (ScheduleSpec(name="wsd", warmup_steps=10, decay_start_step=5), r"schedule\.decay_start_step is 5"),
-        (ScheduleSpec(name="wsd", decay_start_step=101), r"schedule\.decay_start_step is 101"),
-        (ScheduleSpec(name="wsd", warmup_steps=50, decay_fraction=0.6), r"schedule\.decay_fraction is 0\.6.*step 40"),
+        (dict(name="cosin"), r"schedule\.name is 'cosin'.*did you mean 'cosine'"),
+        (dict(name="wsd", decay_shape="sqrt"), r"schedule\.decay_shape is 'sqrt'.*1-sqrt"),
+        (dict(warmup_steps=100), r"schedule\.warmup_steps is 100.*100 steps"),
+        (dict(warmup_steps=-1), r"schedule\.warmup_steps is -1"),
+        (dict(min_lr_ratio=1.5), r"schedule\.min_lr_ratio is 1\.5.*between 0 and 1"),
+        (dict(name="wsd", decay_fraction=-0.1), r"schedule\.decay_fraction is -0\.1"),
+        (dict(name="power", power_decay_fraction=2.0), r"schedule\.power_decay_fraction is 2\.0"),
+        (dict(name="inverse_sqrt", inv_sqrt_timescale=0), r"schedule\.inv_sqrt_timescale is 0"),
+        (dict(name="power", power_b=0.5), r"schedule\.power_b is 0\.5"),
+        (dict(name="power", power_a=0.0), r"schedule\.power_a is 0\.0"),
+        (dict(name="cosine", decay_start_step=50), r"schedule\.decay_start_step is 50.*wsd or power"),
+        (dict(name="wsd", warmup_steps=10, decay_start_step=5), r"schedule\.decay_start_step is 5"),
+        (dict(name="wsd", decay_start_step=101), r"schedule\.decay_start_step is 101"),
+        (dict(name="wsd", warmup_steps=50, decay_fraction=0.6), r"schedule\.decay_fraction is 0\.6.*step 40"),
     ],
 )
 def test_validation_names_field_and_value(spec, pattern):
     with pytest.raises(ConfigError, match=pattern):
-        validate(spec, T)
+        validate(make_schedule(**spec), T)
 
 
 def test_validation_accepts_defaults_and_bad_total_steps():
-    validate(ScheduleSpec(), T)  # must not raise
+    validate(make_schedule(), T)  # must not raise
     with pytest.raises(ConfigError, match="total_steps is 0"):
-        validate(ScheduleSpec(), 0)
+        validate(make_schedule(), 0)
     with pytest.raises(ConfigError, match="peak learning rate is -1"):
-        lr_at(0, T, -1, ScheduleSpec())
+        lr_at(0, T, -1, make_schedule())
 
 
 # --- plot -------------------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def test_validation_accepts_defaults_and_bad_total_steps():
 
 def test_plot_schedule_writes_png(tmp_path):
     out = tmp_path / "schedule.png"
-    plot_schedule(str(out), 200, PEAK, ScheduleSpec(name="wsd", warmup_steps=20), title="wsd")
+    plot_schedule(str(out), 200, PEAK, make_schedule(name="wsd", warmup_steps=20), title="wsd")
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 1000

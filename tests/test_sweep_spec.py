@@ -110,7 +110,7 @@ def test_unknown_registered_names_fail_the_sweep_not_the_runs(key, bad, good, tm
 
 
 def test_checking_the_optimiser_name_imports_no_torch():
-    code = ("import sys; from testbed.config import load_config; from testbed.train.plan import describe; "
+    code = ("import sys; from testbed.config import load_config; from testbed.plan import describe; "
             "describe(load_config(None, ['train.steps=3', 'optim.name=adamw'])); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -113,7 +113,7 @@ def test_export_of_a_trained_checkpoint_matches_llama(tmp_path):
 
     from testbed.cli import main
     from testbed.model.transformer import Transformer
-    from testbed.train.plan import resolved_model
+    from testbed.plan import resolved_model
 
     config = cfg("train.steps=4")
     train(config, tmp_path / "r")

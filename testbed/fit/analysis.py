@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -17,35 +16,8 @@ from testbed.errors import TestbedError
 from testbed.fit import holdout as holdout_mod
 from testbed.fit.estimate import FitResult, fit
 from testbed.fit.laws import Law, get_law, law_inputs, needed_columns
+from testbed.fit.options import Analysis, FitOptions, constraints_for, default_budgets  # noqa: F401
 from testbed.fit.table import Points, load_points
-
-
-@dataclass
-class FitOptions:
-    law: str = "chinchilla"
-    columns: str | None = None
-    holdout: str | None = None
-    bootstrap: int = 0
-    variant: str = "free"  # a law variant, or "auto" to choose by nested extrapolation error
-    fix: dict[str, float] = field(default_factory=dict)
-    delta: float = 1e-3
-    points: str = "final"
-    skip_fraction: float = 0.1
-    where: str | None = None
-    budgets: list[float] | None = None
-    by: str | None = None
-    baseline: str | None = None
-    seed: int = 0
-
-
-@dataclass
-class Analysis:
-    law: Law
-    options: FitOptions
-    frame: pd.DataFrame  # every clean point; `held_out` marks the validation rows
-    result: FitResult
-    summary: dict
-    groups: dict = field(default_factory=dict)  # comparison: label value -> FitResult
 
 
 def _fit_frame(law: Law, frame: pd.DataFrame, options: FitOptions, variant: str, fixed: dict, starts=None) -> FitResult:
@@ -62,16 +34,6 @@ def apply_where(points: Points, rule: str | None) -> Points:
     if (~held).any():
         dropped[f"not matching --where {rule}"] = int((~held).sum())
     return Points(points.frame[held].reset_index(drop=True), dropped, points.warnings)
-
-
-def constraints_for(law: Law, frame: pd.DataFrame, variant: str, fix: dict) -> dict:
-    """Fixed values for a variant: the user's, else E from the data's known entropy."""
-    fixed = dict(fix)
-    if "E" in law.variant(variant).fixed and "E" not in fixed and "data_entropy" in frame:
-        entropy = pd.to_numeric(frame["data_entropy"], errors="coerce").dropna().unique()
-        if len(entropy) == 1:
-            fixed["E"] = float(entropy[0])
-    return fixed
 
 
 def select_variant(law: Law, frame: pd.DataFrame, options: FitOptions) -> tuple[str, dict]:
@@ -93,11 +55,6 @@ def select_variant(law: Law, frame: pd.DataFrame, options: FitOptions) -> tuple[
     if not scored:
         raise TestbedError("--variant auto could not fit any variant on the inner split; pass --variant free.")
     return min(scored, key=scored.get), errors
-
-
-def default_budgets(frame: pd.DataFrame) -> list[float]:
-    top = float(frame["C"].max()) if "C" in frame else float((6 * frame["N"] * frame["D"]).max())
-    return [top, 10 * top, 100 * top]
 
 
 def curves_table(sweep_dir) -> pd.DataFrame:

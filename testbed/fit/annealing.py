@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from testbed.fit.laws import Law, Param, register
+from testbed.fit.lawbase import Law, Param, register
 
 DECAY = 0.999
 

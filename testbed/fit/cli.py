@@ -13,8 +13,8 @@ DESCRIPTION = """Two forms:
       into one tidy table of points: run, labels, N, D, U, compute, loss, point kind...
   testbed fit SWEEP_DIR_OR_TABLE --law NAME [--columns N=col,D=col,C=col,loss=col]
           [--holdout largest] [--bootstrap K] [--out DIR]
-      fit a law (chinchilla, kaplan, power, data_constrained, vocab, annealing) and write
-      DIR/fit.json, DIR/report.md and PNG plots."""
+      fit a law (chinchilla, kaplan, power, data_constrained, vocab, annealing, or one that
+      --import MODULE registers) and write DIR/fit.json, DIR/report.md and PNG plots."""
 
 
 def _fixes(items: list[str] | None) -> dict[str, float]:
@@ -50,6 +50,8 @@ def register(subparsers) -> None:
     parser.add_argument("sweep_dir", nargs="?", help="with 'collect': the sweep directory to tabulate")
     parser.add_argument("--out", help="fit: output directory (default fit_out); collect: table path (.csv or .parquet, default SWEEP_DIR/points.csv)")
     parser.add_argument("--law", default="chinchilla", help="law to fit: chinchilla, kaplan, power, data_constrained, vocab, annealing (default chinchilla)")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import this module first, so the laws it registers can be named by --law (repeatable)")
     parser.add_argument("--columns", help="map table columns to the law's names, e.g. N=params,D=tokens,C=flops,loss=val_loss (D = C/(6N) when only C is given)")
     parser.add_argument("--holdout", help="validate on held-out runs: largest (top 10%% by compute), largest:K, or a rule like 'N>1e8'")
     parser.add_argument("--bootstrap", type=int, default=0, help="number of bootstrap resamples of whole runs for intervals (default 0: none)")
@@ -92,9 +94,23 @@ def _collect(args) -> int:
     return 0
 
 
+def _import_modules(names: list[str]) -> None:
+    import importlib
+
+    from testbed.errors import TestbedError
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise TestbedError(f"--import {name!r} cannot be imported ({err}); put the module on PYTHONPATH "
+                               f"or fix the name.") from None
+
+
 def _fit(args) -> int:
     from pathlib import Path
 
+    _import_modules(args.imports)
     from testbed.fit.analysis import FitOptions, analyse
     from testbed.fit.report import write_json, write_report
 

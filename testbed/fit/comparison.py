@@ -11,11 +11,10 @@ from testbed.fit.bootstrap import resample_runs
 from testbed.fit.compare import compute_multiplier, crossings
 from testbed.fit.estimate import fit
 from testbed.fit.laws import Law, law_inputs
+from testbed.fit.options import Analysis, constraints_for, default_budgets
 
 
 def compare_groups(law: Law, frame: pd.DataFrame, options, summary: dict):
-    from testbed.fit.analysis import Analysis, constraints_for, default_budgets
-
     if not law.has_compute_frontier:
         raise TestbedError(f"--by needs a law of N and D (chinchilla or kaplan); law {law.name!r} has no compute frontier.")
     values = sorted(frame[options.by].astype(str).unique())

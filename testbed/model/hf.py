@@ -1,4 +1,7 @@
-"""Export a checkpoint to a folder that `transformers` loads as LlamaForCausalLM.
+"""Convert a model's weights to a folder that `transformers` loads as LlamaForCausalLM.
+
+Reading a training checkpoint is the trainer's business (testbed/train/export.py); this module
+only converts a state dict and its ModelConfig.
 
 The testbed's layout maps one-to-one onto Llama's once the fused projections are split:
 qkv -> q_proj, k_proj, v_proj and gate_up -> gate_proj, up_proj. Rotary embeddings already use
@@ -75,23 +78,13 @@ def to_llama_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write config.json + model.safetensors for LlamaForCausalLM from a testbed checkpoint."""
+def save_llama(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path) -> Path:
+    """Write config.json + model.safetensors for LlamaForCausalLM from a model state dict."""
     from safetensors.torch import save_file
 
-    from testbed.config import from_dict
-    from testbed.train import checkpoint as ckpt
-    from testbed.train.plan import resolved_model
-
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    if not (checkpoint_dir / "state.json").is_file():
-        raise TestbedError(f"{str(checkpoint_dir)!r} is not a checkpoint folder; pass "
-                           f"RUN_DIR/checkpoints/step_XXXXXXXX")
-    loaded = ckpt.load(checkpoint_dir)
-    cfg = resolved_model(from_dict(loaded["state"]["config"]))
     check_exportable(cfg)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(to_llama_state(loaded["model"], cfg), str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(to_llama_state(state, cfg), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(llama_config(cfg), indent=1))
     return out_dir

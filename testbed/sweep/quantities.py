@@ -1,6 +1,6 @@
 """A run's size and cost before training, and the names derived sweep fields may use.
 
-The numbers are the trainer's own (`testbed.train.plan.describe`), so a plan and the run.json
+The numbers are the trainer's own (`testbed.plan.describe`), so a plan and the run.json
 the run later writes always agree.
 """
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from testbed.config import Config
 from testbed.errors import ConfigError
-from testbed.train.plan import describe
+from testbed.plan import describe
 
 
 def expression_names(config: Config) -> dict[str, Any]:
@@ -22,7 +22,7 @@ def expression_names(config: Config) -> dict[str, Any]:
     except ConfigError:
         # Duration not known yet (e.g. tokens are themselves derived): size-only names.
         from testbed.model.counting import count_params, flops_per_token
-        from testbed.train.plan import resolved_model
+        from testbed.plan import resolved_model
 
         model = resolved_model(config)
         counts = count_params(model)

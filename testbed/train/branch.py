@@ -17,8 +17,8 @@ from testbed.errors import TestbedError
 from testbed.rundir import RunDir
 from testbed.train import checkpoint as ckpt
 from testbed.train.loop import load_run_config, train
-from testbed.train.plan import describe, schedule_spec
-from testbed.train.schedules import DECAY_SHAPES, phase_at
+from testbed.plan import describe, run_schedule
+from testbed.schedules import DECAY_SHAPES
 
 
 def branch_config(parent_config, step: int, fraction: float, shape: str):
@@ -31,9 +31,9 @@ def branch_config(parent_config, step: int, fraction: float, shape: str):
         raise TestbedError(f"the parent run's schedule is {name!r}; branches need a stable phase "
                            f"(schedule.name wsd or constant)")
     parent_steps = describe(parent_config)["planned_steps"]
-    spec = schedule_spec(parent_config, parent_steps)
-    if phase_at(step - 1, parent_steps, spec) != "stable":
-        raise TestbedError(f"--step {step} is in the parent's {phase_at(step - 1, parent_steps, spec)} "
+    spec = run_schedule(parent_config, parent_steps)
+    if spec.phase(step - 1, parent_steps) != "stable":
+        raise TestbedError(f"--step {step} is in the parent's {spec.phase(step - 1, parent_steps)} "
                            f"phase; branch from a checkpoint in its stable phase")
     total = math.ceil(step / (1 - fraction))
     tree = parent_config.to_dict()

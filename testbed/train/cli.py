@@ -93,13 +93,12 @@ def cmd_branch(args) -> int:
 
 def cmd_schedule_plot(args) -> int:
     from testbed.config import load_config
-    from testbed.train.loop import schedule_spec
-    from testbed.train.plan import describe
-    from testbed.train.schedules import plot_schedule
+    from testbed.plan import describe, run_schedule
+    from testbed.schedules import plot_schedule
 
     config = load_config(args.config, args.overrides)
     steps = describe(config)["planned_steps"]
-    plot_schedule(args.out, steps, config.optim.lr, schedule_spec(config, steps),
+    plot_schedule(args.out, steps, config.optim.lr, run_schedule(config, steps),
                   batch_tokens=config.train.global_batch_tokens,
                   title=f"{config.schedule.name} schedule, {steps} steps")
     print(f"wrote {args.out}")
@@ -107,7 +106,7 @@ def cmd_schedule_plot(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from testbed.model.hf import export_checkpoint
+    from testbed.train.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out)
     print(f"wrote {out}/config.json and {out}/model.safetensors")

@@ -45,10 +45,9 @@ from testbed.train.distributed import (
     load_optim_state,
     wrap_model,
 )
-from testbed.train.optim import build_optimizer
-from testbed.train.plan import describe, resolved_model, schedule_spec
+from testbed.optim import build_optimizer
+from testbed.plan import describe, resolved_model, run_schedule
 from testbed.train.prefetch import Prefetcher
-from testbed.train.schedules import lr_at, phase_at
 
 # Keys that may differ between an interrupted run and its resumption (they change no number).
 RESUME_FREE_KEYS = ("logging", "train.device", "train.compile", "train.micro_batch_size", "train.parallel",
@@ -235,7 +234,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
     info = describe(config)
     model_cfg = resolved_model(config)
     total_steps = info["planned_steps"]
-    spec = schedule_spec(config, total_steps)
+    spec = run_schedule(config, total_steps)  # validated here, once
     gbt = config.train.global_batch_tokens
     seq_len = config.data.seq_len
     global_seqs = gbt // seq_len
@@ -319,8 +318,8 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
                 rd.append_index({
                     "tokens": start_step * gbt, "flops": start_step * gbt * fpt,
                     "val_loss": ev.get("val_loss"), "val_bpb": ev.get("val_bpb"),
-                    "lr": lr_at(max(start_step - 1, 0), total_steps, config.optim.lr, spec, gbt),
-                    "phase": phase_at(max(start_step - 1, 0), total_steps, spec), "step": start_step,
+                    "lr": spec.lr(max(start_step - 1, 0), total_steps, config.optim.lr, gbt),
+                    "phase": spec.phase(max(start_step - 1, 0), total_steps), "step": start_step,
                     "kind": loaded["state"]["kind"], "path": f"checkpoints/{Path(resumed_from).name}"})
         else:
             rd.metrics_path.unlink(missing_ok=True)
@@ -358,7 +357,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
         timing["eval_s"] += time.perf_counter() - t0
         if d.main:
             metrics.log({"step": step, "tokens": step * gbt, "flops": step * gbt * fpt,
-                         "lr": lr_at(max(step - 1, 0), total_steps, config.optim.lr, spec, gbt),
+                         "lr": spec.lr(max(step - 1, 0), total_steps, config.optim.lr, gbt),
                          "epoch": plan.epochs_at(step), **last_eval})
         return last_eval
 
@@ -384,8 +383,8 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
                      "config": config.to_dict(), "world_size": d.world,
                      "log_window": {"loss_sum": window_sum, "steps": steps_in_window}}
             fields = {"tokens": step * gbt, "flops": step * gbt * fpt, "val_loss": ev["val_loss"],
-                      "val_bpb": ev["val_bpb"], "lr": lr_at(max(step - 1, 0), total_steps, config.optim.lr, spec, gbt),
-                      "phase": phase_at(max(step - 1, 0), total_steps, spec)}
+                      "val_bpb": ev["val_bpb"], "lr": spec.lr(max(step - 1, 0), total_steps, config.optim.lr, gbt),
+                      "phase": spec.phase(max(step - 1, 0), total_steps)}
             ckpt.save(run_dir, step, kind, model_state, optim_state, rng, state, fields)
             ckpt.apply_retention(run_dir, config.checkpoint.keep_rolling)
         barrier(d)
@@ -424,7 +423,7 @@ def _train(config, run_dir, resume, overwrite, init_from, parent, prefix_metrics
         with nullcontext():
             for step in range(start_step, total_steps):
                 t_step = time.perf_counter()
-                lr = lr_at(step, total_steps, config.optim.lr, spec, gbt)
+                lr = spec.lr(step, total_steps, config.optim.lr, gbt)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 batch = prefetch.get(step, step + 1 if step + 1 < total_steps else None)

@@ -12,8 +12,8 @@ def fits(config: Config, micro: int, device: torch.device) -> bool:
     """One real training step (forward, backward, optimiser) at this micro-batch."""
     from testbed.model.transformer import Transformer
     from testbed.train import device as dev
-    from testbed.train.optim import build_optimizer
-    from testbed.train.plan import resolved_model
+    from testbed.optim import build_optimizer
+    from testbed.plan import resolved_model
 
     cfg = resolved_model(config)
     dtype = dev.resolve_precision(config.train.precision, device)

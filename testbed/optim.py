@@ -1,6 +1,6 @@
 """Optimisers behind a registry: an ablation registers a builder and sets optim.name.
 
-`OPTIMIZERS` is the one list of valid `optim.name` values: the planner (`testbed.train.plan`)
+`OPTIMIZERS` is the one list of valid `optim.name` values: the planner (`testbed.plan`)
 checks a config against it before any run starts. torch is imported inside the builders only,
 so that check (and `testbed sweep plan`) does not load torch.
 """

@@ -1,4 +1,6 @@
-"""Derived quantities of a config: what run.json records and the sweep planner prints."""
+"""What a config implies: the resolved model, the run length, the run's schedule, and the
+derived quantities run.json records and the sweep planner prints. Above config, model and data;
+below train, fit and sweep, which all read it."""
 
 from __future__ import annotations
 
@@ -6,9 +8,10 @@ import dataclasses
 import math
 
 from testbed.config import Config, ModelConfig, OptimConfig
+from testbed.config import import_plugins as _import_modules
 from testbed.errors import ConfigError
 from testbed.model.counting import count_params, flops_per_token
-from testbed.train.schedules import ScheduleSpec, validate as validate_schedule
+from testbed.schedules import Schedule, check_run
 
 DEFAULT_SYNTHETIC_VOCAB = 128
 
@@ -55,31 +58,19 @@ def planned_tokens(config: Config, n_params: int) -> int:
     return tokens
 
 
-def schedule_spec(config: Config, total_steps: int) -> ScheduleSpec:
-    """The schedule section as the pure schedule functions take it (warmup fraction resolved)."""
-    s = config.schedule
-    warmup = s.warmup_steps
-    if s.warmup_fraction is not None:
-        warmup = int(round(s.warmup_fraction * total_steps))
-    fields = {f.name for f in dataclasses.fields(ScheduleSpec)}
-    values = {k: v for k, v in dataclasses.asdict(s).items() if k in fields}
-    values["warmup_steps"] = warmup
-    if values.get("power_batch_size") is None and s.name == "power":
-        # Shen et al.'s beta is the batch in sequences (n, the tokens seen, stays in tokens).
-        values["power_batch_size"] = config.train.global_batch_tokens // config.data.seq_len
-    return ScheduleSpec(**values)
+def run_schedule(config: Config, total_steps: int) -> Schedule:
+    """The run's schedule, validated once: warmup fraction resolved and, for power, Shen et al.'s
+    beta taken as the batch in sequences (n, the tokens seen, stays in tokens). The trainer then
+    calls its `lr` and `phase` every step without validating again."""
+    schedule = config.schedule.for_run(total_steps, config.train.global_batch_tokens // config.data.seq_len)
+    check_run(schedule, total_steps, config.optim.lr, config.train.global_batch_tokens)
+    return schedule
 
 
 def import_plugins(config: Config) -> None:
-    """Import the modules named in `imports`, so their registered ablation parts exist."""
-    import importlib
-
-    for name in config.imports:
-        try:
-            importlib.import_module(name)
-        except ImportError as err:
-            raise ConfigError(f"imports: module {name!r} cannot be imported ({err}); put it on "
-                              f"PYTHONPATH or fix the name") from None
+    """Import the modules named in `imports` (config loading already did; kept for callers
+    that build a Config by hand)."""
+    _import_modules(config.imports)
 
 
 def check_registered(model: ModelConfig, optim: OptimConfig | None = None) -> None:
@@ -88,7 +79,7 @@ def check_registered(model: ModelConfig, optim: OptimConfig | None = None) -> No
     from testbed.model.counting import is_builtin
 
     if optim is not None:
-        from testbed.train.optim import OPTIMIZERS  # torch-free at import
+        from testbed.optim import OPTIMIZERS  # torch-free at import
 
         OPTIMIZERS.get(optim.name)
     if is_builtin(model) and model.init in ("normal", "scaled"):
@@ -110,7 +101,7 @@ def describe(config: Config) -> dict:
     gbt = config.train.global_batch_tokens
     steps = max(1, math.ceil(planned_tokens(config, counts.total) / gbt))
     tokens = steps * gbt  # whole steps: the run trains exactly this many tokens
-    validate_schedule(schedule_spec(config, steps), steps)
+    run_schedule(config, steps)
     fpt = flops_per_token(model, seq_len)
     unique = config.data.unique_tokens
     return {
