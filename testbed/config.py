@@ -12,6 +12,7 @@ preset's.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import ConfigError
-from testbed.schedules import Schedule, split_section
+from testbed.schedules import DEFAULT_SCHEDULE, Schedule, schedule_class, split_section
 
 # The ladder ships as package data next to this module, so an installed wheel finds it without
 # a checkout.
@@ -298,6 +299,19 @@ def build_dataclass(cls: type, values: Any, prefix: str) -> Any:
             raise ConfigError(f"unknown config key {prefix + str(key)!r} (value {value!r}); {hint}")
         kwargs[key] = coerce(hints[key], value, prefix + key)
     return cls(**kwargs)
+
+
+def saved_config(tree: dict[str, Any]) -> Config:
+    """A config as a run directory or checkpoint stored it. Runs written before schedules were
+    separate dataclasses stored every schedule's fields in one section; the fields the named
+    schedule does not take were never used by it, so they are dropped rather than refused."""
+    tree = copy.deepcopy(tree)
+    section = tree.get("schedule")
+    if isinstance(section, dict):
+        cls = schedule_class(section.get("name", DEFAULT_SCHEDULE))
+        accepted = {f.name for f in dataclasses.fields(cls)} | {"name"}
+        tree["schedule"] = {k: v for k, v in section.items() if k in accepted}
+    return from_dict(tree)
 
 
 def coerce(hint: Any, value: Any, key: str) -> Any:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from testbed.cli import main
-from testbed.config import load_config
+from testbed.config import from_dict, load_config
 from testbed.errors import ConfigError
 
 
@@ -105,3 +105,19 @@ def test_help_lists_every_subcommand(capsys):
     out = capsys.readouterr().out
     for word in ("train", "branch", "schedule", "export"):
         assert word in out
+
+
+def test_a_config_saved_with_every_schedule_field_still_loads():
+    """Run directories written when one schedule section held every schedule's fields resume
+    and branch: the fields the named schedule does not take are dropped, its own are kept."""
+    from testbed.config import saved_config
+
+    tree = from_dict({}).to_dict()
+    tree["schedule"] = {"name": "wsd", "warmup_steps": 3, "min_lr_ratio": 0.1, "decay_fraction": 0.3,
+                        "decay_shape": "1-sqrt", "inv_sqrt_timescale": None, "power_a": 4.0, "power_b": -0.51,
+                        "power_decay_fraction": 0.0, "decay_start_step": None, "power_batch_size": None}
+    config = saved_config(tree)
+    assert config.schedule.name == "wsd" and config.schedule.decay_fraction == 0.3
+    assert config.schedule.warmup_steps == 3 and "power_a" not in config.to_dict()["schedule"]
+    with pytest.raises(ConfigError, match="schedule .wsd. has no"):
+        from_dict(tree)  # a config a person writes is still held to the schedule's own fields

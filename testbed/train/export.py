@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from testbed.config import from_dict
+from testbed.config import saved_config
 from testbed.errors import TestbedError
 from testbed.model.hf import save_llama
 from testbed.plan import resolved_model
@@ -18,4 +18,4 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
         raise TestbedError(f"{str(checkpoint_dir)!r} is not a checkpoint folder; pass "
                            f"RUN_DIR/checkpoints/step_XXXXXXXX")
     loaded = ckpt.load(checkpoint_dir)
-    return save_llama(loaded["model"], resolved_model(from_dict(loaded["state"]["config"])), out_dir)
+    return save_llama(loaded["model"], resolved_model(saved_config(loaded["state"]["config"])), out_dir)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from testbed import exits
-from testbed.config import Config, from_dict
+from testbed.config import Config, saved_config
 from testbed.data import loader as data_loader
 from testbed.errors import TestbedError
 from testbed.model.counting import flops_per_token
@@ -162,7 +162,7 @@ def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool
         raise TestbedError(f"run directory {str(run_dir)!r} already holds a finished run; pass "
                            f"--overwrite to replace it, --resume to accept it, or choose another --run-dir")
     if has_run:
-        saved = rd.read_run()["config"]
+        saved = saved_config(rd.read_run()["config"]).to_dict()
         diffs = config_differences(saved, config.to_dict())
         if diffs:
             raise TestbedError(f"run directory {str(run_dir)!r} holds an unfinished run with a different "
@@ -536,4 +536,4 @@ def load_run_config(run_dir: Path) -> Config:
     if run is None:
         raise TestbedError(f"{str(run_dir)!r} is not a run directory (no run.json); pass the folder "
                            f"given to `testbed train --run-dir`")
-    return from_dict(run["config"])
+    return saved_config(run["config"])
