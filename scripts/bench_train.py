@@ -26,7 +26,7 @@ import torch
 
 def testbed_round(args, steps: int, workdir: Path, round_id: int) -> float:
     from testbed.config import load_config
-    from testbed.train.loop import train
+    from testbed.train.trainer import train
 
     config = load_config(None, [
         f"model.d_model={args.d_model}", f"model.n_layers={args.n_layers}", f"model.n_heads={args.n_heads}",

@@ -83,7 +83,7 @@ class Report:
 
 def run_trainer(overrides: list[str], run_dir: Path) -> tuple[dict, list[dict]]:
     from testbed.config import load_config
-    from testbed.train.loop import train
+    from testbed.train.trainer import train
 
     summary = train(load_config(None, COMMON + overrides), run_dir)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -8,7 +8,7 @@ import pytest
 
 from testbed.config import load_config
 from testbed.model.counting import count_params
-from testbed.train.loop import train
+from testbed.train.trainer import train
 from testbed.plan import describe, resolved_model
 
 POST_NORM = textwrap.dedent('''

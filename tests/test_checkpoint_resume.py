@@ -33,7 +33,7 @@ from testbed import cli as testbed_cli
 from testbed.config import load_config
 from testbed.data import loader as data_loader
 from testbed.train import checkpoint as ckpt
-from testbed.train.loop import train
+from testbed.train.trainer import train
 
 pytestmark = pytest.mark.slow
 

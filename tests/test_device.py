@@ -12,7 +12,7 @@ import torch
 from testbed.config import load_config
 from testbed.train import checkpoint as ckpt
 from testbed.train import device as dev
-from testbed.train.loop import train
+from testbed.train.trainer import train
 from testbed.train.prefetch import Prefetcher
 
 COMMON = ["model.preset=100k", "data.seq_len=32", "model.max_seq_len=32", "train.global_batch_tokens=256",

@@ -25,7 +25,7 @@ def on_path(monkeypatch):
 
 
 def test_a_user_schedule_trains_and_its_lrs_are_logged(tmp_path, on_path):
-    from testbed.train.loop import train
+    from testbed.train.trainer import train
 
     peak = 1e-2
     config = load_config(None, TINY + ["imports=[user_schedule]", "schedule.name=test_halving",

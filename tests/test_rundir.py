@@ -87,7 +87,7 @@ def test_every_reader_agrees_on_a_run_killed_mid_write(tmp_path):
     from testbed.sweep.registry import Registry
     from testbed.sweep.status import last_metrics
     from testbed.train import checkpoint as ckpt
-    from testbed.train.loop import train
+    from testbed.train.trainer import train
     from testbed.train.metrics import MetricsLog
 
     sweep = tmp_path / "sweep"

@@ -7,7 +7,7 @@ import pytest
 
 from testbed.config import load_config
 from testbed.errors import TestbedError
-from testbed.train.loop import train
+from testbed.train.trainer import train
 
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=64",
         "data.seq_len=32", "train.global_batch_tokens=512", "train.log_every=1", "train.eval_every=10",

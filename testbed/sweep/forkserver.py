@@ -53,7 +53,7 @@ PRELOAD = (
     "testbed.sweep.cli",
     "testbed.fit.cli",
     "testbed.config",
-    "testbed.train.loop",
+    "testbed.train.trainer",
     "testbed.data.synthetic",
     "testbed.data.sources",
     "safetensors.torch",

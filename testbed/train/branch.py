@@ -16,7 +16,7 @@ from testbed.config import from_dict
 from testbed.errors import TestbedError
 from testbed.rundir import RunDir
 from testbed.train import checkpoint as ckpt
-from testbed.train.loop import load_run_config, train
+from testbed.train.trainer import load_run_config, train
 from testbed.plan import describe, run_schedule
 from testbed.schedules import DECAY_SHAPES
 

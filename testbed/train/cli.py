@@ -60,7 +60,7 @@ def cmd_train(args) -> int:
 
     config = load_config(args.config, args.overrides)
     from testbed.train.distributed import teardown
-    from testbed.train.loop import train
+    from testbed.train.trainer import train
 
     run_dir = args.run_dir or default_run_dir(config)
     try:

@@ -1,0 +1,519 @@
+"""The trainer: one run, one process or many (torchrun: DDP or FSDP2).
+
+    train(config, run_dir)   -> trains, validates, checkpoints, logs; resumes when asked
+
+`Trainer.run` reads as the steps it takes: set up the process and the run directory, build data
+and model, restore a checkpoint, parallelise, open the run directory for writing, then one
+training step at a time, each followed by what falls due (log, evaluate, save, stop when
+preempted), and finish. The process's exit status follows testbed/exits.py; run-directory
+files go through testbed/rundir.py; distributed plumbing is in distributed.py and the decision
+to resume in resume.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from testbed import exits
+from testbed.config import Config
+from testbed.data import loader as data_loader
+from testbed.errors import TestbedError
+from testbed.model.counting import flops_per_token
+from testbed.model.transformer import Transformer
+from testbed.optim import build_optimizer
+from testbed.plan import describe, resolved_model, run_schedule
+from testbed.rundir import RunDir, run_id
+from testbed.train import checkpoint as ckpt
+from testbed.train import device as dev
+from testbed.train.distributed import (
+    Dist,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    full_model_state,
+    full_optim_state,
+    init_distributed,
+    load_model_state,
+    load_optim_state,
+    wrap_model,
+)
+from testbed.train.metrics import MetricsLog
+from testbed.train.prefetch import Prefetcher
+from testbed.train.resume import Preemption, load_run_config, prepare_run_dir, restore_rng, rng_state
+
+__all__ = ["NonFiniteLoss", "Trainer", "load_run_config", "train"]
+
+
+class NonFiniteLoss(TestbedError):
+    pass
+
+
+def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
+          init_from: dict | None = None, parent: dict | None = None,
+          prefix_metrics: list[dict] | None = None) -> dict:
+    """Train one run into run_dir. Returns a summary dict (also written into run.json).
+
+    init_from: a loaded checkpoint to start from (cooldown branches); parent: recorded in run.json;
+    prefix_metrics: metric lines shared with the parent, written first."""
+    # Listen for SIGTERM/SIGUSR1 from the very start: a signal during start-up is honoured at
+    # the first step boundary instead of killing the process with no resume point.
+    with Preemption() as preempt:
+        trainer = Trainer(config, run_dir, preempt, resume=resume, overwrite=overwrite,
+                          init_from=init_from, parent=parent, prefix_metrics=prefix_metrics)
+        return trainer.run()
+
+
+def science_steps(config: Config, total_steps: int) -> set[int]:
+    """The steps whose checkpoints are kept for fitting."""
+    c, gbt = config.checkpoint, config.train.global_batch_tokens
+    steps: set[int] = set()
+    if c.every:
+        steps.update(range(c.every, total_steps + 1, c.every))
+    if c.log_spaced:
+        steps.update(int(s) for s in np.unique(np.round(np.geomspace(1, total_steps, c.log_spaced))))
+    for tokens in c.at_tokens:
+        steps.add(min(total_steps, max(1, math.ceil(tokens / gbt))))
+    return {s for s in steps if 1 <= s <= total_steps}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, source, val_ids: np.ndarray, micro: int, device, dtype,
+             d: Dist, optimum_nats: float | None) -> dict[str, float]:
+    """Validation loss (nats/token), bits per token and per byte on the fixed validation set."""
+    model.eval()
+    mine = val_ids[d.rank::d.world]
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    for i in range(0, len(mine), micro):
+        windows = torch.from_numpy(source.windows(mine[i:i + micro], data_loader.VALIDATION)).to(device)
+        with dev.autocast(device, dtype):
+            nats += model(windows[:, :-1], windows[:, 1:], reduction="sum").double()
+    nats = all_reduce_sum(nats, d).item()
+    model.train()
+    n_tokens = len(val_ids) * source.seq_len
+    n_bytes = int(source.window_bytes(val_ids, data_loader.VALIDATION).sum())
+    out = {"val_loss": nats / n_tokens, "val_bits_per_token": nats / n_tokens / math.log(2),
+           "val_bpb": nats / (math.log(2) * n_bytes)}
+    if optimum_nats is not None:
+        out["val_opt_loss"] = optimum_nats / n_tokens
+        out["val_excess_loss"] = out["val_loss"] - out["val_opt_loss"]
+    return out
+
+
+def auto_micro_batch(config: Config, device: torch.device, local_seqs: int, d: Dist) -> int:
+    """All of a process's sequences in one pass on a CPU; on CUDA the largest divisor of them
+    whose training step fits in memory (probed once, before the model is built)."""
+    if device.type != "cuda":
+        return local_seqs
+    from testbed.train.memory import largest_micro_batch
+
+    micro = largest_micro_batch(config, limit=local_seqs, divisor_of=local_seqs) if d.main else None
+    micro = broadcast_object(micro, d)
+    torch.cuda.reset_peak_memory_stats(device)
+    return micro
+
+
+class Window:
+    """The training-loss average and the tokens/s of one logging window. Validation and
+    checkpoints that fall inside a window are taken out of its time (tokens_per_s is the speed
+    of training steps)."""
+
+    def __init__(self, device: torch.device, timing: dict[str, float]):
+        self.timing = timing
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps = 0
+        self.restart()
+
+    def paused(self) -> float:
+        return self.timing["eval_s"] + self.timing["checkpoint_s"]
+
+    def restart(self) -> None:
+        self.t0, self.tokens, self.paused_at_start = time.perf_counter(), 0, self.paused()
+
+    def tokens_per_s(self) -> float | None:
+        elapsed = time.perf_counter() - self.t0 - (self.paused() - self.paused_at_start)
+        return self.tokens / elapsed if self.tokens else None
+
+
+class Trainer:
+    def __init__(self, config: Config, run_dir: str | Path, preempt: Preemption, *, resume: bool = False,
+                 overwrite: bool = False, init_from: dict | None = None, parent: dict | None = None,
+                 prefix_metrics: list[dict] | None = None):
+        self.t_start = time.perf_counter()
+        self.config = config
+        self.run_dir = RunDir(run_dir)
+        self.preempt = preempt
+        self.resume, self.overwrite = resume, overwrite
+        self.loaded = init_from
+        self.parent, self.prefix_metrics = parent, prefix_metrics
+        self.timing = {"train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "compile_s": 0.0}
+        self.restore_s = 0.0
+        self.last_eval: dict[str, float] = {}
+        self.last_eval_step = -1
+        self.start_step = self.done = 0
+        self.resumed_from: str | None = None
+        self.exit_code, self.state_msg = exits.DONE, ("done", "finished")
+
+    # ------------------------------------------------------------------ the run, step by step
+
+    def run(self) -> dict:
+        mode = self.set_up()
+        if mode == "done":
+            if self.d.main:
+                print(f"{self.run_dir.path}: already finished; nothing to do")
+            return self.run_dir.read_run().get("summary", {})
+        self.build()
+        mode = self.restore(mode)
+        self.parallelize()
+        self.open_run_dir(mode)
+        self.train_loop()
+        return self.finish()
+
+    def set_up(self) -> str:
+        """Device, process group, precision, and what the run directory asks for."""
+        self.d = init_distributed(self.config.train.device)
+        self.device = dev.resolve_device(self.config.train.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dtype = dev.resolve_precision(self.config.train.precision, self.device)
+        if self.d.main:
+            self.run_dir.path.mkdir(parents=True, exist_ok=True)
+        barrier(self.d)
+        return prepare_run_dir(self.config, self.run_dir.path, self.resume, self.overwrite, self.d)
+
+    def build(self) -> None:
+        """The plan (steps, schedule, batch split), the data and the model."""
+        config, d = self.config, self.d
+        self.info = describe(config)
+        self.model_cfg = resolved_model(config)
+        self.total_steps = self.info["planned_steps"]
+        self.schedule = run_schedule(config, self.total_steps)  # validated here, once
+        self.gbt = config.train.global_batch_tokens
+        global_seqs = self.gbt // config.data.seq_len
+        if global_seqs % d.world:
+            raise TestbedError(f"train.global_batch_tokens={self.gbt} gives {global_seqs} sequences, not "
+                               f"divisible by the {d.world} processes; choose a batch that splits evenly")
+        local_seqs = global_seqs // d.world
+        self.micro = config.train.micro_batch_size or auto_micro_batch(config, self.device, local_seqs, d)
+        if local_seqs % self.micro:
+            raise TestbedError(f"train.micro_batch_size={self.micro} does not divide the {local_seqs} "
+                               f"sequences each process takes per step; choose a divisor of {local_seqs}")
+        self.accum = local_seqs // self.micro
+
+        self.source = data_loader.make_source(config)
+        self.plan = data_loader.BatchPlan(self.source, global_seqs, config.data.seed, config.data.unique_tokens,
+                                          self.total_steps)
+        self.val_ids = data_loader.validation_windows(self.source, config.data.val_sequences)
+        self.optimum = None
+        if getattr(self.source, "has_optimum", False):
+            windows = self.source.windows(self.val_ids, data_loader.VALIDATION)
+            self.optimum = float(self.source.optimal_nats(windows).sum())
+
+        torch.manual_seed(config.train.seed)
+        if config.train.deterministic and self.device.type == "cuda":
+            # CPU kernels are already deterministic (and this call costs ~1.7 s of imports).
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.base_model = Transformer(self.model_cfg).to(self.device)
+        self.base_model.activation_checkpointing = config.train.activation_checkpointing
+        self.fpt = flops_per_token(self.model_cfg, config.data.seq_len)
+
+    def restore(self, mode: str) -> str:
+        """Weights, step and generator states from the newest valid checkpoint (or a branch's
+        starting checkpoint); 'fresh' when an interrupted run never saved one."""
+        t0 = time.perf_counter()
+        if mode == "resume":
+            folder = ckpt.latest_valid(self.run_dir.path)
+            if folder is None:
+                if any(ckpt.list_checkpoints(self.run_dir.path)):
+                    raise TestbedError(f"run directory {str(self.run_dir.path)!r} holds an unfinished run "
+                                       f"whose checkpoints are all damaged; pass --overwrite to restart it "
+                                       f"from scratch")
+                mode = "fresh"  # interrupted before its first checkpoint: nothing to resume from
+            else:
+                self.loaded = ckpt.load(folder)
+                self.resumed_from = str(folder)
+        if self.loaded is not None:
+            load_model_state(self.base_model, self.loaded["model"], self.config, Dist())
+            self.start_step = self.done = int(self.loaded["state"]["step"])
+            restore_rng(self.loaded["rng"], self.device)
+        self.restore_s += time.perf_counter() - t0
+        return mode
+
+    def parallelize(self) -> None:
+        """Compile, wrap for DDP/FSDP2, build the optimiser and restore its state."""
+        self.compiled = dev.use_compile(self.config.train.compile, self.device)
+        if self.compiled:
+            # Regional compilation (as torchtitan does): every block shares one compiled graph, so
+            # compiling takes seconds whatever the depth, and parameter names stay unchanged.
+            for block in self.base_model.blocks:
+                block.compile()
+            self.base_model.compile_loss = True
+        # The optimiser is built on the wrapped model: FSDP2 replaces parameters by sharded ones.
+        self.model = wrap_model(self.base_model, self.config, self.device, self.d)
+        self.optimizer = build_optimizer(self.model, self.config.optim, self.device)
+        if self.loaded is not None:
+            t0 = time.perf_counter()
+            load_optim_state(self.model, self.optimizer, self.loaded["optim"], self.config, self.d)
+            self.restore_s += time.perf_counter() - t0
+        self.peak, self.peak_name = dev.peak_flops(self.device, self.dtype)
+
+    def open_run_dir(self, mode: str) -> None:
+        """Bring the run directory to the restored step and announce the run in it."""
+        config, rd = self.config, self.run_dir
+        self.run_id = run_id(config.to_dict())
+        self.metrics = MetricsLog(rd.path, enabled=self.d.main)
+        self.window = Window(self.device, self.timing)
+        self.continue_log_window()
+        if not self.d.main:
+            return
+        if mode == "resume":
+            self.rewind_run_dir()
+        else:
+            rd.metrics_path.unlink(missing_ok=True)
+            for line in self.prefix_metrics or []:
+                self.metrics.log(line)
+        val_tokens = len(self.val_ids) * config.data.seq_len
+        rd.write_run({"run_id": self.run_id, "config": config.to_dict(), "labels": config.labels, **self.info,
+                      "data_entropy": self.optimum / val_tokens if self.optimum is not None else None,
+                      "data_fingerprint": self.source.fingerprint(), "parent": self.parent,
+                      "world_size": self.d.world, "device": str(self.device),
+                      "precision": str(self.dtype).replace("torch.", ""), "peak_flops": self.peak,
+                      "peak_flops_source": self.peak_name, "host": socket.gethostname()})
+        started = f"resumed from {self.resumed_from}" if self.resumed_from else "started"
+        rd.write_status("running", step=self.start_step, message=started)
+        self.log_line(f"{'resume from ' + self.resumed_from if self.resumed_from else 'start'} at step "
+                      f"{self.start_step}/{self.total_steps} on {self.device} ({self.d.world} process(es), "
+                      f"{self.dtype})")
+        if config.logging.wandb:
+            self.metrics.start_wandb(config.logging.wandb_project, config.logging.wandb_mode, self.run_id,
+                                     config.to_dict(), rd.path)
+
+    def rewind_run_dir(self) -> None:
+        """On resume: forget what was written after the restored checkpoint."""
+        rd, step = self.run_dir, self.start_step
+        self.metrics.truncate_after(step)
+        ckpt.truncate_index(rd.path, step)
+        for aside in ckpt.set_aside_newer(rd.path, step):
+            self.log_line(f"damaged checkpoint moved aside to {aside}")
+        if not any(line["step"] == step for line in rd.index()):
+            # Killed between the folder's rename and its index line: write the line now, with
+            # the evaluation the killed process logged for that step just before saving.
+            ev = next((m for m in rd.metrics() if m.get("step") == step and "val_loss" in m), {})
+            rd.append_index({**self.index_fields(step, ev), "step": step, "kind": self.loaded["state"]["kind"],
+                             "path": f"checkpoints/{Path(self.resumed_from).name}"})
+
+    def continue_log_window(self) -> None:
+        """A resume between two train-loss lines continues that line's average, or the next
+        line would differ from an uninterrupted run's. Only when it ends where this run's next
+        line falls (train.log_every may change across a resume); each process takes its share."""
+        window = (self.loaded or {}).get("state", {}).get("log_window")
+        if window and window["steps"] and window["steps"] == self.start_step % self.config.train.log_every:
+            self.window.loss_sum.fill_(window["loss_sum"] / self.d.world)
+            self.window.steps = int(window["steps"])
+
+    def train_loop(self) -> None:
+        config = self.config
+        self.science = science_steps(config, self.total_steps)
+        self.progress = None
+        if self.d.main and config.logging.progress:
+            from tqdm.auto import tqdm
+
+            self.progress = tqdm(total=self.total_steps, initial=self.start_step, desc=self.run_id, unit="step",
+                                 mininterval=1.0, dynamic_ncols=True, leave=False)
+        self.model.train()
+        self.t_startup = time.perf_counter() - self.t_start
+        self.window.restart()
+        self.prefetch = Prefetcher(self.plan, self.d.rank, self.d.world, self.device)
+        try:
+            for step in range(self.start_step, self.total_steps):
+                self.train_step(step)
+                if self.after_step():
+                    break
+            else:
+                if config.checkpoint.final:
+                    self.save(self.total_steps, "final")
+                else:
+                    self.evaluate(self.total_steps)
+        except BaseException as err:
+            self.fail(err)
+            raise
+        finally:
+            self.prefetch.close()
+            if self.progress is not None:
+                self.progress.close()
+
+    def train_step(self, step: int) -> None:
+        """One optimiser step: `accum` micro-batches forward and backward, clip, update."""
+        config, model, micro = self.config, self.model, self.micro
+        t_step = time.perf_counter()
+        self.lr = self.schedule.lr(step, self.total_steps, config.optim.lr, self.gbt)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        batch = self.prefetch.get(step, step + 1 if step + 1 < self.total_steps else None)
+        step_loss = torch.zeros((), device=self.device)
+        for k in range(self.accum):
+            mb = batch[k * micro:(k + 1) * micro]
+            sync = nullcontext()
+            if self.d.world > 1 and k < self.accum - 1 and hasattr(model, "no_sync"):
+                sync = model.no_sync()  # DDP: all-reduce gradients once, after the last micro-batch
+            with sync:
+                with dev.autocast(self.device, self.dtype):
+                    loss = model(mb[:, :-1], mb[:, 1:])
+                (loss / self.accum).backward()
+            step_loss += loss.detach() / self.accum
+        clip = config.optim.grad_clip
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+        # Reading the loss on the host waits for the GPU: there, only on logging steps.
+        check_now = self.device.type == "cpu" or (step + 1) % config.train.log_every == 0
+        if check_now and not torch.isfinite(step_loss).item():
+            raise NonFiniteLoss(
+                f"the training loss became {step_loss.item()} at step {step + 1}; the last good "
+                f"checkpoint is kept. Lower optim.lr (now {config.optim.lr}) or raise warmup")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.done = step + 1
+        self.window.loss_sum += step_loss
+        self.window.steps += 1
+        self.window.tokens += self.gbt
+        if self.compiled and step == self.start_step:
+            # The first step of a process compiles: time it apart and start the throughput
+            # window after it, so tokens_per_s is the steady-state speed.
+            dev.synchronize(self.device)
+            self.timing["compile_s"] = time.perf_counter() - t_step
+            self.window.restart()
+        else:
+            self.timing["train_s"] += time.perf_counter() - t_step
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def after_step(self) -> bool:
+        """What falls due after a step: log, evaluate, save; True to stop (preempted)."""
+        config, done = self.config, self.done
+        final = done == self.total_steps
+        if done % config.train.log_every == 0 or final:
+            self.log_train()
+        if done % config.train.eval_every == 0 or final:
+            self.evaluate(done)
+        rolling_every = config.checkpoint.rolling_every
+        rolling_due = bool(rolling_every) and done % rolling_every == 0
+        if done in self.science:
+            self.save(done, "science")
+        elif rolling_due and not final:
+            self.save(done, "rolling")
+        if self.preempt.requested and not final:
+            if not rolling_due and done not in self.science:
+                self.save(done, "rolling")
+            self.exit_code = exits.PREEMPTED
+            self.state_msg = ("preempted", f"{self.preempt.requested} at step {done}; resume checkpoint saved")
+            return True
+        if self.window.steps == 0:
+            self.window.restart()
+        return False
+
+    def log_train(self) -> None:
+        done, window = self.done, self.window
+        mean_loss = all_reduce_sum(window.loss_sum.clone(), self.d).item() / self.d.world / window.steps
+        dev.synchronize(self.device)
+        tps = window.tokens_per_s()
+        if self.d.main:
+            self.metrics.log({"step": done, "tokens": done * self.gbt, "flops": done * self.gbt * self.fpt,
+                              "lr": self.lr, "train_loss": mean_loss, "grad_norm": self.grad_norm.item(),
+                              "tokens_per_s": tps,
+                              "mfu": tps * self.fpt / self.peak if self.peak and tps else None,
+                              "peak_mem_gb": (dev.peak_memory_bytes(self.device) or 0) / 2**30,
+                              "epoch": self.plan.epochs_at(done)})
+            if self.progress is not None:
+                self.progress.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)
+        window.loss_sum.zero_()
+        window.steps, window.tokens = 0, 0
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """The validation set at `step` (once per step, however many callers ask)."""
+        if self.last_eval_step == step:
+            return self.last_eval
+        # Training kernels still queued on the GPU belong to the step time, not to validation.
+        dev.synchronize(self.device)
+        t0 = time.perf_counter()
+        self.last_eval = evaluate(self.model, self.source, self.val_ids, self.micro, self.device, self.dtype,
+                                  self.d, self.optimum)
+        self.last_eval_step = step
+        self.timing["eval_s"] += time.perf_counter() - t0
+        if self.d.main:
+            self.metrics.log({"step": step, "tokens": step * self.gbt, "flops": step * self.gbt * self.fpt,
+                              "lr": self.lr_before(step), "epoch": self.plan.epochs_at(step), **self.last_eval})
+        return self.last_eval
+
+    def save(self, step: int, kind: str) -> None:
+        """A checkpoint at `step`, after checking every weight is finite."""
+        config, d = self.config, self.d
+        dev.synchronize(self.device)  # as in evaluate: queued training kernels are step time
+        t0 = time.perf_counter()
+        bad = torch.zeros((), device=self.device)
+        for p in self.model.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p  # FSDP2: this rank's shard
+            bad += (~torch.isfinite(local.detach())).sum()
+        if all_reduce_sum(bad, d).item():
+            raise NonFiniteLoss(f"the weights became non-finite by step {step}; the last good checkpoint "
+                                f"is kept. Lower optim.lr (now {config.optim.lr}) or raise warmup")
+        ev = self.evaluate(step)
+        model_state = full_model_state(self.model, config, d)
+        optim_state = full_optim_state(self.model, self.optimizer, config, d)
+        window_sum = all_reduce_sum(self.window.loss_sum.clone(), d).item()
+        if d.main:
+            state = {"tokens": step * self.gbt, "total_steps": self.total_steps, "run_id": self.run_id,
+                     "config": config.to_dict(), "world_size": d.world,
+                     "log_window": {"loss_sum": window_sum, "steps": self.window.steps}}
+            ckpt.save(self.run_dir.path, step, kind, model_state, optim_state, rng_state(self.device), state,
+                      self.index_fields(step, ev))
+            ckpt.apply_retention(self.run_dir.path, config.checkpoint.keep_rolling)
+        barrier(d)
+        self.timing["checkpoint_s"] += time.perf_counter() - t0
+
+    def finish(self) -> dict:
+        """The summary, into run.json; status done or preempted."""
+        wall = time.perf_counter() - self.t_start
+        state, message = self.state_msg
+        summary = {"state": state, "steps": self.done, "planned_steps": self.total_steps, **self.last_eval,
+                   "micro_batch_size": self.micro,
+                   "timing": {"wall_s": wall, "startup_s": self.t_startup, "restore_s": self.restore_s,
+                              **self.timing, "other_s": wall - self.t_startup - sum(self.timing.values())}}
+        if self.d.main:
+            run_json = self.run_dir.read_run()
+            run_json["summary"] = summary
+            self.run_dir.write_run(run_json)
+            self.run_dir.write_status(state, step=self.done, message=message)
+            self.log_line(f"{state}: {message} (wall {wall:.1f}s)")
+            self.metrics.finish(exit_code=0)
+        summary["exit_code"] = self.exit_code
+        barrier(self.d)
+        return summary
+
+    def fail(self, err: BaseException) -> None:
+        if self.d.main:
+            message = str(err) if isinstance(err, TestbedError) else f"{type(err).__name__}: {err}"
+            self.run_dir.write_status("failed", step=self.done, message=message)
+            self.log_line(f"failed at step {self.done}: {message}")
+            self.metrics.finish(exit_code=1)
+
+    # ------------------------------------------------------------------ small helpers
+
+    def lr_before(self, step: int) -> float:
+        """The learning rate of the step that led to `step` (what a checkpoint at it records)."""
+        return self.schedule.lr(max(step - 1, 0), self.total_steps, self.config.optim.lr, self.gbt)
+
+    def index_fields(self, step: int, ev: dict) -> dict:
+        return {"tokens": step * self.gbt, "flops": step * self.gbt * self.fpt, "val_loss": ev.get("val_loss"),
+                "val_bpb": ev.get("val_bpb"), "lr": self.lr_before(step),
+                "phase": self.schedule.phase(max(step - 1, 0), self.total_steps)}
+
+    def log_line(self, text: str) -> None:
+        with open(self.run_dir.log_path, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
