@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import statistics
@@ -151,8 +150,8 @@ def rung_overrides(rung: str, args) -> tuple[list[str], int]:
 
 
 def throughput(report: Report, args, tmp: Path, rung: str) -> dict:
-    from testbed.model.counting import count_params, flops_per_token
     from testbed.config import load_config
+    from testbed.model.counting import count_params, flops_per_token
     from testbed.plan import resolved_model
 
     model, seq_len = rung_overrides(rung, args)
@@ -272,7 +271,7 @@ def baseline(report: Report, args, rung: str, micro: int) -> dict:
         torch.cuda.synchronize()
     tps = steps * seqs * seq_len / (time.perf_counter() - t0)
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    del model, opt, data
+    model = opt = data = None  # free the GPU memory before the next section
     release_memory()
     return {"rung": rung, "micro_batch": micro, "accum": seqs // micro, "compiled_per_layer": compiled,
             "warmup_s": warm_s, "tokens_per_s": tps, "flops_per_token": flops_per_token(cfg, seq_len),
@@ -286,8 +285,8 @@ def vocab128k(report: Report, args) -> dict:
 
     from testbed.config import load_config
     from testbed.model.transformer import Transformer
-    from testbed.train.memory import largest_micro_batch
     from testbed.plan import resolved_model
+    from testbed.train.memory import largest_micro_batch
 
     if args.smoke or not torch.cuda.is_available():
         return {"skipped": "needs CUDA"}
@@ -443,7 +442,7 @@ def loss(report: Report, args) -> dict:
     result = {"tokens": tokens, "d_model": d, "vocab": vocab}
     grads = {}
     for name, compiled in (("eager", False), ("compiled", True)):
-        def once():
+        def once(compiled=compiled):
             h.grad = w.grad = None
             with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
                 value = linear_cross_entropy(h, w, t, compiled=compiled)
@@ -511,7 +510,7 @@ def profile(report: Report, args, rung: str, micro: int) -> dict:
     events = prof.key_averages()
     total = sum(e.self_device_time_total for e in events)
     top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
-    del model, opt, x
+    model = opt = x = None  # free the GPU memory before the next section
     release_memory()
     return {"rung": rung, "micro_batch": micro, "cuda_ms_per_step": total / 3 / 1000,
             "top": [{"name": e.key[:80], "share": e.self_device_time_total / total} for e in top]}

@@ -242,11 +242,10 @@ def load_config(source: str | Path | dict[str, Any] | None = None,
         tree = merge({}, source)
     else:
         tree = read_yaml(source)
-    if isinstance(overrides, dict):
-        overrides = list(overrides.items())  # type: ignore[assignment]
+    pairs: list[Any] = list(overrides.items()) if isinstance(overrides, dict) else list(overrides or [])
     duration = ("train.tokens", "train.steps", "train.tokens_per_param")
     given: set[str] = set()
-    for item in overrides or []:
+    for item in pairs:
         key, value = item if isinstance(item, tuple) else parse_override(item)
         if key in duration and isinstance(tree.get("train"), dict):
             # A run length given on the command line replaces the file's, whichever form it took
@@ -320,7 +319,7 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
         # The section's name picks the dataclass; only that schedule's fields are accepted.
         cls, values = split_section(value)
         return build_dataclass(cls, values, key + ".")
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return build_dataclass(hint, value if value is not None else {}, key + ".")
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -385,7 +384,7 @@ def check_choice(key: str, value: str, choices: tuple[str, ...] | list[str]) -> 
                           f"{', '.join(choices)}")
 
 
-def require(condition: bool, message: str) -> None:
+def require(condition: Any, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 

@@ -21,7 +21,8 @@ OPTIMIZERS = Registry("optimiser", "optim.name")
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices (linear and embedding weights); never decay gains or biases (nanoGPT)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     seen = set()
     for _, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
@@ -39,7 +40,7 @@ def adamw(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.opt
     # The fused kernel is one launch per step on CUDA; on CPU the default (foreach) path is used.
     fused = device.type == "cuda"
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+                             betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, fused=fused)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:

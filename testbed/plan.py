@@ -23,12 +23,12 @@ def data_vocab_size(config: Config) -> int:
         import json
         from pathlib import Path
 
-        manifest = Path(d.path) / "manifest.json"
+        manifest = Path(d.path or "") / "manifest.json"
         if not manifest.is_file():
             raise ConfigError(f"data.path={d.path!r} holds no manifest.json; run `testbed data prepare` first")
         return int(json.loads(manifest.read_text())["vocab_size"])
     if d.source == "random":
-        return int(config.model.vocab_size)
+        return int(config.model.vocab_size or 0)  # validation requires it for this source
     return int(d.synthetic.get("vocab_size", DEFAULT_SYNTHETIC_VOCAB))
 
 

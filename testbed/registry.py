@@ -13,7 +13,8 @@ and then `model.norm=layernorm_nobias` in a config or a sweep axis. No trainer e
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from testbed.errors import ConfigError
 

@@ -25,8 +25,9 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from testbed.errors import TestbedError
 
@@ -254,15 +255,15 @@ class RunDir:
         write_jsonl_atomic(self.index_path, lines)
 
     # branches
-    def branch(self, name: str) -> "RunDir":
+    def branch(self, name: str) -> RunDir:
         return RunDir(self.branches / name)
 
-    def branch_dirs(self) -> list["RunDir"]:
+    def branch_dirs(self) -> list[RunDir]:
         if not self.branches.is_dir():
             return []
         return [RunDir(p.parent) for p in sorted(self.branches.glob(f"*/{RUN_JSON}"))]
 
-    def with_branches(self) -> Iterator["RunDir"]:
+    def with_branches(self) -> Iterator[RunDir]:
         """This run, then its branches (and theirs), depth first."""
         yield self
         for branch in self.branch_dirs():

@@ -54,8 +54,9 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from testbed.errors import ConfigError
 from testbed.registry import Registry
@@ -249,7 +250,7 @@ class InverseSqrt(Schedule):
         return peak_lr * math.sqrt(t0 / max(step, t0))
 
 
-def _check_decay(s: Schedule, total_steps: int, fraction_field: str) -> None:
+def _check_decay(s: Any, total_steps: int, fraction_field: str) -> None:
     """Shared by the schedules with a movable final decay (wsd, power): cooldown branches set
     decay_start_step (testbed/train/branch.py)."""
     _check_fraction("min_lr_ratio", s.min_lr_ratio)
@@ -410,7 +411,7 @@ def check_run(schedule: Schedule, total_steps: int, peak_lr: float, batch_tokens
     schedule.validate(total_steps)
     if not _is_number(peak_lr) or peak_lr <= 0:
         raise ConfigError(f"peak learning rate is {peak_lr!r}; set it to a positive number such as 3e-4.")
-    if schedule.needs_batch_tokens and (not _is_int(batch_tokens) or batch_tokens < 1):
+    if schedule.needs_batch_tokens and (batch_tokens is None or not _is_int(batch_tokens) or batch_tokens < 1):
         raise ConfigError(
             f"batch_tokens is {batch_tokens!r} but schedule {schedule.name} needs the tokens per optimizer step; "
             f"pass the global batch size in tokens."

@@ -8,8 +8,8 @@ import pytest
 
 from testbed.config import load_config
 from testbed.model.counting import count_params
-from testbed.train.trainer import train
 from testbed.plan import describe, resolved_model
+from testbed.train.trainer import train
 
 POST_NORM = textwrap.dedent('''
     from testbed.model.transformer import PLACEMENTS, PreNormBlock

@@ -63,8 +63,8 @@ def test_a_run_length_override_replaces_the_files(tmp_path):
 
 
 def test_registry_names_are_checked(tmp_path):
-    from testbed.model.transformer import Transformer
     from testbed.config import ModelConfig
+    from testbed.model.transformer import Transformer
 
     with pytest.raises(ConfigError, match="model.norm='rmsnrom'.*rmsnorm"):
         Transformer(ModelConfig(norm="rmsnrom", vocab_size=8))

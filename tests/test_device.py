@@ -12,8 +12,8 @@ import torch
 from testbed.config import load_config
 from testbed.train import checkpoint as ckpt
 from testbed.train import device as dev
-from testbed.train.trainer import train
 from testbed.train.prefetch import Prefetcher
+from testbed.train.trainer import train
 
 COMMON = ["model.preset=100k", "data.seq_len=32", "model.max_seq_len=32", "train.global_batch_tokens=256",
           "logging.wandb=false", "logging.progress=false", "train.device=cpu"]

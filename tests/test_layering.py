@@ -16,6 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "testbed"
 LAYERS = {
     "testbed": 0,  # the package itself (its __init__ imports nothing)
     "testbed.errors": 0,
+    "testbed.exits": 0,  # the trainer's exit contract
+    "testbed.rundir": 1,  # the run directory's files (standard library and errors only)
     "testbed.registry": 1,
     "testbed.schedules": 2,
     "testbed.config": 3,

@@ -124,11 +124,12 @@ def test_attention_is_causal():
 
 @pytest.mark.parametrize("kw", [{}, {"tie_embeddings": True}, {"n_kv_heads": 2}])
 def test_export_loads_as_llama_with_the_same_logits(tmp_path, kw):
+    import json
+
+    from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
     from testbed.model.hf import llama_config, to_llama_state
-    from safetensors.torch import save_file
-    import json
 
     torch.manual_seed(0)
     cfg = tiny(**kw)

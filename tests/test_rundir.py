@@ -87,8 +87,8 @@ def test_every_reader_agrees_on_a_run_killed_mid_write(tmp_path):
     from testbed.sweep.registry import Registry
     from testbed.sweep.status import last_metrics
     from testbed.train import checkpoint as ckpt
-    from testbed.train.trainer import train
     from testbed.train.metrics import MetricsLog
+    from testbed.train.trainer import train
 
     sweep = tmp_path / "sweep"
     run = RunDir(sweep / "runs" / "r1")

@@ -21,9 +21,9 @@ import hashlib
 import heapq
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from testbed.errors import TestbedError
 
@@ -334,7 +334,7 @@ class SplitPlan:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SplitPlan":
+    def from_dict(cls, d: dict) -> SplitPlan:
         return cls(**{k: d[k] for k in ("documents", "bytes", "threshold", "val_fraction", "min_val_docs")})
 
 

@@ -7,8 +7,8 @@ refitted from the full-data optima (no grid), which is what makes hundreds of re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pandas as pd

@@ -23,6 +23,7 @@ from testbed.fit.lawbase import (  # noqa: F401  (re-exported: the fitter's one 
     register,
 )
 
+
 # ---------------------------------------------------------------- Chinchilla (Hoffmann et al.)
 def _chinchilla_predict(theta, x):
     lse, _ = _softmax_lse(

@@ -192,7 +192,7 @@ class PeriNormBlock(PreNormBlock):
 
 
 @INITS.register("normal")
-def init_normal(model: "Transformer", cfg: ModelConfig) -> None:
+def init_normal(model: Transformer, cfg: ModelConfig) -> None:
     """N(0, init_std) for every matrix, as Hugging Face Llama does."""
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -200,7 +200,7 @@ def init_normal(model: "Transformer", cfg: ModelConfig) -> None:
 
 
 @INITS.register("scaled")
-def init_scaled(model: "Transformer", cfg: ModelConfig) -> None:
+def init_scaled(model: Transformer, cfg: ModelConfig) -> None:
     """N(0, init_std), with residual output projections scaled by 1/sqrt(2 n_layers)
     (GPT-2) so the residual stream's variance does not grow with depth."""
     init_normal(model, cfg)

@@ -16,7 +16,6 @@ from testbed.sweep.outcome import record_exit
 from testbed.sweep.registry import Registry, now
 
 
-
 def begin(sweep_dir: str, run_id: str, job: str) -> int:
     registry = Registry(sweep_dir)
     with registry.locked():

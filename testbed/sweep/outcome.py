@@ -13,7 +13,6 @@ from testbed import exits
 from testbed.sweep.registry import Registry, now
 
 
-
 def tail(path: Path, lines: int = 10) -> list[str]:
     try:
         with open(path, errors="replace") as handle:

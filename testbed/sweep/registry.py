@@ -22,8 +22,9 @@ import fcntl
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from testbed.errors import TestbedError
 from testbed.rundir import RunDir, read_json, write_json_atomic, write_text_atomic

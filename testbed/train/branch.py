@@ -14,11 +14,11 @@ from pathlib import Path
 
 from testbed.config import from_dict
 from testbed.errors import TestbedError
+from testbed.plan import describe, run_schedule
 from testbed.rundir import RunDir
+from testbed.schedules import DECAY_SHAPES
 from testbed.train import checkpoint as ckpt
 from testbed.train.trainer import load_run_config, train
-from testbed.plan import describe, run_schedule
-from testbed.schedules import DECAY_SHAPES
 
 
 def branch_config(parent_config, step: int, fraction: float, shape: str):

@@ -17,7 +17,6 @@ from testbed.config import Config
 from testbed.errors import TestbedError
 
 
-
 @dataclasses.dataclass
 class Dist:
     rank: int = 0
@@ -118,8 +117,7 @@ def to_index_keyed(sd: dict, model) -> dict:
 
 def load_optim_state(model, optimizer, sd: dict, config: Config, d: Dist) -> None:
     if d.world > 1 and config.train.parallel == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         names = [n for n, _ in model.named_parameters()]
         named = {"state": {names[int(i)]: v for i, v in sd["state"].items()},

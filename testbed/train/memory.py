@@ -11,9 +11,9 @@ from testbed.errors import TestbedError
 def fits(config: Config, micro: int, device: torch.device) -> bool:
     """One real training step (forward, backward, optimiser) at this micro-batch."""
     from testbed.model.transformer import Transformer
-    from testbed.train import device as dev
     from testbed.optim import build_optimizer
     from testbed.plan import resolved_model
+    from testbed.train import device as dev
 
     cfg = resolved_model(config)
     dtype = dev.resolve_precision(config.train.precision, device)

@@ -410,7 +410,9 @@ class Trainer:
             self.save(done, "rolling")
         if self.preempt.requested and not final:
             if not rolling_due and done not in self.science:
-                self.save(done, "rolling")
+                # Not validated: an uninterrupted run has no validation line at this step, and
+                # the resumed run's log must read like it.
+                self.save(done, "rolling", validate=False)
             self.exit_code = exits.PREEMPTED
             self.state_msg = ("preempted", f"{self.preempt.requested} at step {done}; resume checkpoint saved")
             return True
@@ -451,8 +453,9 @@ class Trainer:
                               "lr": self.lr_before(step), "epoch": self.plan.epochs_at(step), **self.last_eval})
         return self.last_eval
 
-    def save(self, step: int, kind: str) -> None:
-        """A checkpoint at `step`, after checking every weight is finite."""
+    def save(self, step: int, kind: str, validate: bool = True) -> None:
+        """A checkpoint at `step`, after checking every weight is finite; validated (and the
+        validation recorded in the index) unless `validate` is False."""
         config, d = self.config, self.d
         dev.synchronize(self.device)  # as in evaluate: queued training kernels are step time
         t0 = time.perf_counter()
@@ -463,7 +466,7 @@ class Trainer:
         if all_reduce_sum(bad, d).item():
             raise NonFiniteLoss(f"the weights became non-finite by step {step}; the last good checkpoint "
                                 f"is kept. Lower optim.lr (now {config.optim.lr}) or raise warmup")
-        ev = self.evaluate(step)
+        ev = self.evaluate(step) if validate else (self.last_eval if self.last_eval_step == step else {})
         model_state = full_model_state(self.model, config, d)
         optim_state = full_optim_state(self.model, self.optimizer, config, d)
         window_sum = all_reduce_sum(self.window.loss_sum.clone(), d).item()
