@@ -97,19 +97,25 @@ def read_json(path: Path) -> dict[str, Any] | None:
     atomically, so one that does not parse was damaged or edited: an error naming it."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise TestbedError(f"{path} is not valid JSON ({err}); restore it from a backup or remove "
-                           f"it (a run without run.json is trained again from its checkpoints)")
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        what = "empty" if not raw.strip(b"\0 \n") else f"not valid JSON ({err})"
+        raise TestbedError(f"{path} is {what}; restore it from a backup or remove it (a run without "
+                           f"run.json is rebuilt from its checkpoints on --resume)") from None
+    if not isinstance(data, dict):
+        raise TestbedError(f"{path} holds a JSON {type(data).__name__}, not an object; restore it "
+                           f"from a backup or remove it")
+    return data
 
 
 def _split_lines(path: Path) -> tuple[list[str], bool]:
-    """(lines, whether the last one is cut: no newline after it)."""
-    data = path.read_bytes().decode("utf-8", errors="replace")
+    """(lines, whether the last one is cut: no newline after it). NUL bytes at the end are the
+    zero-filled tail a node crash leaves (the size was recorded, the data never written): a cut."""
+    data = path.read_bytes().rstrip(b"\0").decode("utf-8", errors="replace")
     if not data:
         return [], False
     cut = not data.endswith("\n")
@@ -138,7 +144,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _drop_cut_tail(path: Path) -> None:
-    """Truncate a JSONL file after its last newline, so the next line starts on its own."""
+    """Truncate a JSONL file after its last newline, so the next line starts on its own; a last
+    line that is a whole record (read_jsonl returns it) keeps it, with its newline restored."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -149,8 +156,17 @@ def _drop_cut_tail(path: Path) -> None:
         handle.seek(size - 1)
         if handle.read(1) == b"\n":
             return
-        handle.seek(0)  # rare: a kill cut the last append
-        handle.truncate(handle.read().rfind(b"\n") + 1)
+        handle.seek(0)  # rare: a kill cut the last append, or a crash left a zero-filled tail
+        data = handle.read().rstrip(b"\0")
+        start = data.rfind(b"\n") + 1
+        try:  # a whole record that lost only its newline (or only zeros follow it) is kept
+            complete = isinstance(json.loads(data[start:].decode("utf-8")), dict)
+        except ValueError:
+            complete = False
+        handle.seek(len(data) if complete else start)
+        handle.truncate()
+        if complete:
+            handle.write(b"\n")
 
 
 def append_jsonl(path: Path, record: dict[str, Any], fsync: bool = False) -> None:
