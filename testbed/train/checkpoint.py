@@ -15,9 +15,11 @@ damaged newest checkpoint is skipped, with a warning, for the one before it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -31,10 +33,18 @@ from testbed.rundir import RunDir, fsync_dir
 
 KIND_RANK = {"rolling": 0, "science": 1, "final": 2}
 FILES = ("model.safetensors", "optim.safetensors", "state.json")
+FOLDER = re.compile(r"step_(\d+)")
+# A save that fails with one of these cannot succeed by retrying: one clear error, not a traceback.
+STORAGE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+                  errno.EROFS: "the file system is read-only"}
 
 
 def folder_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def step_of(folder: Path) -> int:
+    return int(FOLDER.fullmatch(folder.name).group(1))  # type: ignore[union-attr]
 
 
 def sha256(path: Path) -> str:
@@ -80,14 +90,47 @@ def save(run_dir: Path, step: int, kind: str, model_state: dict[str, torch.Tenso
          optim_state: dict, rng: dict[str, torch.Tensor], state: dict, index_fields: dict) -> Path:
     """Write one checkpoint atomically and append its line to the index. Rank 0 only."""
     ckpt_root = RunDir(run_dir).checkpoints
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     name = folder_name(step)
     final = ckpt_root / name
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    needed = sum(t.numel() * t.element_size() for t in model_state.values())
+    needed += sum(t.numel() * t.element_size() for p in optim_state["state"].values() for t in p.values()
+                  if torch.is_tensor(t))
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _write_folder(tmp, kind, step, model_state, optim_state, rng, state)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _storage_error(err, final, needed, "the partial folder was removed") from None
+    try:
+        _move_into_place(ckpt_root, tmp, final)
+        RunDir(run_dir).append_index(dict(index_fields, step=step, kind=kind, path=f"checkpoints/{name}"))
+    except OSError as err:
+        raise _storage_error(err, final, 0, "the folder is complete but may lack its index line, "
+                                            "which the resume writes") from None
+    return final
 
+
+def _storage_error(err: OSError, final: Path, needed: int, written: str) -> Exception:
+    """A full, over-quota or read-only disk as one TestbedError; any other OSError as it is."""
+    if err.errno not in STORAGE_ERRORS:
+        return err
+    try:
+        free = f", {shutil.disk_usage(final.parent).free / 1e6:.1f} MB free there"
+    except OSError:
+        free = ""
+    size = f" (about {needed / 1e6:.1f} MB needed{free})" if needed else ""
+    return TestbedError(f"checkpoint {str(final)!r} could not be written: {STORAGE_ERRORS[err.errno]}"
+                        f"{size}; {written}, and the earlier checkpoints are intact. Free space (or raise "
+                        f"the quota, or move the run directory to writable storage), then run the same "
+                        f"command with --resume")
+
+
+def _write_folder(tmp: Path, kind: str, step: int, model_state: dict[str, torch.Tensor], optim_state: dict,
+                  rng: dict[str, torch.Tensor], state: dict) -> None:
     # Shared storage (tied embeddings) cannot be saved twice by safetensors: keep the first name.
     seen: dict[int, str] = {}
     weights = {}
@@ -110,6 +153,9 @@ def save(run_dir: Path, step: int, kind: str, model_state: dict[str, torch.Tenso
         with open(tmp / f, "rb") as fh:
             os.fsync(fh.fileno())
 
+
+def _move_into_place(ckpt_root: Path, tmp: Path, final: Path) -> None:
+    name = final.name
     if final.exists():  # the same step saved again (e.g. science and final): replace it
         old = ckpt_root / f".old-{name}-{os.getpid()}"
         os.replace(final, old)
@@ -118,9 +164,6 @@ def save(run_dir: Path, step: int, kind: str, model_state: dict[str, torch.Tenso
     else:
         os.replace(tmp, final)
     fsync_dir(ckpt_root)
-
-    RunDir(run_dir).append_index(dict(index_fields, step=step, kind=kind, path=f"checkpoints/{name}"))
-    return final
 
 
 def read_index(run_dir: Path) -> list[dict]:
@@ -163,7 +206,7 @@ def set_aside_newer(run_dir: Path, step: int) -> list[Path]:
     would sit outside the index, escape retention and be re-examined at every resume."""
     moved = []
     for folder in list_checkpoints(run_dir):
-        if int(folder.name.split("_")[1]) > step:
+        if step_of(folder) > step:
             aside = folder.with_name(f".damaged-{folder.name}")
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(folder, aside)
@@ -191,20 +234,77 @@ def verify(folder: Path) -> str | None:
             return f"{f} is missing"
         if sha256(folder / f) != expected[f]:
             return f"{f} does not match its checksum (truncated or modified)"
+    state = read_state(folder)
+    if state is None:
+        return "state.json is not a JSON object"
+    named = FOLDER.fullmatch(folder.name)
+    if (named and state.get("step") != int(named.group(1))) or not isinstance(state.get("step"), int) \
+            or state.get("kind") not in KIND_RANK:
+        return f"state.json has step {state.get('step')!r} and kind {state.get('kind')!r}"
+    if not isinstance(state.get("optimizer"), dict) or not isinstance(state.get("config"), dict):
+        return "state.json lacks the optimizer state or the config"
     return None
 
 
+def read_state(folder: Path) -> dict[str, Any] | None:
+    """A checkpoint's state.json, or None when it is missing or does not parse."""
+    try:
+        state = json.loads((folder / "state.json").read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders (step_<digits>), oldest first; anything else in checkpoints/ (a stray
+    folder or file, a hidden .tmp-/.old-/.damaged- folder) is not a checkpoint and is ignored."""
     root = RunDir(run_dir).checkpoints
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    return sorted((p for p in root.iterdir() if FOLDER.fullmatch(p.name) and p.is_dir()), key=step_of)
+
+
+def clear_interrupted(run_dir: Path) -> list[str]:
+    """On resume: what interrupted saves left in checkpoints/. A `.tmp-*` folder never completed
+    its rename: removed. An `.old-step_*` folder is the previous copy of a checkpoint being
+    replaced: removed, or renamed back when the kill came before the new copy took its place.
+    Returns a line per folder for train.log."""
+    root = RunDir(run_dir).checkpoints
+    if not root.is_dir():
+        return []
+    done = []
+    for path in sorted(root.iterdir()):
+        if not path.is_dir():
+            continue
+        if path.name.startswith(".tmp-"):
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path}, left by an interrupted checkpoint save")
+        elif path.name.startswith(".old-"):
+            name = path.name[len(".old-"):].rsplit("-", 1)[0]
+            if FOLDER.fullmatch(name) and not (root / name).exists() and verify(path) is None:
+                os.replace(path, root / name)
+                done.append(f"restored {root / name} from {path}, left by an interrupted checkpoint save")
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+                done.append(f"removed {path}, left by an interrupted checkpoint save")
+    if done:
+        fsync_dir(root)
+    return done
+
+
+def unindexed(run_dir: Path, max_step: int) -> list[Path]:
+    """Verified checkpoint folders up to `max_step` that no index line names (a kill between a
+    folder's rename and its index line, or an index line lost with a cut tail)."""
+    named = {line.get("path") for line in read_index(run_dir)}
+    return [folder for folder in list_checkpoints(run_dir)
+            if step_of(folder) <= max_step and f"checkpoints/{folder.name}" not in named
+            and verify(folder) is None]
 
 
 def latest_valid(run_dir: Path, max_step: int | None = None) -> Path | None:
     """The newest checkpoint that verifies; damaged ones are skipped with a warning."""
     for folder in reversed(list_checkpoints(run_dir)):
-        step = int(folder.name.split("_")[1])
+        step = step_of(folder)
         if max_step is not None and step > max_step:
             continue
         problem = verify(folder)
@@ -220,9 +320,13 @@ def load(folder: Path) -> dict[str, Any]:
     if problem:
         raise TestbedError(f"checkpoint {str(folder)!r} is damaged: {problem}; resume from an earlier "
                            f"checkpoint or retrain")
-    model = load_file(str(folder / "model.safetensors"))
-    opt = load_file(str(folder / "optim.safetensors"))
-    state = json.loads((folder / "state.json").read_text())
+    try:
+        model = load_file(str(folder / "model.safetensors"))
+        opt = load_file(str(folder / "optim.safetensors"))
+    except Exception as err:  # safetensors' own error type: the files hold no valid tensors
+        raise TestbedError(f"checkpoint {str(folder)!r} is damaged: its tensors do not load ({err}); resume "
+                           f"from an earlier checkpoint or retrain") from None
+    state = read_state(folder) or {}
     rng = {k[len("rng."):]: v for k, v in opt.items() if k.startswith("rng.")}
     optim_state = unflatten_optimizer(opt, state.pop("optimizer"))
     return {"model": model, "optim": optim_state, "rng": rng, "state": state}
@@ -231,7 +335,7 @@ def load(folder: Path) -> dict[str, Any]:
 def checkpoint_at(run_dir: Path, step: int) -> Path:
     folder = Path(run_dir) / "checkpoints" / folder_name(step)
     if not folder.is_dir():
-        steps = [int(p.name.split("_")[1]) for p in list_checkpoints(run_dir)]
+        steps = [step_of(p) for p in list_checkpoints(run_dir)]
         raise TestbedError(f"--step {step}: {run_dir} has no checkpoint at that step; "
                            f"checkpoints exist at steps {steps}")
     return folder

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import shutil
 import signal
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -13,6 +15,7 @@ import torch
 from testbed.config import Config, saved_config
 from testbed.errors import TestbedError
 from testbed.rundir import RunDir
+from testbed.train import checkpoint as ckpt
 from testbed.train.distributed import Dist, barrier
 
 # Keys that may differ between an interrupted run and its resumption (they change no number).
@@ -35,11 +38,27 @@ def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool, d: Dist) -> str:
-    """Decide what to do with RUN_DIR: 'fresh', 'resume' or 'done'. Never loses a finished run."""
+    """Decide what to do with RUN_DIR: 'fresh', 'resume' or 'done'. Never loses a finished run.
+
+    Damaged bookkeeping does not block a resume: an empty or damaged status.json is an unknown
+    state (the checkpoints decide), and a missing or damaged run.json is rebuilt from the
+    checkpoints (each state.json holds the config), each with a warning in train.log."""
     rd = RunDir(run_dir)
-    status = rd.read_status()
-    has_run = rd.exists()
-    if overwrite and has_run:
+    try:
+        status = rd.read_status()
+    except TestbedError as err:
+        _note(rd, d, f"{err}; taking the run's state as unknown: its checkpoints decide")
+        status = {}
+    try:
+        run = rd.read_run()
+        if run is not None and not isinstance(run.get("config"), dict):
+            raise TestbedError(f"{rd.run_json} has no config")
+    except TestbedError as err:
+        run, run_damage = None, str(err)
+    else:
+        run_damage = None
+    checkpoints = ckpt.list_checkpoints(rd.path)
+    if overwrite and (rd.exists() or checkpoints):
         if d.main:
             for p in (rd.run_json, rd.status_json, rd.metrics_path, rd.log_path, rd.checkpoints, rd.path / "wandb"):
                 if p.is_dir():
@@ -53,23 +72,77 @@ def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool
             return "done"
         raise TestbedError(f"run directory {str(run_dir)!r} already holds a finished run; pass "
                            f"--overwrite to replace it, --resume to accept it, or choose another --run-dir")
-    if has_run:
-        saved = saved_config(rd.read_run()["config"]).to_dict()
-        diffs = config_differences(saved, config.to_dict())
-        if diffs:
-            raise TestbedError(f"run directory {str(run_dir)!r} holds an unfinished run with a different "
-                               f"config ({'; '.join(diffs[:3])}); resume it with its own config "
-                               f"(RUN_DIR/run.json), or choose another --run-dir")
-        return "resume"
-    return "fresh"
+    if run is not None:
+        saved, where = run["config"], f"{rd.run_json}"
+    else:
+        # The run record is gone or damaged: the newest checkpoint whose state.json reads holds the
+        # config. Nothing is rebuilt yet; the trainer rewrites run.json once it resumed.
+        states = (ckpt.read_state(folder) for folder in reversed(checkpoints))
+        saved = next((s["config"] for s in states if s and isinstance(s.get("config"), dict)), None)
+        where = f"the state.json of its checkpoints in {rd.checkpoints}"
+        if saved is None:
+            if run_damage:
+                _note(rd, d, f"{run_damage}; no checkpoint to resume from, so the run starts again")
+            return "fresh"
+        _note(rd, d, f"{run_damage or f'{rd.run_json} is missing'}; resuming from the checkpoints "
+                     f"(run.json is written again)")
+    diffs = config_differences(saved_config(saved).to_dict(), config.to_dict())
+    if diffs:
+        raise TestbedError(f"run directory {str(run_dir)!r} holds an unfinished run with a different "
+                           f"config ({'; '.join(diffs[:3])}); resume it with its own config "
+                           f"(in {where}), or choose another --run-dir")
+    _check_logs(rd)
+    if d.main:
+        for line in ckpt.clear_interrupted(rd.path):
+            _note(rd, d, line, warn=False)
+    barrier(d)
+    return "resume"
+
+
+def _note(rd: RunDir, d: Dist, text: str, warn: bool = True) -> None:
+    """A line in train.log (and a warning) about damage found and repaired before resuming."""
+    if not d.main:
+        return
+    if warn:
+        warnings.warn(text, stacklevel=3)
+    try:
+        with open(rd.log_path, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+    except OSError:
+        pass  # the warning on stderr remains
+
+
+def _check_logs(rd: RunDir) -> None:
+    """Before anything is rewritten: the index and the metrics must read, or the error says how
+    to repair them and resume."""
+    fixes = {rd.index_path: "or delete the whole file: the resume indexes every verified checkpoint "
+                            "folder again",
+             rd.metrics_path: "lines after the checkpoint resumed from are written again"}
+    for path, read in ((rd.index_path, rd.index), (rd.metrics_path, rd.metrics)):
+        try:
+            read()
+        except TestbedError as err:
+            raise TestbedError(f"{err} ({fixes[path]}), then run the same command with --resume "
+                               f"to continue") from None
 
 
 def load_run_config(run_dir: Path) -> Config:
-    run = RunDir(run_dir).read_run()
-    if run is None:
-        raise TestbedError(f"{str(run_dir)!r} is not a run directory (no run.json); pass the folder "
-                           f"given to `testbed train --run-dir`")
-    return saved_config(run["config"])
+    """The config of the run in RUN_DIR: its run.json's, else (run.json missing or damaged) its
+    newest checkpoint's."""
+    rd = RunDir(run_dir)
+    try:
+        run = rd.read_run()
+    except TestbedError:
+        run = None
+    if run is not None and isinstance(run.get("config"), dict):
+        return saved_config(run["config"])
+    for folder in reversed(ckpt.list_checkpoints(rd.path)):
+        state = ckpt.read_state(folder)
+        if state and isinstance(state.get("config"), dict):
+            return saved_config(state["config"])
+    rd.read_run()  # damaged: its error names the file
+    raise TestbedError(f"{str(run_dir)!r} is not a run directory (no run.json); pass "
+                       f"the folder given to `testbed train --run-dir`")
 
 
 class Preemption:

@@ -168,7 +168,7 @@ class Trainer:
         if mode == "done":
             if self.d.main:
                 print(f"{self.run_dir.path}: already finished; nothing to do")
-            return self.run_dir.read_run().get("summary", {})
+            return (self.run_dir.read_run() or {}).get("summary", {})
         self.build()
         mode = self.restore(mode)
         self.parallelize()
@@ -303,12 +303,19 @@ class Trainer:
         ckpt.truncate_index(rd.path, step)
         for aside in ckpt.set_aside_newer(rd.path, step):
             self.log_line(f"damaged checkpoint moved aside to {aside}")
-        if not any(line["step"] == step for line in rd.index()):
-            # Killed between the folder's rename and its index line: write the line now, with
-            # the evaluation the killed process logged for that step just before saving.
-            ev = next((m for m in rd.metrics() if m.get("step") == step and "val_loss" in m), {})
-            rd.append_index({**self.index_fields(step, ev), "step": step, "kind": self.loaded["state"]["kind"],
-                             "path": f"checkpoints/{Path(self.resumed_from).name}"})
+        orphans = ckpt.unindexed(rd.path, step)
+        if orphans:
+            # Complete folders without an index line (killed between a folder's rename and its
+            # line, or the line lost with a cut or zero-filled tail): index them again, with the
+            # evaluation the killed process logged at their step (null where it logged none).
+            evals = {m.get("step"): m for m in rd.metrics() if "val_loss" in m}
+            lines = rd.index()
+            for folder in orphans:
+                s = ckpt.step_of(folder)
+                lines.append({**self.index_fields(s, evals.get(s, {})), "step": s,
+                              "kind": (ckpt.read_state(folder) or {})["kind"], "path": f"checkpoints/{folder.name}"})
+                self.log_line(f"checkpoint {folder} had no index line: indexed again")
+            rd.write_index(sorted(lines, key=lambda line: line["step"]))
 
     def continue_log_window(self) -> None:
         """A resume between two train-loss lines continues that line's average, or the next
@@ -502,8 +509,11 @@ class Trainer:
     def fail(self, err: BaseException) -> None:
         if self.d.main:
             message = str(err) if isinstance(err, TestbedError) else f"{type(err).__name__}: {err}"
-            self.run_dir.write_status("failed", step=self.done, message=message)
-            self.log_line(f"failed at step {self.done}: {message}")
+            try:
+                self.run_dir.write_status("failed", step=self.done, message=message)
+                self.log_line(f"failed at step {self.done}: {message}")
+            except OSError:  # a full disk: the error itself is what the user needs to see
+                pass
             self.metrics.finish(exit_code=1)
 
     # ------------------------------------------------------------------ small helpers
