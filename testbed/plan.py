@@ -20,13 +20,14 @@ def data_vocab_size(config: Config) -> int:
     """The vocabulary the data speaks: the synthetic spec's, or the prepared shards' manifest."""
     d = config.data
     if d.path or d.source == "shards":
-        import json
         from pathlib import Path
+
+        from testbed.data.shards import read_manifest
 
         manifest = Path(d.path or "") / "manifest.json"
         if not manifest.is_file():
             raise ConfigError(f"data.path={d.path!r} holds no manifest.json; run `testbed data prepare` first")
-        return int(json.loads(manifest.read_text())["vocab_size"])
+        return int(read_manifest(manifest.parent)["vocab_size"])
     if d.source == "random":
         return int(config.model.vocab_size or 0)  # validation requires it for this source
     return int(d.synthetic.get("vocab_size", DEFAULT_SYNTHETIC_VOCAB))

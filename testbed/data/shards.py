@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -101,7 +103,22 @@ def _encode(tokenizer_backend, texts: list[str], eos_id: int, dtype: str):
 _WORKER: dict = {}
 
 
-def _worker_init(tokenizer_json: str, eos_id: int, dtype: str) -> None:
+def _die_with_parent(parent: int) -> None:
+    """A worker is killed when the process that started it dies, however it dies (SIGKILL
+    included): Linux's PR_SET_PDEATHSIG. Elsewhere workers notice at their next task."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(1)
+
+
+def _worker_init(tokenizer_json: str, eos_id: int, dtype: str, parent: int) -> None:
+    _die_with_parent(parent)
     # One thread per process: `workers` then means cores, and processes don't oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
@@ -285,7 +302,7 @@ def prepare(
 
     manifest_path, progress_path = out / "manifest.json", out / "progress.json"
     if manifest_path.exists():
-        existing = json.loads(manifest_path.read_text())
+        existing = read_manifest(out)
         if existing.get("settings_key") != settings_key:
             raise TestbedError(clash)
         TokenShards(out, verify="full")  # raises if a shard was damaged since
@@ -294,7 +311,11 @@ def prepare(
 
     by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
     if progress_path.exists():
-        progress = json.loads(progress_path.read_text())
+        try:
+            progress = json.loads(progress_path.read_bytes().decode("utf-8"))
+        except ValueError as err:
+            raise TestbedError(f"{progress_path} is damaged ({err}); delete it (the shards are then "
+                               f"written again) and run the same command again") from None
         if progress.get("settings_key") != settings_key:
             raise TestbedError(clash)
         by_split = _verified_finished(out, progress["shards"], dtype)
@@ -333,6 +354,8 @@ def prepare(
             f"source={source.spec!r} changed while it was being prepared ({plan.documents} documents "
             f"when scanned, {counted} now); run testbed data prepare again once it is stable."
         )
+    manifest["token_bytes_sha256"] = _sha256_file(out / "token_bytes.npy")
+    manifest["checksum"] = manifest_checksum(manifest)
     write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
     progress_path.unlink(missing_ok=True)
     for leftover in out.glob(".*.tmp-*"):
@@ -393,7 +416,7 @@ def _tokenise(source, plan, tok: TextTokenizer, dtype, workers, writers, done_do
     # spawn: forking after tokenizers' threads ran is unsafe. The executor (unlike Pool) raises
     # instead of hanging when a worker dies, e.g. killed for memory.
     ctx = multiprocessing.get_context("spawn")
-    initargs = (tok.backend.to_str(), tok.eos_id, dtype)
+    initargs = (tok.backend.to_str(), tok.eos_id, dtype, os.getpid())
     try:
         with ProcessPoolExecutor(workers, ctx, initializer=_worker_init, initargs=initargs) as pool:
             in_flight: deque = deque()
@@ -455,6 +478,31 @@ def _reprepare(path: Path) -> str:
     return f"run `testbed data prepare --out {path}` again (into a new folder) to rebuild it"
 
 
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of a manifest's canonical JSON, its own `checksum` key left out."""
+    body = {k: v for k, v in manifest.items() if k not in ("checksum", "_run")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest.json of a prepared folder, checked against its checksum: an edited or damaged
+    manifest is an error naming it. (Manifests written before the checksum existed have none.)"""
+    folder = Path(path)
+    file = folder / "manifest.json"
+    try:
+        manifest = json.loads(file.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise TestbedError(f"data.path={str(folder)!r} has no manifest.json; run `testbed data prepare "
+                           f"--out` into it first.") from None
+    except ValueError as err:
+        raise TestbedError(f"{file} is not valid JSON ({err}); {_reprepare(folder)}.") from None
+    if not isinstance(manifest, dict):
+        raise TestbedError(f"{file} is not a JSON object; {_reprepare(folder)}.")
+    if "checksum" in manifest and manifest["checksum"] != manifest_checksum(manifest):
+        raise TestbedError(f"{file} does not match its checksum (edited or damaged); {_reprepare(folder)}.")
+    return manifest
+
+
 class TokenShards:
     """A prepared folder, memory-mapped.
 
@@ -473,7 +521,7 @@ class TokenShards:
             )
         if verify not in ("size", "cached", "full"):
             raise ValueError(f"verify must be size, cached or full, not {verify!r}")
-        self.manifest: dict = json.loads(manifest_path.read_text())
+        self.manifest: dict = read_manifest(self.path)
         self.vocab_size: int = int(self.manifest["vocab_size"])
         self.eos_id: int = int(self.manifest["eos_id"])
         self.dtype = np.dtype(self.manifest["dtype"])
@@ -485,12 +533,27 @@ class TokenShards:
             s: np.concatenate([[0], np.cumsum([len(m) for m in maps])]).astype(np.int64)
             for s, maps in self._maps.items()
         }
-        self.token_bytes: np.ndarray = np.load(self.path / "token_bytes.npy")
+        self.token_bytes: np.ndarray = self._token_bytes()
         if len(self.token_bytes) < self.vocab_size:
             raise TestbedError(
                 f"token_bytes.npy in {str(self.path)!r} has {len(self.token_bytes)} entries for a "
                 f"vocabulary of {self.vocab_size}; {_reprepare(self.path)}."
             )
+
+    def _token_bytes(self) -> np.ndarray:
+        file = self.path / "token_bytes.npy"
+        try:
+            table = np.load(file, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            what = "is missing" if not file.exists() else f"is not a numpy array file ({err})"
+            raise TestbedError(f"{file} {what}; {_reprepare(self.path)}.") from None
+        if not isinstance(table, np.ndarray) or table.ndim != 1 or table.dtype.kind not in "iu":
+            raise TestbedError(f"{file} does not hold a vector of integers; {_reprepare(self.path)}.")
+        want = self.manifest.get("token_bytes_sha256")
+        if want is not None and _sha256_file(file) != want:
+            raise TestbedError(f"{file} does not match the sha256 in manifest.json (edited or corrupted); "
+                               f"{_reprepare(self.path)}.")
+        return table
 
     def _verify(self, mode: str) -> None:
         cache_path = self.path / ".verified.json"

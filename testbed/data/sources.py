@@ -19,6 +19,8 @@ import codecs
 import glob
 import hashlib
 import heapq
+import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -112,6 +114,9 @@ class Source:
                                "machine that has it and copy the folder") from None
 
         datasets.disable_progress_bars()
+        # The JSON reader logs its parse error before raising it; the raise becomes one clear
+        # error naming the file and line below, so the log line would only repeat it.
+        logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
         if self.is_hub:
             try:
                 stream = datasets.load_dataset(
@@ -135,7 +140,15 @@ class Source:
             if builder == "text":
                 # Paragraph mode keeps stray newlines around blocks separated by 3+ newlines.
                 texts = (t.strip("\n") for t in texts)
-            yield from (t for t in texts if t)
+            try:
+                yield from (t for t in texts if t)
+            except TestbedError:
+                raise
+            except Exception as err:  # the reader's own parse errors (pyarrow) name no line
+                if builder != "json":
+                    raise
+                originals = [self.files[self._readable.index(p)] for p in group]
+                raise _json_lines_error(group, originals, err) from None
 
     def iter_documents(self) -> Iterator[Document]:
         for text in self.iter_texts():
@@ -170,6 +183,29 @@ def _texts(stream, text_field: str, where: str) -> Iterator[str]:
             )
         if text:
             yield text
+
+
+def _json_lines_error(group: list[Path], originals: list[Path], err: Exception) -> TestbedError:
+    """The first line of a JSON Lines group that is not a JSON object, as file:line."""
+    for path, original in zip(group, originals):
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as bad:
+                    problem = f"is not valid JSON ({bad})"
+                else:
+                    if isinstance(row, dict):
+                        continue
+                    problem = f"holds a JSON {type(row).__name__}, not an object"
+                return TestbedError(f"{original}:{number} {problem}: {line[:60]!r}; fix or delete that line "
+                                    f"(each line of a .jsonl file is one JSON object), then run the same "
+                                    f"command again")
+    names = ", ".join(str(p) for p in originals[:3])
+    return TestbedError(f"{names} could not be read as JSON Lines ({type(err).__name__}: {err}); check "
+                        f"that each line is one JSON object")
 
 
 def _runs_by_builder(files: list[Path]) -> Iterator[tuple[str, list[Path]]]:
