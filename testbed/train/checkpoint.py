@@ -140,11 +140,11 @@ def _write_folder(tmp: Path, kind: str, step: int, model_state: dict[str, torch.
             continue
         seen[ptr] = key
         weights[key] = tensor.detach().contiguous().cpu()
-    save_file(weights, str(tmp / "model.safetensors"))
+    _save_tensors(weights, tmp / "model.safetensors")
     opt_tensors, opt_meta = flatten_optimizer(optim_state)
     for key, value in rng.items():
         opt_tensors[f"rng.{key}"] = value.contiguous().cpu()
-    save_file(opt_tensors, str(tmp / "optim.safetensors"))
+    _save_tensors(opt_tensors, tmp / "optim.safetensors")
     state = dict(state, step=step, kind=kind, optimizer=opt_meta)
     (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
     sums = "".join(f"{sha256(tmp / f)}  {f}\n" for f in FILES)
@@ -152,6 +152,18 @@ def _write_folder(tmp: Path, kind: str, step: int, model_state: dict[str, torch.
     for f in (*FILES, "SHA256SUMS"):
         with open(tmp / f, "rb") as fh:
             os.fsync(fh.fileno())
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        save_file(tensors, str(path))
+    except OSError:
+        raise
+    except Exception as err:  # safetensors reports I/O errors as its own type: "... (os error 28)"
+        found = re.search(r"os error (\d+)", str(err))
+        if found is None:
+            raise
+        raise OSError(int(found.group(1)), str(err), str(path)) from err
 
 
 def _move_into_place(ckpt_root: Path, tmp: Path, final: Path) -> None:
