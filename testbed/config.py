@@ -430,13 +430,15 @@ def validate(c: Config) -> None:
                        ("data.val_sequences", d.val_sequences), ("train.eval_every", t.eval_every),
                        ("train.log_every", t.log_every), ("optim.lr", o.lr), ("optim.eps", o.eps)):
         _positive(key, value)
-    for key, value in (("model.n_kv_heads", m.n_kv_heads), ("model.vocab_size", m.vocab_size),
+    optional: tuple[tuple[str, float | None], ...] = (
+                       ("model.n_kv_heads", m.n_kv_heads), ("model.vocab_size", m.vocab_size),
                        ("data.unique_tokens", d.unique_tokens), ("train.micro_batch_size", t.micro_batch_size),
                        ("train.divergence_nats", t.divergence_nats), ("checkpoint.every", c.checkpoint.every),
-                       ("checkpoint.rolling_every", c.checkpoint.rolling_every)):
-        _positive(key, value, nullable=True)
-    for key, value in (("data.seed", d.seed), ("train.seed", t.seed)):
-        require(0 <= value < SEED_LIMIT, f"{key}={value!r} must be in [0, 2**32)")
+                       ("checkpoint.rolling_every", c.checkpoint.rolling_every))
+    for key, maybe in optional:
+        _positive(key, maybe, nullable=True)
+    for key, seed in (("data.seed", d.seed), ("train.seed", t.seed)):
+        require(0 <= seed < SEED_LIMIT, f"{key}={seed!r} must be in [0, 2**32)")
     if isinstance(c.schedule, Schedule):
         c.schedule.check_fields()
     require(m.d_model % m.n_heads == 0,
