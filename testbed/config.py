@@ -317,7 +317,7 @@ def saved_config(tree: dict[str, Any]) -> Config:
     return from_dict(tree)
 
 
-# Integers become int64 in numpy and torch; no config needs a larger magnitude, int or float.
+# Integers become int64 in numpy and torch; no config needs a larger one.
 MAX_INT = 2**63 - 1
 
 
@@ -372,8 +372,8 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
                 pass
         if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ConfigError(f"{key}={value!r} must be a number")
-        if not math.isfinite(number) or abs(number) > MAX_INT:
-            raise ConfigError(f"{key}={value!r} must be a finite number (within +-{MAX_INT:.3g})")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={value!r} must be a finite number")
         return float(number)
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

@@ -119,7 +119,7 @@ def test_every_bad_field_value_is_one_error_naming_the_field_and_value(setting):
 @pytest.mark.parametrize("override", [
     "train.tokens=nan", "train.tokens=inf", "train.tokens=1e400", "model.ffn_multiple_of=0",
     "model.ffn_multiple_of=-32", "model.n_kv_heads=-1", "model.n_kv_heads=0", "optim.eps=-1",
-    "model.norm_eps=-1", "model.rope_theta=0", "optim.lr=.nan", "train.tokens_per_param=.inf",
+    "model.norm_eps=-1", "model.rope_theta=0", "model.init_std=.inf", "train.tokens_per_param=.inf",
 ])
 def test_issue_values_are_config_errors(override):
     key, raw = override.split("=")
