@@ -201,7 +201,8 @@ def test_data_prepare_flags_out_of_range(flags, corpus, tmp_path, capsys):
 def test_train_tokenizer_sample_bytes_zero(corpus, tmp_path, capsys):
     assert main(["data", "train-tokenizer", "--source", str(corpus), "--vocab-size", "300",
                  "--cache-dir", str(tmp_path / "cache"), "--sample-bytes", "0"]) == 2
-    assert "--sample-bytes" in capsys.readouterr().err
+    assert "--sample-bytes 0 must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.fixture
