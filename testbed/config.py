@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -112,6 +113,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     parallel: str = "ddp"  # with several processes: ddp (replicated) | fsdp (FSDP2, sharded)
     deterministic: bool = False  # CUDA: force deterministic kernels (slower); CPU runs are always bit-reproducible
+    # Stop as failed when the training loss (a logging window's mean) climbs this many nats
+    # above its lowest value since warmup ended; None disables the guard.
+    divergence_nats: float | None = 3.0
 
 
 @dataclass
@@ -313,6 +317,10 @@ def saved_config(tree: dict[str, Any]) -> Config:
     return from_dict(tree)
 
 
+# Integers become int64 in numpy and torch; no config needs a larger one.
+MAX_INT = 2**63 - 1
+
+
 def coerce(hint: Any, value: Any, key: str) -> Any:
     """Check `value` against a type hint, converting where it is lossless (int -> float)."""
     if hint is Schedule:
@@ -343,23 +351,30 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}={value!r} must be true or false")
     if hint is int:
+        number = value
         if isinstance(value, str):
             try:
-                value = float(value)  # YAML reads 2e6 (no dot) as a string
+                number = float(value)  # YAML reads 2e6 (no dot) as a string
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        if isinstance(number, bool) or not isinstance(number, (int, float)) \
+                or (isinstance(number, float) and not (math.isfinite(number) and number.is_integer())):
             raise ConfigError(f"{key}={value!r} must be a whole number")
-        return int(value)
+        if abs(number) > MAX_INT:
+            raise ConfigError(f"{key}={value!r} is too large; keep it within +-{MAX_INT:.3g}")
+        return int(number)
     if hint is float:
+        number = value
         if isinstance(value, str):
             try:
-                return float(value)  # YAML reads 3e-3 (no dot) as a string
+                number = float(value)  # YAML reads 3e-3 (no dot) as a string
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ConfigError(f"{key}={value!r} must be a number")
-        return float(value)
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={value!r} must be a finite number")
+        return float(number)
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} must be a string")
@@ -389,14 +404,43 @@ def require(condition: Any, message: str) -> None:
         raise ConfigError(message)
 
 
+def _positive(key: str, value: Any, nullable: bool = False) -> None:
+    if value is None and nullable:
+        return
+    require(value > 0, f"{key}={value!r} must be positive" + (" or null" if nullable else ""))
+
+
+def _at_least(key: str, value: Any, low: int, why: str = "") -> None:
+    require(value >= low, f"{key}={value!r} must be >= {low}{why}")
+
+
+SEED_LIMIT = 2**32  # numpy and torch generators take seeds in [0, 2**32)
+
+
 def validate(c: Config) -> None:
+    """Every field against its range (types and finiteness were checked when it was built), then
+    the rules that tie fields together. Each failure is one ConfigError naming key and value."""
     m, d, t, o = c.model, c.data, c.train, c.optim
     for key, value in (("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
                        ("model.n_heads", m.n_heads), ("model.max_seq_len", m.max_seq_len),
+                       ("model.ffn_ratio", m.ffn_ratio), ("model.ffn_multiple_of", m.ffn_multiple_of),
+                       ("model.norm_eps", m.norm_eps), ("model.rope_theta", m.rope_theta),
+                       ("model.init_std", m.init_std),
                        ("data.seq_len", d.seq_len), ("train.global_batch_tokens", t.global_batch_tokens),
                        ("data.val_sequences", d.val_sequences), ("train.eval_every", t.eval_every),
-                       ("train.log_every", t.log_every)):
-        require(value > 0, f"{key}={value!r} must be positive")
+                       ("train.log_every", t.log_every), ("optim.lr", o.lr), ("optim.eps", o.eps)):
+        _positive(key, value)
+    optional: tuple[tuple[str, float | None], ...] = (
+                       ("model.n_kv_heads", m.n_kv_heads), ("model.vocab_size", m.vocab_size),
+                       ("data.unique_tokens", d.unique_tokens), ("train.micro_batch_size", t.micro_batch_size),
+                       ("train.divergence_nats", t.divergence_nats), ("checkpoint.every", c.checkpoint.every),
+                       ("checkpoint.rolling_every", c.checkpoint.rolling_every))
+    for key, maybe in optional:
+        _positive(key, maybe, nullable=True)
+    for key, seed in (("data.seed", d.seed), ("train.seed", t.seed)):
+        require(0 <= seed < SEED_LIMIT, f"{key}={seed!r} must be in [0, 2**32)")
+    if isinstance(c.schedule, Schedule):
+        c.schedule.check_fields()
     require(m.d_model % m.n_heads == 0,
             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
             f"choose n_heads among {[h for h in range(1, 65) if m.d_model % h == 0]}")
@@ -407,8 +451,6 @@ def validate(c: Config) -> None:
             f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
             f"lower data.seq_len or raise model.max_seq_len")
     require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
-    require(m.ffn_ratio > 0, f"model.ffn_ratio={m.ffn_ratio} must be positive")
-    require(m.init_std > 0, f"model.init_std={m.init_std} must be positive")
     check_choice("data.source", "shards" if d.path else d.source, CHOICES["data.source"])
     require(d.source != "random" or m.vocab_size, "data.source='random' needs model.vocab_size")
     require(d.source != "shards" or d.path, "data.source='shards' needs data.path=FOLDER "
@@ -424,21 +466,16 @@ def validate(c: Config) -> None:
     require(t.global_batch_tokens % d.seq_len == 0,
             f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
             f"data.seq_len={d.seq_len}; use {max(1, round(t.global_batch_tokens / d.seq_len)) * d.seq_len}")
-    if t.micro_batch_size is not None:
-        require(t.micro_batch_size > 0, f"train.micro_batch_size={t.micro_batch_size} must be positive")
-    require(o.lr > 0, f"optim.lr={o.lr} must be positive")
     require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
             f"optim.betas={o.betas} must be two numbers in [0, 1)")
     require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
     require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
     if d.unique_tokens is not None:
-        require(d.unique_tokens > 0, f"data.unique_tokens={d.unique_tokens} must be positive")
         require(d.unique_tokens >= t.global_batch_tokens,
                 f"data.unique_tokens={d.unique_tokens} is smaller than one batch "
                 f"(train.global_batch_tokens={t.global_batch_tokens}); raise it or shrink the batch")
     ck = c.checkpoint
-    require(ck.keep_rolling >= 1, f"checkpoint.keep_rolling={ck.keep_rolling} must be >= 1")
-    require(ck.log_spaced >= 0, f"checkpoint.log_spaced={ck.log_spaced} must be >= 0")
-    for key in ("every", "rolling_every"):
-        v = getattr(ck, key)
-        require(v is None or v > 0, f"checkpoint.{key}={v} must be positive or null")
+    _at_least("checkpoint.keep_rolling", ck.keep_rolling, 1)
+    _at_least("checkpoint.log_spaced", ck.log_spaced, 0)
+    require(all(tokens > 0 for tokens in ck.at_tokens),
+            f"checkpoint.at_tokens={ck.at_tokens!r} must hold positive token counts")

@@ -65,6 +65,9 @@ SCHEDULES = Registry("schedule", "schedule.name")
 DEFAULT_SCHEDULE = "cosine"
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 PHASES = ("warmup", "stable", "decay")
+# Fields, in any schedule, that `check_fields` holds to [0, 1] or to a least whole number.
+FRACTION_FIELDS = ("warmup_fraction", "min_lr_ratio", "decay_fraction", "power_decay_fraction")
+COUNT_FIELDS = {"warmup_steps": 0, "decay_start_step": 0, "inv_sqrt_timescale": 1, "power_batch_size": 1}
 
 
 def _suggest(value: str, choices: tuple[str, ...] | list[str]) -> str:
@@ -158,6 +161,22 @@ class Schedule:
                 f"use fewer warmup steps than total steps."
             )
         self.check(total_steps)
+
+    def check_fields(self) -> None:
+        """The ranges that hold whatever the run's length (config validation calls this; the
+        checks against total_steps come in `validate`): fractions in [0, 1], step counts whole
+        and not negative, a known decay shape."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if f.name in FRACTION_FIELDS:
+                _check_fraction(f.name, value)
+            elif f.name in COUNT_FIELDS and (not _is_int(value) or value < COUNT_FIELDS[f.name]):
+                raise ConfigError(f"schedule.{f.name} is {value!r}; set it to a whole number of steps, "
+                                  f"{COUNT_FIELDS[f.name]} or more.")
+            elif f.name == "decay_shape" and value not in DECAY_SHAPES:
+                raise ConfigError(f"schedule.decay_shape is {value!r}; {_suggest(str(value), DECAY_SHAPES)}")
 
     def check(self, total_steps: int) -> None:
         """Validate the subclass's own fields (warmup and total_steps are already checked)."""
@@ -319,6 +338,11 @@ class Power(Schedule):
         return out
 
     def check(self, total_steps):
+        self.check_fields()
+        _check_decay(self, total_steps, "power_decay_fraction")
+
+    def check_fields(self):
+        super().check_fields()
         if self.power_batch_size is not None and (not _is_int(self.power_batch_size) or self.power_batch_size < 1):
             raise ConfigError(f"schedule.power_batch_size is {self.power_batch_size!r}; set it to the batch size "
                               f"in sequences, or leave it unset to take the run's.")
@@ -328,7 +352,6 @@ class Power(Schedule):
         if not _is_number(self.power_b) or self.power_b > 0:
             raise ConfigError(f"schedule.power_b is {self.power_b!r}; set it to 0 or a negative number "
                               f"(the paper uses -0.51).")
-        _check_decay(self, total_steps, "power_decay_fraction")
 
     def decay_start(self, total_steps):
         if self.decay_start_step is not None:

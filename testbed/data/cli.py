@@ -79,8 +79,24 @@ def _split_kwargs(args) -> dict:
     }
 
 
+def _check_numbers(args) -> None:
+    """Flags out of range are refused before anything is read or written (0 is no default)."""
+    from testbed.errors import TestbedError
+
+    for flag, value, low in (("--shard-tokens", getattr(args, "shard_tokens", None), 1),
+                             ("--sample-bytes", args.sample_bytes, 1), ("--min-val-docs", args.min_val_docs, 0),
+                             ("--workers", getattr(args, "workers", None), 1)):
+        if value is not None and value < low:
+            raise TestbedError(f"{flag} {value} must be at least {low}; leave it out for the default")
+    if args.val_fraction is not None and not 0.0 <= args.val_fraction < 1.0:
+        raise TestbedError(f"--val-fraction {args.val_fraction} is outside [0, 1); pass a small fraction "
+                           f"such as 0.005")
+
+
 def _open(args):
     from testbed.data.sources import open_source
+
+    _check_numbers(args)
 
     source = open_source(args.source, args.text_field, args.hub_config, args.split)
     if source.non_utf8_replacements:
@@ -102,8 +118,9 @@ def _prepare(args) -> int:
         manifest = prepare(
             source, args.out,
             vocab_size=args.vocab_size, tokenizer=args.tokenizer, workers=args.workers,
-            shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
-            sample_bytes=args.sample_bytes or DEFAULT_SAMPLE_BYTES, seed=args.seed,
+            shard_tokens=DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens,
+            sample_bytes=DEFAULT_SAMPLE_BYTES if args.sample_bytes is None else args.sample_bytes,
+            seed=args.seed,
             cache_dir=args.cache_dir, log=_log, **_split_kwargs(args),
         )
     finally:
@@ -119,7 +136,8 @@ def _train_tokenizer(args) -> int:
 
     source = _open(args)
     try:
-        toks = train_tokenizers(source, args.vocab_size, sample_bytes=args.sample_bytes or DEFAULT_SAMPLE_BYTES,
+        sample_bytes = DEFAULT_SAMPLE_BYTES if args.sample_bytes is None else args.sample_bytes
+        toks = train_tokenizers(source, args.vocab_size, sample_bytes=sample_bytes,
                                 seed=args.seed, cache_dir=args.cache_dir, **_split_kwargs(args))
     finally:
         source.close()

@@ -107,9 +107,23 @@ def _import_modules(names: list[str]) -> None:
                                f"or fix the name.") from None
 
 
+def _check_numbers(args) -> None:
+    import math
+
+    from testbed.errors import TestbedError
+
+    if not (math.isfinite(args.delta) and args.delta > 0):
+        raise TestbedError(f"--delta {args.delta} must be a positive number (the Huber threshold on "
+                           f"log-loss residuals); leave it out for the default 1e-3.")
+    if args.bootstrap < 0:
+        raise TestbedError(f"--bootstrap {args.bootstrap} must be 0 (no intervals) or a positive number "
+                           f"of resamples, e.g. --bootstrap 200.")
+
+
 def _fit(args) -> int:
     from pathlib import Path
 
+    _check_numbers(args)
     _import_modules(args.imports)
     from testbed.fit.analysis import FitOptions, analyse
     from testbed.fit.report import write_json, write_report

@@ -47,10 +47,48 @@ def read_source(source: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise TestbedError(f"input {str(path)!r} does not exist; pass a sweep directory, a .csv or a .parquet file.")
     if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    if path.suffix in (".csv", ".txt"):
-        return pd.read_csv(path)
-    raise TestbedError(f"input {str(path)!r} has an unknown extension; use .csv or .parquet.")
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as err:  # pyarrow raises its own types for a damaged file
+            raise TestbedError(f"input {str(path)!r} is not a readable Parquet file ({type(err).__name__}: "
+                               f"{err}); pass a table written by `testbed fit collect`.") from None
+    elif path.suffix in (".csv", ".txt"):
+        frame = read_csv(path)
+    else:
+        raise TestbedError(f"input {str(path)!r} has an unknown extension; use .csv or .parquet.")
+    if frame.empty:
+        raise TestbedError(f"input {str(path)!r} holds no rows; pass a table with a header and one row per point.")
+    return frame
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    """A CSV whose every row has the header's number of fields; an empty, binary or ragged file
+    is one error naming the file (and the line)."""
+    import csv
+    import io
+
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        text = ""
+        if b"\0" not in data:
+            raise TestbedError(f"input {str(path)!r} is not UTF-8 text (byte {err.start}); "
+                               f"save the table as a UTF-8 CSV.") from None
+    if "\0" in text or (not text and data):
+        raise TestbedError(f"input {str(path)!r} is a binary file, not a CSV; pass a CSV or .parquet table.")
+    rows = [(n, row) for n, row in enumerate(csv.reader(io.StringIO(text)), 1) if row]
+    if not rows:
+        raise TestbedError(f"input {str(path)!r} is empty; pass a table with a header and one row per point.")
+    width = len(rows[0][1])
+    for line, row in rows[1:]:
+        if len(row) != width:
+            raise TestbedError(f"input {str(path)!r} line {line} has {len(row)} fields but the header has "
+                               f"{width}; fix that row so every row has one value per column.")
+    try:
+        return pd.read_csv(io.StringIO(text))
+    except (pd.errors.ParserError, ValueError) as err:
+        raise TestbedError(f"input {str(path)!r} cannot be read as a CSV ({err}); fix the file.") from None
 
 
 def apply_columns(frame: pd.DataFrame, mapping: dict[str, str]) -> pd.DataFrame:

@@ -42,6 +42,9 @@ BINARY: dict[type, Callable[[Any, Any], Any]] = {
 
 # Keeps `10 ** 10 ** 10` from eating the machine: no sweep needs larger exponents.
 MAX_EXPONENT = 1000
+# Every intermediate result stays within this magnitude (a power is checked through logarithms
+# before it is computed), so `((10**1000)**1000)**1000` is refused at once instead of hanging.
+MAX_MAGNITUDE = 1e30
 
 
 def evaluate(text: str, names: Mapping[str, Any], key: str = "expression") -> Any:
@@ -52,7 +55,7 @@ def evaluate(text: str, names: Mapping[str, Any], key: str = "expression") -> An
         raise ConfigError(f"derived {key}={text!r} is not a valid expression; write arithmetic "
                           f"such as '20 * n_params'") from None
     try:
-        return _walk(tree.body, names, text, key)
+        return _bounded(_walk(tree.body, names, text, key), text, key)
     except (ZeroDivisionError, OverflowError, ValueError, TypeError) as err:
         raise ConfigError(f"derived {key}={text!r} cannot be computed ({err}); "
                           f"check the expression and the quantities it uses") from None
@@ -80,17 +83,22 @@ def _walk(node: ast.AST, names: Mapping[str, Any], text: str, key: str) -> Any:
     if isinstance(node, ast.BinOp) and type(node.op) in BINARY:
         left = _number(_walk(node.left, names, text, key), node.left, text, key)
         right = _number(_walk(node.right, names, text, key), node.right, text, key)
-        if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
-            raise ConfigError(f"derived {key}={text!r} raises to the power {right}; "
-                              f"keep exponents within +-{MAX_EXPONENT}")
-        return BINARY[type(node.op)](left, right)
+        if isinstance(node.op, ast.Pow):
+            if abs(right) > MAX_EXPONENT:
+                raise ConfigError(f"derived {key}={text!r} raises to the power {right}; "
+                                  f"keep exponents within +-{MAX_EXPONENT}")
+            if left != 0 and right * math.log10(abs(left)) > math.log10(MAX_MAGNITUDE):
+                raise ConfigError(f"derived {key}={text!r}: {ast.unparse(node)!r} would exceed "
+                                  f"{MAX_MAGNITUDE:g} in magnitude; keep every value of a derived "
+                                  f"field within +-{MAX_MAGNITUDE:g}")
+        return _bounded(BINARY[type(node.op)](left, right), text, key, node)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         value = _number(_walk(node.operand, names, text, key), node.operand, text, key)
         return -value if isinstance(node.op, ast.USub) else value
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
             and node.func.id in FUNCTIONS and not node.keywords:
         args = [_number(_walk(a, names, text, key), a, text, key) for a in node.args]
-        return FUNCTIONS[node.func.id](*args)
+        return _bounded(FUNCTIONS[node.func.id](*args), text, key, node)
     raise ConfigError(f"derived {key}={text!r} uses {ast.unparse(node)!r}, which is not allowed; "
                       f"use numbers, names, + - * / ** and {', '.join(FUNCTIONS)}")
 
@@ -99,4 +107,22 @@ def _number(value: Any, node: ast.AST, text: str, key: str) -> int | float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"derived {key}={text!r}: {ast.unparse(node)!r} is {value!r}, "
                           f"not a number")
+    return _bounded(value, text, key, node)
+
+
+def _bounded(value: Any, text: str, key: str, node: ast.AST | None = None) -> Any:
+    """`value` when it is a real number within +-MAX_MAGNITUDE (or not a number at all, which
+    the caller judges); else one error naming the part of the expression that gave it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, complex)):
+        return value
+    where = f"{ast.unparse(node)!r} gives" if node is not None else "gives"
+    if isinstance(value, complex):
+        raise ConfigError(f"derived {key}={text!r}: {where} a complex number; "
+                          f"keep the base of a fractional power positive")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"derived {key}={text!r}: {where} {value}; check the expression")
+    if abs(value) > MAX_MAGNITUDE:
+        shown = f"{value:.3g}" if isinstance(value, float) else f"about 1e{len(str(abs(value))) - 1}"
+        raise ConfigError(f"derived {key}={text!r}: {where} {shown}, beyond +-{MAX_MAGNITUDE:g}; "
+                          f"keep every value of a derived field within that magnitude")
     return value

@@ -20,7 +20,7 @@ from testbed.train.distributed import Dist, barrier
 
 # Keys that may differ between an interrupted run and its resumption (they change no number).
 RESUME_FREE_KEYS = ("logging", "train.device", "train.compile", "train.micro_batch_size", "train.parallel",
-                    "train.eval_every", "train.log_every", "checkpoint")
+                    "train.eval_every", "train.log_every", "train.divergence_nats", "checkpoint")
 
 
 def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -69,6 +69,13 @@ def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool
         return "fresh"
     if status.get("state") == "done":
         if resume:
+            diffs = config_differences(saved_config(run["config"]).to_dict(), config.to_dict()) if run else []
+            diffs = [line for line in diffs if not line.startswith(("name:", "labels"))]  # names change no number
+            if diffs:
+                raise TestbedError(f"run directory {str(run_dir)!r} holds a finished run with a different "
+                                   f"config ({'; '.join(diffs[:3])}); --resume accepts it only with its own "
+                                   f"config (RUN_DIR/run.json); pass --overwrite to train it again, or "
+                                   f"choose another --run-dir")
             return "done"
         raise TestbedError(f"run directory {str(run_dir)!r} already holds a finished run; pass "
                            f"--overwrite to replace it, --resume to accept it, or choose another --run-dir")
@@ -90,7 +97,8 @@ def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool
     if diffs:
         raise TestbedError(f"run directory {str(run_dir)!r} holds an unfinished run with a different "
                            f"config ({'; '.join(diffs[:3])}); resume it with its own config "
-                           f"(in {where}), or choose another --run-dir")
+                           f"(in {where}), pass --overwrite to discard it and start again, or choose "
+                           f"another --run-dir")
     _check_logs(rd)
     if d.main:
         for line in ckpt.clear_interrupted(rd.path):

@@ -56,6 +56,30 @@ class NonFiniteLoss(TestbedError):
     pass
 
 
+class Diverged(TestbedError):
+    """The training loss climbed far above its lowest value without becoming NaN."""
+
+
+def check_writable(path: Path, what: str = "--run-dir") -> None:
+    """`path` can be a folder we write to: refused when it (or a parent) is a file or when its
+    nearest existing folder is not writable (a read-only filesystem). Writes nothing."""
+    folder = next(p for p in (path, *path.parents) if p.exists())
+    if not folder.is_dir():
+        raise TestbedError(f"{what} {str(path)!r}: {str(folder)!r} is a file, not a folder; "
+                           f"choose another {what} or move the file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise TestbedError(f"{what} {str(path)!r}: {str(folder)!r} is not writable (read-only "
+                           f"filesystem or permissions); choose a {what} on a writable disk")
+
+
+def make_run_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TestbedError(f"--run-dir {str(path)!r} cannot be created ({err.strerror or err}); "
+                           f"choose a --run-dir on a writable disk") from None
+
+
 def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
           init_from: dict | None = None, parent: dict | None = None,
           prefix_metrics: list[dict] | None = None) -> dict:
@@ -157,6 +181,7 @@ class Trainer:
         self.restore_s = 0.0
         self.last_eval: dict[str, float] = {}
         self.last_eval_step = -1
+        self.loss_min = math.inf  # lowest logged training loss since warmup (the divergence guard)
         self.start_step = self.done = 0
         self.resumed_from: str | None = None
         self.exit_code, self.state_msg = exits.DONE, ("done", "finished")
@@ -183,10 +208,12 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dtype = dev.resolve_precision(self.config.train.precision, self.device)
-        if self.d.main:
-            self.run_dir.path.mkdir(parents=True, exist_ok=True)
-        barrier(self.d)
-        return prepare_run_dir(self.config, self.run_dir.path, self.resume, self.overwrite, self.d)
+        check_writable(self.run_dir.path)
+        # Nothing is written (or, with --overwrite, deleted) before the plan, the data and the
+        # model are known to work: open_run_dir does that.
+        if self.overwrite and self.run_dir.exists():
+            return "fresh"
+        return prepare_run_dir(self.config, self.run_dir.path, self.resume, False, self.d)
 
     def build(self) -> None:
         """The plan (steps, schedule, batch split), the data and the model."""
@@ -243,6 +270,7 @@ class Trainer:
         if self.loaded is not None:
             load_model_state(self.base_model, self.loaded["model"], self.config, Dist())
             self.start_step = self.done = int(self.loaded["state"]["step"])
+            self.loss_min = self.loaded["state"].get("loss_min") or math.inf
             restore_rng(self.loaded["rng"], self.device)
         self.restore_s += time.perf_counter() - t0
         return mode
@@ -268,6 +296,11 @@ class Trainer:
     def open_run_dir(self, mode: str) -> None:
         """Bring the run directory to the restored step and announce the run in it."""
         config, rd = self.config, self.run_dir
+        if self.overwrite:
+            prepare_run_dir(config, rd.path, self.resume, True, self.d)
+        if self.d.main:
+            make_run_dir(rd.path)
+        barrier(self.d)
         self.run_id = run_id(config.to_dict())
         self.metrics = MetricsLog(rd.path, enabled=self.d.main)
         self.window = Window(self.device, self.timing)
@@ -443,6 +476,20 @@ class Trainer:
                 self.progress.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)
         window.loss_sum.zero_()
         window.steps, window.tokens = 0, 0
+        self.check_divergence(done, mean_loss)
+
+    def check_divergence(self, done: int, loss: float) -> None:
+        """Stop as failed when the logged training loss (the same on every process) is more than
+        train.divergence_nats above its lowest value since warmup ended."""
+        margin = self.config.train.divergence_nats
+        if margin is None or done <= self.schedule.warmup_steps or not math.isfinite(loss):
+            return
+        if loss > self.loss_min + margin:
+            raise Diverged(f"the training loss diverged to {loss:.4g} at step {done}, more than "
+                           f"train.divergence_nats={margin:g} above its lowest {self.loss_min:.4g}; the "
+                           f"last good checkpoints are kept. Lower optim.lr (now {self.config.optim.lr}) "
+                           f"or raise warmup, or raise train.divergence_nats (null disables the guard)")
+        self.loss_min = min(self.loss_min, loss)
 
     def evaluate(self, step: int) -> dict[str, float]:
         """The validation set at `step` (once per step, however many callers ask)."""
@@ -473,19 +520,21 @@ class Trainer:
         if all_reduce_sum(bad, d).item():
             raise NonFiniteLoss(f"the weights became non-finite by step {step}; the last good checkpoint "
                                 f"is kept. Lower optim.lr (now {config.optim.lr}) or raise warmup")
+        eval_before = self.timing["eval_s"]
         ev = self.evaluate(step) if validate else (self.last_eval if self.last_eval_step == step else {})
+        eval_inside = self.timing["eval_s"] - eval_before  # counted in eval_s, not again here
         model_state = full_model_state(self.model, config, d)
         optim_state = full_optim_state(self.model, self.optimizer, config, d)
         window_sum = all_reduce_sum(self.window.loss_sum.clone(), d).item()
         if d.main:
             state = {"tokens": step * self.gbt, "total_steps": self.total_steps, "run_id": self.run_id,
-                     "config": config.to_dict(), "world_size": d.world,
+                     "config": config.to_dict(), "world_size": d.world, "loss_min": self.loss_min,
                      "log_window": {"loss_sum": window_sum, "steps": self.window.steps}}
             ckpt.save(self.run_dir.path, step, kind, model_state, optim_state, rng_state(self.device), state,
                       self.index_fields(step, ev))
             ckpt.apply_retention(self.run_dir.path, config.checkpoint.keep_rolling)
         barrier(d)
-        self.timing["checkpoint_s"] += time.perf_counter() - t0
+        self.timing["checkpoint_s"] += time.perf_counter() - t0 - eval_inside
 
     def finish(self) -> dict:
         """The summary, into run.json; status done or preempted."""
