@@ -211,7 +211,7 @@ class Trainer:
         check_writable(self.run_dir.path)
         # Nothing is written (or, with --overwrite, deleted) before the plan, the data and the
         # model are known to work: open_run_dir does that.
-        if self.overwrite and self.run_dir.exists():
+        if self.overwrite and (self.run_dir.exists() or ckpt.list_checkpoints(self.run_dir.path)):
             return "fresh"
         return prepare_run_dir(self.config, self.run_dir.path, self.resume, False, self.d)
 
