@@ -30,7 +30,7 @@ from testbed.model.counting import flops_per_token
 from testbed.model.transformer import Transformer
 from testbed.optim import build_optimizer
 from testbed.plan import describe, resolved_model, run_schedule
-from testbed.rundir import RunDir, run_id
+from testbed.rundir import RunDir, RunDirBusy, RunLock, run_id
 from testbed.train import checkpoint as ckpt
 from testbed.train import device as dev
 from testbed.train.distributed import (
@@ -68,7 +68,10 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
     with Preemption() as preempt:
         trainer = Trainer(config, run_dir, preempt, resume=resume, overwrite=overwrite,
                           init_from=init_from, parent=parent, prefix_metrics=prefix_metrics)
-        return trainer.run()
+        try:
+            return trainer.run()
+        finally:
+            trainer.release()
 
 
 def science_steps(config: Config, total_steps: int) -> set[int]:
@@ -160,6 +163,7 @@ class Trainer:
         self.start_step = self.done = 0
         self.resumed_from: str | None = None
         self.exit_code, self.state_msg = exits.DONE, ("done", "finished")
+        self.owner: RunLock | None = None
 
     # ------------------------------------------------------------------ the run, step by step
 
@@ -183,10 +187,29 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dtype = dev.resolve_precision(self.config.train.precision, self.device)
-        if self.d.main:
-            self.run_dir.path.mkdir(parents=True, exist_ok=True)
-        barrier(self.d)
+        self.own_run_dir()
         return prepare_run_dir(self.config, self.run_dir.path, self.resume, self.overwrite, self.d)
+
+    def own_run_dir(self) -> None:
+        """Take the run directory's lock before reading or writing anything in it: one live
+        process trains a run at a time (a double launch, a requeue beside a lingering process,
+        an executor's orphan). Only rank 0 holds it; the other ranks share the directory and
+        leave with the same error when it is busy."""
+        busy = None
+        if self.d.main:
+            try:
+                self.owner = self.run_dir.acquire()
+            except RunDirBusy as err:
+                busy = (str(err), err.holder)
+        busy = broadcast_object(busy, self.d)
+        if busy is not None:
+            raise RunDirBusy(*busy)
+
+    def release(self) -> None:
+        """Give up the run directory (the end of the process does it too)."""
+        if self.owner is not None:
+            self.owner.release()
+            self.owner = None
 
     def build(self) -> None:
         """The plan (steps, schedule, batch split), the data and the model."""
