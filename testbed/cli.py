@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         from testbed import exits
 
         print(f"error: {err}", file=sys.stderr)
-        return exits.BAD_INPUT
+        # Bad input, or an error with a code of its own (a busy run directory: exits.BUSY).
+        return int(getattr(err, "exit_code", exits.BAD_INPUT))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -2,7 +2,8 @@
 
 Anything a user can cause (a bad config value, a missing file, a run directory in the wrong
 state) raises `TestbedError` with one sentence naming the field, the value and the fix. The CLI
-prints it without a traceback and exits with status 2.
+prints it without a traceback and exits with status 2, or with the error's own `exit_code`
+where a subclass has one (rundir.RunDirBusy: exits.BUSY).
 """
 
 

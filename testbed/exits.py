@@ -4,6 +4,9 @@
     1   FAILURE     anything else went wrong: worth retrying within the sweep's limit
     2   BAD_INPUT   the config or data is wrong (a TestbedError): retrying cannot help
     75  PREEMPTED   a resume checkpoint was saved on SIGTERM/SIGUSR1 (EX_TEMPFAIL): run it again
+    73  BUSY        another live process owns the run directory (its lock, RunDir.acquire): this
+                    trainer touched nothing; not a failure, and starting it again now would only
+                    collide again (the run is running elsewhere)
     3   SKIP        (SLURM hook only) the run is already done: the batch task moves on
     70  NOT_STARTED (fork server only) a child whose server died before announcing it: it did
                     nothing
@@ -16,6 +19,7 @@ FAILURE = 1
 BAD_INPUT = 2
 SKIP = 3
 PREEMPTED = 75
+BUSY = 73
 NOT_STARTED = 70
 
 # The code a run's recorded state stands for, where the process's own status is lost (a

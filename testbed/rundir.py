@@ -8,6 +8,7 @@ Every file of a run directory is named, written and read here, and nowhere else:
     RUN_DIR/train.log              the human-readable log
     RUN_DIR/checkpoints/index.jsonl, checkpoints/step_XXXXXXXX/
     RUN_DIR/branches/<name>/       cooldown branches, each a run directory of its own
+    RUN_DIR/lock                   flock held by the one process that writes the run (RunDir.acquire)
 
 Writes are atomic (a hidden temporary file, fsynced and renamed), so a reader never sees half a
 JSON file. JSONL files are appended a whole line at a time; a kill can still cut the last line,
@@ -21,14 +22,19 @@ Standard library only: sweeps, the fitter and SLURM hooks read run directories w
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from testbed import exits
 from testbed.errors import TestbedError
 
 RUN_JSON = "run.json"
@@ -39,6 +45,7 @@ CHECKPOINTS = "checkpoints"
 INDEX = "index.jsonl"
 BRANCHES = "branches"
 CONFIG_YAML = "config.yaml"  # written by a sweep before the trainer starts
+LOCK = "lock"  # flock of the process that writes the run; holds {"host", "pid", "since"}
 
 # status.json states (the registry of a sweep has states of its own).
 STATES = ("running", "done", "failed", "preempted")
@@ -201,6 +208,54 @@ def run_id(tree: dict[str, Any]) -> str:
     return tree.get("name") or config_hash(tree)
 
 
+# ----------------------------------------------------------------------------- ownership
+
+
+class RunDirBusy(TestbedError):
+    """Another live process owns the run directory: this one must not write anything in it."""
+
+    exit_code = exits.BUSY
+
+    def __init__(self, message: str, holder: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.holder = holder or {}
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    if not holder.get("pid"):
+        return "another process (it has not recorded itself yet)"
+    since = f", since {holder['since']}" if holder.get("since") else ""
+    return f"pid {holder['pid']} on host {holder.get('host', '?')}{since}"
+
+
+class RunLock:
+    """The exclusive flock on RUN_DIR/lock. The kernel drops it when the holder's process ends
+    however it ends (SIGKILL included), so a lock is never left behind by a dead process."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path = path
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the only descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _read_holder(path: Path) -> dict[str, Any]:
+    try:
+        holder = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
 # ----------------------------------------------------------------------------- one run
 
 
@@ -222,8 +277,58 @@ class RunDir:
     branches = property(lambda self: self.path / BRANCHES)
     config_yaml = property(lambda self: self.path / CONFIG_YAML)
 
+    lock_path = property(lambda self: self.path / LOCK)
+
     def exists(self) -> bool:
         return self.run_json.is_file()
+
+    # ownership: one live writer at a time
+    def acquire(self, patience_s: float = 1.0) -> RunLock:
+        """Own this run directory until release() or the end of the process; RunDirBusy (exit
+        BUSY) when another live process owns it. Readers that probe the lock (lock_holder) hold
+        it for microseconds, hence the short patience."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    holder = _read_holder(self.lock_path)
+                    raise RunDirBusy(
+                        f"run directory {str(self.path)!r} is in use by {describe_holder(holder)}; "
+                        f"two trainers must not write one run. Wait for it to finish, or stop it "
+                        f"(kill -TERM {holder.get('pid', 'PID')} saves a resume checkpoint) and "
+                        f"run this again", holder) from None
+                time.sleep(0.05)
+        record = to_json({"host": socket.gethostname(), "pid": os.getpid(),
+                          "since": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record.encode(), 0)
+        return RunLock(self.lock_path, fd)
+
+    def lock_holder(self) -> dict[str, Any] | None:
+        """Who owns the run directory now ({"host", "pid", "since"}, {} when it has not said
+        yet), or None when nobody does. Creates nothing: a read-only look."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            return _read_holder(self.lock_path)
+        finally:
+            os.close(fd)
+        return None
 
     # run.json and status.json
     def read_run(self) -> dict[str, Any] | None:

@@ -160,4 +160,4 @@ def status_handler(args: argparse.Namespace) -> int:
     report = collect(Registry(args.sweep_dir))
     print(json.dumps(report, indent=1) if args.json else render_status(report))
     sys.stdout.flush()
-    return 0
+    return 1 if report["counts"].get("damaged") else 0  # damaged registry records: see the rows

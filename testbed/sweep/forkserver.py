@@ -21,7 +21,11 @@ subprocess reports it); {"event": "error", "message": M} when a fork failed. Exe
 cannot be reused while the executor may still signal it. A child waits until its "started"
 line is written before it does anything: if the server dies before the executor learns the
 pid, the child exits untouched and the executor can safely start the run elsewhere. End of
-input stops the server; children still running carry on.
+input stops the server. The executor ends its input only once its children have exited, so a
+child still running then has lost its executor (killed, even by SIGKILL): the server sends it
+SIGTERM, and it saves a resume checkpoint and exits PREEMPTED instead of training on unwatched
+beside the executor's next start. (A child is not tied to the server's own life: if the server
+dies, the executor still waits for the child, and reads its outcome from status.json.)
 
 This module imports only the standard library at the top: the executor imports the client
 half (`ForkServer`) without paying for torch.
@@ -325,6 +329,18 @@ def _child(request: dict, gate: int, inherited: list[int]) -> None:
         os._exit(code & 0xFF)  # as the interpreter truncates sys.exit(code)
 
 
+def _orphaned(running: dict[int, int | None]) -> None:
+    """The executor has gone while these children run: ask each to save and stop."""
+    for pid, pidfd in running.items():
+        try:
+            if pidfd is not None:
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            else:
+                os.kill(pid, signal.SIGTERM)  # not reaped yet, so the pid is still this child's
+        except OSError:
+            pass
+
+
 def serve(requests: int, replies: int) -> int:
     running: dict[int, int | None] = {}  # child pid -> its pidfd (None: poll instead)
     unreaped: list[int] = []
@@ -345,6 +361,7 @@ def serve(requests: int, replies: int) -> int:
             continue
         data = os.read(requests, 1 << 16)
         if not data:
+            _orphaned(running)
             return 0
         pending += data
         while b"\n" in pending:

@@ -1,7 +1,7 @@
 """Registry updates called from inside a SLURM batch script (light: no torch import).
 
     python -m testbed.sweep.hook begin SWEEP_DIR RUN_ID JOB      exit DONE: train it; SKIP: already done
-    python -m testbed.sweep.hook end   SWEEP_DIR RUN_ID RC JOB   exit DONE, PREEMPTED or FAILURE
+    python -m testbed.sweep.hook end   SWEEP_DIR RUN_ID RC JOB   exit DONE, PREEMPTED, BUSY or FAILURE
 
 (the codes are testbed/exits.py's; the batch script is rendered with their values)
 """
@@ -34,6 +34,10 @@ def begin(sweep_dir: str, run_id: str, job: str) -> int:
 
 def end(sweep_dir: str, run_id: str, exit_code: int) -> int:
     record = record_exit(Registry(sweep_dir), run_id, exit_code)
+    if record.get("last_exit_code") == exits.BUSY:
+        # Another live process holds the run directory (e.g. the previous attempt still saving
+        # after a requeue): the task requeues itself and looks again later.
+        return exits.BUSY
     return exits.from_state(record["state"])
 
 

@@ -6,8 +6,16 @@ exit status. A run that exits PREEMPTED (75, testbed/exits.py) is simply started
 checkpoint; a failed run is retried until it has failed `max_retries + 1` times.
 
 Slots: `workers` CPU processes (each limited to its share of the cores), or one per GPU with
-CUDA_VISIBLE_DEVICES set to that GPU. Ctrl-C or SIGTERM asks every trainer to save and stop
-(they exit PREEMPTED and stay resumable); nothing is lost.
+CUDA_VISIBLE_DEVICES set to that GPU. Ctrl-C, SIGTERM or SIGHUP (the terminal or ssh session
+closed) asks every trainer to save and stop (they exit PREEMPTED and stay resumable); nothing is
+lost.
+
+Trainers die with their executor: a fresh process gets PR_SET_PDEATHSIG=SIGTERM (Linux), and a
+fork server sends SIGTERM to its running child when its executor goes (end of its input); so
+even a SIGKILLed `sweep run` leaves no trainer behind, only resume checkpoints. A run whose
+directory is still held by a live trainer (RUN_DIR/lock: one saving after such a kill, or one
+started by hand) is never started again beside it: it is left to that process, waited for, and
+taken up again if it stopped unfinished; a trainer turned away by such a lock exits BUSY.
 
 On CPU slots each trainer is forked from a per-slot fork server (testbed/sweep/forkserver.py)
 that has imported torch once, instead of starting a fresh interpreter: seconds saved per run,
@@ -35,6 +43,32 @@ from testbed.sweep.registry import Registry
 # A run preempted again and again without us asking is more likely a loop than a machine
 # being shared; stop re-running it after this many preemptions in one invocation.
 MAX_PREEMPTIONS_PER_INVOCATION = 50
+# How often a slot with nothing to start looks again at runs held by other processes.
+HELD_POLL_S = 0.5
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Any:
+    """A preexec_fn for Popen: the child gets SIGTERM when the thread that started it ends
+    (the executor dies, however). Linux only; elsewhere None (nothing is done). prctl is looked
+    up here, in the parent, so the child only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent, sigterm = os.getpid(), int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, sigterm)
+        if os.getppid() != parent:  # the executor died before the call: do not start at all
+            os._exit(exits.NOT_STARTED)
+
+    return preexec
 
 
 def trainer_command(registry: Registry, run_id: str, trainer: list[str] | None = None) -> list[str]:
@@ -77,6 +111,8 @@ class LocalExecutor:
         self.children: dict[int, subprocess.Popen] = {}
         self.children_lock = threading.Lock()
         self.preempted_here: dict[str, int] = {}
+        self.mine: set[str] = set()  # runs this executor's slots are running now
+        self.preexec = _die_with_parent()
         self.bar: Any = None
 
     def run(self) -> dict[str, int]:
@@ -115,14 +151,34 @@ class LocalExecutor:
             candidates = [r for r in self.run_ids
                           if self.preempted_here.get(r, 0) < MAX_PREEMPTIONS_PER_INVOCATION]
             record = self.registry.claim(candidates, self.max_retries, "local", job_id=None)
-            if record is None:
-                return
+            if record is not None:
+                with self.children_lock:
+                    self.mine.add(record["run_id"])
+            else:
+                if not self._held_elsewhere(candidates):
+                    return
+                self.stopping.wait(HELD_POLL_S)  # left to the process that holds it, then resumed
+                continue
             run_id = record["run_id"]
-            exit_code = self._run_trainer(run_id, env_overrides, slot)
-            outcome = record_exit(self.registry, run_id, exit_code)
+            try:
+                exit_code = self._run_trainer(run_id, env_overrides, slot)
+                outcome = record_exit(self.registry, run_id, exit_code)
+            finally:
+                with self.children_lock:
+                    self.mine.discard(run_id)
             if outcome["state"] == "preempted":
                 self.preempted_here[run_id] = self.preempted_here.get(run_id, 0) + 1
             self._refresh_progress()
+
+    def _held_elsewhere(self, run_ids: list[str]) -> bool:
+        """Whether a run not yet done is trained by a process outside this executor (its run
+        directory's lock is held): the slot waits for it instead of ending the sweep early."""
+        with self.children_lock:
+            others = [r for r in run_ids if r not in self.mine]
+        for run_id in others:
+            if self.registry.lock_holder(run_id) is not None and not self.registry.is_done(run_id):
+                return True
+        return False
 
     def _run_trainer(self, run_id: str, env_overrides: dict[str, str], slot: int = 0) -> int:
         env = {**os.environ, **env_overrides}
@@ -141,8 +197,10 @@ class LocalExecutor:
             with self.children_lock:
                 if self.stopping.is_set():
                     return exits.PREEMPTED  # asked to stop before it started: still resumable
+                # Its own session: Ctrl-C and a terminal's SIGHUP reach it through us only; and
+                # it gets SIGTERM (saves, exits PREEMPTED) if we die without asking it.
                 child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)  # Ctrl-C reaches it via us only
+                                         start_new_session=True, preexec_fn=self.preexec)
                 self.children[child.pid] = child
             try:
                 return child.wait()
@@ -236,7 +294,7 @@ class LocalExecutor:
         if threading.current_thread() is not threading.main_thread():
             return {}
         previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             previous[sig] = signal.signal(sig, self._on_stop_signal)
         return previous
 
@@ -252,8 +310,11 @@ class LocalExecutor:
                     child.send_signal(signal.SIGTERM)  # the trainer saves and exits PREEMPTED
                 except ProcessLookupError:
                     pass
-        print("stopping: asked every running trainer to save a checkpoint and exit",
-              file=sys.stderr)
+        try:  # after SIGHUP the terminal may be gone
+            print(f"stopping ({signal.Signals(signum).name}): asked every running trainer to save "
+                  "a checkpoint and exit", file=sys.stderr)
+        except OSError:
+            pass
 
     # ------------------------------------------------------------------ progress display
 
@@ -269,6 +330,9 @@ class LocalExecutor:
         if self.bar is None:
             return
         counts = self.counts()
-        self.bar.n = counts.get("done", 0)
-        self.bar.set_postfix({k: v for k, v in counts.items() if k != "done"}, refresh=False)
-        self.bar.refresh()
+        try:
+            self.bar.n = counts.get("done", 0)
+            self.bar.set_postfix({k: v for k, v in counts.items() if k != "done"}, refresh=False)
+            self.bar.refresh()
+        except OSError:  # the terminal has gone (SIGHUP): no more progress display
+            self.bar = None

@@ -13,6 +13,10 @@ States: pending (known, never started), submitted (handed to SLURM), running, pr
 
 Every claim of a run happens while holding the lock and re-reading the record, so two
 submitters of the same sweep (two shells, two `sweep run` invocations) never start it twice.
+The run directory's own lock (RUN_DIR/lock, held by its live trainer) has the last word: a run
+whose lock is held is running, whatever its record says and whoever started it (a trainer
+outliving its executor, a `testbed train` by hand), so it is reported as running and never
+claimed; once the lock is free the record is brought in line with status.json again.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import TestbedError
-from testbed.rundir import RunDir, read_json, write_json_atomic, write_text_atomic
+from testbed.rundir import RunDir, describe_holder, read_json, write_json_atomic, write_text_atomic
 
 STATES = ("pending", "submitted", "running", "preempted", "done", "failed")
 ACTIVE = ("submitted", "running")
@@ -86,18 +90,49 @@ class Registry:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def read(self, run_id: str) -> dict[str, Any] | None:
-        return read_json(self.record_path(run_id))
+        path = self.record_path(run_id)
+        return self.read_record_file(path) if path.exists() else None
 
     def write(self, record: dict[str, Any]) -> None:
         self.records_dir.mkdir(parents=True, exist_ok=True)
         record["updated_at"] = now()
         write_json_atomic(self.record_path(record["run_id"]), record, sort_keys=True)
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self, damaged: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
+        """Every record, in sweep order. A record that cannot be read is an error naming the
+        file and the fix; with `damaged` given, it is listed there ({"path", "run_id",
+        "message"}) and left out instead (sweep status shows it as a row of its own)."""
         if not self.records_dir.is_dir():
             return []
-        out = [read_json(p) for p in sorted(self.records_dir.glob("*.json"))]
-        return sorted((r for r in out if r), key=lambda r: (r.get("order", 0), r["run_id"]))
+        out = []
+        for path in sorted(self.records_dir.glob("*.json")):
+            try:
+                out.append(self.read_record_file(path))
+            except TestbedError as err:
+                if damaged is None:
+                    raise
+                damaged.append({"path": str(path), "run_id": path.stem, "message": str(err)})
+        return sorted(out, key=lambda r: (r.get("order", 0), r["run_id"]))
+
+    def read_record_file(self, path: Path) -> dict[str, Any]:
+        fix = (f"delete {str(path)!r} and run `testbed sweep run SWEEP_FILE --sweep-dir "
+               f"{str(self.root)!r}` again: the run is registered anew and its run directory "
+               f"(kept as it is) resumed or recognised as done")
+        try:
+            record = read_json(path)
+        except TestbedError as err:
+            reason = str(err).split(";")[0]
+            raise TestbedError(f"registry record {reason}: it was damaged; {fix}") from None
+        problem = None
+        if not isinstance(record, dict):
+            problem = f"holds {type(record).__name__} instead of a record"
+        elif record.get("run_id") != path.stem:
+            problem = f"names run {record.get('run_id')!r}, not {path.stem!r}"
+        elif record.get("state") not in STATES:
+            problem = f"has state {record.get('state')!r}, not one of {', '.join(STATES)}"
+        if problem:
+            raise TestbedError(f"registry record {str(path)!r} {problem}: it was damaged; {fix}")
+        return record
 
     def set_state(self, record: dict[str, Any], state: str, reason: str | None = None,
                   **fields: Any) -> dict[str, Any]:
@@ -191,27 +226,49 @@ class Registry:
         status = self.run_status(run_id)
         return bool(status and status.get("state") == "done")
 
-    def reconcile(self, live_jobs: Any = None) -> list[dict[str, Any]]:
+    def reconcile(self, live_jobs: Any = None,
+                  damaged: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
         """Bring records in line with the run directories and with what is still alive.
 
         `live_jobs`: a callable returning the SLURM job ids (`ARRAY_TASK` form) still queued
         or running, called while the lock is held so that no submission can slip between the
         query and the update; a submitted run whose job is gone unfinished is marked failed.
+        `damaged`: see records().
         """
         with self.locked():
-            return self.reconcile_locked(live_jobs() if callable(live_jobs) else live_jobs)
+            return self.reconcile_locked(live_jobs() if callable(live_jobs) else live_jobs,
+                                         damaged)
 
-    def reconcile_locked(self, live_jobs: set[str] | None) -> list[dict[str, Any]]:
+    def reconcile_locked(self, live_jobs: set[str] | None,
+                         damaged: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
         host = socket.gethostname()
-        records = self.records()
+        records = self.records(damaged)
         for record in records:
             if self._reconcile_one(record, live_jobs, host):
                 self.write(record)
         return records
 
+    def lock_holder(self, run_id: str) -> dict[str, Any] | None:
+        """The live process owning the run's directory ({"host", "pid", ...}), or None."""
+        return RunDir(self.run_dir(run_id)).lock_holder()
+
+    def adopt(self, record: dict[str, Any], holder: dict[str, Any]) -> None:
+        """Record a run as running in the process that holds its run directory's lock."""
+        owner = {"host": holder.get("host"), "pid": holder.get("pid"), "lock": True}
+        self.set_state(record, "running", f"trained by {describe_holder(holder)}, which holds "
+                       "its run directory; not started again", owner=owner)
+
     def _reconcile_one(self, record: dict[str, Any], live_jobs: set[str] | None,
                        host: str) -> bool:
         state = record.get("state")
+        holder = self.lock_holder(record["run_id"])
+        if holder is not None:
+            # A live trainer owns the run: it is running, whatever the record said (its
+            # executor may have died, or it was started by hand).
+            if state == "done" or (state in ACTIVE and not self._owner_gone(record, host)):
+                return False
+            self.adopt(record, holder)
+            return True
         status = self.run_status(record["run_id"]) or {}
         if status.get("state") == "done":
             if state != "done":
@@ -220,10 +277,13 @@ class Registry:
             return False
         if state not in ACTIVE:
             return False
-        owner = record.get("owner") or {}
+        if (record.get("owner") or {}).get("lock"):
+            # The process it was adopted from has let go of the run directory.
+            self.set_state(record, "preempted", "the process that held its run directory "
+                           "ended; it resumes on the next `testbed sweep run`")
+            return True
         if record.get("executor") == "local":
-            pid = owner.get("pid")
-            if owner.get("host") == host and pid and not process_alive(pid):
+            if self._owner_gone(record, host):
                 self.set_state(record, "preempted", "the local executor that ran it stopped; "
                                "it resumes on the next `testbed sweep run`")
                 return True
@@ -239,6 +299,14 @@ class Registry:
                                f"run (time limit, memory or node failure); see the log")
             return True
         return False
+
+    @staticmethod
+    def _owner_gone(record: dict[str, Any], host: str) -> bool:
+        """A local run whose owning process (on this host) is no longer alive."""
+        owner = record.get("owner") or {}
+        pid = owner.get("pid")
+        return (record.get("executor") == "local" and owner.get("host") == host and bool(pid)
+                and not process_alive(pid))
 
 
 def eligible(record: dict[str, Any], max_retries: int,

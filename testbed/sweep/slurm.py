@@ -134,12 +134,21 @@ def render_script(sweep_name: str, sweep_dir: Path, tasks: list[list[str]],
         "exit_done": str(exits.DONE),
         "exit_skip": str(exits.SKIP),
         "exit_preempted": str(exits.PREEMPTED),
+        "exit_busy": str(exits.BUSY),
     }
-    for key, value in values.items():
-        template = template.replace("{{" + key + "}}", value)
-    leftover = re.search(r"\{\{\w+\}\}", template)
-    assert leftover is None, f"template placeholder {leftover.group()} was not filled"
-    return template
+    return fill_template(template, values)
+
+
+def fill_template(template: str, values: dict[str, str]) -> str:
+    """Every `{{name}}` replaced in one pass: a value that itself holds `{{...}}` (a sweep
+    directory named so, a setup line) is written as it is, never filled in turn."""
+
+    def fill(match: re.Match) -> str:
+        name = match.group(1)
+        assert name in values, f"template placeholder {match.group()} has no value"
+        return values[name]
+
+    return re.sub(r"\{\{(\w+)\}\}", fill, template)
 
 
 def launch_command(profile: dict[str, Any], trainer: list[str] | None) -> str:

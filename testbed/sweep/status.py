@@ -41,11 +41,12 @@ def collect(registry: Registry) -> dict[str, Any]:
         raise TestbedError(f"{str(registry.root)!r} is not a sweep directory (no registry/ inside); "
                            f"pass the --sweep-dir given to `testbed sweep run`")
     live = None
-    if any(r.get("executor") == "slurm" for r in registry.records()) and shutil.which("squeue"):
+    if any(r.get("executor") == "slurm" for r in registry.records([])) and shutil.which("squeue"):
         from testbed.sweep.slurm import live_jobs
 
         live = live_jobs
-    records = registry.reconcile(live)
+    damaged: list[dict[str, str]] = []
+    records = registry.reconcile(live, damaged)
     runs, done_flops, total_flops, starts = [], 0.0, 0.0, []
     for record in records:
         q = record.get("quantities") or {}
@@ -66,11 +67,17 @@ def collect(registry: Registry) -> dict[str, Any]:
         if record["state"] == "failed":
             run["log_tail"] = tail(registry.log_path(record["run_id"]), LOG_LINES)
         runs.append(run)
-    counts = {state: 0 for state in STATES}
+    for bad in damaged:  # shown, never dropped: its run is neither counted done nor lost
+        runs.append({"run_id": bad["run_id"], "labels": {}, "state": "damaged",
+                     "reason": bad["message"], "step": 0, "planned_steps": None,
+                     "train_loss": None, "val_loss": None, "failures": 0, "preemptions": 0,
+                     "job_id": None, "record": bad["path"]})
+    counts = {state: 0 for state in (*STATES, "damaged")}
     for run in runs:
         counts[run["state"]] = counts.get(run["state"], 0) + 1
     eta = None
-    if starts and 0 < done_flops < total_flops:
+    # An ETA only while something runs: a stopped sweep has no time left, only work.
+    if counts["running"] and starts and 0 < done_flops < total_flops:
         elapsed = time.time() - min(starts)
         eta = (total_flops - done_flops) / (done_flops / elapsed) if elapsed > 0 else None
     return {"sweep_dir": str(registry.root), "counts": counts, "runs": runs,
@@ -87,12 +94,16 @@ def render_status(report: dict[str, Any]) -> str:
     text = [format_table(["run", "state", "step", "loss", "fails", "job"], rows)]
     counts = ", ".join(f"{n} {s}" for s, n in report["counts"].items() if n)
     eta = duration(report["eta_seconds"]) if report["eta_seconds"] is not None else "-"
+    if not report["counts"].get("running"):
+        eta = "- (nothing running)"
     text.append(f"\n{len(report['runs'])} runs: {counts or 'none'}; "
                 f"{100 * report['progress']:.0f}% of the FLOPs done; ETA {eta}")
     for r in report["runs"]:
         if r["state"] == "failed":
             text.append(f"\nFAILED {r['run_id']} ({r['failures']} failures): {r['reason']}")
             text.extend(f"    {line}" for line in r.get("log_tail", []))
+        elif r["state"] == "damaged":
+            text.append(f"\nDAMAGED {r['run_id']}: {r['reason']}")
     return "\n".join(text)
 
 

@@ -30,7 +30,7 @@ from testbed.model.counting import flops_per_token
 from testbed.model.transformer import Transformer
 from testbed.optim import build_optimizer
 from testbed.plan import describe, resolved_model, run_schedule
-from testbed.rundir import RunDir, run_id
+from testbed.rundir import RunDir, RunDirBusy, RunLock, run_id
 from testbed.train import checkpoint as ckpt
 from testbed.train import device as dev
 from testbed.train.distributed import (
@@ -92,7 +92,10 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, overwrite: 
     with Preemption() as preempt:
         trainer = Trainer(config, run_dir, preempt, resume=resume, overwrite=overwrite,
                           init_from=init_from, parent=parent, prefix_metrics=prefix_metrics)
-        return trainer.run()
+        try:
+            return trainer.run()
+        finally:
+            trainer.release()
 
 
 def science_steps(config: Config, total_steps: int) -> set[int]:
@@ -185,6 +188,8 @@ class Trainer:
         self.start_step = self.done = 0
         self.resumed_from: str | None = None
         self.exit_code, self.state_msg = exits.DONE, ("done", "finished")
+        self.owner: RunLock | None = None  # rank 0's hold on the run directory
+        self.owned = False  # whether the ranks went through own_run_dir
 
     # ------------------------------------------------------------------ the run, step by step
 
@@ -209,11 +214,35 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.dtype = dev.resolve_precision(self.config.train.precision, self.device)
         check_writable(self.run_dir.path)
+        if self.run_dir.path.is_dir():
+            self.own_run_dir()  # before reading anything in it; a new directory is owned once made
         # Nothing is written (or, with --overwrite, deleted) before the plan, the data and the
         # model are known to work: open_run_dir does that.
         if self.overwrite and (self.run_dir.exists() or ckpt.list_checkpoints(self.run_dir.path)):
             return "fresh"
         return prepare_run_dir(self.config, self.run_dir.path, self.resume, False, self.d)
+
+    def own_run_dir(self) -> None:
+        """Take the run directory's lock before reading or writing anything in it: one live
+        process trains a run at a time (a double launch, a requeue beside a lingering process,
+        an executor's orphan). Only rank 0 holds it; the other ranks share the directory and
+        leave with the same error when it is busy."""
+        busy = None
+        if self.d.main:
+            try:
+                self.owner = self.run_dir.acquire()
+            except RunDirBusy as err:
+                busy = (str(err), err.holder)
+        busy = broadcast_object(busy, self.d)
+        if busy is not None:
+            raise RunDirBusy(*busy)
+        self.owned = True
+
+    def release(self) -> None:
+        """Give up the run directory (the end of the process does it too)."""
+        if self.owner is not None:
+            self.owner.release()
+            self.owner = None
 
     def build(self) -> None:
         """The plan (steps, schedule, batch split), the data and the model."""
@@ -301,6 +330,12 @@ class Trainer:
         if self.d.main:
             make_run_dir(rd.path)
         barrier(self.d)
+        if not self.owned:  # the directory is new: own it before the first write
+            self.own_run_dir()
+            # Another process may have made and started it while this one was building.
+            if broadcast_object(mode == "fresh" and rd.exists() if self.d.main else None, self.d):
+                raise TestbedError(f"run directory {str(rd.path)!r} was started by another process while "
+                                   f"this one prepared; run the same command again to resume or accept it")
         self.run_id = run_id(config.to_dict())
         self.metrics = MetricsLog(rd.path, enabled=self.d.main)
         self.window = Window(self.device, self.timing)
