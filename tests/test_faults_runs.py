@@ -245,7 +245,7 @@ def test_a_damaged_record_is_shown_and_a_stopped_sweep_has_no_eta(tmp_path, caps
     assert "DAMAGED" in capsys.readouterr().out
     # Anything that would act on the records stops with one clear error instead.
     bad.write_text("[]")
-    with pytest.raises(TestbedError, match=rf"{bad.name}.* holds list .*delete"):
+    with pytest.raises(TestbedError, match=rf"{bad.name}.* holds (a JSON )?list.*delete"):
         LocalExecutor(registry, ids, progress=False).run()
 
 
