@@ -1,4 +1,5 @@
-"""Shared fixtures: a real one-node SLURM cluster for the sweep tests."""
+"""Shared fixtures: a real one-node SLURM cluster for the sweep tests; property-based tests
+draw the same examples on every CI run (a failure there is reproducible), new ones elsewhere."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.sh"

@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from testbed import cli as testbed_cli
 from testbed.config import load_config
 from testbed.data import loader as data_loader
+from testbed.rundir import RunDir
 from testbed.train import checkpoint as ckpt
 from testbed.train.trainer import train
 
@@ -106,9 +107,12 @@ def status(run_dir: Path) -> dict:
 
 
 def snapshot(run_dir: Path) -> dict[str, tuple[str, int]]:
-    """Every file under run_dir with its hash and mtime: proof that nothing was touched."""
+    """Every file under run_dir with its hash and mtime: proof that nothing was touched. The
+    lock is left out: whoever opens the directory, a refused trainer too, writes its holder."""
     out = {}
     for p in sorted(run_dir.rglob("*")):
+        if p.name == "lock":
+            continue
         if p.is_file():
             digest = hashlib.sha256(p.read_bytes()).hexdigest()
             out[str(p.relative_to(run_dir))] = (digest, p.stat().st_mtime_ns)
@@ -595,3 +599,17 @@ def test_divergence_stops_naming_the_step_and_keeps_checkpoints(root, config_pat
     # The index stays strict JSON (no NaN literals) even when an evaluation was not finite.
     for raw in (run_dir / "checkpoints" / "index.jsonl").read_text().splitlines():
         json.loads(raw, parse_constant=lambda c, raw=raw: pytest.fail(f"index line holds {c}: {raw}"))
+
+
+def test_killed_after_its_final_checkpoint_a_run_finishes_without_repeating_it(root, config_path, reference):
+    """Killed after the final checkpoint but before status.json said done: the resume starts at
+    the last step, takes its validation from the log and adds no line to the log or the index."""
+    run_dir = fresh_copy(reference["dir"], root / "killed-after-final")
+    RunDir(run_dir).write_status("running", step=STEPS, message="killed")
+    metrics_before = (run_dir / "metrics.jsonl").read_text()
+    index_before = ckpt.read_index(run_dir)
+    assert run_cli("train", config_path, "--run-dir", run_dir) == 0
+    assert (run_dir / "metrics.jsonl").read_text() == metrics_before
+    assert ckpt.read_index(run_dir) == index_before
+    summary = json.loads((run_dir / "run.json").read_text())["summary"]
+    assert status(run_dir)["state"] == "done" and summary["val_loss"] == reference["val"][-1][1]

@@ -70,8 +70,10 @@ def resumed_steps(run_dir: Path) -> list[int]:
 
 
 def snapshot(run_dir: Path) -> dict[str, tuple[str, int]]:
+    """Every file with its hash and mtime, but the lock: whoever opens the run directory takes it
+    and writes its host and pid there, a refused trainer too."""
     return {str(p.relative_to(run_dir)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != "lock"}
 
 
 def step_of(folder: Path) -> int:

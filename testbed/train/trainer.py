@@ -413,10 +413,7 @@ class Trainer:
                 if self.after_step():
                     break
             else:
-                if config.checkpoint.final:
-                    self.save(self.total_steps, "final")
-                else:
-                    self.evaluate(self.total_steps)
+                self.end_of_run()
         except BaseException as err:
             self.fail(err)
             raise
@@ -424,6 +421,26 @@ class Trainer:
             self.prefetch.close()
             if self.progress is not None:
                 self.progress.close()
+
+    def end_of_run(self) -> None:
+        """The last step's validation and final checkpoint. A process killed after them (before
+        status.json said done) resumes at the last step: it takes that validation from the log
+        instead of running and logging it twice, and saves the final checkpoint only if missing."""
+        total, config = self.total_steps, self.config
+        if self.start_step == total and self.loaded is not None:
+            logged = [m for m in self.run_dir.metrics() if m.get("step") == total and "val_loss" in m] \
+                if self.d.main else []
+            logged = broadcast_object(logged[-1] if logged else None, self.d)
+            if logged is not None:
+                self.last_eval = {k: v for k, v in logged.items() if k.startswith("val_")}
+                self.last_eval_step = total
+            if config.checkpoint.final and self.loaded["state"].get("kind") == "final":
+                self.evaluate(total)  # a no-op when the log had it
+                return
+        if config.checkpoint.final:
+            self.save(total, "final")
+        else:
+            self.evaluate(total)
 
     def train_step(self, step: int) -> None:
         """One optimiser step: `accum` micro-batches forward and backward, clip, update."""
