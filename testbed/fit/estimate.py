@@ -229,18 +229,27 @@ def resolve_bounds(law: Law, bounds: dict[str, tuple[float, float]] | None) -> d
 
 
 def flat_parameters(problem: _Problem, theta_free: np.ndarray, objective: float) -> list[str]:
-    """Parameters whose move by FLAT_STEP of their range barely changes the objective."""
-    flat = []
-    for j, i in enumerate(problem.free):
-        h = FLAT_STEP * (problem.upper[j] - problem.lower[j])
-        rises = []
-        for sign in (1.0, -1.0):
-            probe = theta_free.copy()
-            probe[j] = np.clip(probe[j] + sign * h, problem.lower[j], problem.upper[j])
-            if abs(probe[j] - theta_free[j]) > 0.5 * h:
-                rises.append(float(problem.objective(probe)[0]) - objective)
-        if rises and max(rises) < FLAT_RISE * max(objective, 1e-12):
-            flat.append(problem.law.params[i].public)
+    """Parameters along which the objective is flat: the Gauss-Newton Hessian (Huber weights,
+    each parameter scaled by its bound range) has a direction where moving FLAT_STEP of the range
+    raises the objective by less than FLAT_RISE of itself; the parameters that make up such a
+    direction (a ridge such as A + E when alpha = 0) are reported."""
+    if not problem.free:
+        return []
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        jac = problem.jacobian(theta_free[None, :])[0]
+        r = problem.residuals(theta_free)[0]
+        weight = np.where(np.abs(r) > problem.delta, problem.delta / np.abs(r), 1.0)
+    jac = np.where(np.isfinite(jac), jac, 0.0) * (problem.upper - problem.lower)
+    weight = np.where(np.isfinite(weight), weight, 0.0)
+    hess = jac.T @ (jac * weight[:, None])
+    values, vectors = np.linalg.eigh(hess)
+    limit = 2 * FLAT_RISE * max(objective, 1e-12) / FLAT_STEP**2
+    flat: list[str] = []
+    for k in np.flatnonzero(values < limit):
+        for j in np.flatnonzero(np.abs(vectors[:, k]) > 0.3):
+            name = problem.law.params[problem.free[j]].public
+            if name not in flat:
+                flat.append(name)
     return flat
 
 
