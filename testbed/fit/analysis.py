@@ -14,47 +14,168 @@ import pandas as pd
 
 from testbed.errors import TestbedError
 from testbed.fit import holdout as holdout_mod
+from testbed.fit import rules as rules_mod
 from testbed.fit.estimate import FitResult, fit
 from testbed.fit.laws import Law, get_law, law_inputs, needed_columns
 from testbed.fit.options import Analysis, FitOptions, constraints_for, default_budgets  # noqa: F401
 from testbed.fit.table import Points, load_points
 
+AXIS_WORDS = {"N": "the largest model sizes", "D": "the largest token counts", "C": "the largest compute",
+              "late": "the latest checkpoints"}
+PARSIMONY = 0.05  # a variant with fewer free parameters is kept when its error is within 5% of the best
+
 
 def _fit_frame(law: Law, frame: pd.DataFrame, options: FitOptions, variant: str, fixed: dict, starts=None) -> FitResult:
     return fit(law, law_inputs(law, frame), frame["loss"].to_numpy(float), delta=options.delta,
-               variant=variant, fixed=fixed, starts=starts)
+               variant=variant, fixed=fixed, starts=starts, bounds=options.bounds)
 
 
-def apply_where(points: Points, rule: str | None) -> Points:
-    """Keep rows matching a column rule such as `C>=2.18e17`; the rest are counted as dropped."""
-    if not rule:
+def apply_where(points: Points, rules: str | list[str] | None) -> Points:
+    """Keep rows matching every rule (rules combine with `and`); the rest are counted as dropped."""
+    rules = [rules] if isinstance(rules, str) else list(rules or [])
+    if not rules:
         return points
-    held = holdout_mod.rule_mask(points.frame, rule, option="--where")
+    held = np.ones(len(points.frame), dtype=bool)
+    for rule in rules:
+        held &= rules_mod.rule_mask(points.frame, rule, option="--where")
     dropped = dict(points.dropped)
     if (~held).any():
-        dropped[f"not matching --where {rule}"] = int((~held).sum())
-    return Points(points.frame[held].reset_index(drop=True), dropped, points.warnings)
+        dropped[f"not matching --where {' and '.join(rules)}"] = int((~held).sum())
+    return Points(points.frame[held].reset_index(drop=True), dropped, points.warnings, points.run_column)
 
 
-def select_variant(law: Law, frame: pd.DataFrame, options: FitOptions) -> tuple[str, dict]:
-    """Pick the variant with the lowest error on the largest runs held out inside `frame`."""
-    inner = holdout_mod.holdout_mask(frame, "largest")
+def apply_fractions(frame: pd.DataFrame, options: FitOptions, dropped: dict) -> pd.DataFrame:
+    """--train-until: fit only training checkpoints up to that fraction of their run;
+    --score-after: score only held-out checkpoints past that fraction of their run."""
+    for flag, value in (("--train-until", options.train_until), ("--score-after", options.score_after)):
+        if value is None:
+            continue
+        if not 0.0 < value <= 1.0:
+            raise TestbedError(f"{flag} {value} is outside (0, 1]; give a fraction of each run, e.g. {flag} 0.7.")
+        if "run_fraction" not in frame.columns:
+            raise TestbedError(f"{flag} needs each point's position in its run: a token (D), step or X column; "
+                               f"map one with --columns D=COLUMN.")
+    keep = np.ones(len(frame), dtype=bool)
+    held = frame["held_out"].to_numpy(bool)
+    if options.train_until is not None:
+        late = ~held & (frame["run_fraction"].to_numpy(float) > options.train_until + 1e-9)
+        if late.any():
+            dropped[f"training checkpoints past {options.train_until:.0%} of their run (--train-until)"] = int(late.sum())
+        keep &= ~late
+    if options.score_after is not None:
+        if not held.any():
+            raise TestbedError("--score-after selects held-out checkpoints; give --holdout too (e.g. --holdout largest-N).")
+        early = held & (frame["run_fraction"].to_numpy(float) < options.score_after - 1e-9)
+        if early.all() or not (held & ~early).any():
+            raise TestbedError(f"--score-after {options.score_after} leaves no held-out checkpoint; give a smaller fraction.")
+        if early.any():
+            dropped[f"held-out checkpoints before {options.score_after:.0%} of their run (--score-after)"] = int(early.sum())
+        keep &= ~early
+    return frame[keep].reset_index(drop=True)
+
+
+def check_identifiable(law: Law, frame: pd.DataFrame) -> None:
+    """A term of the law needs two or more distinct values of its input among the fitted points."""
+    for name, term in law.terms.items():
+        if name not in frame.columns:
+            continue
+        values = pd.to_numeric(frame[name], errors="coerce").dropna().unique()
+        if len(values) < 2:
+            shown = f" ({values[0]:.4g})" if len(values) else ""
+            others = [c for c in ("N", "D", "C") if c != name and c in frame.columns]
+            alt = f"--law power --columns X={others[0]}" if others else "a law without it"
+            raise TestbedError(
+                f"the fitted points hold a single {name}{shown}, so the term {term} of --law {law.name} cannot be "
+                f"identified; add runs with other {name} values, or fit {alt}.")
+
+
+def clip_unique(law: Law, frame: pd.DataFrame, warnings: list[str]) -> pd.DataFrame:
+    """data_constrained: fewer tokens seen than unique tokens (D < U) means U cannot all have been
+    seen; U is clipped to D for those rows, with a warning."""
+    if "U" not in law.inputs or not {"U", "D"} <= set(frame.columns):
+        return frame
+    short = frame["D"].to_numpy(float) < frame["U"].to_numpy(float)
+    if short.any():
+        frame = frame.copy()
+        frame.loc[short, "U"] = frame.loc[short, "D"]
+        warnings.append(f"{int(short.sum())} rows have D < U (fewer tokens seen than unique tokens); U was clipped "
+                        f"to D for them. Check the U column (--columns U=COLUMN).")
+    return frame
+
+
+def variant_constraints(law: Law, frame: pd.DataFrame, variant: str, fix: dict) -> tuple[dict, str | None]:
+    """(fixed values, why the variant cannot be tried or None)."""
+    fixed = constraints_for(law, frame, variant, fix)
+    missing = [name for name in law.variant(variant).fixed if name not in fixed]
+    if missing:
+        return fixed, (f"no value for {', '.join(missing)}: pass --fix {missing[0]}=VALUE or use runs that "
+                       f"record data_entropy")
+    return fixed, None
+
+
+def select_variant(law: Law, frame: pd.DataFrame, options: FitOptions, axis: str = "C") -> tuple[str, dict]:
+    """Fit every variant the data allow on `frame` less its extreme runs along `axis` (the axis
+    of the outer holdout) and keep the one that predicts those best; simpler variants win ties
+    within PARSIMONY. Returns (variant, record for fit.json)."""
+    try:
+        inner = holdout_mod.inner_mask(frame, axis)
+    except TestbedError as err:
+        raise TestbedError(f"--variant auto cannot hold out {AXIS_WORDS[axis]} inside the training data ({err}); "
+                           f"pass --variant free or tied.") from None
     train, valid = frame[~inner], frame[inner]
-    errors = {}
+    errors: dict[str, dict] = {}
     for spec in law.variants:
+        fixed, why_not = variant_constraints(law, frame, spec.name, options.fix)
+        if why_not:
+            errors[spec.name] = {"skipped": why_not}
+            continue
         try:
-            fixed = constraints_for(law, frame, spec.name, options.fix)
             result = _fit_frame(law, train, options, spec.name, fixed)
         except TestbedError as err:
             errors[spec.name] = {"skipped": str(err)}
             continue
         predicted = result.predict(law_inputs(law, valid))
         rel = np.abs(predicted - valid["loss"].to_numpy()) / np.abs(valid["loss"].to_numpy())
-        errors[spec.name] = {"mean_abs_rel_error": float(rel.mean()), "objective": result.objective}
-    scored = {k: v["mean_abs_rel_error"] for k, v in errors.items() if "mean_abs_rel_error" in v}
+        errors[spec.name] = {"mean_abs_rel_error": float(rel.mean()), "objective": result.objective,
+                             "n_free": result.n_free, "fixed": result.fixed, "tied": result.tied}
+    scored = {k: v for k, v in errors.items() if "mean_abs_rel_error" in v}
     if not scored:
-        raise TestbedError("--variant auto could not fit any variant on the inner split; pass --variant free.")
-    return min(scored, key=scored.get), errors
+        reasons = "; ".join(f"{k}: {v['skipped']}" for k, v in errors.items())
+        raise TestbedError(f"--variant auto could not fit any variant on the inner split ({reasons}); "
+                           f"pass --variant free.")
+    best = min(scored, key=lambda k: scored[k]["mean_abs_rel_error"])
+    best_error = scored[best]["mean_abs_rel_error"]
+    close = [k for k, v in scored.items() if v["mean_abs_rel_error"] <= best_error * (1 + PARSIMONY) + 1e-12]
+    chosen = min(close, key=lambda k: (scored[k]["n_free"], scored[k]["mean_abs_rel_error"]))
+    others = ", ".join(f"{k} {v['mean_abs_rel_error']:.3%}" for k, v in scored.items() if k != chosen)
+    why = (f"lowest error on {AXIS_WORDS[axis]} held out inside the training data "
+           f"({scored[chosen]['mean_abs_rel_error']:.3%}; {others or 'no other variant'})")
+    if chosen != best:
+        why = (f"fewest free parameters among the variants within {PARSIMONY:.0%} of the lowest error on "
+               f"{AXIS_WORDS[axis]} held out inside the training data ({chosen} "
+               f"{scored[chosen]['mean_abs_rel_error']:.3%}; {others})")
+    record = {"chosen": chosen, "why": why, "validation": errors, "axis": axis,
+              "rule": f"{AXIS_WORDS[axis]} of the training data held out "
+                      f"({int(valid['run_id'].nunique())} of {int(frame['run_id'].nunique())} runs, {len(valid)} points)",
+              "inner_held_out_runs": sorted(map(str, valid["run_id"].unique()))}
+    return chosen, record
+
+
+def isoflop_shaped(frame: pd.DataFrame) -> bool:
+    """Three or more compute budgets, each with four or more points spread over model size."""
+    if not {"N", "C"} <= set(frame.columns) or len(frame) < 12:
+        return False
+    from testbed.fit.approaches import isoflop_groups
+
+    compute = frame["C"].to_numpy(float)
+    labels = isoflop_groups(compute)
+    good = 0
+    for label in np.unique(labels):
+        group = frame[labels == label]
+        log_c = np.log10(group["C"].to_numpy(float))
+        if len(group) >= 4 and np.ptp(np.log(group["N"].to_numpy(float))) >= 0.1 and np.ptp(log_c) <= 0.3:
+            good += 1
+    return good >= 3
 
 
 def curves_table(sweep_dir) -> pd.DataFrame:
@@ -77,6 +198,8 @@ def analyse(source, options: FitOptions) -> Analysis:
     law = get_law(options.law)
     needed, positive = needed_columns(law)
     extra = (options.by,) if options.by else ()
+    if options.allocation not in ("auto", "yes", "no"):
+        raise TestbedError(f"--allocation {options.allocation!r} is unknown; use auto, yes or no.")
     if law.name == "annealing" and not isinstance(source, pd.DataFrame) and Path(source).is_dir():
         source = curves_table(source)  # whole loss curves from metrics.jsonl, not checkpoints
     points = load_points(source, needed, positive, options.columns, options.points, options.skip_fraction)
@@ -88,13 +211,17 @@ def analyse(source, options: FitOptions) -> Analysis:
     if frame.empty:
         raise TestbedError(f"no point is left to fit after dropping rows ({points.dropped}); check --columns and filters.")
 
-    frame = frame.copy()
+    warnings = list(points.warnings)
+    dropped = dict(points.dropped)
+    frame = clip_unique(law, frame.copy(), warnings)
     frame["held_out"] = holdout_mod.holdout_mask(frame, options.holdout) if options.holdout else False
+    frame = apply_fractions(frame, options, dropped)
     train = frame[~frame["held_out"]]
+    check_identifiable(law, train)
 
     summary: dict = {"law": law.name, "formula": law.formula, "n_points": int(len(frame)),
-                     "n_runs": int(frame["run_id"].nunique()), "dropped": points.dropped,
-                     "warnings": list(points.warnings)}
+                     "n_runs": int(frame["run_id"].nunique()), "dropped": dropped,
+                     "run_column": points.run_column, "warnings": warnings}
     if options.by:
         from testbed.fit.comparison import compare_groups
 
@@ -102,20 +229,29 @@ def analyse(source, options: FitOptions) -> Analysis:
 
     variant = options.variant
     if variant == "auto":
-        variant, errors = select_variant(law, train, options)
-        summary["variant_selection"] = {"chosen": variant, "validation": errors,
-                                        "rule": "largest 10% of training runs held out inside the fit"}
-    fixed = constraints_for(law, train, variant, options.fix)
+        axis = holdout_mod.rule_axis(frame, options.holdout)
+        variant, record = select_variant(law, train, options, axis)
+        summary["variant_selection"] = record
+    fixed, why_not = variant_constraints(law, train, variant, options.fix)
+    if why_not and variant != "auto":
+        raise TestbedError(f"--variant {variant}: {why_not}.")
     began = time.perf_counter()
     result = _fit_frame(law, train, options, variant, fixed)
     summary.update({
         "variant": variant, "fixed": result.fixed, "tied": result.tied, "params": result.params,
         "objective": result.objective, "converged": result.converged, "message": result.message,
-        "at_bound": result.at_bound, "n_fit_points": result.n_points, "n_starts": result.n_starts,
-        "fit_seconds": round(time.perf_counter() - began, 3), "huber_delta": options.delta,
+        "at_bound": result.at_bound, "flat": result.flat, "n_fit_points": result.n_points,
+        "n_starts": result.n_starts, "fit_seconds": round(time.perf_counter() - began, 3),
+        "huber_delta": options.delta,
     })
+    if options.bounds:
+        summary["bounds"] = {k: list(v) for k, v in options.bounds.items()}
     if result.at_bound:
-        summary["warnings"].append(f"parameters ended at a bound: {', '.join(result.at_bound)}; widen the bounds or fix them.")
+        summary["warnings"].append(f"parameters ended at a bound: {', '.join(result.at_bound)}; widen the bounds "
+                                   f"(--bounds NAME=LOW:HIGH) or fix them (--fix).")
+    if result.flat:
+        summary["warnings"].append(f"the objective is flat in {', '.join(result.flat)}: the data do not determine "
+                                   f"them; fix them (--fix NAME=VALUE) or add points that vary them.")
     if not result.converged:
         summary["warnings"].append(f"the optimiser did not report convergence ({result.message}).")
 
@@ -125,7 +261,12 @@ def analyse(source, options: FitOptions) -> Analysis:
         summary["holdout_rule"] = options.holdout
 
     derived = None
-    if law.has_compute_frontier:
+    allocation = law.has_compute_frontier and (
+        options.allocation == "yes" or (options.allocation == "auto" and isoflop_shaped(train)))
+    if law.has_compute_frontier and not allocation and options.allocation == "auto":
+        summary["allocation_skipped"] = ("the data are not IsoFLOP-shaped (three or more compute budgets with "
+                                         "four or more model sizes each); pass --allocation yes to report it anyway")
+    if allocation:
         from testbed.fit.allocation import derived_quantities
 
         budgets = options.budgets or default_budgets(frame)
@@ -143,6 +284,8 @@ def analyse(source, options: FitOptions) -> Analysis:
                 if found is not None:
                     summary[name] = {k: v for k, v in found.items() if k != "minima"} | {
                         "minima": [{k: v for k, v in m.items() if k != "curve"} for m in found["minima"]]}
+    summary["allocation"] = bool(allocation)
+    samples = None
     if options.bootstrap:
         from testbed.fit.bootstrap import bootstrap
 
@@ -151,4 +294,19 @@ def analyse(source, options: FitOptions) -> Analysis:
         summary["intervals"] = {k: v.as_dict() for k, v in intervals.items()}
         summary["bootstrap"] = {"resamples": options.bootstrap, "failed": samples.attrs.get("failed", 0),
                                 "unit": "run_id", "level": 0.95}
+    if options.holdout:
+        from testbed.fit.bootstrap import PI_RESAMPLES, prediction_intervals, replicate_thetas
+
+        thetas = samples.attrs["thetas"] if samples is not None else replicate_thetas(
+            result, train, PI_RESAMPLES, delta=options.delta, seed=options.seed)
+        low, high = prediction_intervals(result, train, frame[frame["held_out"]], thetas, seed=options.seed)
+        for row, lo, hi in zip(summary["holdout"], low, high):
+            row["pi_low"], row["pi_high"] = float(lo), float(hi)
+            row["inside"] = bool(lo <= row["loss"] <= hi)
+        summary["prediction_interval"] = {
+            "level": 0.95, "resamples": int(len(thetas)),
+            "method": "refits on bootstrap resamples of whole training runs, plus a training residual drawn "
+                      "at random (fit space); percentile interval",
+            "coverage": float(np.mean([row["inside"] for row in summary["holdout"]])),
+        }
     return Analysis(law, options, frame, result, summary)

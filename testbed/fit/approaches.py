@@ -8,12 +8,23 @@ D_opt ∝ C^b with D = C / (6 N).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
 
+def _polyfit(x: np.ndarray, y: np.ndarray, degree: int) -> np.ndarray:
+    """np.polyfit without its RankWarning: callers check that x holds enough distinct values."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", np.exceptions.RankWarning)
+        return np.polyfit(x, y, degree)
+
+
 def _power_fit(compute: np.ndarray, values: np.ndarray) -> tuple[float, float]:
-    slope, intercept = np.polyfit(np.log(compute), np.log(values), 1)
+    if len(np.unique(compute)) < 2:
+        return float("nan"), float("nan")
+    slope, intercept = _polyfit(np.log(compute), np.log(values), 1)
     return float(slope), float(np.exp(intercept))
 
 
@@ -35,9 +46,9 @@ def approach2(frame: pd.DataFrame, min_points: int = 4) -> dict | None:
     for label in np.unique(labels):
         group = frame[labels == label]
         log_n = np.log(group["N"].to_numpy(float))
-        if len(group) < min_points or np.ptp(log_n) < 0.1:
+        if len(group) < min_points or np.ptp(log_n) < 0.1 or len(np.unique(log_n)) < 3:
             continue
-        c2, c1, c0 = np.polyfit(log_n, group["loss"].to_numpy(float), 2)
+        c2, c1, c0 = _polyfit(log_n, group["loss"].to_numpy(float), 2)
         if c2 <= 0:
             continue
         vertex = -c1 / (2 * c2)

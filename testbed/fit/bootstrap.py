@@ -16,16 +16,60 @@ import pandas as pd
 from testbed.fit.estimate import FitResult, fit_replicates
 from testbed.fit.laws import law_inputs
 
+PI_RESAMPLES = 100  # replicates for held-out prediction intervals when --bootstrap is not given
+
 
 @dataclass
 class Interval:
     estimate: float
     low: float
     high: float
-    se: float
+    se: float  # robust spread: half the central 68% range of the replicates (= SD if normal)
+    sd: float = float("nan")  # raw standard deviation of the replicates (wild ones dominate it)
 
     def as_dict(self) -> dict:
-        return {"estimate": self.estimate, "low": self.low, "high": self.high, "se": self.se}
+        return {"estimate": self.estimate, "low": self.low, "high": self.high, "se": self.se, "sd": self.sd}
+
+
+def run_weights(frame: pd.DataFrame, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(K, n) point weights: each run weighted by how often a resample of the runs drew it."""
+    run_index = pd.factorize(frame["run_id"])[0]
+    n_runs = run_index.max() + 1
+    counts = rng.multinomial(n_runs, np.full(n_runs, 1.0 / n_runs), size=n_resamples)
+    return counts[:, run_index].astype(float)
+
+
+def replicate_thetas(result: FitResult, frame: pd.DataFrame, n_resamples: int, *, delta: float = 1e-3,
+                     seed: int = 0) -> np.ndarray:
+    """Refits on `n_resamples` resamples of whole runs: (K, P), failed replicates dropped."""
+    weights = run_weights(frame, n_resamples, np.random.default_rng(seed))
+    law = result.law
+    thetas = fit_replicates(result, law_inputs(law, frame), frame["loss"].to_numpy(float), weights, delta=delta)
+    return thetas[np.all(np.isfinite(thetas), axis=1)]
+
+
+def prediction_intervals(result: FitResult, train: pd.DataFrame, held: pd.DataFrame, thetas: np.ndarray, *,
+                         level: float = 0.95, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile prediction intervals for the held-out rows: each replicate's prediction plus a
+    training residual drawn at random (both in the law's fit space: log-loss or loss)."""
+    law = result.law
+    if len(held) == 0:
+        return np.array([]), np.array([])
+    rng = np.random.default_rng(seed + 1)
+    x_held = law_inputs(law, held)
+    thetas = np.vstack([result.theta[None, :], thetas])
+    with np.errstate(over="ignore", invalid="ignore"):
+        predicted = law.predict(thetas, x_held)
+        fitted = law.predict(result.theta[None, :], law_inputs(law, train))[0]
+    observed = train["loss"].to_numpy(float)
+    residuals = (np.log(observed) if law.space == "log" else observed) - fitted
+    residuals = residuals[np.isfinite(residuals)]
+    draws = predicted + rng.choice(residuals, size=predicted.shape) if len(residuals) else predicted
+    if law.space == "log":
+        draws = np.exp(draws)
+    tail = 100 * (1 - level) / 2
+    low, high = np.nanpercentile(draws, [tail, 100 - tail], axis=0)
+    return low, high
 
 
 def resample_runs(frame: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
@@ -53,12 +97,8 @@ def bootstrap(
 ) -> tuple[dict[str, Interval], pd.DataFrame]:
     """Percentile intervals for every parameter (and derived quantity) of `result`."""
     law = result.law
-    rng = np.random.default_rng(seed)
-    run_index = pd.factorize(frame["run_id"])[0]
-    n_runs = run_index.max() + 1
     # Drawing runs with replacement = weighting each run by how often it was drawn.
-    counts = rng.multinomial(n_runs, np.full(n_runs, 1.0 / n_runs), size=n_resamples)
-    weights = counts[:, run_index].astype(float)
+    weights = run_weights(frame, n_resamples, np.random.default_rng(seed))
     thetas = fit_replicates(result, law_inputs(law, frame), frame["loss"].to_numpy(float), weights, delta=delta)
     samples = []
     for theta in thetas:
@@ -80,7 +120,9 @@ def bootstrap(
         if len(values) < 2:
             intervals[name] = Interval(estimate, float("nan"), float("nan"), float("nan"))
             continue
-        low, high = np.percentile(values, [tail, 100 - tail])
-        intervals[name] = Interval(float(estimate), float(low), float(high), float(values.std(ddof=1)))
+        low, high, p16, p84 = np.percentile(values, [tail, 100 - tail, 15.865, 84.135])
+        intervals[name] = Interval(float(estimate), float(low), float(high), float((p84 - p16) / 2),
+                                   float(values.std(ddof=1)))
     table.attrs["failed"] = n_resamples - len(samples)
+    table.attrs["thetas"] = thetas[np.all(np.isfinite(thetas), axis=1)]
     return intervals, table

@@ -41,6 +41,22 @@ def _budgets(text: str | None) -> list[float] | None:
         raise TestbedError(f"--budgets {text!r} is not a comma-separated list of numbers; write e.g. 1e18,1e20.")
 
 
+def _bounds(items: list[str] | None) -> dict[str, tuple[float, float]]:
+    from testbed.errors import TestbedError
+
+    out = {}
+    for item in items or []:
+        name, _, span = item.partition("=")
+        low, sep, high = span.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            out[name.strip()] = (float(low), float(high))
+        except ValueError:
+            raise TestbedError(f"--bounds {item!r} is not NAME=LOW:HIGH; write e.g. --bounds alpha=0.1:0.8.") from None
+    return out
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "fit", help="fit scaling laws to a sweep or table (or: fit collect SWEEP_DIR)",
@@ -53,14 +69,26 @@ def register(subparsers) -> None:
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import this module first, so the laws it registers can be named by --law (repeatable)")
     parser.add_argument("--columns", help="map table columns to the law's names, e.g. N=params,D=tokens,C=flops,loss=val_loss (D = C/(6N) when only C is given)")
-    parser.add_argument("--holdout", help="validate on held-out runs: largest (top 10%% by compute), largest:K, or a rule like 'N>1e8'")
+    parser.add_argument("--holdout", help="validate on held-out runs: largest (top 10%% by compute), largest:K, largest-N or largest-D "
+                        "(the runs of the largest model sizes / token counts), or a rule like 'N>1e8' ('run_fraction>0.8': late checkpoints)")
     parser.add_argument("--bootstrap", type=int, default=0, help="number of bootstrap resamples of whole runs for intervals (default 0: none)")
-    parser.add_argument("--variant", default="free", help="law variant: free, tied (alpha=beta), fixed_E (with --fix E=... or the data's entropy), or auto (chosen by extrapolation error on the largest training runs)")
+    parser.add_argument("--variant", default="free", help="law variant: free, tied (alpha=beta), fixed_E (with --fix E=... or the data's entropy), or auto (every variant the data allow, "
+                        "validated on the training runs that are largest along the --holdout axis; the lowest error wins, the simpler within 5%%)")
     parser.add_argument("--fix", action="append", metavar="NAME=VALUE", help="fix a parameter for a fixed_* variant, e.g. --fix E=1.69 (repeatable)")
     parser.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log-loss residuals (default 1e-3)")
-    parser.add_argument("--points", default="final", choices=["final", "all"], help="final: final and cooldown points only (default); all: also intermediate checkpoints")
-    parser.add_argument("--skip-fraction", type=float, default=0.1, help="with --points all: drop intermediate checkpoints in this first fraction of each run (default 0.1)")
-    parser.add_argument("--where", help="keep only rows matching a rule, e.g. 'C>=2.18e17' (dropped rows are counted in the report)")
+    parser.add_argument("--points", default="final", choices=["final", "all"], help="final: final and cooldown points, or the last point of each run of a table (default); all: also intermediate checkpoints")
+    parser.add_argument("--skip-fraction", type=float, default=0.1, help="with --points all: drop checkpoints in this first fraction of each run (default 0.1)")
+    parser.add_argument("--where", action="append", metavar="RULE",
+                        help="keep only rows matching a rule, e.g. 'C>=2.18e17', \"label_norm=='pre' or N<1e8\", 'label_lr in [1e-3, 3e-3]'; "
+                        "repeated rules combine with and (dropped rows are counted in the report)")
+    parser.add_argument("--train-until", type=float, metavar="FRACTION",
+                        help="fit only the training runs' checkpoints up to this fraction of their run (with --points all)")
+    parser.add_argument("--score-after", type=float, metavar="FRACTION",
+                        help="score only the held-out runs' checkpoints past this fraction of their run (with --points all)")
+    parser.add_argument("--bounds", action="append", metavar="NAME=LOW:HIGH",
+                        help="bound a parameter in its reported units, e.g. --bounds alpha=0.1:0.8 (repeatable)")
+    parser.add_argument("--allocation", default="auto", choices=["auto", "yes", "no"],
+                        help="compute-optimal allocation, Approaches 1-2 and IsoFLOP plots: auto (only for IsoFLOP-shaped data, default), yes, no")
     parser.add_argument("--budgets", help="compute budgets for allocations and multipliers, comma-separated (default: the largest compute, x10, x100)")
     parser.add_argument("--by", help="compare variants: fit per value of this column (e.g. label_norm_placement) and report compute multipliers")
     parser.add_argument("--baseline", help="with --by: the baseline value (default: the first in sort order)")
@@ -132,7 +160,8 @@ def _fit(args) -> int:
         law=args.law, columns=args.columns, holdout=args.holdout, bootstrap=args.bootstrap,
         variant=args.variant, fix=_fixes(args.fix), delta=args.delta, points=args.points,
         skip_fraction=args.skip_fraction, where=args.where, budgets=_budgets(args.budgets),
-        by=args.by, baseline=args.baseline, seed=args.seed,
+        by=args.by, baseline=args.baseline, seed=args.seed, train_until=args.train_until,
+        score_after=args.score_after, bounds=_bounds(args.bounds), allocation=args.allocation,
     )
     analysis = analyse(args.source, options)
     out_dir = Path(args.out or "fit_out")
@@ -148,6 +177,13 @@ def _fit(args) -> int:
     write_report(summary, plots, out_dir)
     params = ", ".join(f"{k}={v:.5g}" for k, v in summary["params"].items())
     print(f"{analysis.law.formula}")
+    if "variant_selection" in summary:
+        selection = summary["variant_selection"]
+        print(f"variant selection ({selection['rule']}):")
+        for name, entry in selection["validation"].items():
+            error = f"{entry['mean_abs_rel_error']:.4%}" if "mean_abs_rel_error" in entry else f"skipped: {entry['skipped']}"
+            print(f"  {name}: {error}")
+        print(f"  kept {selection['chosen']}: {selection['why']}")
     print(f"fitted ({summary.get('variant', 'free')}): {params}; objective {summary['objective']:.6e}")
     if "mean_abs_rel_error" in summary:
         print(f"held-out ({args.holdout}): mean absolute relative error {summary['mean_abs_rel_error']:.3%} "

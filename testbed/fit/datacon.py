@@ -58,6 +58,7 @@ DATA_CONSTRAINED = register(Law(
     predict=_predict,
     variants=(Variant("free"), Variant("tied", tied={"beta": "alpha"})),
     has_compute_frontier=False,
+    terms={"N": "A / N'^alpha", "D": "B / D'^beta"},
 ))
 
 

@@ -23,6 +23,9 @@ from testbed.errors import TestbedError
 from testbed.fit.laws import Law
 
 _CHUNK_ELEMENTS = 4_000_000  # starts x points x params per batch, to bound memory
+AT_BOUND_TOL = 1e-3  # a parameter within this fraction of its range from a bound is "at bound"
+FLAT_STEP = 0.05  # flatness probe: move a parameter by this fraction of its range...
+FLAT_RISE = 1e-6  # ...and call it flat when the objective rises by less than this, relatively
 
 
 def huber(r: np.ndarray, delta: float) -> np.ndarray:
@@ -45,6 +48,8 @@ class FitResult:
     tied: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     candidates: np.ndarray | None = None  # best distinct optima, reused as bootstrap starts
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)  # internal overrides
+    flat: list[str] = field(default_factory=list)  # parameters the objective barely depends on
 
     @property
     def params(self) -> dict[str, float]:
@@ -61,15 +66,18 @@ class FitResult:
 class _Problem:
     """The reduced (free-parameter) problem: maps free vectors to full ones and evaluates."""
 
-    def __init__(self, law: Law, x: dict, y: np.ndarray, delta: float, fixed: dict, tied: dict):
+    def __init__(self, law: Law, x: dict, y: np.ndarray, delta: float, fixed: dict, tied: dict,
+                 bounds: dict | None = None):
         self.law, self.x, self.delta = law, x, delta
+        bounds = bounds or {}
         self.target = np.log(y) if law.space == "log" else np.asarray(y, float)
         names = law.names
         self.fixed = {names.index(k): v for k, v in fixed.items()}
         self.tied = {names.index(k): names.index(v) for k, v in tied.items()}
         self.free = [i for i in range(len(names)) if i not in self.fixed and i not in self.tied]
-        self.lower = np.array([law.params[i].bounds[0] for i in self.free])
-        self.upper = np.array([law.params[i].bounds[1] for i in self.free])
+        limits = [bounds.get(law.params[i].name, law.params[i].bounds) for i in self.free]
+        self.lower = np.array([lo for lo, _ in limits], dtype=float)
+        self.upper = np.array([hi for _, hi in limits], dtype=float)
         # full = free @ mapping (+ fixed values): tied columns copy their source's column.
         self.mapping = np.zeros((len(self.free), len(names)))
         for j, i in enumerate(self.free):
@@ -206,6 +214,45 @@ def resolve_constraints(law: Law, variant: str, fixed: dict[str, float] | None):
     return internal, dict(spec.tied)
 
 
+def resolve_bounds(law: Law, bounds: dict[str, tuple[float, float]] | None) -> dict[str, tuple[float, float]]:
+    """Internal bounds from public ones (`--bounds alpha=0.1:0.6`, `--bounds A=1:1e4`)."""
+    out = {}
+    for public, (lo, hi) in (bounds or {}).items():
+        param = law.param(public)
+        if not lo < hi:
+            raise TestbedError(f"--bounds {public}={lo:g}:{hi:g} is empty; give LOW:HIGH with LOW < HIGH.")
+        if param.log and lo <= 0:
+            raise TestbedError(f"--bounds {public}={lo:g}:{hi:g}: {public} is positive (fitted in log space); "
+                               f"give a LOW above 0.")
+        out[param.name] = (param.to_internal(lo), param.to_internal(hi))
+    return out
+
+
+def flat_parameters(problem: _Problem, theta_free: np.ndarray, objective: float) -> list[str]:
+    """Parameters along which the objective is flat: the Gauss-Newton Hessian (Huber weights,
+    each parameter scaled by its bound range) has a direction where moving FLAT_STEP of the range
+    raises the objective by less than FLAT_RISE of itself; the parameters that make up such a
+    direction (a ridge such as A + E when alpha = 0) are reported."""
+    if not problem.free:
+        return []
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        jac = problem.jacobian(theta_free[None, :])[0]
+        r = problem.residuals(theta_free)[0]
+        weight = np.where(np.abs(r) > problem.delta, problem.delta / np.abs(r), 1.0)
+    jac = np.where(np.isfinite(jac), jac, 0.0) * (problem.upper - problem.lower)
+    weight = np.where(np.isfinite(weight), weight, 0.0)
+    hess = jac.T @ (jac * weight[:, None])
+    values, vectors = np.linalg.eigh(hess)
+    limit = 2 * FLAT_RISE * max(objective, 1e-12) / FLAT_STEP**2
+    flat: list[str] = []
+    for k in np.flatnonzero(values < limit):
+        for j in np.flatnonzero(np.abs(vectors[:, k]) > 0.3):
+            name = problem.law.params[problem.free[j]].public
+            if name not in flat:
+                flat.append(name)
+    return flat
+
+
 def fit(
     law: Law,
     x: dict,
@@ -215,6 +262,7 @@ def fit(
     variant: str = "free",
     fixed: dict[str, float] | None = None,
     starts: np.ndarray | None = None,
+    bounds: dict[str, tuple[float, float]] | None = None,
     screen_iterations: int = 12,
     refine_iterations: int = 60,
     n_polish: int = 6,
@@ -227,7 +275,8 @@ def fit(
     began = time.perf_counter()
     y = np.asarray(y, dtype=float)
     internal_fixed, tied = resolve_constraints(law, variant, fixed)
-    problem = _Problem(law, x, y, delta, internal_fixed, tied)
+    internal_bounds = resolve_bounds(law, bounds)
+    problem = _Problem(law, x, y, delta, internal_fixed, tied, internal_bounds)
     n_free = len(problem.free)
     if y.size <= n_free:
         raise TestbedError(
@@ -272,7 +321,7 @@ def fit(
         law.params[i].public
         for j, i in enumerate(problem.free)
         if min(theta_free[j] - problem.lower[j], problem.upper[j] - theta_free[j])
-        <= 1e-7 * (problem.upper[j] - problem.lower[j])
+        <= AT_BOUND_TOL * (problem.upper[j] - problem.lower[j])
     ]
     # L-BFGS-B stops on a relative-reduction test it cannot meet at this objective's scale
     # (ABNORMAL_TERMINATION) even at an optimum; a vanishing projected gradient is convergence.
@@ -294,6 +343,8 @@ def fit(
         tied={law.params[i].public: law.params[s].public for i, s in problem.tied.items()},
         seconds=time.perf_counter() - began,
         candidates=np.array([problem.full(t)[0] for _, t in polished]),
+        bounds=internal_bounds,
+        flat=flat_parameters(problem, theta_free, float(best.fun)),
     )
 
 
@@ -303,7 +354,7 @@ def fit_replicates(result: FitResult, x: dict, y: np.ndarray, weights: np.ndarra
     law = result.law
     internal_fixed = {law.param(k).name: law.param(k).to_internal(v) for k, v in result.fixed.items()}
     tied = {law.param(k).name: law.param(v).name for k, v in result.tied.items()}
-    problem = _Problem(law, x, np.asarray(y, float), delta, internal_fixed, tied)
+    problem = _Problem(law, x, np.asarray(y, float), delta, internal_fixed, tied, result.bounds)
     start = np.repeat(result.theta[None, problem.free], len(weights), axis=0)
     thetas, objs = _lm_batch(problem, start, iterations, weights=weights)
     full = problem.full(thetas)

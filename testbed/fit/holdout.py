@@ -1,22 +1,26 @@
 """Held-out validation: fit on the smaller runs, predict the larger ones.
 
 Rules: `largest` holds out the top 10% of runs by compute (at least one run), `largest:K`
-the K largest runs, and a column rule such as `N>1e8` the rows it matches. Whole runs are held
-out together, so a run's checkpoints never sit on both sides of the split.
+the K largest runs; `largest-N` / `largest-D` (optionally `:K`) the runs of the largest model
+sizes / token counts; and a row rule (testbed/fit/rules.py) such as `N>1e8` the rows it
+matches. Whole runs are held out together, so a run's checkpoints never sit on both sides of the
+split, except for rules on `run_fraction` or `step`, which hold out late checkpoints.
+
+Each rule has an axis (`N`, `D`, `C` or `late`): the direction the validation extrapolates in.
+`--variant auto` validates its candidates along the same axis inside the training data.
 """
 
 from __future__ import annotations
-
-import re
 
 import numpy as np
 import pandas as pd
 
 from testbed.errors import TestbedError
+from testbed.fit.rules import rule_columns
+from testbed.fit.rules import rule_mask as _rule_mask
 
-_RULE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(>=|<=|==|!=|>|<)\s*(\S+)\s*$")
-_OPS = {">": np.greater, "<": np.less, ">=": np.greater_equal, "<=": np.less_equal,
-        "==": np.equal, "!=": np.not_equal}
+ROW_COLUMNS = ("run_fraction", "step")  # rules on these hold out checkpoints, not whole runs
+_AXES = {"largest": "C", "largest-C": "C", "largest-N": "N", "largest-D": "D"}
 
 
 def run_compute(frame: pd.DataFrame) -> pd.Series:
@@ -32,50 +36,97 @@ def run_compute(frame: pd.DataFrame) -> pd.Series:
     return compute.groupby(frame["run_id"]).transform("max")
 
 
+def run_size(frame: pd.DataFrame, axis: str) -> pd.Series:
+    """Each run's size along `axis` (N, D or C), per row."""
+    if axis == "C":
+        return run_compute(frame)
+    if axis not in frame.columns:
+        raise TestbedError(f"--holdout largest-{axis} needs a column {axis}; map one with --columns {axis}=COLUMN.")
+    return pd.to_numeric(frame[axis], errors="coerce").groupby(frame["run_id"]).transform("max")
+
+
+def rule_axis(frame: pd.DataFrame, rule: str | None) -> str:
+    """The axis a holdout rule extrapolates along: N, D, C (compute) or late (checkpoints)."""
+    if not rule:
+        return "C"
+    head = rule.strip().split(":", 1)[0]
+    if head in _AXES:
+        return _AXES[head]
+    columns = rule_columns(frame, rule)
+    for column in columns:
+        if column in ROW_COLUMNS:
+            return "late"
+    for column in columns:
+        if column == "N" or column.startswith("N_"):
+            return "N"
+        if column in ("D", "U", "epochs"):
+            return "D"
+    return "C"
+
+
+def largest_runs(frame: pd.DataFrame, axis: str, count: int | None = None, rule: str = "largest") -> np.ndarray:
+    """Hold out the runs at the largest values along `axis`: whole levels of N or D (all runs of
+    the largest model size, say), about 10% of the runs, or the `count` largest runs."""
+    per_run = run_size(frame, axis).groupby(frame["run_id"]).max().sort_values(ascending=False)
+    if count is not None:
+        if count >= len(per_run):
+            raise TestbedError(f"--holdout {rule!r} would hold out all {len(per_run)} runs; hold out fewer.")
+        return frame["run_id"].isin(set(per_run.index[:count])).to_numpy()
+    target = max(1, int(round(0.1 * len(per_run))))
+    if axis == "C":
+        if target >= len(per_run):
+            raise TestbedError(f"--holdout {rule!r} would hold out all {len(per_run)} runs; hold out fewer.")
+        return frame["run_id"].isin(set(per_run.index[:target])).to_numpy()
+    levels = np.sort(per_run.unique())[::-1]
+    held_levels: list[float] = []
+    for level in levels:
+        held_levels.append(level)
+        if (per_run >= level).sum() >= target:
+            break
+    if len(held_levels) >= len(levels):
+        raise TestbedError(f"--holdout {rule!r} would hold out every run: all runs share one {axis}; "
+                           f"hold out along another axis (e.g. --holdout largest).")
+    held = per_run.index[per_run >= held_levels[-1]]
+    return frame["run_id"].isin(set(held)).to_numpy()
+
+
 def holdout_mask(frame: pd.DataFrame, rule: str) -> np.ndarray:
     """True for rows held out by `rule`."""
     rule = rule.strip()
-    if rule.startswith("largest"):
+    head, _, count_text = rule.partition(":")
+    if head in _AXES:
         count = None
-        if rule != "largest":
+        if count_text:
             try:
-                count = int(rule.split(":", 1)[1])
-            except (IndexError, ValueError):
-                raise TestbedError(f"--holdout {rule!r} is not largest or largest:K; write e.g. largest:2.")
-        per_run = run_compute(frame).groupby(frame["run_id"]).max().sort_values(ascending=False)
-        if count is None:
-            count = max(1, int(round(0.1 * len(per_run))))
-        if count >= len(per_run):
-            raise TestbedError(f"--holdout {rule!r} would hold out all {len(per_run)} runs; hold out fewer.")
-        held = set(per_run.index[:count])
-        return frame["run_id"].isin(held).to_numpy()
+                count = int(count_text)
+            except ValueError:
+                raise TestbedError(f"--holdout {rule!r} is not {head} or {head}:K; write e.g. {head}:2.") from None
+            if count < 1:
+                raise TestbedError(f"--holdout {rule!r}: K must be at least 1; write e.g. {head}:2.")
+        return largest_runs(frame, _AXES[head], count, rule)
     mask = rule_mask(frame, rule)
     if mask.all():
         raise TestbedError(f"--holdout {rule!r} holds out every point; choose a rule that leaves points to fit.")
     if not mask.any():
         raise TestbedError(f"--holdout {rule!r} matches no point; choose a rule that holds some out.")
+    if rule_axis(frame, rule) == "late":
+        return mask  # late checkpoints: the early ones of the same runs are fitted
     # Hold out whole runs: a run with any matching row goes entirely to the held-out side.
     held_runs = set(frame.loc[mask, "run_id"])
     return frame["run_id"].isin(held_runs).to_numpy()
 
 
+def inner_mask(frame: pd.DataFrame, axis: str) -> np.ndarray:
+    """The validation split inside the training data along `axis` (for --variant auto)."""
+    if axis == "late":
+        fraction = pd.to_numeric(frame["run_fraction"], errors="coerce")
+        return (fraction > fraction.quantile(0.8)).to_numpy()
+    return largest_runs(frame, axis, rule=f"largest-{axis}" if axis != "C" else "largest")
+
+
 def rule_mask(frame: pd.DataFrame, rule: str, option: str = "--holdout") -> np.ndarray:
-    """Rows matching a column rule such as `N>1e8` or `label_norm==peri`."""
-    match = _RULE.match(rule)
-    if not match:
-        raise TestbedError(f"{option} {rule!r} is not understood; write a rule like 'N>1e8'.")
-    column, op, value = match.groups()
-    if column not in frame.columns:
-        raise TestbedError(
-            f"{option} {rule!r} names column {column!r}, which the table lacks; "
-            f"use one of {', '.join(map(str, frame.columns))}."
-        )
-    try:
-        threshold = float(value)
-        values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float)
-    except ValueError:
-        threshold, values = value, frame[column].astype(str).to_numpy()
-    return np.asarray(_OPS[op](values, threshold), dtype=bool)
+    """Rows matching a rule such as `N>1e8` or `label_norm=='peri' and C>1e17`."""
+    return _rule_mask(frame, rule, option)
 
 
 def evaluate(predicted: np.ndarray, frame: pd.DataFrame) -> dict:

@@ -74,6 +74,8 @@ class Law:
     # frame -> predict's inputs, for laws whose inputs are not plain columns (e.g. LR areas)
     prepare: Callable | None = None
     positive: tuple[str, ...] | None = None  # columns that must be > 0 (default: inputs + loss)
+    # input -> the term that input identifies: the fit needs two or more distinct values of it
+    terms: dict[str, str] = field(default_factory=dict)
 
     @property
     def names(self) -> tuple[str, ...]:

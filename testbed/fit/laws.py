@@ -59,6 +59,7 @@ CHINCHILLA = Law(
     jacobian=_chinchilla_jacobian,
     variants=(Variant("free"), Variant("tied", tied={"beta": "alpha"}), Variant("fixed_E", fixed=("E",))),
     has_compute_frontier=True,
+    terms={"N": "A / N^alpha", "D": "B / D^beta"},
 )
 
 
@@ -98,6 +99,7 @@ KAPLAN = Law(
     predict=_kaplan_predict,
     jacobian=_kaplan_jacobian,
     has_compute_frontier=True,
+    terms={"N": "(N_c / N)^(alpha_N / alpha_D)", "D": "D_c / D"},
 )
 
 
@@ -131,6 +133,7 @@ POWER = Law(
     predict=_power_predict,
     jacobian=_power_jacobian,
     variants=(Variant("free"), Variant("fixed_E", fixed=("E",))),
+    terms={"X": "A / X^alpha"},
 )
 
 

@@ -22,7 +22,11 @@ class FitOptions:
     delta: float = 1e-3
     points: str = "final"
     skip_fraction: float = 0.1
-    where: str | None = None
+    where: str | list[str] | None = None  # row rules (testbed/fit/rules.py), combined with `and`
+    train_until: float | None = None  # fit only training checkpoints up to this fraction of their run
+    score_after: float | None = None  # score only held-out checkpoints past this fraction of their run
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)  # public name -> (low, high)
+    allocation: str = "auto"  # compute-optimal allocation and IsoFLOP analyses: auto, yes or no
     budgets: list[float] | None = None
     by: str | None = None
     baseline: str | None = None

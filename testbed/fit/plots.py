@@ -54,7 +54,7 @@ def write_plots(analysis, out_dir: Path) -> list[str]:
     ax.set(xlabel="compute C" if "C" in frame else "point", ylabel="relative residual", title="residuals")
     written.append(_save(fig, out_dir / "residuals.png", plt))
 
-    if law.has_compute_frontier and {"N", "D", "C"} <= set(frame.columns):
+    if law.has_compute_frontier and analysis.summary.get("allocation") and {"N", "D", "C"} <= set(frame.columns):
         written += _frontier_plots(analysis, out_dir, plt)
     if law.name == "annealing":
         written.append(_curves_plot(analysis, out_dir, plt))

@@ -61,7 +61,7 @@ def markdown(summary: dict, plots: list[str]) -> str:
     else:
         lines += [f"## Parameters (variant `{summary['variant']}`)", ""]
         intervals = summary.get("intervals", {})
-        lines += ["| parameter | estimate | 95% interval | bootstrap SE |", "|---|---|---|---|"]
+        lines += ["| parameter | estimate | 95% interval | robust SE (p84 − p16)/2 |", "|---|---|---|---|"]
         for name, value in summary["params"].items():
             iv = intervals.get(name)
             cell = f"[{_fmt(iv['low'])}, {_fmt(iv['high'])}] | {_fmt(iv['se'])}" if iv else "- | -"
@@ -70,22 +70,30 @@ def markdown(summary: dict, plots: list[str]) -> str:
         lines += ["", f"Objective (sum of Huber, delta={summary.get('huber_delta')}): {summary['objective']:.9e}; "
                   f"converged: {summary['converged']}; starts: {summary.get('n_starts')}; "
                   f"fit time {summary.get('fit_seconds')} s.",
-                  f"Parameters at a bound: {', '.join(summary['at_bound']) or 'none'}."]
+                  f"Parameters at a bound: {', '.join(summary['at_bound']) or 'none'}; "
+                  f"parameters the objective is flat in: {', '.join(summary.get('flat', [])) or 'none'}."]
         if "bootstrap" in summary:
             b = summary["bootstrap"]
             lines.append(f"Intervals: percentile bootstrap over {b['resamples']} resamples of whole runs ({b['failed']} failed).")
         if "variant_selection" in summary:
             sel = summary["variant_selection"]
-            lines += ["", f"## Variant selection ({sel['rule']})", "", "| variant | validation error |", "|---|---|"]
+            lines += ["", f"## Variant selection ({sel['rule']})", "",
+                      "| variant | mean absolute relative error | free parameters |", "|---|---|---|"]
             for name, entry in sel["validation"].items():
-                lines.append(f"| {name} | {_fmt(entry.get('mean_abs_rel_error', entry.get('skipped')))} |")
-            lines.append(f"\nChosen: `{sel['chosen']}`.")
+                if "mean_abs_rel_error" in entry:
+                    lines.append(f"| {name} | {entry['mean_abs_rel_error']:.4%} | {entry['n_free']} |")
+                else:
+                    lines.append(f"| {name} | skipped: {entry['skipped']} | - |")
+            lines.append(f"\nKept `{sel['chosen']}`: {sel['why']}.")
         if "derived" in summary:
             lines += ["", "## Compute-optimal allocation (C = 6 N D)", "", "| quantity | estimate | 95% interval |", "|---|---|---|"]
             for name, value in summary["derived"].items():
                 iv = intervals.get(name)
                 cell = f"[{_fmt(iv['low'])}, {_fmt(iv['high'])}]" if iv else "-"
                 lines.append(f"| {name} | {_fmt(value)} | {cell} |")
+        if "allocation_skipped" in summary:
+            lines += ["", f"Compute-optimal allocation not reported: {summary['allocation_skipped']}."]
+        if "derived" in summary:
             for key, title in (("approach1", "Approach 1 (lowest loss per compute bin)"),
                                ("approach2", "Approach 2 (IsoFLOP parabolas)")):
                 if key in summary:
@@ -93,10 +101,15 @@ def markdown(summary: dict, plots: list[str]) -> str:
                                  f"from {len(summary[key]['minima'])} budgets.")
     if "holdout" in summary:
         lines += ["", f"## Held-out points (`{summary.get('holdout_rule')}`)", "",
-                  "| run | loss | predicted | relative error |", "|---|---|---|---|"]
+                  "| run | loss | predicted | 95% prediction interval | relative error |", "|---|---|---|---|---|"]
         for row in summary["holdout"]:
-            lines.append(f"| {row.get('run_id')} | {_fmt(row['loss'])} | {_fmt(row['predicted'])} | {row['rel_error']:+.4%} |")
+            pi = f"[{_fmt(row['pi_low'])}, {_fmt(row['pi_high'])}]" if "pi_low" in row else "-"
+            lines.append(f"| {row.get('run_id')} | {_fmt(row['loss'])} | {_fmt(row['predicted'])} | {pi} | {row['rel_error']:+.4%} |")
         lines.append(f"\nMean absolute relative error: {summary['mean_abs_rel_error']:.4%}.")
+        if "prediction_interval" in summary:
+            pi = summary["prediction_interval"]
+            lines.append(f"Prediction intervals: {pi['method']}, {pi['resamples']} resamples; "
+                         f"{pi['coverage']:.0%} of the held-out points lie inside.")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"

@@ -20,6 +20,10 @@ class Points:
     frame: pd.DataFrame  # clean rows, canonical column names
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> number of rows
     warnings: list[str] = field(default_factory=list)
+    run_column: str | None = None  # the table column that named the runs (None: one run per row)
+
+
+RUN_COLUMNS = ("run_id", "run", "model", "name")  # detected in this order on outside tables
 
 
 def parse_columns(spec: str | None) -> dict[str, str]:
@@ -107,9 +111,33 @@ def apply_columns(frame: pd.DataFrame, mapping: dict[str, str]) -> pd.DataFrame:
         frame["D"] = pd.to_numeric(frame["C"], errors="coerce") / (6.0 * pd.to_numeric(frame["N"], errors="coerce"))
     if "C" not in has and {"N", "D"} <= has:
         frame["C"] = 6.0 * pd.to_numeric(frame["N"], errors="coerce") * pd.to_numeric(frame["D"], errors="coerce")
-    if "run_id" not in frame.columns:
+    run_column = next((c for c in RUN_COLUMNS if c in frame.columns), None)
+    if run_column is None:
         frame["run_id"] = [f"row{i}" for i in range(len(frame))]  # each row is its own run
+    else:
+        frame["run_id"] = frame[run_column]
     frame["run_id"] = frame["run_id"].astype(str)
+    frame.attrs["run_column"] = mapping.get("run_id", run_column)
+    return frame
+
+
+def add_run_fraction(frame: pd.DataFrame) -> pd.DataFrame:
+    """`run_fraction`: how far into its run each point is (tokens over the run's planned or
+    largest tokens; else steps, else X), so rules can select early or late checkpoints."""
+    if "run_fraction" in frame.columns or frame.empty:
+        return frame
+    for column in ("D", "step", "X"):
+        if column in frame.columns:
+            position = pd.to_numeric(frame[column], errors="coerce")
+            break
+    else:
+        return frame
+    total = position.groupby(frame["run_id"]).transform("max")
+    if column == "D" and "planned_tokens" in frame.columns:
+        planned = pd.to_numeric(frame["planned_tokens"], errors="coerce")
+        total = planned.where(planned > 0, total)
+    frame = frame.copy()
+    frame["run_fraction"] = (position / total).astype(float)
     return frame
 
 
@@ -151,12 +179,12 @@ def select_points(points: Points, which: str = "final", skip_fraction: float = 0
     decayed), while WSD cooldown branches are; mixing them is allowed but always reported.
     """
     frame, dropped, warnings = points.frame, dict(points.dropped), list(points.warnings)
-    if "point_kind" not in frame.columns:
-        return points
     if which not in ("final", "all"):
         raise TestbedError(f"--points {which!r} is unknown; use final or all.")
     if not 0.0 <= skip_fraction < 1.0:
         raise TestbedError(f"--skip-fraction {skip_fraction} is outside [0, 1); give e.g. 0.1.")
+    if "point_kind" not in frame.columns:
+        return _select_outside(points, which, skip_fraction)
     is_final = frame["point_kind"].isin(["final", "cooldown"])
     if which == "final":
         if (~is_final).any():
@@ -177,7 +205,29 @@ def select_points(points: Points, which: str = "final", skip_fraction: float = 0
                 f"checkpoints (phases: {phases}); intermediate points of decaying schedules "
                 f"({decaying} here) are not final losses of shorter runs and bias the data exponent."
             )
-    return Points(frame.reset_index(drop=True), dropped, warnings)
+    return Points(frame.reset_index(drop=True), dropped, warnings, points.run_column)
+
+
+def _select_outside(points: Points, which: str, skip_fraction: float) -> Points:
+    """An outside table (no point_kind): `final` keeps the last point of each run, `all` drops
+    the points in the first `skip_fraction` of each run. Rows are their own runs without a run
+    column, and then nothing is dropped."""
+    frame, dropped = points.frame, dict(points.dropped)
+    if frame.empty or "run_fraction" not in frame.columns or frame["run_id"].is_unique:
+        return points
+    fraction = frame["run_fraction"]
+    if which == "final":
+        last = fraction >= fraction.groupby(frame["run_id"]).transform("max")
+        last &= ~frame.duplicated(["run_id", "run_fraction"], keep="last")
+        if (~last).any():
+            dropped["earlier checkpoints of each run (use --points all to include)"] = int((~last).sum())
+        frame = frame[last]
+    else:
+        early = fraction < skip_fraction
+        if early.any():
+            dropped[f"checkpoints in the first {skip_fraction:.0%} of their run (--skip-fraction)"] = int(early.sum())
+        frame = frame[~early]
+    return Points(frame.reset_index(drop=True), dropped, points.warnings, points.run_column)
 
 
 def load_points(
@@ -191,5 +241,7 @@ def load_points(
     frame = source if isinstance(source, pd.DataFrame) else read_source(source)
     mapping = parse_columns(columns) if isinstance(columns, (str, type(None))) else dict(columns)
     frame = apply_columns(frame, mapping)
+    run_column = frame.attrs.get("run_column")
     points = clean(frame, needed, positive)
+    points = Points(add_run_fraction(points.frame), points.dropped, points.warnings, run_column)
     return select_points(points, which, skip_fraction)

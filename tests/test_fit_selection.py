@@ -1,0 +1,71 @@
+"""--variant auto validates along the outer holdout's axis and records every variant's error."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from testbed.cli import main
+from testbed.fit.analysis import FitOptions, analyse
+from testbed.fit.holdout import holdout_mask, rule_axis
+
+SIZES = [2e7, 5e7, 1e8, 2e8, 5e8, 1e9]
+
+
+def ladder(alpha: float, beta: float, seed: int = 0, noise: float = 0.001) -> pd.DataFrame:
+    """An over-training ladder: every size trained for 5 to 160 tokens per parameter, so the
+    runs with the most compute are not the largest models."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in SIZES:
+        for ratio in (5, 10, 20, 40, 80, 160):
+            d = ratio * n
+            loss = (1.8 + 400 / n**alpha + 1500 / d**beta) * np.exp(noise * rng.standard_normal())
+            rows.append({"run_id": f"n{n:.0e}r{ratio}", "N": n, "D": d, "loss": loss})
+    return pd.DataFrame(rows)
+
+
+def test_holdout_axis_follows_the_rule():
+    frame = ladder(0.34, 0.34)
+    assert rule_axis(frame, "largest") == "C"
+    assert rule_axis(frame, "largest-N") == "N"
+    assert rule_axis(frame, "N>=1e9") == "N"
+    assert rule_axis(frame, "D>1e11") == "D"
+    held = holdout_mask(frame, "largest-N")
+    assert set(frame.loc[held, "N"]) == {1e9} and held.sum() == 6
+
+
+def test_auto_picks_tied_when_the_true_exponents_are_tied():
+    analysis = analyse(ladder(0.34, 0.34), FitOptions(variant="auto", holdout="largest-N", allocation="no"))
+    selection = analysis.summary["variant_selection"]
+    assert selection["axis"] == "N"
+    # The inner check holds out the largest model size left in training, not the longest runs.
+    assert all(run.startswith("n5e+08") for run in selection["inner_held_out_runs"])
+    assert selection["chosen"] == "tied" and analysis.summary["variant"] == "tied"
+    assert {"free", "tied"} <= {k for k, v in selection["validation"].items() if "mean_abs_rel_error" in v}
+    assert "skipped" in selection["validation"]["fixed_E"]  # no E known: said, not silently left out
+    assert "lowest error" in selection["why"] or "fewest free parameters" in selection["why"]
+
+
+def test_auto_does_not_tie_untied_exponents_and_tries_fixed_e_with_the_entropy():
+    frame = ladder(0.34, 0.28).assign(data_entropy=1.8)
+    analysis = analyse(frame, FitOptions(variant="auto", holdout="N>=1e9", allocation="no"))
+    selection = analysis.summary["variant_selection"]
+    assert selection["chosen"] != "tied"
+    validation = selection["validation"]
+    assert validation["tied"]["mean_abs_rel_error"] > validation["free"]["mean_abs_rel_error"]
+    assert validation["fixed_E"]["fixed"] == {"E": pytest.approx(1.8)}
+
+
+def test_cli_prints_and_records_each_variant(tmp_path, capsys):
+    table = tmp_path / "ladder.csv"
+    ladder(0.34, 0.34).to_csv(table, index=False)
+    out = tmp_path / "fit"
+    assert main(["fit", str(table), "--variant", "auto", "--holdout", "largest-N", "--no-plots", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "variant selection" in printed and "kept tied" in printed and "free:" in printed
+    saved = json.loads((out / "fit.json").read_text())
+    assert saved["variant_selection"]["chosen"] == "tied"
+    report = (out / "report.md").read_text()
+    assert "Variant selection" in report and "Kept `tied`" in report
