@@ -41,6 +41,11 @@ def presets_dir() -> Path:
 @dataclass
 class ModelConfig:
     preset: str | None = None  # a rung of the ladder in testbed/presets/models/
+    # The depth dial: n_layers = depth, d_model = depth_aspect x depth, n_heads = d_model /
+    # depth_head_dim (see DEPTH_RULE); None leaves d_model, n_layers and n_heads as given.
+    depth: int | None = None
+    depth_aspect: int = 32  # d_model per layer under the depth dial
+    depth_head_dim: int = 32  # head width under the depth dial
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -99,9 +104,10 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    tokens: int | None = None  # total training tokens D (one of tokens / steps / tokens_per_param)
+    tokens: int | None = None  # total training tokens D (one of tokens / steps / tokens_per_param / flops)
     steps: int | None = None
     tokens_per_param: float | None = None  # D = ratio x N (total parameters)
+    flops: float | None = None  # compute budget C: steps = round(C / (flops_per_token x batch))
     global_batch_tokens: int = 16384  # tokens per optimizer step, across all processes
     micro_batch_size: int | None = None  # sequences per forward pass per process; None: all on a CPU, the largest that fits on CUDA
     seed: int = 0  # model initialisation and dropout
@@ -243,11 +249,11 @@ def load_config(source: str | Path | dict[str, Any] | None = None,
     if source is None:
         tree: dict[str, Any] = {}
     elif isinstance(source, dict):
-        tree = merge({}, source)
+        tree = copy.deepcopy(source)  # overrides write into nested sections: never the caller's
     else:
         tree = read_yaml(source)
     pairs: list[Any] = list(overrides.items()) if isinstance(overrides, dict) else list(overrides or [])
-    duration = ("train.tokens", "train.steps", "train.tokens_per_param")
+    duration = tuple(f"train.{k}" for k in DURATION_KEYS)
     given: set[str] = set()
     for item in pairs:
         key, value = item if isinstance(item, tuple) else parse_override(item)
@@ -260,6 +266,45 @@ def load_config(source: str | Path | dict[str, Any] | None = None,
         given.add(key)
         set_dotted(tree, key, value)
     return from_dict(tree)
+
+
+DURATION_KEYS = ("tokens", "steps", "tokens_per_param", "flops")
+SHAPE_KEYS = ("d_model", "n_layers", "n_heads")
+
+
+def depth_shape(depth: int, aspect: int, head_dim: int) -> dict[str, int]:
+    """The depth dial's rule: d_model = aspect x depth, n_heads = d_model / head_dim."""
+    d_model = aspect * depth
+    return {"d_model": d_model, "n_layers": depth, "n_heads": max(1, d_model // head_dim)}
+
+
+def apply_depth(model: dict[str, Any]) -> dict[str, Any]:
+    """Fill d_model, n_layers and n_heads from model.depth. A shape key given beside it must
+    agree with the rule (a saved config holds both), and a preset, which fixes the shape, cannot
+    be combined with it."""
+    depth = model.get("depth")
+    if depth is None:
+        return model
+    defaults = ModelConfig()
+    depth = coerce(int, depth, "model.depth")
+    aspect = coerce(int, model.get("depth_aspect", defaults.depth_aspect), "model.depth_aspect")
+    head_dim = coerce(int, model.get("depth_head_dim", defaults.depth_head_dim), "model.depth_head_dim")
+    for key, value in (("model.depth", depth), ("model.depth_aspect", aspect),
+                       ("model.depth_head_dim", head_dim)):
+        _positive(key, value)
+    require(model.get("preset") is None,
+            f"model.depth={depth} and model.preset={model.get('preset')!r} both set; the depth dial "
+            f"derives the shape itself, so drop one of them")
+    require((aspect * depth) % head_dim == 0,
+            f"model.depth={depth}: d_model = model.depth_aspect={aspect} x depth = {aspect * depth} "
+            f"is not a multiple of model.depth_head_dim={head_dim}; make depth_aspect a multiple "
+            f"of depth_head_dim")
+    shape = depth_shape(depth, aspect, head_dim)
+    for key in SHAPE_KEYS:
+        if key in model and model[key] is not None and coerce(int, model[key], f"model.{key}") != shape[key]:
+            raise ConfigError(f"model.{key}={model[key]!r} disagrees with model.depth={depth}, which "
+                              f"sets {key}={shape[key]}; drop model.{key} (the depth dial derives it)")
+    return {**model, **shape}
 
 
 def import_plugins(modules: list[str] | Any) -> None:
@@ -281,7 +326,9 @@ def from_dict(tree: dict[str, Any]) -> Config:
     tree = merge({}, tree)
     import_plugins(tree.get("imports") or [])
     model = tree.get("model")
-    if isinstance(model, dict) and model.get("preset"):
+    if isinstance(model, dict) and model.get("depth") is not None:
+        tree["model"] = apply_depth(model)
+    elif isinstance(model, dict) and model.get("preset"):
         tree["model"] = merge(model_preset(model["preset"]), model)
     config = build_dataclass(Config, tree, "")
     validate(config)
@@ -425,13 +472,15 @@ def validate(c: Config) -> None:
                        ("model.n_heads", m.n_heads), ("model.max_seq_len", m.max_seq_len),
                        ("model.ffn_ratio", m.ffn_ratio), ("model.ffn_multiple_of", m.ffn_multiple_of),
                        ("model.norm_eps", m.norm_eps), ("model.rope_theta", m.rope_theta),
-                       ("model.init_std", m.init_std),
+                       ("model.init_std", m.init_std), ("model.depth_aspect", m.depth_aspect),
+                       ("model.depth_head_dim", m.depth_head_dim),
                        ("data.seq_len", d.seq_len), ("train.global_batch_tokens", t.global_batch_tokens),
                        ("data.val_sequences", d.val_sequences), ("train.eval_every", t.eval_every),
                        ("train.log_every", t.log_every), ("optim.lr", o.lr), ("optim.eps", o.eps)):
         _positive(key, value)
     optional: tuple[tuple[str, float | None], ...] = (
                        ("model.n_kv_heads", m.n_kv_heads), ("model.vocab_size", m.vocab_size),
+                       ("model.depth", m.depth),
                        ("data.unique_tokens", d.unique_tokens), ("train.micro_batch_size", t.micro_batch_size),
                        ("train.divergence_nats", t.divergence_nats), ("checkpoint.every", c.checkpoint.every),
                        ("checkpoint.rolling_every", c.checkpoint.rolling_every))
@@ -458,9 +507,9 @@ def validate(c: Config) -> None:
     check_choice("train.precision", t.precision, CHOICES["train.precision"])
     check_choice("train.parallel", t.parallel, ("ddp", "fsdp"))
     check_choice("logging.wandb_mode", c.logging.wandb_mode, CHOICES["logging.wandb_mode"])
-    given = [k for k in ("tokens", "steps", "tokens_per_param") if getattr(t, k) is not None]
+    given = [k for k in DURATION_KEYS if getattr(t, k) is not None]
     require(len(given) <= 1, f"train.{given[0]} and train.{given[1]} both set; give only one "
-            f"of train.tokens, train.steps, train.tokens_per_param" if len(given) > 1 else "")
+            f"of train.tokens, train.steps, train.tokens_per_param, train.flops" if len(given) > 1 else "")
     for key in given:
         require(getattr(t, key) > 0, f"train.{key}={getattr(t, key)!r} must be positive")
     require(t.global_batch_tokens % d.seq_len == 0,

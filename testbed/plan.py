@@ -45,8 +45,23 @@ def resolved_model(config: Config) -> ModelConfig:
     return m
 
 
-def planned_tokens(config: Config, n_params: int) -> int:
+def budget_steps(flops: float, flops_per_token: int, global_batch_tokens: int) -> int:
+    """Whole steps for a compute budget C: the nearest whole number of steps to
+    C / (flops_per_token x global_batch_tokens), halves rounded up, at least one. The run's
+    planned FLOPs are then within half a step's FLOPs of C (exact rational arithmetic, so a
+    budget of exactly k steps gives k)."""
+    from fractions import Fraction
+
+    ratio = Fraction(flops) / (flops_per_token * global_batch_tokens)
+    return max(1, math.floor(ratio + Fraction(1, 2)))
+
+
+def planned_tokens(config: Config, n_params: int, flops_per_token: int | None = None) -> int:
     t = config.train
+    if t.flops is not None:
+        if flops_per_token is None:
+            raise ConfigError("train.flops needs the run's FLOPs per token; use describe(config)")
+        return budget_steps(t.flops, flops_per_token, t.global_batch_tokens) * t.global_batch_tokens
     if t.tokens is not None:
         tokens = t.tokens
     elif t.steps is not None:
@@ -54,8 +69,8 @@ def planned_tokens(config: Config, n_params: int) -> int:
     elif t.tokens_per_param is not None:
         tokens = int(t.tokens_per_param * n_params)
     else:
-        raise ConfigError("the run has no length; set one of train.tokens, train.steps or "
-                          "train.tokens_per_param (e.g. train.tokens_per_param=20)")
+        raise ConfigError("the run has no length; set one of train.tokens, train.steps, "
+                          "train.tokens_per_param or train.flops (e.g. train.tokens_per_param=20)")
     return tokens
 
 
@@ -100,10 +115,10 @@ def describe(config: Config) -> dict:
     counts = count_params(model)
     seq_len = config.data.seq_len
     gbt = config.train.global_batch_tokens
-    steps = max(1, math.ceil(planned_tokens(config, counts.total) / gbt))
+    fpt = flops_per_token(model, seq_len)
+    steps = max(1, math.ceil(planned_tokens(config, counts.total, fpt) / gbt))
     tokens = steps * gbt  # whole steps: the run trains exactly this many tokens
     run_schedule(config, steps)
-    fpt = flops_per_token(model, seq_len)
     unique = config.data.unique_tokens
     return {
         "n_params": counts.total,

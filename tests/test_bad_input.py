@@ -52,6 +52,9 @@ FIELDS = {
     "model.norm_eps": (number_at_most(0), {}),
     "model.rope_theta": (number_at_most(0), {}),
     "model.init_std": (number_at_most(0), {}),
+    "model.depth": (whole_below(1), {}),
+    "model.depth_aspect": (whole_below(1), {}),
+    "model.depth_head_dim": (whole_below(1), {}),
     "model.dropout": (st.floats(max_value=0, exclude_max=True, min_value=-1e6, allow_nan=False)
                       | st.floats(min_value=1, max_value=1e6) | NON_FINITE, {}),
     "data.seq_len": (whole_below(1), {}),
@@ -65,6 +68,7 @@ FIELDS = {
     "train.tokens": (whole_below(1), {}),
     "train.steps": (whole_below(1), {}),
     "train.tokens_per_param": (number_at_most(0), {}),
+    "train.flops": (number_at_most(0), {}),
     "train.global_batch_tokens": (whole_below(1), {}),
     "train.micro_batch_size": (whole_below(1), {}),
     "train.seed": (whole_below(0) | st.integers(min_value=2**32, max_value=2**62), {}),

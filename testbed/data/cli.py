@@ -56,11 +56,16 @@ def register(subparsers) -> None:
 
     tok = sub.add_parser("train-tokenizer", help="train BPE tokenizers at several sizes from one sample",
                          description="Train byte-level BPE tokenizers, one per --vocab-size, from one "
-                                     "cached sample of the training split.")
+                                     "cached sample of the training split: the largest is trained "
+                                     "and each smaller one keeps its first merges (--per-size: "
+                                     "train each on its own).")
     _add_source_options(tok)
     tok.add_argument("--vocab-size", type=int, nargs="+", required=True, help="one or more vocabulary sizes")
     _add_sample_options(tok)
     tok.add_argument("--save", default=None, help="also save each tokenizer to SAVE/vocab-<size>/")
+    tok.add_argument("--per-size", action="store_true",
+                     help="train every size on its own instead of training the largest once and "
+                          "keeping its first merges for each smaller size (the default, a nested family)")
     tok.set_defaults(func=_train_tokenizer)
 
     info = sub.add_parser("info", help="summarise and verify a prepared folder",
@@ -138,7 +143,8 @@ def _train_tokenizer(args) -> int:
     try:
         sample_bytes = DEFAULT_SAMPLE_BYTES if args.sample_bytes is None else args.sample_bytes
         toks = train_tokenizers(source, args.vocab_size, sample_bytes=sample_bytes,
-                                seed=args.seed, cache_dir=args.cache_dir, **_split_kwargs(args))
+                                seed=args.seed, cache_dir=args.cache_dir, nested=not args.per_size,
+                                **_split_kwargs(args))
     finally:
         source.close()
     for size, tok in toks.items():

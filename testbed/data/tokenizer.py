@@ -206,6 +206,46 @@ def train_bpe(sample: Sample, vocab_size: int, cache_dir: str | os.PathLike | No
     return TextTokenizer(backend, backend.token_to_id(EOS_TOKEN), describe)
 
 
+def _merge_pair(merge) -> tuple[str, str]:
+    # tokenizers writes a merge as ["a", "b"]; versions before 0.20 wrote "a b".
+    left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+    return left, right
+
+
+def truncate_bpe(tokenizer: TextTokenizer, vocab_size: int) -> TextTokenizer:
+    """The `vocab_size`-token BPE nested in a larger trained one: its special tokens and byte
+    alphabet plus its first `vocab_size - base` merges, where base = vocabulary - merges (EOS and
+    the 256 bytes). A BPE trainer gives each merge's result the next id, so the kept tokens are
+    exactly the ids below `vocab_size`; that is checked, and a tokenizer where it fails (not one
+    this module trained) is refused rather than cut at the wrong place."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer.backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise TestbedError(f"only a BPE tokenizer can be truncated, not a {model.get('type')!r} one")
+    vocab: dict[str, int] = model["vocab"]
+    merges = model["merges"]
+    base = len(vocab) - len(merges)
+    if not base <= vocab_size <= len(vocab):
+        raise TestbedError(f"vocab_size={vocab_size} cannot be cut from a {len(vocab)}-token BPE; "
+                           f"choose a size in [{base}, {len(vocab)}]")
+    kept = merges[:vocab_size - base]
+    results = {vocab.get("".join(_merge_pair(m))) for m in kept}
+    if results != set(range(base, vocab_size)) or len(set(vocab.values())) != len(vocab) \
+            or set(vocab.values()) != set(range(len(vocab))):
+        raise TestbedError(f"the tokenizer's merges do not add ids {base}..{vocab_size - 1} in order, "
+                           f"so its first merges are not a {vocab_size}-token tokenizer; train one "
+                           f"of that size instead")
+    model["vocab"] = {token: idx for token, idx in vocab.items() if idx < vocab_size}
+    model["merges"] = kept
+    spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if t["id"] < vocab_size]
+    backend = Tokenizer.from_str(json.dumps(spec, ensure_ascii=False))
+    eos = backend.token_to_id(EOS_TOKEN)
+    describe = {**tokenizer.describe_, "truncated_from": tokenizer.vocab_size}
+    return TextTokenizer(backend, tokenizer.eos_id if eos is None else eos, describe)
+
+
 def train_tokenizers(
     source: Source,
     vocab_sizes: Iterable[int],
@@ -214,10 +254,22 @@ def train_tokenizers(
     val_fraction: float = DEFAULT_VAL_FRACTION,
     min_val_docs: int = DEFAULT_MIN_VAL_DOCS,
     cache_dir: str | os.PathLike | None = None,
+    nested: bool = True,
 ) -> dict[int, TextTokenizer]:
-    """One BPE tokenizer per vocabulary size, all trained from a single sample of the source."""
+    """BPE tokenizers at several vocabulary sizes from a single sample of the source.
+
+    nested (the default): BPE is trained once, at the largest size, and every smaller size keeps
+    its first merges (`truncate_bpe`), so the family is nested: each size's tokens and merges are
+    a prefix of every larger one's. nested=False trains each size on its own."""
+    sizes = sorted(set(vocab_sizes))
     sample = draw_sample(source, sample_bytes, seed, val_fraction, min_val_docs, cache_dir)
-    return {v: train_bpe(sample, v, cache_dir) for v in sorted(set(vocab_sizes))}
+    if not nested:
+        return {v: train_bpe(sample, v, cache_dir) for v in sizes}
+    for v in sizes:
+        if v < MIN_BPE_VOCAB:
+            train_bpe(sample, v, cache_dir)  # raises the size error before any training
+    largest = train_bpe(sample, sizes[-1], cache_dir)
+    return {v: largest if v == sizes[-1] else truncate_bpe(largest, v) for v in sizes}
 
 
 def load_pretrained(name_or_path: str) -> TextTokenizer:

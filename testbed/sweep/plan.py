@@ -106,7 +106,8 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def render_plan(report: dict[str, Any]) -> str:
-    rows = [[r["run_id"], " ".join(f"{k}={v}" for k, v in r["labels"].items()),
+    rows = [[r["run_id"], " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in r["labels"].items()),
              human(r["n_params"]), human(r["tokens"]), str(r["steps"]), human(r["flops"]),
              f"{r['epochs']:.2f}", duration(r["seconds"])] for r in report["runs"]]
     t = report["totals"]

@@ -232,6 +232,12 @@ def hash_config(config: Config) -> str:
     for cosmetic in ("name", "labels", "logging"):
         tree.pop(cosmetic, None)
     tree["model"].pop("preset", None)  # its values are already filled in
+    # Keys added after sweeps were first registered are left out while unused, so existing runs
+    # keep their ids: the depth dial (its shape is already filled in) and an unset budget.
+    for key in ("depth", "depth_aspect", "depth_head_dim"):
+        tree["model"].pop(key, None)
+    if tree["train"].get("flops") is None:
+        tree["train"].pop("flops", None)
     canonical = json.dumps(tree, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:HASH_CHARS]
 

@@ -1,0 +1,111 @@
+"""IsoFLOP runs: a compute budget (train.flops) as a run length, the depth dial, and the example
+IsoFLOP sweep, checked against FLOPs computed here independently of testbed's counting code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from testbed.config import from_dict, load_config, saved_config
+from testbed.errors import ConfigError
+from testbed.plan import describe
+from testbed.sweep.spec import load_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"model": {"max_seq_len": 16}, "data": {"seq_len": 16, "synthetic": {"vocab_size": 32}},
+        "train": {"global_batch_tokens": 1024}}
+
+
+def by_hand_flops_per_token(d: int, layers: int, vocab: int, seq_len: int) -> int:
+    """PaLM's count for the built-in model (untied SwiGLU, full multi-head attention), written
+    out here rather than taken from testbed.model.counting."""
+    d_ff = 32 * -(-round(8 / 3 * d) // 32)
+    per_layer = 4 * d * d + 3 * d * d_ff  # q, k, v, o and the three SwiGLU matrices
+    return 6 * (layers * per_layer + vocab * d) + 12 * layers * seq_len * d
+
+
+def by_hand_steps(budget: int, fpt: int, batch: int) -> int:
+    """Nearest whole step, halves up, in integer arithmetic."""
+    return max(1, (2 * budget + fpt * batch) // (2 * fpt * batch))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("budget", [10**11, 3 * 10**11, 7 * 10**9])
+def test_a_budget_gives_the_nearest_whole_step_of_flops(depth, budget):
+    c = load_config(TINY, {"model.depth": depth, "train.flops": float(budget)})
+    q = describe(c)
+    fpt = by_hand_flops_per_token(32 * depth, depth, 32, 16)
+    assert q["flops_per_token"] == fpt
+    assert q["planned_steps"] == by_hand_steps(budget, fpt, 1024)
+    assert q["planned_flops"] == q["planned_steps"] * 1024 * fpt
+    assert abs(q["planned_flops"] - budget) <= fpt * 1024 / 2
+
+
+def test_budget_rounding_rule_at_the_edges():
+    c = load_config(TINY, {"model.depth": 2, "train.steps": 1})
+    step_flops = describe(c)["planned_flops"]  # the FLOPs of exactly one step
+    for budget, steps in ((7 * step_flops, 7), (7.5 * step_flops, 8), (7.49 * step_flops, 7),
+                          (0.1 * step_flops, 1)):
+        c = load_config(TINY, {"model.depth": 2, "train.flops": budget})
+        assert describe(c)["planned_steps"] == steps, budget
+
+
+def test_flops_is_one_of_the_run_lengths():
+    with pytest.raises(ConfigError, match="train.tokens and train.flops both set"):
+        load_config({"train": {"tokens": 10, "flops": 1e12}})
+    with pytest.raises(ConfigError, match=r"train.flops=-1.0 must be positive"):
+        load_config(None, ["train.flops=-1"])
+    # A budget on the command line replaces the file's run length, whichever form it took.
+    c = load_config({**TINY, "train": {"global_batch_tokens": 1024, "tokens": 10**6}}, ["train.flops=1e12"])
+    assert c.train.flops == 1e12 and c.train.tokens is None
+
+
+def test_the_depth_dial_derives_width_and_heads():
+    c = load_config(None, {"model.depth": 5})
+    assert (c.model.n_layers, c.model.d_model, c.model.n_heads) == (5, 160, 5)
+    c = load_config(None, {"model.depth": 4, "model.depth_aspect": 64, "model.depth_head_dim": 16})
+    assert (c.model.n_layers, c.model.d_model, c.model.n_heads) == (4, 256, 16)
+    # A saved config holds both the dial and the shape it set: it loads again unchanged.
+    assert saved_config(c.to_dict()) == c
+    with pytest.raises(ConfigError, match="model.d_model=64 disagrees with model.depth=4"):
+        load_config(None, {"model.depth": 4, "model.d_model": 64})
+    with pytest.raises(ConfigError, match="model.depth=4 and model.preset='1m' both set"):
+        load_config(None, {"model.depth": 4, "model.preset": "1m"})
+    with pytest.raises(ConfigError, match="not a multiple of model.depth_head_dim=24"):
+        load_config(None, {"model.depth": 1, "model.depth_head_dim": 24})
+    with pytest.raises(ConfigError, match="model.depth=0 must be positive"):
+        from_dict({"model": {"depth": 0}})
+
+
+def test_a_budget_by_model_size_sweep_is_two_lines():
+    s = load_sweep({"name": "iso", "base": TINY,
+                    "grid": {"train.flops": [1e11, 3e11], "model.d_model": [32, 64]}})
+    assert len(s.runs) == 4
+    for run in s.runs:
+        q = run.quantities
+        assert abs(q["planned_flops"] - run.config.train.flops) <= q["flops_per_token"] * 1024 / 2
+
+
+def test_the_example_isoflop_sweep_plans_every_run_within_half_a_step_of_its_budget():
+    s = load_sweep(ROOT / "configs" / "sweeps" / "isoflop.yaml")
+    budgets = {run.config.train.flops for run in s.runs}
+    depths = {run.config.model.depth for run in s.runs}
+    assert len(s.runs) == len(budgets) * len(depths) >= 6
+    for run in s.runs:
+        m, q = run.config.model, run.quantities
+        assert (m.n_layers, m.d_model, m.n_heads) == (m.depth, 32 * m.depth, m.depth)
+        fpt = by_hand_flops_per_token(m.d_model, m.n_layers, 32, 16)
+        budget = int(run.config.train.flops)
+        assert q["planned_steps"] == by_hand_steps(budget, fpt, 1024)
+        assert q["planned_flops"] == q["planned_steps"] * 1024 * fpt
+        assert abs(q["planned_flops"] - budget) <= fpt * 1024 / 2
+        assert abs(q["planned_flops"] / budget - 1) < 0.05  # tiny runs still land near C
+
+
+def test_run_ids_of_sweeps_without_the_new_keys_are_unchanged():
+    base = {"model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32},
+            "data": {"seq_len": 32}, "train": {"global_batch_tokens": 256, "tokens": 25600},
+            "logging": {"wandb": False, "progress": False}}
+    s = load_sweep({"name": "t", "base": base, "grid": {"model.d_model": [32, 64]}})
+    assert [r.run_id for r in s.runs] == ["d_model-32-070472e666", "d_model-64-a5921acdc8"]
