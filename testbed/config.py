@@ -100,6 +100,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    z_loss: float = 0.0  # PaLM's z-loss weight: adds z_loss * mean(logsumexp(logits)^2); 0 disables
 
 
 @dataclass
@@ -122,6 +123,9 @@ class TrainConfig:
     # Stop as failed when the training loss (a logging window's mean) climbs this many nats
     # above its lowest value since warmup ended; None disables the guard.
     divergence_nats: float | None = 3.0
+    # Count a loss spike when a logged training loss is this many nats above the running mean
+    # (an EMA) of the logged losses before it; None disables the count.
+    spike_nats: float | None = 0.5
 
 
 @dataclass
@@ -482,7 +486,8 @@ def validate(c: Config) -> None:
                        ("model.n_kv_heads", m.n_kv_heads), ("model.vocab_size", m.vocab_size),
                        ("model.depth", m.depth),
                        ("data.unique_tokens", d.unique_tokens), ("train.micro_batch_size", t.micro_batch_size),
-                       ("train.divergence_nats", t.divergence_nats), ("checkpoint.every", c.checkpoint.every),
+                       ("train.divergence_nats", t.divergence_nats), ("train.spike_nats", t.spike_nats),
+                       ("checkpoint.every", c.checkpoint.every),
                        ("checkpoint.rolling_every", c.checkpoint.rolling_every))
     for key, maybe in optional:
         _positive(key, maybe, nullable=True)
@@ -519,6 +524,7 @@ def validate(c: Config) -> None:
             f"optim.betas={o.betas} must be two numbers in [0, 1)")
     require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
     require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
+    require(o.z_loss >= 0, f"optim.z_loss={o.z_loss} must be >= 0 (0 disables the z-loss; PaLM used 1e-4)")
     if d.unique_tokens is not None:
         require(d.unique_tokens >= t.global_batch_tokens,
                 f"data.unique_tokens={d.unique_tokens} is smaller than one batch "

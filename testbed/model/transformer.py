@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from testbed.config import ModelConfig
-from testbed.model.loss import linear_cross_entropy
+from testbed.model.loss import linear_cross_entropy, linear_cross_entropy_terms
 from testbed.registry import Registry
 
 NORMS = Registry("norm", "model.norm")
@@ -242,9 +242,11 @@ class Transformer(nn.Module):
                 module.reset_parameters()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                reduction: str = "mean") -> torch.Tensor:
+                reduction: str = "mean", z_loss: float | None = None):
         """Logits [B, T, V] for token ids [B, T]; with targets [B, T], the cross-entropy in nats
-        (mean or sum over tokens), computed without materialising the logits (loss.py)."""
+        (mean or sum over tokens), computed without materialising the logits (loss.py). With
+        z_loss (a weight) the tuple (objective, cross-entropy, lse^2 term) instead, the
+        objective being cross-entropy + z_loss * lse^2 term (PaLM's z-loss)."""
         x = self.embed(idx)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
@@ -254,4 +256,7 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.head(x)
+        if z_loss is not None:
+            return linear_cross_entropy_terms(x, self.head.weight, targets, z_loss, reduction,
+                                              compiled=self.compile_loss)
         return linear_cross_entropy(x, self.head.weight, targets, reduction, compiled=self.compile_loss)

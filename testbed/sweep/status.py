@@ -16,12 +16,14 @@ LOG_LINES = 8
 
 
 def last_metrics(registry: Registry, run_id: str) -> dict[str, Any]:
-    """The newest step and train/validation losses from the run's metrics.jsonl."""
+    """The newest step, train/validation losses and loss-spike count from the run's
+    metrics.jsonl (the count is read from the newest train line; null for runs that kept none)."""
     out: dict[str, Any] = {}
     for row in reversed(RunDir(registry.run_dir(run_id)).metrics()):
         out.setdefault("step", row.get("step"))
         if "train_loss" in row:
             out.setdefault("train_loss", row["train_loss"])
+            out.setdefault("spikes", row.get("spikes"))
         if "val_loss" in row:
             out.setdefault("val_loss", row["val_loss"])
         if {"step", "train_loss", "val_loss"} <= out.keys():
@@ -62,7 +64,8 @@ def collect(registry: Registry) -> dict[str, Any]:
         run = {"run_id": record["run_id"], "labels": record.get("labels", {}),
                "state": record["state"], "reason": record.get("reason"), "step": step,
                "planned_steps": planned, "train_loss": metrics.get("train_loss"),
-               "val_loss": metrics.get("val_loss"), "failures": record.get("failures", 0),
+               "val_loss": metrics.get("val_loss"), "spikes": metrics.get("spikes"),
+               "failures": record.get("failures", 0),
                "preemptions": record.get("preemptions", 0), "job_id": record.get("job_id")}
         if record["state"] == "failed":
             run["log_tail"] = tail(registry.log_path(record["run_id"]), LOG_LINES)
@@ -70,7 +73,7 @@ def collect(registry: Registry) -> dict[str, Any]:
     for bad in damaged:  # shown, never dropped: its run is neither counted done nor lost
         runs.append({"run_id": bad["run_id"], "labels": {}, "state": "damaged",
                      "reason": bad["message"], "step": 0, "planned_steps": None,
-                     "train_loss": None, "val_loss": None, "failures": 0, "preemptions": 0,
+                     "train_loss": None, "val_loss": None, "spikes": None, "failures": 0, "preemptions": 0,
                      "job_id": None, "record": bad["path"]})
     counts = {state: 0 for state in (*STATES, "damaged")}
     for run in runs:
@@ -90,8 +93,9 @@ def render_status(report: dict[str, Any]) -> str:
         loss = r["val_loss"] if r["val_loss"] is not None else r["train_loss"]
         rows.append([r["run_id"], r["state"], f"{r['step']}/{r['planned_steps'] or '?'}",
                      f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
+                     str(r["spikes"]) + (" !" if r["spikes"] else "") if r.get("spikes") is not None else "-",
                      str(r["failures"]), str(r["job_id"] or "-")])
-    text = [format_table(["run", "state", "step", "loss", "fails", "job"], rows)]
+    text = [format_table(["run", "state", "step", "loss", "spikes", "fails", "job"], rows)]
     counts = ", ".join(f"{n} {s}" for s, n in report["counts"].items() if n)
     eta = duration(report["eta_seconds"]) if report["eta_seconds"] is not None else "-"
     if not report["counts"].get("running"):
@@ -104,6 +108,10 @@ def render_status(report: dict[str, Any]) -> str:
             text.extend(f"    {line}" for line in r.get("log_tail", []))
         elif r["state"] == "damaged":
             text.append(f"\nDAMAGED {r['run_id']}: {r['reason']}")
+    unstable = [r for r in report["runs"] if r.get("spikes")]
+    if unstable:
+        text.append("\nUNSTABLE (training-loss spikes; see `spike` in their metrics.jsonl): "
+                    + ", ".join(f"{r['run_id']} ({r['spikes']})" for r in unstable))
     return "\n".join(text)
 
 

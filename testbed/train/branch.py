@@ -5,14 +5,19 @@ A branch starts from checkpoint S of the parent's stable phase, keeps the parent
 and optimiser state, and decays the LR over the last FRACTION of its own length
 T = S / (1 - FRACTION). Its metrics.jsonl begins with the parent's lines up to S (they are
 shared), so its curve reads as one run; run.json records the parent and the branch point.
+
+Optimiser overrides (`--beta2`, `--weight-decay`, `--optim key=value`) change the AdamW
+hyperparameters for the branch only, e.g. a higher beta2 during the cooldown (Dremov et al.
+2025); the moments loaded from the parent are kept, and the branch's config records the values.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
-from testbed.config import from_dict
+from testbed.config import from_dict, parse_override
 from testbed.errors import TestbedError
 from testbed.plan import describe, run_schedule
 from testbed.rundir import RunDir
@@ -21,7 +26,42 @@ from testbed.train import checkpoint as ckpt
 from testbed.train.trainer import load_run_config, train
 
 
-def branch_config(parent_config, step: int, fraction: float, shape: str):
+def optim_overrides(beta2: float | None = None, weight_decay: float | None = None,
+                    pairs: list[str] | None = None) -> dict[str, Any]:
+    """The optim keys a branch changes, from the CLI's flags and `key=value` pairs."""
+    out: dict[str, Any] = {}
+    for text in pairs or []:
+        key, value = parse_override(text)
+        key = key.removeprefix("optim.")
+        if key == "name":
+            raise TestbedError("--optim name=...: a branch keeps the parent's optimiser (its state is "
+                               "loaded); change betas, eps, weight_decay, grad_clip or z_loss")
+        out[key] = value
+    if beta2 is not None:
+        out["beta2"] = beta2
+    if weight_decay is not None:
+        out["weight_decay"] = weight_decay
+    return out
+
+
+def apply_optim(section: dict[str, Any], overrides: dict[str, Any]) -> None:
+    for key, value in overrides.items():
+        if key == "beta2":
+            section["betas"] = [section["betas"][0], value]
+        else:
+            section[key] = value
+
+
+def override_tag(overrides: dict[str, Any]) -> str:
+    """A short name for the overrides, for the branch's folder and run name."""
+    def show(v: Any) -> str:
+        return ",".join(f"{x:g}" for x in v) if isinstance(v, (list, tuple)) else \
+            f"{v:g}" if isinstance(v, float) else str(v)
+    return "".join(f"_{key}{show(value)}" for key, value in overrides.items())
+
+
+def branch_config(parent_config, step: int, fraction: float, shape: str,
+                  optim: dict[str, Any] | None = None):
     if not 0 < fraction < 1:
         raise TestbedError(f"--decay {fraction} must be a fraction in (0, 1), e.g. 0.2")
     if shape not in DECAY_SHAPES:
@@ -43,22 +83,27 @@ def branch_config(parent_config, step: int, fraction: float, shape: str):
         tree["schedule"]["warmup_steps"] = spec.warmup_steps
         tree["schedule"]["warmup_fraction"] = None
     tree["train"].update(steps=total, tokens=None, tokens_per_param=None)
-    tree["name"] = f"{parent_config.name or 'run'}-branch{step}-{shape}-{fraction:g}"
+    tree["name"] = f"{parent_config.name or 'run'}-branch{step}-{shape}-{fraction:g}{override_tag(optim or {})}"
     tree["labels"] = dict(tree.get("labels") or {}, branch_step=step, decay_fraction=fraction)
+    if optim:
+        apply_optim(tree["optim"], optim)
+        tree["labels"]["branch_optim"] = override_tag(optim).lstrip("_")
     # Only the branch's own end is a science point; the shared prefix lives in the parent.
     tree["checkpoint"].update(every=None, log_spaced=0, at_tokens=[], rolling_every=None)
     return from_dict(tree)
 
 
 def branch(parent_dir: str | Path, step: int, fraction: float, shape: str = "1-sqrt",
-           run_dir: str | Path | None = None) -> dict:
+           run_dir: str | Path | None = None, optim: dict[str, Any] | None = None) -> dict:
+    """optim: optimiser keys changed for the branch only (see optim_overrides)."""
     parent_dir = Path(parent_dir)
     parent_config = load_run_config(parent_dir)
-    config = branch_config(parent_config, step, fraction, shape)
+    config = branch_config(parent_config, step, fraction, shape, optim)
     folder = ckpt.checkpoint_at(parent_dir, step)
     loaded = ckpt.load(folder)
     parent_run = RunDir(parent_dir)
-    run_dir = Path(run_dir) if run_dir else parent_run.branch(f"step{step}_decay{fraction:g}_{shape}").path
+    run_dir = Path(run_dir) if run_dir else parent_run.branch(
+        f"step{step}_decay{fraction:g}_{shape}{override_tag(optim or {})}").path
     prefix = [line for line in parent_run.metrics() if line.get("step", 0) <= step]
     parent = {"run_dir": str(parent_dir.resolve()), "step": step, "checkpoint": str(folder)}
     summary = train(config, run_dir, init_from=loaded, parent=parent, prefix_metrics=prefix,

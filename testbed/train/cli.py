@@ -29,7 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--decay", type=float, required=True,
                    help="decay fraction of the branch's total length, e.g. 0.2")
     b.add_argument("--shape", default="1-sqrt", help="decay shape: linear, cosine or 1-sqrt")
-    b.add_argument("--run-dir", help="branch run directory (default: RUN/branches/step<S>_decay<F>_<shape>)")
+    b.add_argument("--run-dir", help="branch run directory (default: RUN/branches/step<S>_decay<F>_<shape>, "
+                                      "plus the optimiser overrides)")
+    b.add_argument("--beta2", type=float, help="AdamW beta2 for the branch only (e.g. 0.99 for the cooldown)")
+    b.add_argument("--weight-decay", type=float, help="weight decay for the branch only")
+    b.add_argument("--optim", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other optim key for the branch only, e.g. --optim betas=[0.9,0.99] "
+                        "(repeatable; the parent's optimiser state is kept)")
     b.set_defaults(func=cmd_branch)
 
     s = sub.add_parser("schedule", help="learning-rate schedule tools")
@@ -85,9 +91,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_branch(args) -> int:
-    from testbed.train.branch import branch
+    from testbed.train.branch import branch, optim_overrides
 
-    summary = branch(args.run, args.step, args.decay, args.shape, args.run_dir)
+    optim = optim_overrides(args.beta2, args.weight_decay, args.optim)
+    summary = branch(args.run, args.step, args.decay, args.shape, args.run_dir, optim)
     return summary.get("exit_code", 0)
 
 

@@ -52,6 +52,10 @@ from testbed.train.resume import Preemption, load_run_config, prepare_run_dir, r
 __all__ = ["NonFiniteLoss", "Trainer", "load_run_config", "train"]
 
 
+# Optimiser hyperparameters the config sets; on restore they win over the checkpoint's.
+CONFIG_HYPERPARAMS = ("betas", "weight_decay", "eps")
+
+
 class NonFiniteLoss(TestbedError):
     pass
 
@@ -147,6 +151,26 @@ def auto_micro_batch(config: Config, device: torch.device, local_seqs: int, d: D
     return micro
 
 
+# The running mean that loss spikes are measured against: an EMA over logged training losses.
+SPIKE_EMA_DECAY = 0.9
+
+
+def significant(values: list[float], digits: int = 4) -> list[float]:
+    """Numbers cut to a few significant digits: per-layer lists stay short in metrics.jsonl."""
+    return [float(f"{v:.{digits}g}") for v in values]
+
+
+def squared_norms(groups: list[list[torch.Tensor | None]], device: torch.device) -> torch.Tensor:
+    """The summed squares of each group's tensors (this process's shards under FSDP2), in fp32."""
+    out = torch.zeros(len(groups), dtype=torch.float32, device=device)
+    for i, tensors in enumerate(groups):
+        for t in tensors:
+            if t is not None:
+                local = t.to_local() if hasattr(t, "to_local") else t
+                out[i] += local.detach().float().square().sum()
+    return out
+
+
 class Window:
     """The training-loss average and the tokens/s of one logging window. Validation and
     checkpoints that fall inside a window are taken out of its time (tokens_per_s is the speed
@@ -155,6 +179,7 @@ class Window:
     def __init__(self, device: torch.device, timing: dict[str, float]):
         self.timing = timing
         self.loss_sum = torch.zeros((), device=device)
+        self.z_sum = torch.zeros((), device=device)  # the z-loss term, when optim.z_loss is on
         self.steps = 0
         self.restart()
 
@@ -185,6 +210,9 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.last_eval_step = -1
         self.loss_min = math.inf  # lowest logged training loss since warmup (the divergence guard)
+        self.loss_ema: float | None = None  # running mean of logged training losses (spike detection)
+        self.spikes = 0  # loss spikes counted so far
+        self.log_stats: dict = {}  # gradient and update norms of the last logging step
         self.start_step = self.done = 0
         self.resumed_from: str | None = None
         self.exit_code, self.state_msg = exits.DONE, ("done", "finished")
@@ -300,6 +328,8 @@ class Trainer:
             load_model_state(self.base_model, self.loaded["model"], self.config, Dist())
             self.start_step = self.done = int(self.loaded["state"]["step"])
             self.loss_min = self.loaded["state"].get("loss_min") or math.inf
+            self.loss_ema = self.loaded["state"].get("loss_ema")
+            self.spikes = int(self.loaded["state"].get("spikes") or 0)
             restore_rng(self.loaded["rng"], self.device)
         self.restore_s += time.perf_counter() - t0
         return mode
@@ -316,9 +346,16 @@ class Trainer:
         # The optimiser is built on the wrapped model: FSDP2 replaces parameters by sharded ones.
         self.model = wrap_model(self.base_model, self.config, self.device, self.d)
         self.optimizer = build_optimizer(self.model, self.config.optim, self.device)
+        # Per-layer norms group the parameters by block (FSDP2 shards them in place).
+        self.layer_params = [list(block.parameters()) for block in self.base_model.blocks]
         if self.loaded is not None:
             t0 = time.perf_counter()
+            configured = [{k: g[k] for k in CONFIG_HYPERPARAMS if k in g} for g in self.optimizer.param_groups]
             load_optim_state(self.model, self.optimizer, self.loaded["optim"], self.config, self.d)
+            # The config's hyperparameters win over the checkpoint's (a branch may change betas or
+            # weight decay); the moments and step counts are the checkpoint's.
+            for group, values in zip(self.optimizer.param_groups, configured):
+                group.update(values)
             self.restore_s += time.perf_counter() - t0
         self.peak, self.peak_name = dev.peak_flops(self.device, self.dtype)
 
@@ -392,6 +429,7 @@ class Trainer:
         window = (self.loaded or {}).get("state", {}).get("log_window")
         if window and window["steps"] and window["steps"] == self.start_step % self.config.train.log_every:
             self.window.loss_sum.fill_(window["loss_sum"] / self.d.world)
+            self.window.z_sum.fill_((window.get("z_sum") or 0.0) / self.d.world)
             self.window.steps = int(window["steps"])
 
     def train_loop(self) -> None:
@@ -450,6 +488,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         batch = self.prefetch.get(step, step + 1 if step + 1 < self.total_steps else None)
+        # Norms beyond the global gradient norm are read on logging steps only (each costs a sync).
+        log_now = (step + 1) % config.train.log_every == 0 or step + 1 == self.total_steps
+        z_weight = config.optim.z_loss
         step_loss = torch.zeros((), device=self.device)
         for k in range(self.accum):
             mb = batch[k * micro:(k + 1) * micro]
@@ -458,9 +499,15 @@ class Trainer:
                 sync = model.no_sync()  # DDP: all-reduce gradients once, after the last micro-batch
             with sync:
                 with dev.autocast(self.device, self.dtype):
-                    loss = model(mb[:, :-1], mb[:, 1:])
-                (loss / self.accum).backward()
+                    if z_weight:
+                        objective, loss, z_term = model(mb[:, :-1], mb[:, 1:], z_loss=z_weight)
+                        self.window.z_sum += z_weight * z_term / self.accum
+                    else:
+                        objective = loss = model(mb[:, :-1], mb[:, 1:])
+                (objective / self.accum).backward()
             step_loss += loss.detach() / self.accum
+        if log_now:
+            layer_grads = squared_norms([[p.grad for p in ps] for ps in self.layer_params], self.device)
         clip = config.optim.grad_clip
         self.grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
         # Reading the loss on the host waits for the GPU: there, only on logging steps.
@@ -469,7 +516,12 @@ class Trainer:
             raise NonFiniteLoss(
                 f"the training loss became {step_loss.item()} at step {step + 1}; the last good "
                 f"checkpoint is kept. Lower optim.lr (now {config.optim.lr}) or raise warmup")
+        if log_now:
+            # A copy of the weights (on logging steps only), to measure the update by.
+            before = {p: p.detach().clone() for p in model.parameters() if p.requires_grad}
         self.optimizer.step()
+        if log_now:
+            self.log_stats = self.norm_stats(layer_grads, before)
         self.optimizer.zero_grad(set_to_none=True)
         self.done = step + 1
         self.window.loss_sum += step_loss
@@ -485,6 +537,19 @@ class Trainer:
             self.timing["train_s"] += time.perf_counter() - t_step
         if self.progress is not None:
             self.progress.update(1)
+
+    def norm_stats(self, layer_grads: torch.Tensor, before: dict[torch.Tensor, torch.Tensor]) -> dict:
+        """Per-block gradient norms (before clipping) and the norms of this step's parameter
+        update (global and per block), for the train line; one host sync."""
+        layer_updates = squared_norms([[p - before[p] for p in ps] for ps in self.layer_params], self.device)
+        total_update = squared_norms([[p - b for p, b in before.items()]], self.device)
+        sq = torch.cat([layer_grads, layer_updates, total_update])
+        if self.d.world > 1 and self.config.train.parallel == "fsdp":
+            sq = all_reduce_sum(sq, self.d)  # each process holds a shard of every tensor
+        norms = sq.sqrt().tolist()
+        n = len(self.layer_params)
+        return {"grad_norm_layers": significant(norms[:n]), "update_norm": norms[-1],
+                "update_norm_layers": significant(norms[n:2 * n])}
 
     def after_step(self) -> bool:
         """What falls due after a step: log, evaluate, save; True to stop (preempted)."""
@@ -515,20 +580,40 @@ class Trainer:
     def log_train(self) -> None:
         done, window = self.done, self.window
         mean_loss = all_reduce_sum(window.loss_sum.clone(), self.d).item() / self.d.world / window.steps
+        extra: dict = {}
+        if self.config.optim.z_loss:
+            extra["z_loss"] = all_reduce_sum(window.z_sum.clone(), self.d).item() / self.d.world / window.steps
         dev.synchronize(self.device)
         tps = window.tokens_per_s()
+        extra.update(self.check_spike(mean_loss))
         if self.d.main:
             self.metrics.log({"step": done, "tokens": done * self.gbt, "flops": done * self.gbt * self.fpt,
                               "lr": self.lr, "train_loss": mean_loss, "grad_norm": self.grad_norm.item(),
                               "tokens_per_s": tps,
                               "mfu": tps * self.fpt / self.peak if self.peak and tps else None,
                               "peak_mem_gb": (dev.peak_memory_bytes(self.device) or 0) / 2**30,
-                              "epoch": self.plan.epochs_at(done)})
+                              "epoch": self.plan.epochs_at(done), **extra, **self.log_stats})
             if self.progress is not None:
                 self.progress.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)
         window.loss_sum.zero_()
+        window.z_sum.zero_()
         window.steps, window.tokens = 0, 0
         self.check_divergence(done, mean_loss)
+
+    def check_spike(self, loss: float) -> dict:
+        """`spikes` (the count so far) and, on a spike, `spike` (nats above the running mean): a
+        logged training loss more than train.spike_nats above the EMA of the ones before it."""
+        margin = self.config.train.spike_nats
+        if margin is None or not math.isfinite(loss):
+            return {}
+        out: dict = {}
+        if self.loss_ema is not None and loss > self.loss_ema + margin:
+            self.spikes += 1
+            out["spike"] = loss - self.loss_ema
+        self.loss_ema = loss if self.loss_ema is None else \
+            SPIKE_EMA_DECAY * self.loss_ema + (1 - SPIKE_EMA_DECAY) * loss
+        out["spikes"] = self.spikes
+        return out
 
     def check_divergence(self, done: int, loss: float) -> None:
         """Stop as failed when the logged training loss (the same on every process) is more than
@@ -578,10 +663,13 @@ class Trainer:
         model_state = full_model_state(self.model, config, d)
         optim_state = full_optim_state(self.model, self.optimizer, config, d)
         window_sum = all_reduce_sum(self.window.loss_sum.clone(), d).item()
+        log_window = {"loss_sum": window_sum, "steps": self.window.steps}
+        if config.optim.z_loss:
+            log_window["z_sum"] = all_reduce_sum(self.window.z_sum.clone(), d).item()
         if d.main:
             state = {"tokens": step * self.gbt, "total_steps": self.total_steps, "run_id": self.run_id,
                      "config": config.to_dict(), "world_size": d.world, "loss_min": self.loss_min,
-                     "log_window": {"loss_sum": window_sum, "steps": self.window.steps}}
+                     "loss_ema": self.loss_ema, "spikes": self.spikes, "log_window": log_window}
             ckpt.save(self.run_dir.path, step, kind, model_state, optim_state, rng_state(self.device), state,
                       self.index_fields(step, ev))
             ckpt.apply_retention(self.run_dir.path, config.checkpoint.keep_rolling)
