@@ -17,6 +17,7 @@ from typing import Any
 from testbed.errors import TestbedError
 from testbed.rundir import read_json, write_json_atomic, write_text_atomic
 from testbed.study.base import SIZES, STUDIES, Analysis, Context, Study
+from testbed.study.sweeps import run_sweep
 
 
 def load(imports: list[str] | tuple[str, ...] = ()) -> None:
@@ -39,30 +40,6 @@ def sweep_dirs(out: Path) -> dict[str, Path]:
     if not root.is_dir():
         return {}
     return {p.name: p for p in sorted(root.iterdir()) if (p / "sweep.json").is_file()}
-
-
-def run_sweep(out: Path, spec: dict[str, Any], workers: int = 1, progress: bool = False,
-              log=print) -> Path:
-    """Train every run of one sweep mapping not yet done, in OUT/sweep/NAME; returns that folder."""
-    from testbed.sweep.local import LocalExecutor
-    from testbed.sweep.registry import Registry
-    from testbed.sweep.spec import load_sweep
-
-    sweep = load_sweep(spec)
-    folder = out / "sweep" / sweep.name
-    folder.mkdir(parents=True, exist_ok=True)
-    marker = folder / "sweep.json"
-    if not marker.is_file():
-        write_json_atomic(marker, {"name": sweep.name})
-    registry = Registry(folder)
-    ids = registry.add_runs(sweep)
-    log(f"sweep {sweep.name}: {len(ids)} runs in {folder}")
-    counts = LocalExecutor(registry, ids, workers=workers, progress=progress).run()
-    if counts.get("done", 0) != len(ids):
-        summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-        raise TestbedError(f"sweep {sweep.name} ended with {summary}; see testbed sweep status "
-                           f"{folder}, then run the study again to resume")
-    return folder
 
 
 def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool = False,
@@ -199,4 +176,4 @@ def render(f: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SIZES", "load", "report", "run"]
+__all__ = ["SIZES", "load", "report", "run", "run_sweep"]

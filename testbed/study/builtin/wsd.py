@@ -48,7 +48,7 @@ def branch_steps(size: str) -> list[int]:
 def extra(ctx: Context, options: dict[str, Any]) -> None:
     """Train the long WSD run at the tuned LR of the longest WSD arm, then branch it."""
     from testbed.rundir import RunDir
-    from testbed.study.runner import run_sweep
+    from testbed.study.sweeps import run_sweep
     from testbed.train.branch import branch
 
     arm = tuned(ctx.finals("wsd-wsd"), ["planned_tokens"])
