@@ -20,6 +20,7 @@ SUBSYSTEMS = (
     "testbed.data.cli",
     "testbed.sweep.cli",
     "testbed.fit.cli",
+    "testbed.study.cli",
 )
 
 

@@ -28,13 +28,16 @@ LAYERS = {
     "testbed.train": 6,
     "testbed.fit": 6,
     "testbed.sweep": 6,
+    # Studies run sweeps, branch runs and fit the results: above train/, fit/ and sweep/.
+    "testbed.study": 7,
     # The command line: testbed.cli and each subsystem's cli module.
-    "testbed.cli": 7,
-    "testbed.__main__": 7,
-    "testbed.train.cli": 7,
-    "testbed.data.cli": 7,
-    "testbed.sweep.cli": 7,
-    "testbed.fit.cli": 7,
+    "testbed.cli": 8,
+    "testbed.__main__": 8,
+    "testbed.train.cli": 8,
+    "testbed.data.cli": 8,
+    "testbed.sweep.cli": 8,
+    "testbed.fit.cli": 8,
+    "testbed.study.cli": 8,
 }
 
 # (importer, imported) pairs allowed to run upward, each with the reason.

@@ -1,0 +1,170 @@
+"""What a study is: the `Study` record, the `STUDIES` registry and the statistics studies share.
+
+A study declares its paper and claim, its sweeps per size (plain sweep mappings, the same
+language as a sweep file), an optional `extra` step run after the sweeps (cooldown branches),
+an `analyse` function over the collected points and a `verdict` function over what it measured.
+Verdicts are reported as found: the thresholds are fixed in the study's code, before any run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from testbed.registry import Registry
+
+SIZES = ("tiny", "cpu", "gpu")
+VERDICTS = ("agree", "disagree", "inconclusive")
+
+
+def _origin(study: Any) -> Any:
+    return getattr(study, "module", None), getattr(study, "name", None)
+
+
+STUDIES = Registry("study", "study", origin=_origin)
+
+
+@dataclass
+class Context:
+    """What an analysis sees: the study's output folder and its sweep folders by sweep name."""
+
+    out: Path
+    size: str
+    sweep_dirs: dict[str, Path]
+
+    def points(self, sweep: str | None = None):
+        """Every evaluated checkpoint of a sweep's runs (testbed.fit.collect.collect_runs)."""
+        from testbed.fit.collect import collect_runs
+
+        return collect_runs(self.sweep_dirs[sweep] if sweep else self.out / "sweep")
+
+    def finals(self, sweep: str | None = None):
+        """The final (and cooldown) point of every run."""
+        points = self.points(sweep)
+        return points[points["point_kind"] != "intermediate"].reset_index(drop=True)
+
+
+@dataclass
+class Measurement:
+    """One measured figure: the value, its interval (None when it cannot be had) and how."""
+
+    name: str
+    value: float | None
+    low: float | None = None
+    high: float | None = None
+    unit: str = ""
+    how: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "value": self.value, "low": self.low, "high": self.high,
+                "unit": self.unit, "how": self.how}
+
+    def text(self) -> str:
+        if self.value is None or not np.isfinite(self.value):
+            return f"{self.name}: not measurable ({self.how})"
+        interval = (f" [{self.low:.4g}, {self.high:.4g}]"
+                    if self.low is not None and self.high is not None else " (no interval)")
+        return f"{self.name} = {self.value:.4g}{interval}{(' ' + self.unit) if self.unit else ''}"
+
+
+@dataclass
+class Analysis:
+    """What `analyse` returns: the headline measurement, further ones, tables and plots."""
+
+    headline: Measurement
+    more: list[Measurement] = field(default_factory=list)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    plots: list[str] = field(default_factory=list)  # file names written under the output folder
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    version: int
+    paper: str
+    claim: str
+    sweeps: Callable[[str], list[dict[str, Any]]]  # size -> sweep mappings
+    analyse: Callable[[Context], Analysis]
+    verdict: Callable[[Analysis], tuple[str, str]]  # -> (agree|disagree|inconclusive, why)
+    caveat: str  # why the testbed might disagree with the paper for reasons other than the claim
+    extra: Callable[[Context, dict[str, Any]], None] | None = None  # after the sweeps (run only)
+    sizes: Sequence[str] = SIZES
+    module: str = ""
+
+
+def register(study: Study) -> Study:
+    """Add a study under its name; a different study under a taken name is an error."""
+    if not study.module:
+        import inspect
+
+        frame = inspect.stack()[1]
+        module = inspect.getmodule(frame[0])
+        object.__setattr__(study, "module", module.__name__ if module else "")
+    return STUDIES.register(study.name)(study)
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def bootstrap(groups: Sequence[Sequence[float]], statistic: Callable[..., float],
+              n: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float | None, float | None]:
+    """Percentile interval of `statistic(*samples)`, resampling each group (e.g. the seeds of
+    one arm) with replacement; (None, None) when a group has a single value."""
+    arrays = [np.asarray(g, float) for g in groups]
+    if any(len(a) < 2 for a in arrays):
+        return None, None
+    rng = np.random.default_rng(seed)
+    draws = [a[rng.integers(0, len(a), size=(n, len(a)))] for a in arrays]
+    values = np.array([statistic(*(d[i] for d in draws)) for i in range(n)], float)
+    values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return None, None
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+
+
+def relative_gap(a: Sequence[float], b: Sequence[float]) -> Measurement:
+    """(mean a − mean b) / mean b, with a bootstrap interval over the seeds of each side."""
+    def stat(x, y):
+        return (np.mean(x) - np.mean(y)) / np.mean(y)
+
+    value = float(stat(np.asarray(a, float), np.asarray(b, float)))
+    low, high = bootstrap([a, b], stat)
+    how = (f"bootstrap over seeds ({len(a)} vs {len(b)})" if low is not None
+           else "one seed per side: no interval")
+    return Measurement("relative gap", value, low, high, "", how)
+
+
+def within(m: Measurement, tolerance: float) -> str:
+    """agree: the interval lies inside ±tolerance; disagree: it lies wholly outside;
+    inconclusive otherwise (or without an interval)."""
+    if m.value is None or m.low is None or m.high is None:
+        return "inconclusive"
+    if -tolerance <= m.low and m.high <= tolerance:
+        return "agree"
+    if m.low > tolerance or m.high < -tolerance:
+        return "disagree"
+    return "inconclusive"
+
+
+def tuned(frame, by: list[str], lr: str = "peak_lr", loss: str = "loss"):
+    """For each cell of `by`, the rows at the learning rate whose seed-mean loss is lowest."""
+    means = frame.groupby(by + [lr], dropna=False)[loss].mean().reset_index()
+    best = means.loc[means.groupby(by, dropna=False)[loss].idxmin(), by + [lr]]
+    return frame.merge(best, on=by + [lr])
+
+
+def at_most(m: Measurement, tolerance: float) -> str:
+    """One-sided: agree when the whole interval is <= tolerance, disagree when it is all above."""
+    if m.value is None or m.low is None or m.high is None:
+        return "inconclusive"
+    if m.high <= tolerance:
+        return "agree"
+    if m.low > tolerance:
+        return "disagree"
+    return "inconclusive"

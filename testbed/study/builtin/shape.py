@@ -1,0 +1,93 @@
+"""Width vs depth at a fixed number of non-embedding parameters (Kaplan et al. 2020, Fig. 5)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from testbed.study.base import Analysis, Context, Measurement, Study, bootstrap, register
+from testbed.study.recipes import BATCH, base, seeds, width_for
+
+TOLERANCE = 0.03  # Kaplan et al.: a few percent across aspect ratios spanning a wide band
+
+
+def shapes(size: str) -> list[tuple[int, int]]:
+    """(d_model, n_layers) pairs at about the same 12 L d^2."""
+    n, layers, multiple = {"tiny": (12_000, [1, 2, 4], 4), "cpu": (800_000, [1, 2, 4, 8], 16),
+                           "gpu": (25_000_000, [2, 4, 8, 16, 32], 64)}[size]
+    return [(width_for(n, layer, multiple), layer) for layer in layers]
+
+
+def sweeps(size: str) -> list[dict[str, Any]]:
+    pairs = shapes(size)
+    tree = base(size)
+    tree["train"]["tokens"] = {"tiny": 32, "cpu": 1500, "gpu": 20000}[size] * BATCH[size]
+    heads = 2 if size == "tiny" else None
+    zipped: dict[str, Any] = {"model.d_model": [d for d, _ in pairs], "model.n_layers": [n for _, n in pairs]}
+    spec: dict[str, Any] = {"name": "shape", "base": tree, "zip": zipped, "grid": {"train.seed": seeds(size)},
+                            "labels": ["model.d_model", "model.n_layers", "train.seed"]}
+    spec["derived"] = {"model.n_heads": heads if heads else "max(1, d_model // 64)"}
+    return [spec]
+
+
+def analyse(ctx: Context) -> Analysis:
+    finals = ctx.finals("shape")
+    groups = {(int(w), int(d)): g["loss"].to_numpy(float)
+              for (w, d), g in finals.groupby(["width", "depth"])}
+    keys = sorted(groups, key=lambda k: k[0] / k[1])
+
+    def spread(*losses):
+        means = np.array([np.mean(x) for x in losses])
+        return float((means.max() - means.min()) / means.min())
+
+    value = spread(*(groups[k] for k in keys))
+    low, high = bootstrap([groups[k] for k in keys], spread)
+    how = "bootstrap over seeds within each shape" if low is not None else "one seed per shape: no interval"
+    ratios = [k[0] / k[1] for k in keys]
+    headline = Measurement(f"relative loss spread over aspect ratios d/L {min(ratios):.3g}–{max(ratios):.3g}",
+                           value, low, high, "", how)
+    rows = [{"d_model": k[0], "n_layers": k[1], "aspect": k[0] / k[1],
+             "N_non_embedding": float(finals.loc[(finals["width"] == k[0]) & (finals["depth"] == k[1]),
+                                                 "N_non_embedding"].iloc[0]),
+             "loss": float(groups[k].mean()), "seeds": len(groups[k])} for k in keys]
+    return Analysis(headline, [], {"shapes": rows}, [_plot(ctx, rows)],
+                    [f"tolerance: spread at most {TOLERANCE:.0%}"])
+
+
+def _plot(ctx: Context, rows: list[dict]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["aspect"] for r in rows], [r["loss"] for r in rows], "o-")
+    ax.set_xscale("log")
+    ax.set_xlabel("aspect ratio d_model / n_layers")
+    ax.set_ylabel("final validation loss")
+    fig.tight_layout()
+    fig.savefig(ctx.out / "shape.png", dpi=100)
+    plt.close(fig)
+    return "shape.png"
+
+
+def verdict(analysis: Analysis) -> tuple[str, str]:
+    from testbed.study.base import at_most
+
+    result = at_most(analysis.headline, TOLERANCE)
+    why = {"agree": f"the whole interval of the spread is under {TOLERANCE:.0%}",
+           "disagree": f"the whole interval of the spread is above {TOLERANCE:.0%}",
+           "inconclusive": f"the interval straddles {TOLERANCE:.0%} or is missing (one seed)"}[result]
+    return result, why
+
+
+register(Study(
+    name="shape", version=1,
+    paper="Kaplan et al. 2020, Scaling Laws for Neural Language Models (Fig. 5)",
+    claim="At a fixed number of non-embedding parameters, loss depends only weakly on the shape: "
+          "width vs depth changes it by a few percent across a wide band of aspect ratios.",
+    sweeps=sweeps, analyse=analyse, verdict=verdict,
+    caveat="Kaplan's band is d/L ~ 10-200 at 10^6-10^9 parameters; small models force extreme shapes "
+           "(one layer, or very narrow), where depth does matter, and one LR serves every shape.",
+))

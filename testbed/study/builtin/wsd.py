@@ -1,0 +1,148 @@
+"""WSD with a 1-sqrt cooldown vs cosine (Hägele et al. 2024), and cooldown branches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from testbed.study.base import Analysis, Context, Measurement, Study, register, relative_gap, tuned
+from testbed.study.recipes import BATCH, base, seeds, with_schedule
+
+TOLERANCE = 0.01  # WSD may be at most 1% above cosine, at its own tuned learning rate
+DECAY = 0.2
+
+
+def durations(size: str) -> list[int]:
+    steps = {"tiny": [16, 32], "cpu": [250, 500, 1000], "gpu": [2000, 4000, 8000, 16000]}[size]
+    return [s * BATCH[size] for s in steps]
+
+
+def lrs(size: str) -> list[float]:
+    return {"tiny": [3e-3, 1e-2], "cpu": [1e-3, 2e-3, 4e-3, 8e-3],
+            "gpu": [5e-4, 1e-3, 2e-3, 4e-3]}[size]
+
+
+def sweeps(size: str) -> list[dict[str, Any]]:
+    arms = {"cosine": {"name": "cosine", "min_lr_ratio": 0.1},
+            "wsd": {"name": "wsd", "min_lr_ratio": 0.0, "decay_fraction": DECAY, "decay_shape": "1-sqrt"}}
+    return [{"name": f"wsd-{arm}", "base": with_schedule(base(size), **schedule),
+             "grid": {"train.tokens": durations(size), "optim.lr": lrs(size), "train.seed": seeds(size)},
+             "labels": ["train.tokens", "optim.lr", "train.seed"]}
+            for arm, schedule in arms.items()]
+
+
+def long_sweep(size: str, lr: float) -> dict[str, Any]:
+    """One WSD run per seed at the longest duration, with checkpoints where branches start."""
+    tree = with_schedule(base(size), name="wsd", min_lr_ratio=0.0, decay_fraction=DECAY,
+                         decay_shape="1-sqrt")
+    tree["optim"]["lr"] = lr
+    tree["train"]["tokens"] = durations(size)[-1]
+    tree["checkpoint"] = {"at_tokens": [s * BATCH[size] for s in branch_steps(size)]}
+    return {"name": "wsd-long", "base": tree, "grid": {"train.seed": seeds(size)}, "labels": ["train.seed"]}
+
+
+def branch_steps(size: str) -> list[int]:
+    """A branch from step S decaying over 20% ends at S / 0.8: the shorter durations' steps."""
+    return [round((1 - DECAY) * d / BATCH[size]) for d in durations(size)[:-1]]
+
+
+def extra(ctx: Context, options: dict[str, Any]) -> None:
+    """Train the long WSD run at the tuned LR of the longest WSD arm, then branch it."""
+    from testbed.rundir import RunDir
+    from testbed.study.sweeps import run_sweep
+    from testbed.train.branch import branch
+
+    arm = tuned(ctx.finals("wsd-wsd"), ["planned_tokens"])
+    lr = float(arm.loc[arm["planned_tokens"] == arm["planned_tokens"].max(), "peak_lr"].iloc[0])
+    folder = run_sweep(ctx.out, long_sweep(ctx.size, lr), workers=options.get("workers", 1))
+    ctx.sweep_dirs["wsd-long"] = folder
+    for parent in sorted((folder / "runs").iterdir()):
+        for step in branch_steps(ctx.size):
+            child = RunDir(parent / "branches" / f"step{step}_decay{DECAY:g}_1-sqrt")
+            if (child.read_status() or {}).get("state") == "done":
+                continue
+            branch(parent, step, DECAY, "1-sqrt")
+
+
+def analyse(ctx: Context) -> Analysis:
+    import pandas as pd
+
+    cells = ["planned_tokens"]
+    cos = tuned(ctx.finals("wsd-cosine"), cells)
+    wsd = tuned(ctx.finals("wsd-wsd"), cells)
+    rows, gaps = [], []
+    for tokens in sorted(set(cos["planned_tokens"]) & set(wsd["planned_tokens"])):
+        a = wsd.loc[wsd["planned_tokens"] == tokens]
+        b = cos.loc[cos["planned_tokens"] == tokens]
+        gap = relative_gap(a["loss"].tolist(), b["loss"].tolist())
+        gap.name = f"WSD vs cosine at D={tokens:.3g}"
+        gaps.append(gap)
+        rows.append({"tokens": int(tokens), "cosine_lr": float(b["peak_lr"].iloc[0]),
+                     "cosine_loss": float(b["loss"].mean()), "wsd_lr": float(a["peak_lr"].iloc[0]),
+                     "wsd_loss": float(a["loss"].mean()), "gap": gap.value, "gap_low": gap.low,
+                     "gap_high": gap.high})
+    worst = max(gaps, key=lambda m: m.high if m.high is not None else m.value)
+    headline = Measurement(f"largest relative loss gap WSD − cosine ({worst.name.split(' at ')[1]})",
+                           worst.value, worst.low, worst.high, "", worst.how)
+    more = [g for g in gaps if g is not worst]
+    branch_rows = []
+    if "wsd-long" in ctx.sweep_dirs and ctx.sweep_dirs["wsd-long"].is_dir():
+        points = ctx.finals("wsd-long")
+        for tokens in sorted(set(points["D"])):
+            br = points.loc[points["D"] == tokens]
+            arm = wsd.loc[(wsd["planned_tokens"] - tokens).abs() <= BATCH[ctx.size]]
+            if arm.empty:
+                continue
+            gap = relative_gap(br["loss"].tolist(), arm["loss"].tolist())
+            gap.name = f"branch vs separate WSD run at D={tokens:.3g}"
+            more.append(gap)
+            branch_rows.append({"tokens": int(tokens), "kind": ",".join(sorted(set(br["point_kind"]))),
+                                "branch_loss": float(br["loss"].mean()), "wsd_run_loss": float(arm["loss"].mean()),
+                                "gap": gap.value, "gap_low": gap.low, "gap_high": gap.high})
+    plots = [_plot(ctx, pd.DataFrame(rows), pd.DataFrame(branch_rows))]
+    return Analysis(headline, more, {"tuned arms": rows, "branches": branch_rows}, plots,
+                    [f"tolerance: WSD at most {TOLERANCE:.0%} above cosine; branches within ±{TOLERANCE:.0%}"])
+
+
+def _plot(ctx: Context, arms, branches) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(arms["tokens"], arms["cosine_loss"], "o-", label="cosine (tuned LR)")
+    ax.plot(arms["tokens"], arms["wsd_loss"], "s-", label="WSD 1-sqrt 20% (tuned LR)")
+    if len(branches):
+        ax.plot(branches["tokens"], branches["branch_loss"], "x--", label="cooldown branches")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens D")
+    ax.set_ylabel("final validation loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(ctx.out / "wsd.png", dpi=100)
+    plt.close(fig)
+    return "wsd.png"
+
+
+def verdict(analysis: Analysis) -> tuple[str, str]:
+    from testbed.study.base import at_most, within
+
+    arms = [at_most(m, TOLERANCE) for m in [analysis.headline] + analysis.more if "cosine" in m.name]
+    branches = [within(m, TOLERANCE) for m in analysis.more if m.name.startswith("branch")]
+    parts = arms + branches
+    if "disagree" in parts:
+        return "disagree", "at some duration WSD (or a branch) is worse beyond the tolerance, interval included"
+    if parts and all(p == "agree" for p in parts):
+        return "agree", "every duration's interval lies within the tolerance, branches included"
+    return "inconclusive", "some interval straddles the tolerance or is missing (one seed)"
+
+
+register(Study(
+    name="wsd", version=1,
+    paper="Hägele et al. 2024, Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations",
+    claim="A constant LR with a 1-sqrt cooldown over the last 20% (WSD) matches cosine at every training "
+          "duration, each at its own tuned LR; cooldown branches of one long WSD run trace the same frontier.",
+    sweeps=sweeps, analyse=analyse, verdict=verdict, extra=extra,
+    caveat="The LR grid is coarse (the optimum may fall between points), small models and short runs "
+           "give the cooldown few steps, and two seeds make a crude interval.",
+))

@@ -1,0 +1,75 @@
+"""`testbed study list|run|report`. Heavy modules are imported inside the handlers only."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    study = subparsers.add_parser("study", help="reproduce published findings with the testbed's own runs",
+                                  description="Run a named study (sweeps, analysis, verdict) and report "
+                                  "claim, measurement with interval and verdict (see docs/studies.md).")
+    sub = study.add_subparsers(dest="study_command", metavar="ACTION")
+
+    def imports(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                       help="import this module first, so the studies it registers can be named (repeatable)")
+
+    listing = sub.add_parser("list", help="every registered study with its claim")
+    imports(listing)
+    listing.set_defaults(func=list_handler)
+
+    run = sub.add_parser("run", help="train the study's runs (skipping done ones), then report")
+    run.add_argument("name", help="a study name (testbed study list)")
+    run.add_argument("--size", choices=("tiny", "cpu", "gpu"), default="tiny",
+                     help="tiny: mechanics, < 1 min; cpu: a real result in <= 30 min on 2 cores; "
+                     "gpu: one H100 (cost the sweeps with testbed sweep plan) (default tiny)")
+    run.add_argument("--out", required=True, help="folder for the sweeps and the report")
+    run.add_argument("--workers", type=int, default=1, help="runs trained at once (default 1)")
+    imports(run)
+    run.set_defaults(func=run_handler)
+
+    report = sub.add_parser("report", help="re-analyse a finished study folder; trains nothing")
+    report.add_argument("out", help="the --out of testbed study run")
+    imports(report)
+    report.set_defaults(func=report_handler)
+
+    study.set_defaults(func=lambda args: (study.print_help(), 2)[1])
+
+
+def list_handler(args: argparse.Namespace) -> int:
+    from testbed.study.base import STUDIES
+    from testbed.study.runner import load
+
+    load(args.imports)
+    for name, study in STUDIES.items():
+        print(f"{name} (v{study.version}, sizes {', '.join(study.sizes)}): {study.claim}\n    {study.paper}")
+    return 0
+
+
+def run_handler(args: argparse.Namespace) -> int:
+    from testbed.errors import TestbedError
+    from testbed.study.runner import load, run
+
+    if args.workers < 1:
+        raise TestbedError(f"--workers={args.workers} must be at least 1")
+    load(args.imports)
+    figures = run(args.name, args.size, args.out, workers=args.workers)
+    _summary(args.out, figures)
+    return 0
+
+
+def report_handler(args: argparse.Namespace) -> int:
+    from testbed.study.runner import load, report
+
+    load(args.imports)
+    _summary(args.out, report(args.out, args.imports))
+    return 0
+
+
+def _summary(out: str, figures: dict) -> None:
+    from testbed.study.base import Measurement
+
+    print(f"study {figures['study']} ({figures['size']}): {Measurement(**figures['measured']).text()}")
+    print(f"verdict: {figures['verdict']}: {figures['why']}")
+    print(f"report: {out}/report.md")

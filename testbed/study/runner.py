@@ -1,0 +1,179 @@
+"""Run a study's sweeps through the sweep registry, then analyse them into a report.
+
+OUT/study.json    which study, version and size this folder holds, and each invocation's time
+OUT/sweep/NAME/   one sweep directory per sweep of the study (docs/sweep.md)
+OUT/report.md     claim, measurement with interval, verdict, caveat, wall time of the runs
+OUT/figures.json  the same as data
+OUT/*.png         the study's plots
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from testbed.errors import TestbedError
+from testbed.rundir import read_json, write_json_atomic, write_text_atomic
+from testbed.study.base import SIZES, STUDIES, Analysis, Context, Study
+from testbed.study.sweeps import run_sweep
+
+
+def load(imports: list[str] | tuple[str, ...] = ()) -> None:
+    """Import the built-in studies and the modules named by --import."""
+    import importlib
+
+    import testbed.study.builtin  # noqa: F401  (registers the built-in studies)
+
+    for name in imports:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise TestbedError(f"--import {name!r} cannot be imported ({err}); put the module on "
+                               f"PYTHONPATH or give its dotted name") from None
+
+
+def sweep_dirs(out: Path) -> dict[str, Path]:
+    """The study's sweep folders by sweep name."""
+    root = out / "sweep"
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / "sweep.json").is_file()}
+
+
+def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool = False,
+        log=print) -> dict[str, Any]:
+    """Train every run of the study not yet done, then write the report."""
+    from testbed.study import corpus
+    from testbed.sweep.spec import load_sweep
+
+    study: Study = STUDIES.get(name)
+    if size not in study.sizes:
+        raise TestbedError(f"--size {size!r} is not defined for study {name!r}; choose one of "
+                           f"{', '.join(study.sizes)}")
+    out = Path(out)
+    meta = _claim_folder(out, study, size)
+    specs = study.sweeps(size)
+    corpus.ensure_for(specs)
+    for spec in specs:
+        load_sweep(spec)  # every run of every sweep is validated before any is trained
+    started = time.time()
+    dirs = {}
+    for spec in specs:
+        dirs[spec["name"]] = run_sweep(out, spec, workers=workers, progress=progress, log=log)
+    if study.extra is not None:
+        study.extra(Context(out, size, dirs), {"workers": workers})
+    meta.setdefault("invocations", []).append({"wall_s": round(time.time() - started, 2),
+                                               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    write_json_atomic(out / "study.json", meta)
+    return report(out)
+
+
+def _claim_folder(out: Path, study: Study, size: str) -> dict[str, Any]:
+    path = out / "study.json"
+    meta = read_json(path) if path.is_file() else None
+    if meta:
+        held = (meta.get("study"), meta.get("version"), meta.get("size"))
+        if held != (study.name, study.version, size):
+            raise TestbedError(f"--out {str(out)!r} holds study {held[0]!r} v{held[1]} at size "
+                               f"{held[2]!r}, not {study.name!r} v{study.version} at {size!r}; "
+                               f"choose another --out")
+        return meta
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"study": study.name, "version": study.version, "size": size, "module": study.module}
+    write_json_atomic(path, meta)
+    return meta
+
+
+def report(out: str | Path, imports: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Analyse the finished runs under `out` (nothing is trained) and write the report."""
+    out = Path(out)
+    meta = read_json(out / "study.json") if (out / "study.json").is_file() else None
+    if not meta:
+        raise TestbedError(f"{str(out)!r} holds no study.json; give the --out of `testbed study run`")
+    if meta.get("study") not in STUDIES and meta.get("module"):
+        load([meta["module"]])
+    study: Study = STUDIES.get(meta["study"])
+    size = meta["size"]
+    context = Context(out, size, sweep_dirs(out))
+    analysis: Analysis = study.analyse(context)
+    verdict, why = study.verdict(analysis)
+    headline = verdict
+    if size == "tiny":
+        headline = "inconclusive (tiny)"
+        why = f"tiny runs check the mechanics only; at this size the rule gives '{verdict}': {why}"
+    runs, wall = _run_walls(out / "sweep")
+    figures = {
+        "study": study.name, "version": study.version, "size": size, "paper": study.paper,
+        "claim": study.claim, "measured": analysis.headline.as_dict(),
+        "more": [m.as_dict() for m in analysis.more], "verdict": headline, "rule_verdict": verdict,
+        "why": why, "caveat": study.caveat, "runs": runs, "runs_wall_s": round(wall, 2),
+        "invocations": meta.get("invocations", []), "tables": analysis.tables,
+        "plots": analysis.plots, "notes": analysis.notes,
+    }
+    write_json_atomic(out / "figures.json", json.loads(json.dumps(figures, default=_plain)))
+    write_text_atomic(out / "report.md", render(figures))
+    return figures
+
+
+def _plain(value: Any) -> Any:
+    try:
+        return value.item()  # numpy scalars
+    except AttributeError:
+        return str(value)
+
+
+def _run_walls(root: Path) -> tuple[int, float]:
+    """Number of runs (branches included) and the sum of their wall times (run.json summary)."""
+    from testbed.rundir import find_runs
+
+    runs = find_runs(root) if root.is_dir() else []
+    wall = 0.0
+    for run in runs:
+        timing = ((run.read_run() or {}).get("summary") or {}).get("timing") or {}
+        wall += float(timing.get("wall_s") or 0.0)
+    return len(runs), wall
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(empty)\n"
+    keys = list(rows[0])
+
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def render(f: dict[str, Any]) -> str:
+    from testbed.study.base import Measurement
+
+    def text(m: dict[str, Any]) -> str:
+        return Measurement(**m).text() + (f" — {m['how']}" if m.get("how") else "")
+
+    calls = f.get("invocations") or []
+    lines = [
+        f"# Study `{f['study']}` (v{f['version']}, size {f['size']})", "",
+        f"**Paper.** {f['paper']}", "",
+        f"**Claim.** {f['claim']}", "",
+        f"**Measured.** {text(f['measured'])}", "",
+        *[f"- {text(m)}" for m in f["more"]], "",
+        f"**Verdict: {f['verdict']}.** {f['why']}", "",
+        f"**Why it might disagree.** {f['caveat']}", "",
+        f"**Runs.** {f['runs']} runs, {f['runs_wall_s']:.1f} s of training wall time in all"
+        + (f"; the last `study run` took {calls[-1]['wall_s']:.1f} s" if calls else "") + ".", "",
+    ]
+    for note in f.get("notes") or []:
+        lines += [f"Note: {note}", ""]
+    for name, rows in (f.get("tables") or {}).items():
+        lines += [f"## {name}", "", _table(rows)]
+    for plot in f.get("plots") or []:
+        lines += [f"![{plot}]({plot})", ""]
+    return "\n".join(lines)
+
+
+__all__ = ["SIZES", "load", "report", "run", "run_sweep"]

@@ -1,0 +1,33 @@
+"""Run one sweep of a study through the sweep registry and the local executor, resumably."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from testbed.errors import TestbedError
+from testbed.rundir import write_json_atomic
+
+
+def run_sweep(out: Path, spec: dict[str, Any], workers: int = 1, progress: bool = False,
+              log=print) -> Path:
+    """Train every run of one sweep mapping not yet done, in OUT/sweep/NAME; returns that folder."""
+    from testbed.sweep.local import LocalExecutor
+    from testbed.sweep.registry import Registry
+    from testbed.sweep.spec import load_sweep
+
+    sweep = load_sweep(spec)
+    folder = out / "sweep" / sweep.name
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / "sweep.json"
+    if not marker.is_file():
+        write_json_atomic(marker, {"name": sweep.name})
+    registry = Registry(folder)
+    ids = registry.add_runs(sweep)
+    log(f"sweep {sweep.name}: {len(ids)} runs in {folder}")
+    counts = LocalExecutor(registry, ids, workers=workers, progress=progress).run()
+    if counts.get("done", 0) != len(ids):
+        summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        raise TestbedError(f"sweep {sweep.name} ended with {summary}; see testbed sweep status "
+                           f"{folder}, then run the study again to resume")
+    return folder

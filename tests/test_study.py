@@ -1,0 +1,97 @@
+"""Studies: the list, each built-in study's tiny run and report, re-analysis without training, a user study."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = ["wsd", "shape", "repetition", "chinchilla", "ablation"]
+
+
+def cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    return subprocess.run([sys.executable, "-m", "testbed", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def test_list_names_every_study_with_its_claim():
+    from testbed.study.base import STUDIES as registry
+    from testbed.study.runner import load
+
+    load()
+    out = cli("study", "list")
+    assert out.returncode == 0, out.stderr
+    for name in STUDIES:
+        assert name in registry.names()
+        line = next(line for line in out.stdout.splitlines() if line.startswith(name + " "))
+        assert registry.get(name).claim in line
+
+
+def test_every_study_defines_cpu_sweeps_that_load(tmp_path, monkeypatch):
+    """The cpu size is defined (not trained here): its sweeps expand into valid runs once the corpus exists."""
+    from testbed.study.base import STUDIES as registry
+    from testbed.study.runner import load
+
+    load()
+    for name in STUDIES:
+        specs = registry.get(name).sweeps("cpu")
+        assert specs and all(s["base"]["data"]["path"].endswith("bpe4096") for s in specs), name
+
+
+def _check_report(out: Path, name: str):
+    figures = json.loads((out / "figures.json").read_text())
+    assert figures["study"] == name and figures["claim"]
+    assert figures["measured"]["value"] is not None
+    assert figures["verdict"] == "inconclusive (tiny)"
+    assert figures["runs"] > 0 and figures["runs_wall_s"] > 0
+    report = (out / "report.md").read_text()
+    assert figures["claim"] in report and "Verdict" in report and "Measured" in report
+    return figures
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", STUDIES)
+def test_tiny_run_and_report(tmp_path, name):
+    out = tmp_path / name
+    result = cli("study", "run", name, "--size", "tiny", "--out", str(out), "--workers", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    _check_report(out, name)
+    if name == "wsd":  # cooldown branches of the long run are part of the report
+        assert any("branch" in m["name"] for m in json.loads((out / "figures.json").read_text())["more"])
+        # study report re-analyses without training: no run directory changes, no run starts
+        before = {p: p.stat().st_mtime_ns for p in out.rglob("status.json")}
+        again = cli("study", "report", str(out))
+        assert again.returncode == 0, again.stderr
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("status.json")} == before
+        assert not list(out.rglob("registry/*.json")) or all(
+            json.loads(p.read_text())["launches"] == 1 for p in out.rglob("registry/*.json"))
+        # running again resumes: every run is done, so nothing is trained
+        rerun = cli("study", "run", name, "--size", "tiny", "--out", str(out))
+        assert rerun.returncode == 0, rerun.stderr
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("status.json")} == before
+
+
+@pytest.mark.slow
+def test_user_study_from_import(tmp_path):
+    listed = cli("study", "list", "--import", "user_study")
+    assert "user-demo" in listed.stdout, listed.stderr
+    out = tmp_path / "mine"
+    result = cli("study", "run", "user-demo", "--out", str(out), "--import", "user_study")
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads((out / "figures.json").read_text())
+    assert figures["study"] == "user-demo" and figures["measured"]["value"] is not None
+    # the folder remembers the study's module: report needs no --import
+    assert cli("study", "report", str(out)).returncode == 0
+
+
+def test_unknown_study_and_foreign_folder(tmp_path):
+    result = cli("study", "run", "wds", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "did you mean 'wsd'" in result.stderr
+    result = cli("study", "report", str(tmp_path))
+    assert result.returncode == 2 and "study.json" in result.stderr
