@@ -193,12 +193,25 @@ def write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
 # ----------------------------------------------------------------------------- run ids
 
 
+# Keys that change no number a run computes: the preset's and the depth dial's (their shape is
+# filled in), and observers and guards of the loss.
+UNCOUNTED_KEYS = {"model": ("preset", "depth", "depth_aspect", "depth_head_dim"),
+                  "train": ("spike_nats", "divergence_nats")}
+# Keys added after runs were first registered, left out while at their defaults, so the ids of
+# runs that do not use them stay as they were.
+LATER_DEFAULTS = {("train", "flops"): None, ("optim", "z_loss"): 0.0}
+
+
 def config_hash(tree: dict[str, Any]) -> str:
-    """A short hash of what a config computes: its name, labels, logging and the model preset's
-    name (its values are filled in) do not count."""
+    """A short hash of what a config computes: its name, labels, logging and UNCOUNTED_KEYS do
+    not count. The one hash of a config: sweeps name runs by it, standalone runs use it as id."""
     tree = {k: v for k, v in tree.items() if k not in COSMETIC_KEYS}
-    if isinstance(tree.get("model"), dict):
-        tree["model"] = {k: v for k, v in tree["model"].items() if k != "preset"}
+    for section, keys in UNCOUNTED_KEYS.items():
+        if isinstance(tree.get(section), dict):
+            tree[section] = {k: v for k, v in tree[section].items() if k not in keys}
+    for (section, key), default in LATER_DEFAULTS.items():
+        if isinstance(tree.get(section), dict) and tree[section].get(key, default) == default:
+            tree[section] = {k: v for k, v in tree[section].items() if k != key}
     canonical = json.dumps(tree, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:HASH_CHARS]
 

@@ -104,8 +104,32 @@ def test_the_example_isoflop_sweep_plans_every_run_within_half_a_step_of_its_bud
 
 
 def test_run_ids_of_sweeps_without_the_new_keys_are_unchanged():
+    """Pinned ids: keys that change no number, and later keys at their defaults, do not count."""
     base = {"model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32},
             "data": {"seq_len": 32}, "train": {"global_batch_tokens": 256, "tokens": 25600},
             "logging": {"wandb": False, "progress": False}}
     s = load_sweep({"name": "t", "base": base, "grid": {"model.d_model": [32, 64]}})
-    assert [r.run_id for r in s.runs] == ["d_model-32-070472e666", "d_model-64-a5921acdc8"]
+    assert [r.run_id for r in s.runs] == ["d_model-32-6f8115d48f", "d_model-64-df2949570f"]
+    watched = load_sweep({"name": "t", "base": {**base, "train": {**base["train"], "spike_nats": 1.0,
+                                                                 "divergence_nats": 5.0}},
+                          "grid": {"model.d_model": [32, 64]}})
+    assert [r.run_id for r in watched.runs] == [r.run_id for r in s.runs]
+
+
+def test_a_run_registered_under_an_older_hash_is_not_registered_again(tmp_path):
+    """An upgrade that changes how configs hash must not train a registered run a second time:
+    the registry matches runs by their saved config hashed as today."""
+    from testbed.sweep.registry import Registry
+
+    base = {"model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32},
+            "data": {"seq_len": 32}, "train": {"global_batch_tokens": 256, "tokens": 25600},
+            "logging": {"wandb": False, "progress": False}}
+    spec = {"name": "t", "base": base, "grid": {"model.d_model": [32, 64]}}
+    registry = Registry(tmp_path / "sweep")
+    ids = registry.add_runs(load_sweep(spec))
+    for run_id in ids:  # as an older version would have written them
+        record = registry.read(run_id)
+        record["config_hash"] = "0123456789"
+        registry.write(record)
+    again = registry.add_runs(load_sweep(spec))
+    assert again == ids and len(registry.records()) == 2

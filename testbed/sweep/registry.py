@@ -169,8 +169,13 @@ class Registry:
         import yaml
 
         with self.locked():
-            by_hash = {r["config_hash"]: r for r in self.records()}
-            order = len(by_hash)
+            records = self.records()
+            by_hash = {r["config_hash"]: r for r in records}
+            # A run registered by an older version carries that version's hash: its saved config,
+            # hashed as today, still finds it, so an upgrade never trains a registered run again.
+            for record in records:
+                by_hash.setdefault(self.current_hash(record["run_id"]) or record["config_hash"], record)
+            order = len(records)
             ids = []
             for run in sweep.runs:
                 known = by_hash.get(run.config_hash)
@@ -193,6 +198,19 @@ class Registry:
                 order += 1
                 ids.append(run.run_id)
             return ids
+
+    def current_hash(self, run_id: str) -> str | None:
+        """The hash of a registered run's saved config.yaml under today's config rules."""
+        from testbed.config import read_yaml, saved_config
+        from testbed.sweep.spec import hash_config
+
+        path = self.config_path(run_id)
+        if not path.is_file():
+            return None
+        try:
+            return hash_config(saved_config(read_yaml(path)))
+        except TestbedError:
+            return None  # a config this version no longer reads: matched by its old hash only
 
     def claim(self, run_ids: list[str], max_retries: int, executor: str,
               **fields: Any) -> dict[str, Any] | None:

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
 import itertools
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +30,11 @@ from typing import Any
 
 from testbed.config import Config, from_dict, merge, read_yaml, set_dotted
 from testbed.errors import ConfigError
+from testbed.rundir import config_hash
 from testbed.sweep.expr import evaluate
 from testbed.sweep.quantities import describe, expression_names
 
 SWEEP_KEYS = ("name", "description", "base", "grid", "zip", "derived", "labels")
-HASH_CHARS = 10
 SLUG_CHARS = 60
 
 
@@ -228,18 +226,7 @@ def dotted(tree: dict[str, Any], key: str) -> Any:
 
 
 def hash_config(config: Config) -> str:
-    tree = config.to_dict()
-    for cosmetic in ("name", "labels", "logging"):
-        tree.pop(cosmetic, None)
-    tree["model"].pop("preset", None)  # its values are already filled in
-    # Keys added after sweeps were first registered are left out while unused, so existing runs
-    # keep their ids: the depth dial (its shape is already filled in) and an unset budget.
-    for key in ("depth", "depth_aspect", "depth_head_dim"):
-        tree["model"].pop(key, None)
-    if tree["train"].get("flops") is None:
-        tree["train"].pop("flops", None)
-    canonical = json.dumps(tree, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:HASH_CHARS]
+    return config_hash(config.to_dict())
 
 
 def slug(labels: dict[str, Any]) -> str:

@@ -82,7 +82,7 @@ def branch_config(parent_config, step: int, fraction: float, shape: str,
     if tree["schedule"].get("warmup_fraction") is not None:
         tree["schedule"]["warmup_steps"] = spec.warmup_steps
         tree["schedule"]["warmup_fraction"] = None
-    tree["train"].update(steps=total, tokens=None, tokens_per_param=None)
+    tree["train"].update(steps=total, tokens=None, tokens_per_param=None, flops=None)
     tree["name"] = f"{parent_config.name or 'run'}-branch{step}-{shape}-{fraction:g}{override_tag(optim or {})}"
     tree["labels"] = dict(tree.get("labels") or {}, branch_step=step, decay_fraction=fraction)
     if optim:
