@@ -463,6 +463,19 @@ def loss(report: Report, args) -> dict:
     result["speedup"] = result["eager_ms"] / result["compiled_ms"]
     result["max_grad_h_diff"] = (grads["eager"][0] - grads["compiled"][0]).abs().max().item()
     result["loss_diff"] = abs(result["eager_loss"] - result["compiled_loss"])
+    # The z-loss (PaLM) rides in the same pass: its compiled gradient must equal the eager one.
+    from testbed.model.loss import linear_cross_entropy_terms
+
+    z = {}
+    for name, compiled in (("eager", False), ("compiled", True)):
+        h.grad = w.grad = None
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            objective, _, lse_sq = linear_cross_entropy_terms(h, w, t, z_loss=1e-4, compiled=compiled)
+        objective.backward()
+        z[name] = (objective.item(), lse_sq.item(), h.grad.clone())
+    result["z_loss_objective_diff"] = abs(z["eager"][0] - z["compiled"][0])
+    result["z_loss_lse_sq"] = z["eager"][1]
+    result["z_loss_max_grad_h_diff"] = (z["eager"][2] - z["compiled"][2]).abs().max().item()
     return result
 
 
