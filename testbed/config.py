@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import ConfigError
+from testbed.registry import import_modules
 from testbed.schedules import DEFAULT_SCHEDULE, Schedule, schedule_class, split_section
 
 # The ladder ships as package data next to this module, so an installed wheel finds it without
@@ -314,16 +315,9 @@ def apply_depth(model: dict[str, Any]) -> dict[str, Any]:
 def import_plugins(modules: list[str] | Any) -> None:
     """Import the modules named in `imports`, so their registered parts (ablations, schedules)
     exist; before the rest of the config is built, since the schedule section names a class."""
-    import importlib
-
     if not isinstance(modules, (list, tuple)):
         raise ConfigError(f"imports={modules!r} must be a list of module names, e.g. imports=[my_ablation]")
-    for name in modules:
-        try:
-            importlib.import_module(str(name))
-        except ImportError as err:
-            raise ConfigError(f"imports: module {name!r} cannot be imported ({err}); put it on "
-                              f"PYTHONPATH or fix the name") from None
+    import_modules(modules, "imports: module")
 
 
 def from_dict(tree: dict[str, Any]) -> Config:

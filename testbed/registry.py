@@ -68,3 +68,16 @@ class Registry:
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+
+def import_modules(names: list[str] | tuple[str, ...], source: str) -> None:
+    """Import user modules so that what they register exists: `imports:` in a config, `--import`
+    on the command line (`source` names which, for the error)."""
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(str(name))
+        except ImportError as err:
+            raise ConfigError(f"{source} {name!r} cannot be imported ({err}); put the module on PYTHONPATH "
+                              f"or fix its dotted name") from None

@@ -122,19 +122,6 @@ def _collect(args) -> int:
     return 0
 
 
-def _import_modules(names: list[str]) -> None:
-    import importlib
-
-    from testbed.errors import TestbedError
-
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError as err:
-            raise TestbedError(f"--import {name!r} cannot be imported ({err}); put the module on PYTHONPATH "
-                               f"or fix the name.") from None
-
-
 def _check_numbers(args) -> None:
     import math
 
@@ -152,7 +139,9 @@ def _fit(args) -> int:
     from pathlib import Path
 
     _check_numbers(args)
-    _import_modules(args.imports)
+    from testbed.registry import import_modules
+
+    import_modules(args.imports, "--import")
     from testbed.fit.analysis import FitOptions, analyse
     from testbed.fit.report import write_json, write_report
 

@@ -8,7 +8,8 @@ Verdicts are reported as found: the thresholds are fixed in the study's code, be
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,3 +169,26 @@ def at_most(m: Measurement, tolerance: float) -> str:
     if m.low > tolerance:
         return "disagree"
     return "inconclusive"
+
+
+@contextlib.contextmanager
+def figure(path: Path, xlabel: str, ylabel: str = "final validation loss", log_base: float = 10) -> Iterator[Any]:
+    """The axes of one small report plot, saved to `path` on leaving (log x axis; a legend when
+    something was labelled)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    try:
+        yield ax
+        ax.set_xscale("log", base=log_base)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)

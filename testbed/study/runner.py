@@ -22,16 +22,10 @@ from testbed.study.sweeps import run_sweep
 
 def load(imports: list[str] | tuple[str, ...] = ()) -> None:
     """Import the built-in studies and the modules named by --import."""
-    import importlib
-
     import testbed.study.builtin  # noqa: F401  (registers the built-in studies)
+    from testbed.registry import import_modules
 
-    for name in imports:
-        try:
-            importlib.import_module(name)
-        except ImportError as err:
-            raise TestbedError(f"--import {name!r} cannot be imported ({err}); put the module on "
-                               f"PYTHONPATH or give its dotted name") from None
+    import_modules(imports, "--import")
 
 
 def sweep_dirs(out: Path) -> dict[str, Path]:

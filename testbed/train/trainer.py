@@ -46,6 +46,7 @@ from testbed.train.distributed import (
     wrap_model,
 )
 from testbed.train.metrics import MetricsLog
+from testbed.train.monitor import LossWatch, Window, significant, squared_norms
 from testbed.train.prefetch import Prefetcher
 from testbed.train.resume import Preemption, load_run_config, prepare_run_dir, restore_rng, rng_state
 
@@ -59,9 +60,6 @@ CONFIG_HYPERPARAMS = ("betas", "weight_decay", "eps")
 class NonFiniteLoss(TestbedError):
     pass
 
-
-class Diverged(TestbedError):
-    """The training loss climbed far above its lowest value without becoming NaN."""
 
 
 def check_writable(path: Path, what: str = "--run-dir") -> None:
@@ -151,49 +149,6 @@ def auto_micro_batch(config: Config, device: torch.device, local_seqs: int, d: D
     return micro
 
 
-# The running mean that loss spikes are measured against: an EMA over logged training losses.
-SPIKE_EMA_DECAY = 0.9
-
-
-def significant(values: list[float], digits: int = 4) -> list[float]:
-    """Numbers cut to a few significant digits: per-layer lists stay short in metrics.jsonl."""
-    return [float(f"{v:.{digits}g}") for v in values]
-
-
-def squared_norms(groups: list[list[torch.Tensor | None]], device: torch.device) -> torch.Tensor:
-    """The summed squares of each group's tensors (this process's shards under FSDP2), in fp32."""
-    out = torch.zeros(len(groups), dtype=torch.float32, device=device)
-    for i, tensors in enumerate(groups):
-        for t in tensors:
-            if t is not None:
-                local = t.to_local() if hasattr(t, "to_local") else t
-                out[i] += local.detach().float().square().sum()
-    return out
-
-
-class Window:
-    """The training-loss average and the tokens/s of one logging window. Validation and
-    checkpoints that fall inside a window are taken out of its time (tokens_per_s is the speed
-    of training steps)."""
-
-    def __init__(self, device: torch.device, timing: dict[str, float]):
-        self.timing = timing
-        self.loss_sum = torch.zeros((), device=device)
-        self.z_sum = torch.zeros((), device=device)  # the z-loss term, when optim.z_loss is on
-        self.steps = 0
-        self.restart()
-
-    def paused(self) -> float:
-        return self.timing["eval_s"] + self.timing["checkpoint_s"]
-
-    def restart(self) -> None:
-        self.t0, self.tokens, self.paused_at_start = time.perf_counter(), 0, self.paused()
-
-    def tokens_per_s(self) -> float | None:
-        elapsed = time.perf_counter() - self.t0 - (self.paused() - self.paused_at_start)
-        return self.tokens / elapsed if self.tokens else None
-
-
 class Trainer:
     def __init__(self, config: Config, run_dir: str | Path, preempt: Preemption, *, resume: bool = False,
                  overwrite: bool = False, init_from: dict | None = None, parent: dict | None = None,
@@ -209,9 +164,7 @@ class Trainer:
         self.restore_s = 0.0
         self.last_eval: dict[str, float] = {}
         self.last_eval_step = -1
-        self.loss_min = math.inf  # lowest logged training loss since warmup (the divergence guard)
-        self.loss_ema: float | None = None  # running mean of logged training losses (spike detection)
-        self.spikes = 0  # loss spikes counted so far
+        self.watch = LossWatch(config.train.spike_nats, config.train.divergence_nats)
         self.log_stats: dict = {}  # gradient and update norms of the last logging step
         self.start_step = self.done = 0
         self.resumed_from: str | None = None
@@ -327,9 +280,7 @@ class Trainer:
         if self.loaded is not None:
             load_model_state(self.base_model, self.loaded["model"], self.config, Dist())
             self.start_step = self.done = int(self.loaded["state"]["step"])
-            self.loss_min = self.loaded["state"].get("loss_min") or math.inf
-            self.loss_ema = self.loaded["state"].get("loss_ema")
-            self.spikes = int(self.loaded["state"].get("spikes") or 0)
+            self.watch.restore(self.loaded["state"])
             restore_rng(self.loaded["rng"], self.device)
         self.restore_s += time.perf_counter() - t0
         return mode
@@ -585,7 +536,7 @@ class Trainer:
             extra["z_loss"] = all_reduce_sum(window.z_sum.clone(), self.d).item() / self.d.world / window.steps
         dev.synchronize(self.device)
         tps = window.tokens_per_s()
-        extra.update(self.check_spike(mean_loss))
+        extra.update(self.watch.spike(mean_loss))
         if self.d.main:
             self.metrics.log({"step": done, "tokens": done * self.gbt, "flops": done * self.gbt * self.fpt,
                               "lr": self.lr, "train_loss": mean_loss, "grad_norm": self.grad_norm.item(),
@@ -598,35 +549,7 @@ class Trainer:
         window.loss_sum.zero_()
         window.z_sum.zero_()
         window.steps, window.tokens = 0, 0
-        self.check_divergence(done, mean_loss)
-
-    def check_spike(self, loss: float) -> dict:
-        """`spikes` (the count so far) and, on a spike, `spike` (nats above the running mean): a
-        logged training loss more than train.spike_nats above the EMA of the ones before it."""
-        margin = self.config.train.spike_nats
-        if margin is None or not math.isfinite(loss):
-            return {}
-        out: dict = {}
-        if self.loss_ema is not None and loss > self.loss_ema + margin:
-            self.spikes += 1
-            out["spike"] = loss - self.loss_ema
-        self.loss_ema = loss if self.loss_ema is None else \
-            SPIKE_EMA_DECAY * self.loss_ema + (1 - SPIKE_EMA_DECAY) * loss
-        out["spikes"] = self.spikes
-        return out
-
-    def check_divergence(self, done: int, loss: float) -> None:
-        """Stop as failed when the logged training loss (the same on every process) is more than
-        train.divergence_nats above its lowest value since warmup ended."""
-        margin = self.config.train.divergence_nats
-        if margin is None or done <= self.schedule.warmup_steps or not math.isfinite(loss):
-            return
-        if loss > self.loss_min + margin:
-            raise Diverged(f"the training loss diverged to {loss:.4g} at step {done}, more than "
-                           f"train.divergence_nats={margin:g} above its lowest {self.loss_min:.4g}; the "
-                           f"last good checkpoints are kept. Lower optim.lr (now {self.config.optim.lr}) "
-                           f"or raise warmup, or raise train.divergence_nats (null disables the guard)")
-        self.loss_min = min(self.loss_min, loss)
+        self.watch.check_divergence(done, mean_loss, self.schedule.warmup_steps, self.config.optim.lr)
 
     def evaluate(self, step: int) -> dict[str, float]:
         """The validation set at `step` (once per step, however many callers ask)."""
@@ -668,8 +591,8 @@ class Trainer:
             log_window["z_sum"] = all_reduce_sum(self.window.z_sum.clone(), d).item()
         if d.main:
             state = {"tokens": step * self.gbt, "total_steps": self.total_steps, "run_id": self.run_id,
-                     "config": config.to_dict(), "world_size": d.world, "loss_min": self.loss_min,
-                     "loss_ema": self.loss_ema, "spikes": self.spikes, "log_window": log_window}
+                     "config": config.to_dict(), "world_size": d.world, **self.watch.state(),
+                     "log_window": log_window}
             ckpt.save(self.run_dir.path, step, kind, model_state, optim_state, rng_state(self.device), state,
                       self.index_fields(step, ev))
             ckpt.apply_retention(self.run_dir.path, config.checkpoint.keep_rolling)

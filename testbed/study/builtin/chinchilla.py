@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from testbed.study.base import Analysis, Context, Measurement, Study, register
+from testbed.study.base import Analysis, Context, Measurement, Study, figure, register
 from testbed.study.recipes import BATCH, base
 
 KAPLAN_A = 0.73
@@ -76,22 +76,10 @@ def analyse(ctx: Context) -> Analysis:
 
 
 def _plot(ctx: Context, rows: list[dict]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for budget in sorted({r["budget"] for r in rows}):
-        pts = [r for r in rows if r["budget"] == budget]
-        ax.plot([r["N"] for r in pts], [r["loss"] for r in pts], "o-", label=f"C = {budget:.0e}")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters N")
-    ax.set_ylabel("final validation loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(ctx.out / "isoflop.png", dpi=100)
-    plt.close(fig)
+    with figure(ctx.out / "isoflop.png", "parameters N") as ax:
+        for budget in sorted({r["budget"] for r in rows}):
+            pts = [r for r in rows if r["budget"] == budget]
+            ax.plot([r["N"] for r in pts], [r["loss"] for r in pts], "o-", label=f"C = {budget:.0e}")
     return "isoflop.png"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from testbed.study.base import Analysis, Context, Study, register, relative_gap
+from testbed.study.base import Analysis, Context, Study, figure, register, relative_gap
 from testbed.study.recipes import BATCH, base, seeds
 
 TOLERANCE = 0.01  # "negligible": repeated data within 1% of unique data up to 4 epochs
@@ -53,21 +53,9 @@ def analyse(ctx: Context) -> Analysis:
 
 
 def _plot(ctx: Context, rows: list[dict]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["epochs"] for r in rows], [r["repeated_loss"] for r in rows], "o-", label="U repeated")
-    ax.plot([r["epochs"] for r in rows], [r["unique_loss"] for r in rows], "s-", label="unique data")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("epochs over U (tokens D = epochs x U)")
-    ax.set_ylabel("final validation loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(ctx.out / "repetition.png", dpi=100)
-    plt.close(fig)
+    with figure(ctx.out / "repetition.png", "epochs over U (tokens D = epochs x U)", log_base=2) as ax:
+        ax.plot([r["epochs"] for r in rows], [r["repeated_loss"] for r in rows], "o-", label="U repeated")
+        ax.plot([r["epochs"] for r in rows], [r["unique_loss"] for r in rows], "s-", label="unique data")
     return "repetition.png"
 
 

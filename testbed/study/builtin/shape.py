@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from testbed.study.base import Analysis, Context, Measurement, Study, bootstrap, register
+from testbed.study.base import Analysis, Context, Measurement, Study, bootstrap, figure, register
 from testbed.study.recipes import BATCH, base, seeds, width_for
 
 TOLERANCE = 0.03  # Kaplan et al.: a few percent across aspect ratios spanning a wide band
@@ -56,19 +56,8 @@ def analyse(ctx: Context) -> Analysis:
 
 
 def _plot(ctx: Context, rows: list[dict]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["aspect"] for r in rows], [r["loss"] for r in rows], "o-")
-    ax.set_xscale("log")
-    ax.set_xlabel("aspect ratio d_model / n_layers")
-    ax.set_ylabel("final validation loss")
-    fig.tight_layout()
-    fig.savefig(ctx.out / "shape.png", dpi=100)
-    plt.close(fig)
+    with figure(ctx.out / "shape.png", "aspect ratio d_model / n_layers") as ax:
+        ax.plot([r["aspect"] for r in rows], [r["loss"] for r in rows], "o-")
     return "shape.png"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from testbed.study.base import Analysis, Context, Measurement, Study, register, relative_gap, tuned
+from testbed.study.base import Analysis, Context, Measurement, Study, figure, register, relative_gap, tuned
 from testbed.study.recipes import BATCH, base, seeds, with_schedule
 
 TOLERANCE = 0.01  # WSD may be at most 1% above cosine, at its own tuned learning rate
@@ -104,23 +104,11 @@ def analyse(ctx: Context) -> Analysis:
 
 
 def _plot(ctx: Context, arms, branches) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(arms["tokens"], arms["cosine_loss"], "o-", label="cosine (tuned LR)")
-    ax.plot(arms["tokens"], arms["wsd_loss"], "s-", label="WSD 1-sqrt 20% (tuned LR)")
-    if len(branches):
-        ax.plot(branches["tokens"], branches["branch_loss"], "x--", label="cooldown branches")
-    ax.set_xscale("log")
-    ax.set_xlabel("training tokens D")
-    ax.set_ylabel("final validation loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(ctx.out / "wsd.png", dpi=100)
-    plt.close(fig)
+    with figure(ctx.out / "wsd.png", "training tokens D") as ax:
+        ax.plot(arms["tokens"], arms["cosine_loss"], "o-", label="cosine (tuned LR)")
+        ax.plot(arms["tokens"], arms["wsd_loss"], "s-", label="WSD 1-sqrt 20% (tuned LR)")
+        if len(branches):
+            ax.plot(branches["tokens"], branches["branch_loss"], "x--", label="cooldown branches")
     return "wsd.png"
 
 
