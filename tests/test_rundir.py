@@ -105,8 +105,10 @@ def test_every_reader_agrees_on_a_run_killed_mid_write(tmp_path):
     assert run.metrics() == metrics and run.index() == index
     assert ckpt.read_index(run.path) == index
     status = last_metrics(Registry(sweep), "r1")
-    assert status == {"step": 8, "train_loss": [m for m in metrics if "train_loss" in m][-1]["train_loss"],
-                      "val_loss": [m for m in metrics if "val_loss" in m][-1]["val_loss"]}
+    last_train = [m for m in metrics if "train_loss" in m][-1]
+    assert {k: status.get(k) for k in ("step", "train_loss", "val_loss", "spikes")} == {
+        "step": 8, "train_loss": last_train["train_loss"], "spikes": last_train["spikes"],
+        "val_loss": [m for m in metrics if "val_loss" in m][-1]["val_loss"]}
     points = collect_runs(sweep)
     assert sorted(points["step"]) == [4, 8]
     assert list(points["loss"]) == pytest.approx([i["val_loss"] for i in index])
