@@ -367,6 +367,12 @@ class RunDir:
             return None
         return stat.st_ino, stat.st_mtime_ns
 
+    # train.log
+    def log(self, text: str) -> None:
+        """One timestamped line of the human-readable log."""
+        with open(self.log_path, "a") as handle:
+            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+
     # metrics.jsonl
     def metrics(self) -> list[dict[str, Any]]:
         return read_jsonl(self.metrics_path)

@@ -171,13 +171,17 @@ class Registry:
         with self.locked():
             records = self.records()
             by_hash = {r["config_hash"]: r for r in records}
-            # A run registered by an older version carries that version's hash: its saved config,
-            # hashed as today, still finds it, so an upgrade never trains a registered run again.
-            for record in records:
-                by_hash.setdefault(self.current_hash(record["run_id"]) or record["config_hash"], record)
+            rehashed = False
             order = len(records)
             ids = []
             for run in sweep.runs:
+                if run.config_hash not in by_hash and not rehashed:
+                    # A run registered by an older version carries that version's hash: its saved
+                    # config, hashed as today, still finds it, so an upgrade never trains a
+                    # registered run again. Read only when a planned run is not found.
+                    for record in records:
+                        by_hash.setdefault(self.current_hash(record["run_id"]) or record["config_hash"], record)
+                    rehashed = True
                 known = by_hash.get(run.config_hash)
                 if known is not None:
                     if run.run_id != known["run_id"]:

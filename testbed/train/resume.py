@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import time
 import warnings
 from pathlib import Path
 
@@ -114,8 +113,7 @@ def _note(rd: RunDir, d: Dist, text: str, warn: bool = True) -> None:
     if warn:
         warnings.warn(text, stacklevel=3)
     try:
-        with open(rd.log_path, "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        rd.log(text)
     except OSError:
         pass  # the warning on stderr remains
 

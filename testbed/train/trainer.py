@@ -462,8 +462,7 @@ class Trainer:
         clip = config.optim.grad_clip
         self.grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
         # Reading the loss on the host waits for the GPU: there, only on logging steps.
-        check_now = self.device.type == "cpu" or (step + 1) % config.train.log_every == 0
-        if check_now and not torch.isfinite(step_loss).item():
+        if (self.device.type == "cpu" or log_now) and not torch.isfinite(step_loss).item():
             raise NonFiniteLoss(
                 f"the training loss became {step_loss.item()} at step {step + 1}; the last good "
                 f"checkpoint is kept. Lower optim.lr (now {config.optim.lr}) or raise warmup")
@@ -640,5 +639,4 @@ class Trainer:
                 "phase": self.schedule.phase(max(step - 1, 0), self.total_steps)}
 
     def log_line(self, text: str) -> None:
-        with open(self.run_dir.log_path, "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        self.run_dir.log(text)
