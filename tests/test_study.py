@@ -33,15 +33,30 @@ def test_list_names_every_study_with_its_claim():
         assert registry.get(name).claim in line
 
 
-def test_every_study_defines_cpu_sweeps_that_load(tmp_path, monkeypatch):
-    """The cpu size is defined (not trained here): its sweeps expand into valid runs once the corpus exists."""
-    from testbed.study.base import STUDIES as registry
-    from testbed.study.runner import load
+def test_every_cpu_study_fits_its_budget_and_the_corpus(tmp_path, monkeypatch):
+    """`study plan` at cpu: every study's runs fit 30 min at the stated CPU rate, and no run needs
+    more distinct tokens than the corpus holds (checked against the corpus's lower estimate, so
+    the real, prepared corpus fits too)."""
+    from testbed.study import corpus, recipes
+    from testbed.study.runner import load, plan
 
+    monkeypatch.setenv("TESTBED_CACHE", str(tmp_path))
+    estimate, prepared = corpus.train_tokens()
+    assert not prepared and estimate > 5_000_000, estimate  # Python 3.11's library: ~30 MB
+    folder = corpus.stdlib_path()
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"vocab_size": corpus.VOCAB_SIZE,
+                                                       "splits": {"train": {"tokens": estimate}}}))
     load()
     for name in STUDIES:
-        specs = registry.get(name).sweeps("cpu")
-        assert specs and all(s["base"]["data"]["path"].endswith("bpe4096") for s in specs), name
+        p = plan(name, "cpu")
+        assert p["problems"] == [], (name, p["problems"])
+        assert 0 < p["seconds"] <= recipes.BUDGET_S["cpu"], name
+        assert all(r["largest_fresh_tokens"] <= estimate for r in p["sweeps"]), name
+    # the check can fail: at a quarter of the rate the same recipe overruns
+    assert plan("wsd", "cpu", rate=recipes.RATE["cpu"] / 4)["problems"]
+    result = cli("study", "plan", "wsd", "--size", "cpu", "--flops-per-s", "1e9")
+    assert result.returncode == 1 and "exceeds the cpu budget" in result.stdout, result.stdout
 
 
 def _check_report(out: Path, name: str):

@@ -29,6 +29,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     imports(run)
     run.set_defaults(func=run_handler)
 
+    planning = sub.add_parser("plan", help="the study's runs, tokens, FLOPs and time, without training")
+    planning.add_argument("name", help="a study name (testbed study list)")
+    planning.add_argument("--size", choices=("tiny", "cpu", "gpu"), default="cpu")
+    planning.add_argument("--flops-per-s", type=float, default=None,
+                          help="achieved training FLOP/s to estimate time with (default: the size's "
+                          "stated rate, see docs/studies.md#cost)")
+    imports(planning)
+    planning.set_defaults(func=plan_handler)
+
     report = sub.add_parser("report", help="re-analyse a finished study folder; trains nothing")
     report.add_argument("out", help="the --out of testbed study run")
     imports(report)
@@ -57,6 +66,23 @@ def run_handler(args: argparse.Namespace) -> int:
     figures = run(args.name, args.size, args.out, workers=args.workers)
     _summary(args.out, figures)
     return 0
+
+
+def plan_handler(args: argparse.Namespace) -> int:
+    from testbed.study.runner import load, plan
+    from testbed.sweep.plan import duration, format_table, human
+
+    load(args.imports)
+    p = plan(args.name, args.size, args.flops_per_s)
+    rows = [[r["sweep"], str(r["runs"]), human(r["tokens"]), human(r["flops"]),
+             human(r["largest_fresh_tokens"]), human(r["corpus_tokens"]) if r["corpus_tokens"] else "-",
+             duration(r["seconds"])] for r in p["sweeps"]]
+    print(f"study {p['study']} ({p['size']}) at {human(p['rate'])}FLOP/s: "
+          f"{duration(p['seconds'])} of a {duration(p['budget_s'])} budget")
+    print(format_table(["sweep", "runs", "tokens", "FLOPs", "largest run", "corpus", "time"], rows))
+    for problem in p["problems"]:
+        print(f"problem: {problem}")
+    return 0 if not p["problems"] else 1
 
 
 def report_handler(args: argparse.Namespace) -> int:

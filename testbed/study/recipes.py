@@ -2,8 +2,10 @@
 
 tiny: the built-in synthetic language (32 tokens, 16-token sequences), models of a few thousand
 parameters; mechanics only, seconds per run. cpu: the Python standard library's source
-(testbed/study/corpus.py), models around 0.1-1M parameters, sized for <= 30 min on 2 cores.
-gpu: the same corpus at ~10x the cpu models; cost it with `testbed sweep plan` first.
+(testbed/study/corpus.py, 8.8M training tokens), models of 50k-500k non-embedding parameters,
+every study sized by `testbed study plan` to fit 30 min on 2 cores without repeating data it
+does not mean to repeat. gpu: the same corpus at ~10x the cpu models; cost it with
+`testbed study plan NAME --size gpu` first.
 """
 
 from __future__ import annotations
@@ -12,7 +14,12 @@ import copy
 import math
 from typing import Any
 
-BATCH = {"tiny": 512, "cpu": 4096, "gpu": 65536}
+BATCH = {"tiny": 512, "cpu": 2048, "gpu": 65536}
+# What a size promises: its runs' training FLOPs (6N + attention per token, testbed.model.counting)
+# fit BUDGET_S seconds at RATE achieved FLOP/s. cpu: fp32 on 2 AVX2 cores, where the study models
+# (d_model 64-192) train at 40-55 GFLOP/s (docs/studies.md#cost); gpu: one H100 at 40% MFU.
+RATE = {"tiny": 1.0e9, "cpu": 4.0e10, "gpu": 0.4 * 989e12}
+BUDGET_S = {"tiny": 60, "cpu": 1800, "gpu": 8 * 3600}
 SEQ = {"tiny": 16, "cpu": 128, "gpu": 256}
 
 
@@ -30,8 +37,8 @@ def base(size: str) -> dict[str, Any]:
     from testbed.study.corpus import stdlib_path
 
     return {
-        "model": {"d_model": 128 if size == "cpu" else 512, "n_layers": 4 if size == "cpu" else 8,
-                  "n_heads": 4 if size == "cpu" else 8, "max_seq_len": SEQ[size]},
+        "model": {"d_model": 64 if size == "cpu" else 512, "n_layers": 4 if size == "cpu" else 8,
+                  "n_heads": 2 if size == "cpu" else 8, "max_seq_len": SEQ[size]},
         "data": {"source": "shards", "path": str(stdlib_path()), "seq_len": SEQ[size],
                  "val_sequences": 256},
         "optim": {"lr": 3.0e-3},

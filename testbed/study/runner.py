@@ -64,6 +64,43 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
     return report(out)
 
 
+def plan(name: str, size: str, rate: float | None = None) -> dict[str, Any]:
+    """What `study run` would train, without training: per sweep the runs, tokens and FLOPs, the
+    time at `rate` FLOP/s (the size's stated rate by default), and whether every run's fresh
+    tokens fit the corpus it reads."""
+    from testbed.study import corpus, recipes
+    from testbed.sweep.spec import load_sweep
+
+    study: Study = STUDIES.get(name)
+    if size not in study.sizes:
+        raise TestbedError(f"--size {size!r} is not defined for study {name!r}; choose one of "
+                           f"{', '.join(study.sizes)}")
+    rate = rate or recipes.RATE[size]
+    specs = study.sweeps(size) + (study.extra_cost(size) if study.extra_cost else [])
+    rows, problems = [], []
+    for spec in specs:
+        sweep = load_sweep(spec)
+        quantities = [run.quantities for run in sweep.runs]
+        path = ((spec.get("base") or {}).get("data") or {}).get("path")
+        available = None
+        if path and Path(path).parent == corpus.stdlib_path().parent:
+            available, _ = corpus.train_tokens(int(Path(path).name.rsplit("bpe", 1)[1]))
+        fresh = max(q["unique_tokens"] or q["planned_tokens"] for q in quantities)
+        if available is not None and fresh > available:
+            problems.append(f"sweep {sweep.name}: a run needs {fresh:,} distinct training tokens but the "
+                            f"corpus holds {available:,}")
+        flops = sum(q["planned_flops"] for q in quantities)
+        rows.append({"sweep": sweep.name, "runs": len(quantities),
+                     "tokens": sum(q["planned_tokens"] for q in quantities), "flops": flops,
+                     "largest_fresh_tokens": fresh, "corpus_tokens": available, "seconds": flops / rate})
+    total = sum(r["seconds"] for r in rows)
+    if total > recipes.BUDGET_S[size]:
+        problems.append(f"{total:.0f} s at {rate:.3g} FLOP/s exceeds the {size} budget of "
+                        f"{recipes.BUDGET_S[size]} s")
+    return {"study": name, "size": size, "rate": rate, "budget_s": recipes.BUDGET_S[size],
+            "sweeps": rows, "seconds": total, "problems": problems}
+
+
 def _claim_folder(out: Path, study: Study, size: str) -> dict[str, Any]:
     path = out / "study.json"
     meta = read_json(path) if path.is_file() else None
@@ -170,4 +207,4 @@ def render(f: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SIZES", "load", "report", "run", "run_sweep"]
+__all__ = ["SIZES", "load", "plan", "report", "run", "run_sweep"]

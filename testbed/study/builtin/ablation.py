@@ -16,7 +16,7 @@ KEY, BASELINE, VARIANT = "model.norm_placement", "pre", "peri"
 
 def sweeps(size: str) -> list[dict[str, Any]]:
     tree = base(size)
-    tree["train"]["tokens"] = {"tiny": 32, "cpu": 1500, "gpu": 20000}[size] * BATCH[size]
+    tree["train"]["tokens"] = {"tiny": 32, "cpu": 1000, "gpu": 20000}[size] * BATCH[size]
     return [{"name": "ablation", "base": tree,
              "grid": {KEY: [BASELINE, VARIANT], "train.seed": seeds(size)},
              "labels": [KEY, "train.seed"]}]

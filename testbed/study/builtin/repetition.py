@@ -21,10 +21,13 @@ def unique(size: str) -> int:
 def sweeps(size: str) -> list[dict[str, Any]]:
     u = unique(size)
     tokens = [u * e for e in epochs(size)]
-    repeated = {"name": "repetition-repeated", "base": base(size),
+    tree = base(size)
+    if size == "cpu":  # 61 U tokens per seed: a narrower model keeps 16 epochs inside the budget
+        tree["model"]["d_model"] = 48
+    repeated = {"name": "repetition-repeated", "base": tree,
                 "grid": {"train.tokens": tokens, "train.seed": seeds(size)},
                 "derived": {"data.unique_tokens": u}, "labels": ["train.tokens", "train.seed"]}
-    control = {"name": "repetition-unique", "base": base(size),
+    control = {"name": "repetition-unique", "base": tree,
                "grid": {"train.tokens": tokens[1:], "train.seed": seeds(size)},
                "labels": ["train.tokens", "train.seed"]}
     return [repeated, control]

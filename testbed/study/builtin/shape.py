@@ -14,7 +14,7 @@ TOLERANCE = 0.03  # Kaplan et al.: a few percent across aspect ratios spanning a
 
 def shapes(size: str) -> list[tuple[int, int]]:
     """(d_model, n_layers) pairs at about the same 12 L d^2."""
-    n, layers, multiple = {"tiny": (12_000, [1, 2, 4], 4), "cpu": (800_000, [1, 2, 4, 8], 16),
+    n, layers, multiple = {"tiny": (12_000, [1, 2, 4], 4), "cpu": (200_000, [1, 2, 4, 8], 16),
                            "gpu": (25_000_000, [2, 4, 8, 16, 32], 64)}[size]
     return [(width_for(n, layer, multiple), layer) for layer in layers]
 
@@ -22,7 +22,7 @@ def shapes(size: str) -> list[tuple[int, int]]:
 def sweeps(size: str) -> list[dict[str, Any]]:
     pairs = shapes(size)
     tree = base(size)
-    tree["train"]["tokens"] = {"tiny": 32, "cpu": 1500, "gpu": 20000}[size] * BATCH[size]
+    tree["train"]["tokens"] = {"tiny": 32, "cpu": 800, "gpu": 20000}[size] * BATCH[size]
     heads = 2 if size == "tiny" else None
     zipped: dict[str, Any] = {"model.d_model": [d for d, _ in pairs], "model.n_layers": [n for _, n in pairs]}
     spec: dict[str, Any] = {"name": "shape", "base": tree, "zip": zipped, "grid": {"train.seed": seeds(size)},

@@ -12,12 +12,12 @@ DECAY = 0.2
 
 
 def durations(size: str) -> list[int]:
-    steps = {"tiny": [16, 32], "cpu": [250, 500, 1000], "gpu": [2000, 4000, 8000, 16000]}[size]
+    steps = {"tiny": [16, 32], "cpu": [100, 200, 400], "gpu": [2000, 4000, 8000, 16000]}[size]
     return [s * BATCH[size] for s in steps]
 
 
 def lrs(size: str) -> list[float]:
-    return {"tiny": [3e-3, 1e-2], "cpu": [1e-3, 2e-3, 4e-3, 8e-3],
+    return {"tiny": [3e-3, 1e-2], "cpu": [3e-3, 6e-3, 1.2e-2],
             "gpu": [5e-4, 1e-3, 2e-3, 4e-3]}[size]
 
 
@@ -43,6 +43,17 @@ def long_sweep(size: str, lr: float) -> dict[str, Any]:
 def branch_steps(size: str) -> list[int]:
     """A branch from step S decaying over 20% ends at S / 0.8: the shorter durations' steps."""
     return [round((1 - DECAY) * d / BATCH[size]) for d in durations(size)[:-1]]
+
+
+def extra_cost(size: str) -> list[dict[str, Any]]:
+    """What `extra` trains, for `study plan`: the long runs, and each branch's decay as a run of
+    its length (a branch trains DECAY x its end's tokens)."""
+    branches = with_schedule(base(size), name="constant")
+    ends = durations(size)[:-1]
+    return [long_sweep(size, lrs(size)[0]),
+            {"name": "wsd-branches", "base": branches,
+             "grid": {"train.tokens": [round(DECAY * d / BATCH[size]) * BATCH[size] for d in ends],
+                      "train.seed": seeds(size)}}]
 
 
 def extra(ctx: Context, options: dict[str, Any]) -> None:
@@ -130,7 +141,7 @@ register(Study(
     paper="Hägele et al. 2024, Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations",
     claim="A constant LR with a 1-sqrt cooldown over the last 20% (WSD) matches cosine at every training "
           "duration, each at its own tuned LR; cooldown branches of one long WSD run trace the same frontier.",
-    sweeps=sweeps, analyse=analyse, verdict=verdict, extra=extra,
+    sweeps=sweeps, analyse=analyse, verdict=verdict, extra=extra, extra_cost=extra_cost,
     caveat="The LR grid is coarse (the optimum may fall between points), small models and short runs "
            "give the cooldown few steps, and two seeds make a crude interval.",
 ))
