@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ["wsd", "shape", "repetition", "chinchilla", "ablation"]
+STUDIES = ["wsd", "shape", "repetition", "chinchilla", "ablation", "annealing", "power"]
 
 
 def cli(*args, cwd=None):
