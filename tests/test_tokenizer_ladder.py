@@ -104,3 +104,31 @@ def test_cli_trains_nested_by_default_and_per_size_on_request(source_path, tmp_p
     big = json.loads((tmp_path / "n" / "vocab-360" / "tokenizer.json").read_text())["model"]
     assert small["merges"] == big["merges"][:300 - 257]
     assert (tmp_path / "p" / "vocab-300" / "tokenizer.json").is_file()
+
+
+def test_prepare_nested_in_cuts_from_the_larger_bpe(source_path, tmp_path, capsys):
+    """`data prepare --vocab-size V --nested-in L` holds the first merges of the L-token BPE (not
+    a V-token BPE trained on its own), over the same documents as the L-token folder."""
+    from testbed.data.shards import TokenShards
+
+    cache = ["--cache-dir", str(tmp_path / "c"), "--sample-bytes", "10000000", "--val-fraction", "0.1"]
+    for size in (300, 420):
+        assert main(["data", "prepare", "--source", str(source_path), "--vocab-size", str(size),
+                     "--nested-in", "420", "--out", str(tmp_path / f"v{size}"), *cache]) == 0
+    capsys.readouterr()
+    small = json.loads((tmp_path / "v300" / "tokenizer.json").read_text())["model"]
+    big = json.loads((tmp_path / "v420" / "tokenizer.json").read_text())["model"]
+    assert small["merges"] == big["merges"][:300 - 257] and len(small["vocab"]) == 300
+    shards = {s: TokenShards(tmp_path / f"v{s}") for s in (300, 420)}  # verifies every shard
+    # the same documents in each folder: the smaller vocabulary needs more tokens for them
+    bytes_ = {s: json.loads((tmp_path / f"v{s}" / "manifest.json").read_text())["splits"]["train"]["bytes"]
+              for s in shards}
+    assert bytes_[300] == bytes_[420]
+    tokens = {s: json.loads((tmp_path / f"v{s}" / "manifest.json").read_text())["splits"]["train"]["tokens"]
+              for s in shards}
+    assert tokens[300] > tokens[420]
+    # a nested-in size smaller than the vocabulary is refused with the fix
+    assert main(["data", "prepare", "--source", str(source_path), "--vocab-size", "420",
+                 "--nested-in", "300", "--out", str(tmp_path / "bad"), *cache]) == 2
+    assert "--nested-in 300 needs --vocab-size at most 300" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

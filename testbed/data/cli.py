@@ -46,6 +46,9 @@ def register(subparsers) -> None:
     _add_source_options(prep)
     which = prep.add_mutually_exclusive_group(required=True)
     which.add_argument("--vocab-size", type=int, help="train a byte-level BPE tokenizer of this size")
+    prep.add_argument("--nested-in", type=int, default=None, metavar="LARGER",
+                      help="with --vocab-size: train BPE once at LARGER and keep its first merges, so "
+                      "folders prepared at several sizes hold a nested family (docs/data.md)")
     which.add_argument("--tokenizer", help="pretrained tokenizer: hub name or local folder (AutoTokenizer)")
     _add_sample_options(prep)
     prep.add_argument("--out", required=True, help="folder to write shards, manifest.json and the tokenizer to")
@@ -122,7 +125,8 @@ def _prepare(args) -> int:
     try:
         manifest = prepare(
             source, args.out,
-            vocab_size=args.vocab_size, tokenizer=args.tokenizer, workers=args.workers,
+            vocab_size=args.vocab_size, tokenizer=args.tokenizer, nested_in=args.nested_in,
+            workers=args.workers,
             shard_tokens=DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens,
             sample_bytes=DEFAULT_SAMPLE_BYTES if args.sample_bytes is None else args.sample_bytes,
             seed=args.seed,

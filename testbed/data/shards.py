@@ -47,6 +47,7 @@ from testbed.data.tokenizer import (
     load_pretrained,
     token_byte_lengths_info,
     train_bpe,
+    truncate_bpe,
 )
 from testbed.errors import TestbedError
 from testbed.rundir import write_text_atomic
@@ -242,6 +243,7 @@ def prepare(
     *,
     vocab_size: int | None = None,
     tokenizer: str | None = None,
+    nested_in: int | None = None,
     workers: int = 1,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     val_fraction: float = DEFAULT_VAL_FRACTION,
@@ -255,12 +257,18 @@ def prepare(
     """Tokenise `source` into shards under `out` and return the manifest (resumes if killed).
 
     Exactly one of `vocab_size` (train byte-level BPE on a sample of the training split) and
-    `tokenizer` (pretrained name or path) must be given. The returned manifest also carries
+    `tokenizer` (pretrained name or path) must be given. With `nested_in`, BPE is trained (once,
+    cached) at that larger size and cut to `vocab_size` by keeping its first merges, so folders
+    prepared at several sizes with one `nested_in` hold a nested tokenizer family (docs/data.md).
+    The returned manifest also carries
     `_run` (bytes tokenised by this call and seconds spent), which is not written to disk.
     """
     log = log or (lambda msg: None)
     if (vocab_size is None) == (tokenizer is None):
         raise TestbedError("pass exactly one of --vocab-size (train BPE) and --tokenizer (pretrained).")
+    if nested_in is not None and (vocab_size is None or nested_in < vocab_size):
+        raise TestbedError(f"--nested-in {nested_in} needs --vocab-size at most {nested_in}: the "
+                           f"tokenizer is cut from a BPE trained at the --nested-in size.")
     if workers < 1:
         raise TestbedError(f"workers={workers} must be at least 1; pass --workers 1 or more.")
     if shard_tokens < 1:
@@ -271,7 +279,8 @@ def prepare(
     if not isinstance(source, Source):
         opened = open_source(source, text_field)
         try:
-            return prepare(opened, out, vocab_size=vocab_size, tokenizer=tokenizer, workers=workers,
+            return prepare(opened, out, vocab_size=vocab_size, tokenizer=tokenizer, nested_in=nested_in,
+                           workers=workers,
                            shard_tokens=shard_tokens, val_fraction=val_fraction,
                            min_val_docs=min_val_docs, sample_bytes=sample_bytes, seed=seed,
                            cache_dir=cache_dir, log=log)
@@ -281,7 +290,10 @@ def prepare(
     if vocab_size is not None:
         sample = draw_sample(source, sample_bytes, seed, val_fraction, min_val_docs, cache_dir)
         plan = sample.plan
-        tok = train_bpe(sample, vocab_size, cache_dir)
+        if nested_in is not None and nested_in > vocab_size:
+            tok = truncate_bpe(train_bpe(sample, nested_in, cache_dir), vocab_size)
+        else:
+            tok = train_bpe(sample, vocab_size, cache_dir)
     else:
         tok = load_pretrained(tokenizer)
         plan = _split_plan(source, val_fraction, min_val_docs, cache_dir)
