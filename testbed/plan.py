@@ -25,6 +25,10 @@ def data_vocab_size(config: Config) -> int:
         from testbed.data.shards import read_manifest
 
         manifest = Path(d.path or "") / "manifest.json"
+        if not manifest.is_file() and config.model.vocab_size:
+            # A run can be planned before its data is prepared when the config states the
+            # vocabulary; training still needs the folder (the loader says how to make it).
+            return int(config.model.vocab_size)
         if not manifest.is_file():
             raise ConfigError(f"data.path={d.path!r} holds no manifest.json; run `testbed data prepare` first")
         return int(read_manifest(manifest.parent)["vocab_size"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ["wsd", "shape", "repetition", "chinchilla", "ablation", "annealing", "power"]
+STUDIES = ["wsd", "shape", "repetition", "chinchilla", "ablation", "annealing", "power", "vocab"]
 
 
 def cli(*args, cwd=None):
@@ -72,11 +72,18 @@ def _check_report(out: Path, name: str):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", STUDIES)
-def test_tiny_run_and_report(tmp_path, name):
+def test_tiny_run_and_report(tmp_path, name, monkeypatch):
+    monkeypatch.setenv("TESTBED_CACHE", str(tmp_path / "cache"))  # vocab prepares its mini corpora here
     out = tmp_path / name
     result = cli("study", "run", name, "--size", "tiny", "--out", str(out), "--workers", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     _check_report(out, name)
+    if name == "vocab":  # every (model, vocabulary) point, on corpora cut from one BPE training
+        points = json.loads((out / "figures.json").read_text())["tables"]["points"]
+        assert sorted({p["vocab"] for p in points}) == [300, 384, 512] and len(points) == 6
+        merges = {v: json.loads(next((tmp_path / "cache").glob(f"studies/*nest512-bpe{v}/tokenizer.json"))
+                                .read_text())["model"]["merges"] for v in (300, 512)}
+        assert merges[300] == merges[512][:300 - 257]
     if name == "wsd":  # cooldown branches of the long run are part of the report
         assert any("branch" in m["name"] for m in json.loads((out / "figures.json").read_text())["more"])
         # study report re-analyses without training: no run directory changes, no run starts

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -32,55 +33,101 @@ def cache_root() -> Path:
     return Path(os.environ.get("TESTBED_CACHE") or Path.home() / ".cache" / "testbed")
 
 
-def stdlib_path(vocab_size: int = VOCAB_SIZE) -> Path:
-    """Where the prepared corpus lives (prepared or not)."""
-    version = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return cache_root() / "studies" / f"stdlib{VERSION}-{version}-bpe{vocab_size}"
+MINI_BYTES = 400_000  # the `mini` flavour: the first files in path order, for tiny studies
+NAME = re.compile(r"stdlib(?P<version>\d+)(?P<mini>mini)?-py\d+-(?:nest(?P<nested>\d+)-)?bpe(?P<vocab>\d+)$")
 
 
-def stdlib_files() -> list[Path]:
+def _python() -> str:
+    return f"py{sys.version_info.major}{sys.version_info.minor}"
+
+
+def stdlib_path(vocab_size: int = VOCAB_SIZE, nested_in: int | None = None, mini: bool = False) -> Path:
+    """Where a prepared corpus lives (prepared or not). `nested_in`: its BPE is cut from the one
+    trained at that larger size (a vocabulary ladder); `mini`: the small flavour."""
+    nest = f"nest{nested_in}-" if nested_in else ""
+    return cache_root() / "studies" / f"stdlib{VERSION}{'mini' if mini else ''}-{_python()}-{nest}bpe{vocab_size}"
+
+
+def stdlib_files(mini: bool = False) -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     # Third-party packages differ between machines; the rest is fixed by the Python version.
     skip = ("site-packages", "idlelib", "__pycache__")
-    return sorted(p for p in root.rglob("*.py") if not any(part in skip for part in p.relative_to(root).parts))
+    files = sorted(p for p in root.rglob("*.py") if not any(part in skip for part in p.relative_to(root).parts))
+    if not mini:
+        return files
+    kept, size = [], 0
+    for path in files:
+        if size >= MINI_BYTES:
+            break
+        kept.append(path)
+        size += path.stat().st_size
+    return kept
 
 
-def stdlib_corpus(vocab_size: int = VOCAB_SIZE, log=print) -> Path:
-    """The prepared folder, made on first use (a minute or two on 2 cores)."""
-    out = stdlib_path(vocab_size)
-    if (out / "manifest.json").is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    source = out.parent / f"{out.name}.jsonl"
+def _source(mini: bool) -> Path:
+    """The corpus as JSONL, one document per file: shared by every vocabulary, so the tokenizer
+    sample (keyed by the source's fingerprint) and a ladder's one BPE training are shared too."""
+    source = cache_root() / "studies" / f"stdlib{VERSION}{'mini' if mini else ''}-{_python()}.jsonl"
     if not source.is_file():
+        source.parent.mkdir(parents=True, exist_ok=True)
         tmp = source.with_suffix(".tmp")
         with tmp.open("w", encoding="utf-8") as fh:
-            for path in stdlib_files():
+            for path in stdlib_files(mini):
                 text = path.read_text(encoding="utf-8", errors="replace")
                 if text.strip():
                     fh.write(json.dumps({"text": text}) + "\n")
         os.replace(tmp, source)
+    return source
+
+
+def stdlib_corpus(vocab_size: int = VOCAB_SIZE, nested_in: int | None = None, mini: bool = False,
+                  log=print) -> Path:
+    """The prepared folder, made on first use (a minute or two on 2 cores for the full corpus)."""
+    out = stdlib_path(vocab_size, nested_in, mini)
+    if (out / "manifest.json").is_file():
+        return out
+    source = _source(mini)
     log(f"preparing the standard-library corpus in {out} (once)")
     command = [sys.executable, "-m", "testbed", "data", "prepare", "--source", str(source),
-               "--vocab-size", str(vocab_size), "--val-fraction", str(VAL_FRACTION), "--out", str(out)]
+               "--vocab-size", str(vocab_size), "--val-fraction", str(VAL_FRACTION), "--workers", "2",
+               "--out", str(out)]
+    if nested_in:
+        command += ["--nested-in", str(nested_in)]
     if subprocess.run(command).returncode != 0:
         raise TestbedError(f"preparing the standard-library corpus failed; run {' '.join(command)}")
     return out
 
 
-def train_tokens(vocab_size: int = VOCAB_SIZE) -> tuple[int, bool]:
-    """(training tokens of the corpus, whether that is the prepared count or a lower estimate)."""
-    manifest = stdlib_path(vocab_size) / "manifest.json"
+def parse(path: str | Path) -> dict | None:
+    """stdlib_corpus's arguments for a folder named by stdlib_path, or None for another folder."""
+    path = Path(path)
+    match = NAME.match(path.name)
+    if path.parent != stdlib_path().parent or not match or int(match["version"]) != VERSION:
+        return None
+    return {"vocab_size": int(match["vocab"]), "mini": bool(match["mini"]),
+            "nested_in": int(match["nested"]) if match["nested"] else None}
+
+
+def train_tokens(path: str | Path | None = None) -> tuple[int, bool]:
+    """(training tokens of a corpus folder named by stdlib_path (default: the main one), whether
+    that is the prepared count or a lower estimate made before preparing)."""
+    path = Path(path) if path else stdlib_path()
+    manifest = path / "manifest.json"
     if manifest.is_file():
         return int(json.loads(manifest.read_text())["splits"]["train"]["tokens"]), True
-    size = sum(p.stat().st_size for p in stdlib_files())
+    args = parse(path) or {"mini": False}
+    size = sum(p.stat().st_size for p in stdlib_files(args["mini"]))
     return int(size * (1 - VAL_FRACTION) / BYTES_PER_TOKEN_BOUND), False
 
 
 def ensure_for(specs: list[dict]) -> None:
-    """Prepare the corpus if a sweep's base reads it."""
+    """Prepare every standard-library corpus a study's sweeps read (their base's data.path, or a
+    data.path axis of the grid)."""
+    paths = []
     for spec in specs:
-        path = ((spec.get("base") or {}).get("data") or {}).get("path")
-        if path and Path(path).name.startswith("stdlib") and Path(path).parent == stdlib_path().parent:
-            vocab = int(Path(path).name.rsplit("bpe", 1)[1])
-            stdlib_corpus(vocab)
+        paths.append(((spec.get("base") or {}).get("data") or {}).get("path"))
+        paths += list((spec.get("grid") or {}).get("data.path") or [])
+    for path in dict.fromkeys(p for p in paths if p):
+        args = parse(path)
+        if args is not None:
+            stdlib_corpus(**args)

@@ -77,18 +77,24 @@ def plan(name: str, size: str, rate: float | None = None) -> dict[str, Any]:
                            f"{', '.join(study.sizes)}")
     rate = rate or recipes.RATE[size]
     specs = study.sweeps(size) + (study.extra_cost(size) if study.extra_cost else [])
-    rows, problems = [], []
+    rows, problems, unprepared = [], [], []
     for spec in specs:
         sweep = load_sweep(spec)
         quantities = [run.quantities for run in sweep.runs]
-        path = ((spec.get("base") or {}).get("data") or {}).get("path")
         available = None
-        if path and Path(path).parent == corpus.stdlib_path().parent:
-            available, _ = corpus.train_tokens(int(Path(path).name.rsplit("bpe", 1)[1]))
+        for run, q in zip(sweep.runs, quantities):
+            path = run.config.data.path
+            if not path or corpus.parse(path) is None:
+                continue
+            held, prepared = corpus.train_tokens(path)
+            if not prepared and path not in unprepared:
+                unprepared.append(path)
+            available = held if available is None else min(available, held)
+            fresh = q["unique_tokens"] or q["planned_tokens"]
+            if fresh > held:
+                problems.append(f"sweep {sweep.name}: run {run.run_id} needs {fresh:,} distinct training "
+                                f"tokens but {Path(path).name} holds {held:,}")
         fresh = max(q["unique_tokens"] or q["planned_tokens"] for q in quantities)
-        if available is not None and fresh > available:
-            problems.append(f"sweep {sweep.name}: a run needs {fresh:,} distinct training tokens but the "
-                            f"corpus holds {available:,}")
         flops = sum(q["planned_flops"] for q in quantities)
         rows.append({"sweep": sweep.name, "runs": len(quantities),
                      "tokens": sum(q["planned_tokens"] for q in quantities), "flops": flops,
@@ -98,7 +104,7 @@ def plan(name: str, size: str, rate: float | None = None) -> dict[str, Any]:
         problems.append(f"{total:.0f} s at {rate:.3g} FLOP/s exceeds the {size} budget of "
                         f"{recipes.BUDGET_S[size]} s")
     return {"study": name, "size": size, "rate": rate, "budget_s": recipes.BUDGET_S[size],
-            "sweeps": rows, "seconds": total, "problems": problems}
+            "sweeps": rows, "seconds": total, "problems": problems, "unprepared": unprepared}
 
 
 def _claim_folder(out: Path, study: Study, size: str) -> dict[str, Any]:
