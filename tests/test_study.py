@@ -117,3 +117,22 @@ def test_unknown_study_and_foreign_folder(tmp_path):
     assert result.returncode == 2 and "did you mean 'wsd'" in result.stderr
     result = cli("study", "report", str(tmp_path))
     assert result.returncode == 2 and "study.json" in result.stderr
+
+
+def test_compute_multiplier_recovers_a_known_shift():
+    """A variant whose frontier is the baseline's at k times the compute has multiplier k at every
+    budget; frontiers that cross are found where they cross."""
+    from testbed.study.base import compute_multiplier
+
+    budgets = [1e12, 3e12, 1e13, 3e13, 1e14]
+    baseline = {c: 3.0 * c ** -0.05 for c in budgets}
+    variant = {c: 3.0 * (2.5 * c) ** -0.05 for c in budgets}
+    m, rows = compute_multiplier(baseline, variant)
+    assert m.value == pytest.approx(2.5, rel=1e-9)
+    assert all(r["multiplier"] == pytest.approx(2.5, rel=1e-9) for r in rows)
+    assert m.low == pytest.approx(2.5, rel=1e-6) and m.high == pytest.approx(2.5, rel=1e-6)
+    # a steeper variant starts behind and ends ahead: the multiplier crosses 1 between budgets
+    steeper = {c: 3.0 * (c / 2e13) ** -0.08 * 2e13 ** -0.05 for c in budgets}  # equal at 2e13
+    _, rows = compute_multiplier(baseline, steeper)
+    assert rows[0]["multiplier"] < 1 < rows[-1]["multiplier"]
+    assert [r["crosses_1"] for r in rows].count(True) == 1

@@ -143,6 +143,54 @@ def relative_gap(a: Sequence[float], b: Sequence[float]) -> Measurement:
     return Measurement("relative gap", value, low, high, "", how)
 
 
+def compute_multiplier(baseline: dict[float, float], variant: dict[float, float], n: int = 2000,
+                       seed: int = 0) -> tuple[Measurement, list[dict[str, Any]]]:
+    """How much compute the baseline needs to match the variant: each arm's frontier (loss at its
+    tuned LR per budget C, {C: loss}) is fitted as L = A·C^(-alpha) in log-log, and the multiplier
+    at budget C is C_baseline(L_variant(C)) / C (> 1: the variant is ahead). The headline is the
+    multiplier at the largest budget; its interval comes from a bootstrap over the budgets of each
+    arm (refitting both frontiers); the rows give it at every budget, with where it crosses 1."""
+    def frontier(points):
+        c, loss = np.log(np.asarray(list(points), float)), np.log(np.asarray(list(points.values()), float))
+        slope, intercept = np.polyfit(c, loss, 1)
+        return -slope, intercept  # alpha, log A
+
+    def multiplier(a, b, at):
+        alpha_a, log_a = frontier(a)
+        alpha_b, log_b = frontier(b)
+        if alpha_a <= 0:  # a flat or rising frontier: the baseline never reaches lower losses
+            return float("nan")
+        log_loss = log_b - alpha_b * np.log(at)  # the variant's loss at C
+        return float(np.exp((log_a - log_loss) / alpha_a) / at)
+
+    budgets = sorted(set(baseline) & set(variant))
+    top = budgets[-1]
+    value: float | None = multiplier(baseline, variant, top)
+    value = value if value is not None and np.isfinite(value) else None
+    rng = np.random.default_rng(seed)
+    draws = []
+    keys_a, keys_b = list(baseline), list(variant)
+    for _ in range(n):
+        pick_a = [keys_a[i] for i in rng.integers(0, len(keys_a), len(keys_a))]
+        pick_b = [keys_b[i] for i in rng.integers(0, len(keys_b), len(keys_b))]
+        if len(set(pick_a)) < 2 or len(set(pick_b)) < 2:
+            continue
+        draws.append(multiplier({c: baseline[c] for c in pick_a}, {c: variant[c] for c in pick_b}, top))
+    draws = [d for d in draws if np.isfinite(d)]
+    low = high = None
+    if len(draws) >= n // 4:
+        low, high = float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
+    how = (f"power-law frontiers L = A·C^-alpha per arm; bootstrap over budgets ({len(draws)} replicates)"
+           if low is not None else "power-law frontiers per arm; too few budgets for an interval")
+    rows, previous = [], None
+    for c in budgets:
+        m = multiplier(baseline, variant, c)
+        rows.append({"C": c, "baseline_loss": baseline[c], "variant_loss": variant[c], "multiplier": m,
+                     "crosses_1": previous is not None and (previous - 1) * (m - 1) < 0})
+        previous = m
+    return Measurement(f"compute multiplier at C = {top:.3g}", value, low, high, "x", how), rows
+
+
 def within(m: Measurement, tolerance: float) -> str:
     """agree: the interval lies inside ±tolerance; disagree: it lies wholly outside;
     inconclusive otherwise (or without an interval)."""

@@ -48,6 +48,19 @@ def base(size: str) -> dict[str, Any]:
     }
 
 
+def tiny_text(tree: dict[str, Any], vocab_size: int = 512, nested_in: int | None = None) -> dict[str, Any]:
+    """A tiny tree on real text: the mini slice of the library corpus (400 kB, prepared in
+    seconds) at 32-token sequences, for tiny studies whose mechanics need a loss that still falls
+    with model size (the synthetic language's tiny runs sit at its entropy floor)."""
+    from testbed.study.corpus import stdlib_path
+
+    tree = copy.deepcopy(tree)
+    tree["data"] = {"source": "shards", "path": str(stdlib_path(vocab_size, nested_in, mini=True)),
+                    "seq_len": 32, "val_sequences": 128}
+    tree["model"]["max_seq_len"] = 32
+    return tree
+
+
 def with_schedule(tree: dict[str, Any], **schedule: Any) -> dict[str, Any]:
     tree = copy.deepcopy(tree)
     tree["schedule"] = {"warmup_fraction": 0.05, **schedule}

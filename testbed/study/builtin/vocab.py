@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from testbed.study.base import Analysis, Context, Measurement, Study, figure, register
-from testbed.study.recipes import BATCH, SEQ, base
+from testbed.study.recipes import BATCH, base, tiny_text
 
 VOCABS = {"tiny": [300, 384, 512], "cpu": [512, 1024, 2048, 4096, 8192],
           "gpu": [4096, 8192, 16384, 32768, 65536]}
@@ -30,12 +30,8 @@ def corpora(size: str) -> list[str]:
 
 
 def sweeps(size: str) -> list[dict[str, Any]]:
-    tree = base("cpu" if size == "tiny" else size)  # real text at every size: tiny reads the mini corpus
-    seq = 32 if size == "tiny" else SEQ[size]
+    tree = tiny_text(base(size)) if size == "tiny" else base(size)  # real text at every size
     batch = BATCH[size]
-    tree["data"].update(seq_len=seq, val_sequences=128 if size == "tiny" else 256)
-    tree["model"]["max_seq_len"] = seq
-    tree["train"].update(global_batch_tokens=batch, log_every=10 if size == "tiny" else 50)
     models = MODELS[size]
     specs = []
     # One sweep per vocabulary: its corpus and vocab_size stated together, so `study plan` can
