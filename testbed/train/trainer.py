@@ -590,11 +590,11 @@ class Trainer:
         if self.d.main:
             self.metrics.log({"step": step, "tokens": step * self.gbt, "flops": step * self.gbt * self.fpt,
                               "lr": self.lr_before(step), "epoch": self.plan.epochs_at(step), **self.last_eval})
-            ev = self.last_eval
-            line = f"step {step}/{self.total_steps}: val_loss {ev['val_loss']:.4f}, val_bpb {ev['val_bpb']:.4f}"
-            if "val_loss_ema" in ev:
-                line += f"; EMA val_loss {ev['val_loss_ema']:.4f}, val_bpb {ev['val_bpb_ema']:.4f}"
-            self.log_line(line)
+            if self.ema is not None:  # the two side by side, for a reader of train.log
+                ev = self.last_eval
+                self.log_line(f"step {step}/{self.total_steps}: val_loss {ev['val_loss']:.4f}, val_bpb "
+                              f"{ev['val_bpb']:.4f}; EMA val_loss {ev['val_loss_ema']:.4f}, val_bpb "
+                              f"{ev['val_bpb_ema']:.4f}")
         return self.last_eval
 
     def save(self, step: int, kind: str, validate: bool = True) -> None:
