@@ -127,6 +127,9 @@ class TrainConfig:
     # Count a loss spike when a logged training loss is this many nats above the running mean
     # (an EMA) of the logged losses before it; None disables the count.
     spike_nats: float | None = 0.5
+    # Keep an exponential moving average of the weights with this decay per step (e.g. 0.999),
+    # evaluated beside the weights at every validation (val_loss_ema); None or 0 disables it.
+    ema_decay: float | None = None
 
 
 @dataclass
@@ -523,6 +526,9 @@ def validate(c: Config) -> None:
         require(d.unique_tokens >= t.global_batch_tokens,
                 f"data.unique_tokens={d.unique_tokens} is smaller than one batch "
                 f"(train.global_batch_tokens={t.global_batch_tokens}); raise it or shrink the batch")
+    if t.ema_decay is not None:
+        require(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay!r} must be in [0, 1) (e.g. 0.999), "
+                                          f"or null (or 0) to keep no moving average of the weights")
     ck = c.checkpoint
     _at_least("checkpoint.keep_rolling", ck.keep_rolling, 1)
     _at_least("checkpoint.log_spaced", ck.log_spaced, 0)

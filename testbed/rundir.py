@@ -7,6 +7,7 @@ Every file of a run directory is named, written and read here, and nowhere else:
     RUN_DIR/metrics.jsonl          one JSON object a line
     RUN_DIR/train.log              the human-readable log
     RUN_DIR/checkpoints/index.jsonl, checkpoints/step_XXXXXXXX/
+    RUN_DIR/averages.jsonl         evaluations of averaged checkpoints (`testbed average`)
     RUN_DIR/branches/<name>/       cooldown branches, each a run directory of its own
     RUN_DIR/lock                   flock held by the one process that writes the run (RunDir.acquire)
 
@@ -43,6 +44,7 @@ METRICS = "metrics.jsonl"
 TRAIN_LOG = "train.log"
 CHECKPOINTS = "checkpoints"
 INDEX = "index.jsonl"
+AVERAGES = "averages.jsonl"
 BRANCHES = "branches"
 CONFIG_YAML = "config.yaml"  # written by a sweep before the trainer starts
 LOCK = "lock"  # flock of the process that writes the run; holds {"host", "pid", "since"}
@@ -199,7 +201,7 @@ UNCOUNTED_KEYS = {"model": ("preset", "depth", "depth_aspect", "depth_head_dim")
                   "train": ("spike_nats", "divergence_nats")}
 # Keys added after runs were first registered, left out while at their defaults, so the ids of
 # runs that do not use them stay as they were.
-LATER_DEFAULTS = {("train", "flops"): None, ("optim", "z_loss"): 0.0}
+LATER_DEFAULTS = {("train", "flops"): None, ("optim", "z_loss"): 0.0, ("train", "ema_decay"): None}
 
 
 def config_hash(tree: dict[str, Any]) -> str:
@@ -287,6 +289,7 @@ class RunDir:
     log_path = property(lambda self: self.path / TRAIN_LOG)
     checkpoints = property(lambda self: self.path / CHECKPOINTS)
     index_path = property(lambda self: self.path / CHECKPOINTS / INDEX)
+    averages_path = property(lambda self: self.path / AVERAGES)
     branches = property(lambda self: self.path / BRANCHES)
     config_yaml = property(lambda self: self.path / CONFIG_YAML)
 
@@ -393,6 +396,13 @@ class RunDir:
 
     def write_index(self, lines: list[dict[str, Any]]) -> None:
         write_jsonl_atomic(self.index_path, lines)
+
+    # averages.jsonl
+    def averages(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.averages_path)
+
+    def append_average(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.averages_path, record, fsync=True)
 
     # branches
     def branch(self, name: str) -> RunDir:

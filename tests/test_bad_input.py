@@ -75,6 +75,8 @@ FIELDS = {
     "train.eval_every": (whole_below(1), {}),
     "train.log_every": (whole_below(1), {}),
     "train.divergence_nats": (number_at_most(0), {}),
+    "train.ema_decay": (st.floats(max_value=0, exclude_max=True, min_value=-1e6, allow_nan=False)
+                        | st.floats(min_value=1, max_value=1e6) | NON_FINITE, {}),
     "checkpoint.every": (whole_below(1), {}),
     "checkpoint.log_spaced": (whole_below(0), {}),
     "checkpoint.rolling_every": (whole_below(1), {}),

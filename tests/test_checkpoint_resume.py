@@ -613,3 +613,37 @@ def test_killed_after_its_final_checkpoint_a_run_finishes_without_repeating_it(r
     assert ckpt.read_index(run_dir) == index_before
     summary = json.loads((run_dir / "run.json").read_text())["summary"]
     assert status(run_dir)["state"] == "done" and summary["val_loss"] == reference["val"][-1][1]
+
+
+# ----------------------------------------------------------------------------- 9. EMA of the weights
+
+
+def ema_trace(run_dir: Path) -> tuple[list, list]:
+    """Train losses and every validation field (the EMA's included), per step."""
+    lines = RunDir(run_dir).metrics()
+    return ([(m["step"], m["train_loss"]) for m in lines if "train_loss" in m],
+            [(m["step"], {k: v for k, v in m.items() if k.startswith("val_")}) for m in lines if "val_loss" in m])
+
+
+def test_resume_with_the_ema_on_is_exact(root, config_path):
+    """The moving average of the weights is saved in every checkpoint and restored: a run cut
+    back to its step-20 checkpoint (as a kill before step 30 leaves it: steps 21-29 run again)
+    ends exactly like the uninterrupted run, EMA validation and EMA weights included."""
+    config = load_config(config_path, ["train.ema_decay=0.9"])
+    reference = root / "ema-reference"
+    assert train(config, reference)["exit_code"] == 0
+    ref_train, ref_val = ema_trace(reference)
+    assert len(ref_val) > 5 and all("val_loss_ema" in fields for _, fields in ref_val)
+    final_ema = load_file(str(reference / "checkpoints" / f"step_{STEPS:08d}" / "ema.safetensors"))
+
+    run_dir = fresh_copy(reference, root / "ema-cut")
+    for folder in ckpt.list_checkpoints(run_dir):
+        if ckpt.step_of(folder) > 20:
+            shutil.rmtree(folder)
+    RunDir(run_dir).write_status("running", step=29, message="killed")
+    assert train(config, run_dir)["exit_code"] == 0
+    assert resumed_steps(run_dir) == [20]
+    assert ema_trace(run_dir) == (ref_train, ref_val)
+    assert ckpt.read_index(run_dir) == ckpt.read_index(reference)  # val_loss_ema included
+    again = load_file(str(run_dir / "checkpoints" / f"step_{STEPS:08d}" / "ema.safetensors"))
+    assert all(torch.equal(again[k], final_ema[k]) for k in final_ema)

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +26,7 @@ train: {steps: 8, global_batch_tokens: 512, log_every: 1, eval_every: 4}
 checkpoint: {every: 4}
 logging: {wandb: false, progress: false}
 """
+EMA = "train.ema_decay=0.9"
 
 
 def free_port() -> int:
@@ -49,9 +52,9 @@ def losses(run_dir: Path) -> list[float]:
             if "train_loss" in x]
 
 
-def val_losses(run_dir: Path) -> list[float]:
-    return [json.loads(x)["val_loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if "val_loss" in x]
+def val_losses(run_dir: Path, key: str = "val_loss") -> list[float]:
+    return [json.loads(x)[key] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if f'"{key}"' in x]
 
 
 @pytest.fixture(scope="module")
@@ -59,20 +62,30 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     config = root / "config.yaml"
     config.write_text(CONFIG)
-    launch(config, root / "single", 1)
+    launch(config, root / "single", 1, EMA)  # the moving average changes no training number
     return root, config
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_follow_the_single_process_trajectory(setup, parallel):
     root, config = setup
-    launch(config, root / parallel, 2, f"train.parallel={parallel}")
+    # DDP keeps the EMA of the weights too (FSDP2 shards the weights: it refuses one).
+    launch(config, root / parallel, 2, f"train.parallel={parallel}", *([EMA] if parallel == "ddp" else []))
     ref, got = losses(root / "single"), losses(root / parallel)
     assert len(got) == len(ref) == 8
     assert got == pytest.approx(ref, rel=1e-5)
     assert val_losses(root / parallel) == pytest.approx(val_losses(root / "single"), rel=1e-5)
     run = json.loads((root / parallel / "run.json").read_text())
     assert run["world_size"] == 2
+    if parallel == "ddp":
+        # Every process updates the same average of the same weights: the single process's.
+        single_ema = val_losses(root / "single", "val_loss_ema")
+        assert len(single_ema) == 2 and single_ema != val_losses(root / "single")
+        assert val_losses(root / parallel, "val_loss_ema") == pytest.approx(single_ema, rel=1e-5)
+        got_ema, want_ema = (load_file(str(root / name / "checkpoints" / "step_00000008" / "ema.safetensors"))
+                             for name in (parallel, "single"))
+        for key, value in want_ema.items():
+            torch.testing.assert_close(got_ema[key], value, rtol=1e-5, atol=1e-6)
 
 
 def interrupt_after_first_checkpoint(src: Path, dst: Path) -> None:
@@ -95,3 +108,4 @@ def test_checkpoints_resume_across_world_sizes(setup, first, second, parallel):
     assert "resume from" in (resumed / "train.log").read_text()
     assert losses(resumed) == pytest.approx(losses(root / "single"), rel=1e-5)
     assert val_losses(resumed)[-1] == pytest.approx(val_losses(root / "single")[-1], rel=1e-5)
+

@@ -76,7 +76,10 @@ def register(subparsers) -> None:
                         "validated on the training runs that are largest along the --holdout axis; the lowest error wins, the simpler within 5%%)")
     parser.add_argument("--fix", action="append", metavar="NAME=VALUE", help="fix a parameter for a fixed_* variant, e.g. --fix E=1.69 (repeatable)")
     parser.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log-loss residuals (default 1e-3)")
-    parser.add_argument("--points", default="final", choices=["final", "all"], help="final: final and cooldown points, or the last point of each run of a table (default); all: also intermediate checkpoints")
+    parser.add_argument("--points", default="final", choices=["final", "all", "ema", "average"],
+                        help="final: final and cooldown points, or the last point of each run of a table (default); all: also intermediate checkpoints; "
+                        "ema: the EMA of the weights at each evaluation (train.ema_decay), average: averaged checkpoints (testbed average), "
+                        "each in place of a cooldown")
     parser.add_argument("--skip-fraction", type=float, default=0.1, help="with --points all: drop checkpoints in this first fraction of each run (default 0.1)")
     parser.add_argument("--where", action="append", metavar="RULE",
                         help="keep only rows matching a rule, e.g. 'C>=2.18e17', \"label_norm=='pre' or N<1e8\", 'label_lr in [1e-3, 3e-3]'; "

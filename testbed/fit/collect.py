@@ -3,7 +3,9 @@
 Reads only what docs/run-directory.md promises, through testbed/rundir.py: run.json,
 checkpoints/index.jsonl and, for runs without an index, the evaluation lines of metrics.jsonl.
 Every run is found, cooldown branches (RUN_DIR/branches/*) included: a branch's final point is a
-`cooldown` point.
+`cooldown` point. The alternatives to a cooldown have kinds of their own, at the compute of the
+step they were taken at: `ema` (every evaluation of the moving average of the weights,
+train.ema_decay) and `average` (averaged checkpoints, RUN_DIR/averages.jsonl).
 """
 
 from __future__ import annotations
@@ -60,6 +62,30 @@ def _point_kind(row: dict, run: dict, is_branch: bool) -> str:
     return "intermediate"
 
 
+def _averaged_rows(run_dir: RunDir, run: dict, base: dict) -> list[dict]:
+    """The `ema` points (evaluation lines with val_loss_ema; a branch's own steps only, the
+    shared prefix being its parent's) and the `average` points (the newest record per step and
+    number of checkpoints averaged)."""
+    parent = run.get("parent")
+    after = int(parent.get("step") or 0) if isinstance(parent, dict) else 0
+    decay = ((run.get("config") or {}).get("train") or {}).get("ema_decay")
+    rows = []
+    for line in run_dir.metrics():
+        if line.get("val_loss_ema") is not None and int(line.get("step", 0)) > after:
+            rows.append({**base, "step": int(line["step"]), "D": line.get("tokens"), "C": line.get("flops"),
+                         "loss": line["val_loss_ema"], "bpb": line.get("val_bpb_ema"), "lr": line.get("lr"),
+                         "point_kind": "ema", "ema_decay": decay})
+    newest: dict[tuple[int, int], dict] = {}
+    for record in run_dir.averages():
+        if record.get("val_loss") is not None:
+            newest[(int(record["step"]), int(record["last"]))] = record
+    for (step, last), record in sorted(newest.items()):
+        rows.append({**base, "step": step, "D": record.get("tokens"), "C": record.get("flops"),
+                     "loss": record["val_loss"], "bpb": record.get("val_bpb"), "point_kind": "average",
+                     "average_last": last})
+    return rows
+
+
 def collect_runs(root: str | Path) -> pd.DataFrame:
     """One row per evaluated checkpoint of every run under `root`."""
     records = []
@@ -99,12 +125,16 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
                 "point_kind": kind,
             }
         records.extend(by_step[s] for s in sorted(by_step))
+        records.extend(_averaged_rows(run_dir, run, base))
     if not records:
         raise TestbedError(
             f"no run under {str(root)!r} has an evaluated checkpoint (val_loss); train longer or "
             "enable evaluation."
         )
     table = pd.DataFrame.from_records(records)
+    for column in ("ema_decay", "average_last"):  # present in every table, empty without such points
+        if column not in table:
+            table[column] = None
     unique = pd.to_numeric(table["U"], errors="coerce")
     table["epochs"] = table["D"].astype(float) / unique
     table.loc[unique.isna(), "epochs"] = (table["D"].astype(float) / table["planned_tokens"].astype(float)).clip(upper=1.0)

@@ -172,19 +172,37 @@ def clean(frame: pd.DataFrame, needed: tuple[str, ...], positive: tuple[str, ...
     return Points(out.reset_index(drop=True), dropped)
 
 
+POINT_CHOICES = ("final", "all", "ema", "average")
+# Points that average weights instead of decaying the learning rate: only their own --points.
+AVERAGED_KINDS = {"ema": "EMA", "average": "checkpoint-average"}
+
+
 def select_points(points: Points, which: str = "final", skip_fraction: float = 0.1) -> Points:
-    """Choose final/cooldown points only, or also intermediate checkpoints past the early cut.
+    """Choose final/cooldown points only, or also intermediate checkpoints past the early cut;
+    or, as the alternative to a cooldown, the EMA points (past the early cut) or the averaged
+    checkpoints.
 
     Cosine runs' intermediate points are not final losses of shorter runs (the schedule has not
     decayed), while WSD cooldown branches are; mixing them is allowed but always reported.
     """
     frame, dropped, warnings = points.frame, dict(points.dropped), list(points.warnings)
-    if which not in ("final", "all"):
-        raise TestbedError(f"--points {which!r} is unknown; use final or all.")
+    if which not in POINT_CHOICES:
+        raise TestbedError(f"--points {which!r} is unknown; use {', '.join(POINT_CHOICES[:-1])} or average.")
     if not 0.0 <= skip_fraction < 1.0:
         raise TestbedError(f"--skip-fraction {skip_fraction} is outside [0, 1); give e.g. 0.1.")
     if "point_kind" not in frame.columns:
+        if which in AVERAGED_KINDS:
+            raise TestbedError(f"--points {which} needs a table from `testbed fit collect` (its point_kind "
+                               f"column); this table has none: use --points final or all")
         return _select_outside(points, which, skip_fraction)
+    averaged = frame["point_kind"].isin(list(AVERAGED_KINDS))
+    if which in AVERAGED_KINDS:
+        return _select_averaged(points, which, skip_fraction)
+    for kind, name in AVERAGED_KINDS.items():
+        count = int((frame["point_kind"] == kind).sum())
+        if count:
+            dropped[f"{name} points (use --points {kind} to fit them instead)"] = count
+    frame = frame[~averaged]
     is_final = frame["point_kind"].isin(["final", "cooldown"])
     if which == "final":
         if (~is_final).any():
@@ -206,6 +224,27 @@ def select_points(points: Points, which: str = "final", skip_fraction: float = 0
                 f"({decaying} here) are not final losses of shorter runs and bias the data exponent."
             )
     return Points(frame.reset_index(drop=True), dropped, warnings, points.run_column)
+
+
+def _select_averaged(points: Points, which: str, skip_fraction: float) -> Points:
+    """The `ema` or `average` points alone: each is the loss of averaged weights at the compute
+    of its step, an alternative to the cooldown point at that compute. EMA points in the first
+    `skip_fraction` of their run are dropped (the average still remembers the initialisation)."""
+    frame, dropped = points.frame, dict(points.dropped)
+    chosen = frame["point_kind"] == which
+    if (~chosen).any():
+        dropped[f"points other than {which} (--points {which})"] = int((~chosen).sum())
+    frame = frame[chosen]
+    if which == "ema":
+        planned = pd.to_numeric(frame.get("planned_steps"), errors="coerce")
+        early = frame["step"] < skip_fraction * planned
+        if early.any():
+            dropped[f"EMA points in the first {skip_fraction:.0%} of their run"] = int(early.sum())
+        frame = frame[~early]
+    if frame.empty:
+        made_by = "train.ema_decay" if which == "ema" else "`testbed average RUN_DIR --last K`"
+        raise TestbedError(f"--points {which}: the table has no {which} points; they come from {made_by}")
+    return Points(frame.reset_index(drop=True), dropped, points.warnings, points.run_column)
 
 
 def _select_outside(points: Points, which: str, skip_fraction: float) -> Points:

@@ -46,7 +46,7 @@ class Context:
     def finals(self, sweep: str | None = None):
         """The final (and cooldown) point of every run."""
         points = self.points(sweep)
-        return points[points["point_kind"] != "intermediate"].reset_index(drop=True)
+        return points[points["point_kind"].isin(["final", "cooldown"])].reset_index(drop=True)
 
 
 @dataclass

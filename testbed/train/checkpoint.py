@@ -3,6 +3,7 @@
 A checkpoint is a folder `checkpoints/step_XXXXXXXX/` holding
     model.safetensors   the weights (unwrapped, full, fp32 as trained)
     optim.safetensors   the optimiser's tensors (per-parameter state, RNG states)
+    ema.safetensors     with train.ema_decay on: the moving average of the weights (as model's)
     state.json          everything else: step, kind, tokens, total_steps, run_id, world_size,
                         the resolved config, optimiser param groups and scalars, the open
                         train-loss window (the data order follows from the step)
@@ -33,6 +34,7 @@ from testbed.rundir import RunDir, fsync_dir
 
 KIND_RANK = {"rolling": 0, "science": 1, "final": 2}
 FILES = ("model.safetensors", "optim.safetensors", "state.json")
+EMA_FILE = "ema.safetensors"  # only with train.ema_decay on; listed in SHA256SUMS when present
 FOLDER = re.compile(r"step_(\d+)")
 # A save that fails with one of these cannot succeed by retrying: one clear error, not a traceback.
 STORAGE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
@@ -87,13 +89,14 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save(run_dir: Path, step: int, kind: str, model_state: dict[str, torch.Tensor],
-         optim_state: dict, rng: dict[str, torch.Tensor], state: dict, index_fields: dict) -> Path:
+         optim_state: dict, rng: dict[str, torch.Tensor], state: dict, index_fields: dict,
+         ema_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write one checkpoint atomically and append its line to the index. Rank 0 only."""
     ckpt_root = RunDir(run_dir).checkpoints
     name = folder_name(step)
     final = ckpt_root / name
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
-    needed = sum(t.numel() * t.element_size() for t in model_state.values())
+    needed = sum(t.numel() * t.element_size() for t in (*model_state.values(), *(ema_state or {}).values()))
     needed += sum(t.numel() * t.element_size() for p in optim_state["state"].values() for t in p.values()
                   if torch.is_tensor(t))
     try:
@@ -101,7 +104,7 @@ def save(run_dir: Path, step: int, kind: str, model_state: dict[str, torch.Tenso
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        _write_folder(tmp, kind, step, model_state, optim_state, rng, state)
+        _write_folder(tmp, kind, step, model_state, optim_state, rng, state, ema_state)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _storage_error(err, final, needed, "the partial folder was removed") from None
@@ -129,9 +132,8 @@ def _storage_error(err: OSError, final: Path, needed: int, written: str) -> Exce
                         f"command with --resume")
 
 
-def _write_folder(tmp: Path, kind: str, step: int, model_state: dict[str, torch.Tensor], optim_state: dict,
-                  rng: dict[str, torch.Tensor], state: dict) -> None:
-    # Shared storage (tied embeddings) cannot be saved twice by safetensors: keep the first name.
+def _untied(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Shared storage (tied embeddings) cannot be saved twice by safetensors: keep the first name."""
     seen: dict[int, str] = {}
     weights = {}
     for key, tensor in model_state.items():
@@ -140,16 +142,25 @@ def _write_folder(tmp: Path, kind: str, step: int, model_state: dict[str, torch.
             continue
         seen[ptr] = key
         weights[key] = tensor.detach().contiguous().cpu()
-    _save_tensors(weights, tmp / "model.safetensors")
+    return weights
+
+
+def _write_folder(tmp: Path, kind: str, step: int, model_state: dict[str, torch.Tensor], optim_state: dict,
+                  rng: dict[str, torch.Tensor], state: dict, ema_state: dict[str, torch.Tensor] | None) -> None:
+    _save_tensors(_untied(model_state), tmp / "model.safetensors")
+    files = FILES
+    if ema_state is not None:
+        _save_tensors(_untied(ema_state), tmp / EMA_FILE)
+        files = (*FILES, EMA_FILE)
     opt_tensors, opt_meta = flatten_optimizer(optim_state)
     for key, value in rng.items():
         opt_tensors[f"rng.{key}"] = value.contiguous().cpu()
     _save_tensors(opt_tensors, tmp / "optim.safetensors")
     state = dict(state, step=step, kind=kind, optimizer=opt_meta)
     (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
-    sums = "".join(f"{sha256(tmp / f)}  {f}\n" for f in FILES)
+    sums = "".join(f"{sha256(tmp / f)}  {f}\n" for f in files)
     (tmp / "SHA256SUMS").write_text(sums)
-    for f in (*FILES, "SHA256SUMS"):
+    for f in (*files, "SHA256SUMS"):
         with open(tmp / f, "rb") as fh:
             os.fsync(fh.fileno())
 
@@ -242,6 +253,9 @@ def verify(folder: Path) -> str | None:
     for f in FILES:
         if f not in expected:
             return f"{f} is not listed in SHA256SUMS"
+    for f in expected:  # the required files and the optional ones present (ema.safetensors)
+        if f not in (*FILES, EMA_FILE):
+            return f"SHA256SUMS lists an unknown file {f!r}"
         if not (folder / f).is_file():
             return f"{f} is missing"
         if sha256(folder / f) != expected[f]:
@@ -335,13 +349,25 @@ def load(folder: Path) -> dict[str, Any]:
     try:
         model = load_file(str(folder / "model.safetensors"))
         opt = load_file(str(folder / "optim.safetensors"))
+        ema = load_file(str(folder / EMA_FILE)) if (folder / EMA_FILE).is_file() else None
     except Exception as err:  # safetensors' own error type: the files hold no valid tensors
         raise TestbedError(f"checkpoint {str(folder)!r} is damaged: its tensors do not load ({err}); resume "
                            f"from an earlier checkpoint or retrain") from None
     state = read_state(folder) or {}
     rng = {k[len("rng."):]: v for k, v in opt.items() if k.startswith("rng.")}
     optim_state = unflatten_optimizer(opt, state.pop("optimizer"))
-    return {"model": model, "optim": optim_state, "rng": rng, "state": state}
+    return {"model": model, "optim": optim_state, "rng": rng, "state": state, "ema": ema}
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Only the weights of a checkpoint (verified like load's), for averaging or evaluation."""
+    problem = verify(folder)
+    if problem:
+        raise TestbedError(f"checkpoint {str(folder)!r} is damaged: {problem}; leave it out or retrain")
+    try:
+        return load_file(str(folder / "model.safetensors"))
+    except Exception as err:  # safetensors' own error type: the file holds no valid tensors
+        raise TestbedError(f"checkpoint {str(folder)!r} is damaged: its weights do not load ({err})") from None
 
 
 def checkpoint_at(run_dir: Path, step: int) -> Path:

@@ -1,4 +1,4 @@
-"""Subcommands: train, branch, schedule plot, export. Heavy imports happen inside handlers."""
+"""Subcommands: train, branch, schedule plot, export, average. Heavy imports happen inside handlers."""
 
 from __future__ import annotations
 
@@ -53,6 +53,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_XXXXXXXX")
     e.add_argument("out", help="output folder")
     e.set_defaults(func=cmd_export)
+
+    a = sub.add_parser("average", help="average a run's last checkpoints and evaluate the average",
+                       description="Average the weights of the last K saved checkpoints of a run (an "
+                                   "alternative to a cooldown), evaluate the average on the run's "
+                                   "validation windows and record it in RUN_DIR/averages.jsonl, where "
+                                   "`testbed fit collect` lists it as an `average` point.")
+    a.add_argument("run", help="the run directory")
+    a.add_argument("--last", type=int, required=True, metavar="K", help="how many of the newest checkpoints")
+    a.add_argument("--out", help="also write the averaged model as a Hugging Face Llama folder here")
+    a.add_argument("--device", help="evaluate on this device (default: the run's train.device)")
+    a.set_defaults(func=cmd_average)
 
 
 def default_run_dir(config) -> str:
@@ -117,4 +128,14 @@ def cmd_export(args) -> int:
 
     out = export_checkpoint(args.checkpoint, args.out)
     print(f"wrote {out}/config.json and {out}/model.safetensors")
+    return 0
+
+
+def cmd_average(args) -> int:
+    from testbed.train.average import average_checkpoints
+
+    record = average_checkpoints(args.run, args.last, args.out, args.device)
+    print(f"{args.run}: the mean of checkpoints {record['steps']}: val_loss {record['val_loss']:.4f} "
+          f"nats/token, val_bpb {record['val_bpb']:.4f}; recorded in {args.run}/averages.jsonl"
+          + (f"; model written to {args.out}" if args.out else ""))
     return 0

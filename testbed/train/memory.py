@@ -17,7 +17,7 @@ def fits(config: Config, micro: int, device: torch.device) -> bool:
 
     cfg = resolved_model(config)
     dtype = dev.resolve_precision(config.train.precision, device)
-    model = optimizer = None
+    model = optimizer = averaged = None
     try:
         # Built on the device itself: a probe needs no reproducible weights, and initialising a
         # 1B model on the host takes seconds per probe.
@@ -25,6 +25,8 @@ def fits(config: Config, micro: int, device: torch.device) -> bool:
             model = Transformer(cfg)
         model.activation_checkpointing = config.train.activation_checkpointing
         optimizer = build_optimizer(model, config.optim, device)
+        if config.train.ema_decay:  # the moving average of the weights is one more fp32 copy
+            averaged = [p.detach().float().clone() for p in model.parameters()]
         x = torch.randint(0, cfg.vocab_size, (micro, config.data.seq_len + 1), device=device)
         with dev.autocast(device, dtype):
             loss = model(x[:, :-1], x[:, 1:])
@@ -35,7 +37,7 @@ def fits(config: Config, micro: int, device: torch.device) -> bool:
     except torch.OutOfMemoryError:
         return False
     finally:
-        del model, optimizer
+        del model, optimizer, averaged
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -59,7 +59,8 @@ def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool
     checkpoints = ckpt.list_checkpoints(rd.path)
     if overwrite and (rd.exists() or checkpoints):
         if d.main:
-            for p in (rd.run_json, rd.status_json, rd.metrics_path, rd.log_path, rd.checkpoints, rd.path / "wandb"):
+            for p in (rd.run_json, rd.status_json, rd.metrics_path, rd.log_path, rd.checkpoints, rd.averages_path,
+                      rd.path / "wandb"):
                 if p.is_dir():
                     shutil.rmtree(p)
                 elif p.exists():

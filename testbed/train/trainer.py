@@ -45,6 +45,7 @@ from testbed.train.distributed import (
     load_optim_state,
     wrap_model,
 )
+from testbed.train.ema import WeightEMA
 from testbed.train.metrics import MetricsLog
 from testbed.train.monitor import LossWatch, Window, significant, squared_norms
 from testbed.train.prefetch import Prefetcher
@@ -171,6 +172,7 @@ class Trainer:
         self.exit_code, self.state_msg = exits.DONE, ("done", "finished")
         self.owner: RunLock | None = None  # rank 0's hold on the run directory
         self.owned = False  # whether the ranks went through own_run_dir
+        self.ema: WeightEMA | None = None  # the moving average of the weights (train.ema_decay)
 
     # ------------------------------------------------------------------ the run, step by step
 
@@ -287,6 +289,7 @@ class Trainer:
 
     def parallelize(self) -> None:
         """Compile, wrap for DDP/FSDP2, build the optimiser and restore its state."""
+        self.start_ema()
         self.compiled = dev.use_compile(self.config.train.compile, self.device)
         if self.compiled:
             # Regional compilation (as torchtitan does): every block shares one compiled graph, so
@@ -309,6 +312,22 @@ class Trainer:
                 group.update(values)
             self.restore_s += time.perf_counter() - t0
         self.peak, self.peak_name = dev.peak_flops(self.device, self.dtype)
+
+    def start_ema(self) -> None:
+        """The moving average of the weights, from the restored one (a checkpoint of this run, or
+        the parent's for a branch) or else from the weights training starts at. Made before the
+        model is compiled or wrapped, so the average is a plain module."""
+        decay = self.config.train.ema_decay
+        if not decay:
+            return
+        if self.d.world > 1 and self.config.train.parallel == "fsdp":
+            raise TestbedError(f"train.ema_decay={decay} needs the full weights on every process; with "
+                               f"train.parallel=fsdp they are sharded: use train.parallel=ddp or turn "
+                               f"train.ema_decay off")
+        self.ema = WeightEMA(self.base_model, decay)
+        saved = (self.loaded or {}).get("ema")
+        if saved is not None:
+            self.ema.load_state_dict({k: v.to(self.device) for k, v in saved.items()})
 
     def open_run_dir(self, mode: str) -> None:
         """Bring the run directory to the restored step and announce the run in it."""
@@ -470,6 +489,8 @@ class Trainer:
             # A copy of the weights (on logging steps only), to measure the update by.
             before = {p: p.detach().clone() for p in model.parameters() if p.requires_grad}
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
         if log_now:
             self.log_stats = self.norm_stats(layer_grads, before)
         self.optimizer.zero_grad(set_to_none=True)
@@ -559,11 +580,21 @@ class Trainer:
         t0 = time.perf_counter()
         self.last_eval = evaluate(self.model, self.source, self.val_ids, self.micro, self.device, self.dtype,
                                   self.d, self.optimum)
+        if self.ema is not None:
+            # The same validation windows through the averaged weights: val_loss_ema, val_bpb_ema, ...
+            averaged = evaluate(self.ema.model, self.source, self.val_ids, self.micro, self.device, self.dtype,
+                                self.d, self.optimum)
+            self.last_eval.update({f"{k}_ema": v for k, v in averaged.items() if k != "val_opt_loss"})
         self.last_eval_step = step
         self.timing["eval_s"] += time.perf_counter() - t0
         if self.d.main:
             self.metrics.log({"step": step, "tokens": step * self.gbt, "flops": step * self.gbt * self.fpt,
                               "lr": self.lr_before(step), "epoch": self.plan.epochs_at(step), **self.last_eval})
+            if self.ema is not None:  # the two side by side, for a reader of train.log
+                ev = self.last_eval
+                self.log_line(f"step {step}/{self.total_steps}: val_loss {ev['val_loss']:.4f}, val_bpb "
+                              f"{ev['val_bpb']:.4f}; EMA val_loss {ev['val_loss_ema']:.4f}, val_bpb "
+                              f"{ev['val_bpb_ema']:.4f}")
         return self.last_eval
 
     def save(self, step: int, kind: str, validate: bool = True) -> None:
@@ -593,7 +624,7 @@ class Trainer:
                      "config": config.to_dict(), "world_size": d.world, **self.watch.state(),
                      "log_window": log_window}
             ckpt.save(self.run_dir.path, step, kind, model_state, optim_state, rng_state(self.device), state,
-                      self.index_fields(step, ev))
+                      self.index_fields(step, ev), self.ema.state_dict() if self.ema is not None else None)
             ckpt.apply_retention(self.run_dir.path, config.checkpoint.keep_rolling)
         barrier(d)
         self.timing["checkpoint_s"] += time.perf_counter() - t0 - eval_inside
@@ -634,9 +665,12 @@ class Trainer:
         return self.schedule.lr(max(step - 1, 0), self.total_steps, self.config.optim.lr, self.gbt)
 
     def index_fields(self, step: int, ev: dict) -> dict:
-        return {"tokens": step * self.gbt, "flops": step * self.gbt * self.fpt, "val_loss": ev.get("val_loss"),
-                "val_bpb": ev.get("val_bpb"), "lr": self.lr_before(step),
-                "phase": self.schedule.phase(max(step - 1, 0), self.total_steps)}
+        fields = {"tokens": step * self.gbt, "flops": step * self.gbt * self.fpt, "val_loss": ev.get("val_loss"),
+                  "val_bpb": ev.get("val_bpb"), "lr": self.lr_before(step),
+                  "phase": self.schedule.phase(max(step - 1, 0), self.total_steps)}
+        if self.ema is not None:
+            fields.update(val_loss_ema=ev.get("val_loss_ema"), val_bpb_ema=ev.get("val_bpb_ema"))
+        return fields
 
     def log_line(self, text: str) -> None:
         self.run_dir.log(text)

@@ -1,0 +1,111 @@
+"""`testbed average RUN_DIR --last K`: the arithmetic mean of the weights of a run's last K saved
+checkpoints, evaluated on the run's validation windows and recorded in RUN_DIR/averages.jsonl.
+
+Averaging the last checkpoints of a constant-learning-rate run is, like an EMA of the weights
+(train.ema_decay), an alternative to a cooldown that costs no training (Hägele et al. 2024; the
+checkpoint merging of OLMo). The checkpoints are those of checkpoints/index.jsonl whose folders
+still exist; the evaluation is the trainer's, so `--last 1` reproduces the newest checkpoint's
+val_loss exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from testbed.data import loader as data_loader
+from testbed.errors import TestbedError
+from testbed.model.hf import save_llama
+from testbed.model.transformer import Transformer
+from testbed.plan import resolved_model
+from testbed.rundir import RunDir
+from testbed.train import checkpoint as ckpt
+from testbed.train import device as dev
+from testbed.train.distributed import Dist, load_model_state
+from testbed.train.resume import load_run_config
+from testbed.train.trainer import check_writable, evaluate
+
+
+def saved_checkpoints(rd: RunDir) -> list[dict]:
+    """One index line per checkpoint folder still on disk (a step saved as science and final has
+    two lines: the last one wins), oldest first."""
+    by_path: dict[str, dict] = {}
+    for line in rd.index():
+        by_path[line["path"]] = line
+    return sorted((line for line in by_path.values()
+                   if not line.get("deleted") and (rd.path / line["path"]).is_dir()), key=lambda line: line["step"])
+
+
+def last_checkpoints(rd: RunDir, last: int) -> list[dict]:
+    saved = saved_checkpoints(rd)
+    if not saved:
+        raise TestbedError(f"{str(rd.path)!r} has no saved checkpoint in {rd.index_path}; pass a run "
+                           f"directory that saved some (checkpoint.every, checkpoint.final)")
+    steps = [line["step"] for line in saved]
+    if last < 1 or last > len(saved):
+        raise TestbedError(f"--last {last}: {str(rd.path)!r} has {len(saved)} saved checkpoint(s) (steps "
+                           f"{steps}); choose --last between 1 and {len(saved)}")
+    return saved[-last:]
+
+
+def average_weights(folders: list[Path]) -> dict[str, torch.Tensor]:
+    """The arithmetic mean of the checkpoints' weights, summed in float64 one checkpoint at a
+    time (memory for two copies whatever K), returned in the saved dtype."""
+    total: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for folder in folders:
+        weights = ckpt.load_weights(folder)
+        if total and set(weights) != set(total):
+            raise TestbedError(f"checkpoint {str(folder)!r} holds other tensors than {str(folders[0])!r}; "
+                               f"average checkpoints of one run only")
+        for key, tensor in weights.items():
+            if key in total:
+                if tensor.shape != total[key].shape:
+                    raise TestbedError(f"checkpoint {str(folder)!r}: {key} has shape {tuple(tensor.shape)}, "
+                                       f"not {tuple(total[key].shape)}; average checkpoints of one run only")
+                total[key] += tensor.double()
+            else:
+                total[key], dtypes[key] = tensor.double(), tensor.dtype
+    return {key: (value / len(folders)).to(dtypes[key]) for key, value in total.items()}
+
+
+def average_checkpoints(run_dir: str | Path, last: int, out: str | Path | None = None,
+                        device: str | None = None) -> dict:
+    """Average the last `last` checkpoints of a run, evaluate the average, append the record to
+    RUN_DIR/averages.jsonl and return it; `out`: also write the averaged model as a Hugging Face
+    Llama folder (as `testbed export` does)."""
+    rd = RunDir(run_dir)
+    config = load_run_config(rd.path)
+    chosen = last_checkpoints(rd, last)
+    if out is not None:
+        check_writable(Path(out), "--out")
+    averaged = average_weights([rd.path / line["path"] for line in chosen])
+
+    target = dev.resolve_device(device or config.train.device)
+    dtype = dev.resolve_precision(config.train.precision, target)
+    model_cfg = resolved_model(config)
+    model = Transformer(model_cfg).to(target)
+    load_model_state(model, {k: v.to(target) for k, v in averaged.items()}, config, Dist())
+    source = data_loader.make_source(config)
+    val_ids = data_loader.validation_windows(source, config.data.val_sequences)
+    optimum = None
+    if getattr(source, "has_optimum", False):
+        optimum = float(source.optimal_nats(source.windows(val_ids, data_loader.VALIDATION)).sum())
+    summary = (rd.read_run() or {}).get("summary") or {}
+    micro = config.train.micro_batch_size or summary.get("micro_batch_size") or len(val_ids)
+    scores = evaluate(model, source, val_ids, int(micro), target, dtype, Dist(), optimum)
+
+    newest = chosen[-1]
+    record = {"step": newest["step"], "tokens": newest.get("tokens"), "flops": newest.get("flops"),
+              "last": last, "steps": [line["step"] for line in chosen], **scores,
+              "out": str(out) if out is not None else None, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if out is not None:
+        try:
+            save_llama(averaged, model_cfg, out)
+        except OSError as err:
+            raise TestbedError(f"--out {str(out)!r} cannot be written ({err.strerror or err}); choose an "
+                               f"output folder on a writable disk with room") from None
+    rd.append_average(record)
+    return record
