@@ -47,9 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.set_defaults(func=cmd_schedule_plot)
     s.set_defaults(func=lambda args: (s.print_help(), 2)[1])
 
-    e = sub.add_parser("export", help="export a checkpoint as a Hugging Face Llama folder",
+    e = sub.add_parser("export", help="export a checkpoint as a Hugging Face transformers folder",
                        description="Write config.json and model.safetensors that "
-                                   "transformers.LlamaForCausalLM.from_pretrained loads.")
+                                   "transformers.AutoModelForCausalLM.from_pretrained loads: "
+                                   "LlamaForCausalLM, or Qwen3ForCausalLM with model.qk_norm.")
     e.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_XXXXXXXX")
     e.add_argument("out", help="output folder")
     e.set_defaults(func=cmd_export)
