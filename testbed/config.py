@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -105,6 +106,22 @@ class OptimConfig:
 
 
 @dataclass
+class TaskConfig:
+    """One evaluation task, scored at every validation (docs/evals.md)."""
+
+    name: str = ""  # metrics are task/<name>/acc, task/<name>/bpb, ...
+    path: str = ""  # a JSONL file, or hub:DATASET (datasets.load_dataset; needs a network)
+    kind: str = "mc"  # mc: {"question" or "context", "choices", "answer"} | completion: {"context", "completion"}
+    limit: int | None = None  # score only the first N examples; None: all
+    delimiter: str = " "  # joins the context and each answer (lm-eval's target_delimiter)
+    split: str = "validation"  # hub:DATASET only: the split to read
+    subset: str | None = None  # hub:DATASET only: the dataset's configuration name
+
+
+TASK_KINDS = ("mc", "completion")
+
+
+@dataclass
 class TrainConfig:
     tokens: int | None = None  # total training tokens D (one of tokens / steps / tokens_per_param / flops)
     steps: int | None = None
@@ -127,6 +144,9 @@ class TrainConfig:
     # Count a loss spike when a logged training loss is this many nats above the running mean
     # (an EMA) of the logged losses before it; None disables the count.
     spike_nats: float | None = 0.5
+    # Multiple-choice and completion tasks scored at every validation (docs/evals.md); they
+    # need a text tokenizer, so a prepared data.path.
+    tasks: list[TaskConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -386,6 +406,8 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}={value!r} must be a list, e.g. {key}=[1,2]")
+        if args and dataclasses.is_dataclass(args[0]):  # a list of sections: name each by its index
+            return [coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
         return [coerce(args[0], v, key) for v in value] if args else list(value)
     if origin is dict:
         if not isinstance(value, dict):
@@ -523,8 +545,28 @@ def validate(c: Config) -> None:
         require(d.unique_tokens >= t.global_batch_tokens,
                 f"data.unique_tokens={d.unique_tokens} is smaller than one batch "
                 f"(train.global_batch_tokens={t.global_batch_tokens}); raise it or shrink the batch")
+    validate_tasks(t.tasks)
     ck = c.checkpoint
     _at_least("checkpoint.keep_rolling", ck.keep_rolling, 1)
     _at_least("checkpoint.log_spaced", ck.log_spaced, 0)
     require(all(tokens > 0 for tokens in ck.at_tokens),
             f"checkpoint.at_tokens={ck.at_tokens!r} must hold positive token counts")
+
+
+TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def validate_tasks(tasks: list[TaskConfig]) -> None:
+    """Each task's fields; the files themselves are read (and checked line by line) when a run
+    builds its data (testbed/data/tasks.py)."""
+    seen: set[str] = set()
+    for i, task in enumerate(tasks):
+        key = f"train.tasks[{i}]"
+        require(TASK_NAME.fullmatch(task.name),
+                f"{key}.name={task.name!r} must be a non-empty name of letters, digits, '_', '.' or '-' "
+                f"(it names the metrics task/<name>/...)")
+        require(task.name not in seen, f"{key}.name={task.name!r} is used by two tasks; give each its own name")
+        seen.add(task.name)
+        require(task.path, f"{key}.path is empty; give a JSONL file or hub:DATASET")
+        check_choice(f"{key}.kind", task.kind, TASK_KINDS)
+        _positive(f"{key}.limit", task.limit, nullable=True)

@@ -1,4 +1,5 @@
-"""Subcommands: train, branch, schedule plot, export. Heavy imports happen inside handlers."""
+"""Subcommands: train, branch, schedule plot, export, eval harness. Heavy imports happen inside
+handlers."""
 
 from __future__ import annotations
 
@@ -54,6 +55,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_XXXXXXXX")
     e.add_argument("out", help="output folder")
     e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("eval", help="evaluate a run's checkpoint with outside tools")
+    vsub = v.add_subparsers(dest="eval_command", metavar="ACTION")
+    h = vsub.add_parser("harness", help="score a checkpoint with EleutherAI's lm-evaluation-harness",
+                        description="Export a checkpoint (the newest valid one, or --step) with the "
+                                    "run's tokenizer to a temporary folder and run `python -m lm_eval "
+                                    "--model hf` on it; needs `pip install lm-eval`.")
+    h.add_argument("run", help="the run directory")
+    h.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated, e.g. hellaswag,arc_easy")
+    h.add_argument("--step", type=int, help="checkpoint step (default: the newest valid checkpoint)")
+    h.add_argument("--device", default="cpu", help="lm-eval's --device, e.g. cuda:0 (default cpu)")
+    h.add_argument("--batch-size", type=int, default=8, help="lm-eval's --batch_size (default 8)")
+    h.add_argument("--limit", type=float, help="lm-eval's --limit: examples per task (or a fraction)")
+    h.add_argument("--out", help="lm-eval's --output_path for its results JSON")
+    h.add_argument("--tokenizer", help="tokenizer folder or hub name, when the run's data folder has none")
+    h.set_defaults(func=cmd_eval_harness)
+    v.set_defaults(func=lambda args: (v.print_help(), 2)[1])
 
 
 def default_run_dir(config) -> str:
@@ -119,3 +137,10 @@ def cmd_export(args) -> int:
     out = export_checkpoint(args.checkpoint, args.out)
     print(f"wrote {out}/config.json and {out}/model.safetensors")
     return 0
+
+
+def cmd_eval_harness(args) -> int:
+    from testbed.train.harness import run_harness
+
+    return run_harness(args.run, args.tasks, step=args.step, device=args.device, batch_size=args.batch_size,
+                       limit=args.limit, out=args.out, tokenizer=args.tokenizer)

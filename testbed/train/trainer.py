@@ -25,6 +25,7 @@ import torch
 from testbed import exits
 from testbed.config import Config
 from testbed.data import loader as data_loader
+from testbed.data.tasks import load_tasks
 from testbed.errors import TestbedError
 from testbed.model.counting import flops_per_token
 from testbed.model.transformer import Transformer
@@ -49,6 +50,8 @@ from testbed.train.metrics import MetricsLog
 from testbed.train.monitor import LossWatch, Window, significant, squared_norms
 from testbed.train.prefetch import Prefetcher
 from testbed.train.resume import Preemption, load_run_config, prepare_run_dir, restore_rng, rng_state
+from testbed.train.tasks import describe as describe_tasks
+from testbed.train.tasks import evaluate_tasks
 
 __all__ = ["NonFiniteLoss", "Trainer", "load_run_config", "train"]
 
@@ -248,6 +251,7 @@ class Trainer:
         self.plan = data_loader.BatchPlan(self.source, global_seqs, config.data.seed, config.data.unique_tokens,
                                           self.total_steps)
         self.val_ids = data_loader.validation_windows(self.source, config.data.val_sequences)
+        self.tasks = load_tasks(config.train.tasks, self.source, config.data.seq_len)
         self.optimum = None
         if getattr(self.source, "has_optimum", False):
             windows = self.source.windows(self.val_ids, data_loader.VALIDATION)
@@ -421,7 +425,7 @@ class Trainer:
                 if self.d.main else []
             logged = broadcast_object(logged[-1] if logged else None, self.d)
             if logged is not None:
-                self.last_eval = {k: v for k, v in logged.items() if k.startswith("val_")}
+                self.last_eval = {k: v for k, v in logged.items() if k.startswith(("val_", "task/"))}
                 self.last_eval_step = total
             if config.checkpoint.final and self.loaded["state"].get("kind") == "final":
                 self.evaluate(total)  # a no-op when the log had it
@@ -559,11 +563,17 @@ class Trainer:
         t0 = time.perf_counter()
         self.last_eval = evaluate(self.model, self.source, self.val_ids, self.micro, self.device, self.dtype,
                                   self.d, self.optimum)
+        # Tasks take the validation's batch in tokens (their rows are shorter than a window).
+        scores = evaluate_tasks(self.model, self.tasks, self.micro * self.config.data.seq_len, self.device,
+                                self.dtype, self.d)
+        self.last_eval.update(scores)
         self.last_eval_step = step
         self.timing["eval_s"] += time.perf_counter() - t0
         if self.d.main:
             self.metrics.log({"step": step, "tokens": step * self.gbt, "flops": step * self.gbt * self.fpt,
                               "lr": self.lr_before(step), "epoch": self.plan.epochs_at(step), **self.last_eval})
+            if scores:
+                self.log_line(f"step {step} tasks: {describe_tasks(scores)}")
         return self.last_eval
 
     def save(self, step: int, kind: str, validate: bool = True) -> None:
