@@ -33,10 +33,13 @@ def score_rows(model: torch.nn.Module, task: TaskRows, token_budget: int, device
     """Per row: the answer's nats and whether greedy decoding reproduces it."""
     n = len(task.rows)
     lengths = np.asarray([len(r) for r in task.rows])
-    width = int(lengths.max()) - 1  # inputs of every batch padded to one width: one compiled shape
+    # Every batch has one shape (the task's longest row, batch_rows rows), so compiled blocks
+    # compile once per task; every process runs the same number of batches.
+    width = int(lengths.max()) - 1
     batch_rows = max(1, token_budget // width)
     per_rank = -(-n // d.world)
-    mine = np.full(per_rank, -1)  # -1: padding, so every process runs the same batches
+    per_rank = -(-per_rank // batch_rows) * batch_rows if per_rank > batch_rows else per_rank
+    mine = np.full(per_rank, -1)  # -1: a padding row
     share = np.arange(d.rank, n, d.world)
     mine[:len(share)] = share
     nats = torch.zeros(n, dtype=torch.float64, device=device)
@@ -103,7 +106,7 @@ def evaluate_tasks(model: torch.nn.Module, tasks: list[TaskRows], token_budget: 
     return out
 
 
-def describe(metrics: dict[str, float]) -> str:
+def summary_line(metrics: dict[str, float]) -> str:
     """The task metrics as one train.log line: `name acc 0.412 acc_norm 0.436 bpb 1.283; ...`."""
     by_task: dict[str, list[str]] = {}
     for key, value in metrics.items():

@@ -50,8 +50,7 @@ from testbed.train.metrics import MetricsLog
 from testbed.train.monitor import LossWatch, Window, significant, squared_norms
 from testbed.train.prefetch import Prefetcher
 from testbed.train.resume import Preemption, load_run_config, prepare_run_dir, restore_rng, rng_state
-from testbed.train.tasks import describe as describe_tasks
-from testbed.train.tasks import evaluate_tasks
+from testbed.train.tasks import evaluate_tasks, summary_line
 
 __all__ = ["NonFiniteLoss", "Trainer", "load_run_config", "train"]
 
@@ -573,7 +572,7 @@ class Trainer:
             self.metrics.log({"step": step, "tokens": step * self.gbt, "flops": step * self.gbt * self.fpt,
                               "lr": self.lr_before(step), "epoch": self.plan.epochs_at(step), **self.last_eval})
             if scores:
-                self.log_line(f"step {step} tasks: {describe_tasks(scores)}")
+                self.log_line(f"step {step} tasks: {summary_line(scores)}")
         return self.last_eval
 
     def save(self, step: int, kind: str, validate: bool = True) -> None:
