@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -105,6 +106,22 @@ class OptimConfig:
 
 
 @dataclass
+class TaskConfig:
+    """One evaluation task, scored at every validation (docs/evals.md)."""
+
+    name: str = ""  # metrics are task/<name>/acc, task/<name>/bpb, ...
+    path: str = ""  # a JSONL file, or hub:DATASET (datasets.load_dataset; needs a network)
+    kind: str = "mc"  # mc: {"question" or "context", "choices", "answer"} | completion: {"context", "completion"}
+    limit: int | None = None  # score only the first N examples; None: all
+    delimiter: str = " "  # joins the context and each answer (lm-eval's target_delimiter)
+    split: str = "validation"  # hub:DATASET only: the split to read
+    subset: str | None = None  # hub:DATASET only: the dataset's configuration name
+
+
+TASK_KINDS = ("mc", "completion")
+
+
+@dataclass
 class TrainConfig:
     tokens: int | None = None  # total training tokens D (one of tokens / steps / tokens_per_param / flops)
     steps: int | None = None
@@ -130,6 +147,9 @@ class TrainConfig:
     # Keep an exponential moving average of the weights with this decay per step (e.g. 0.999),
     # evaluated beside the weights at every validation (val_loss_ema); None or 0 disables it.
     ema_decay: float | None = None
+    # Multiple-choice and completion tasks scored at every validation (docs/evals.md); they
+    # need a text tokenizer, so a prepared data.path.
+    tasks: list[TaskConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -389,6 +409,8 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}={value!r} must be a list, e.g. {key}=[1,2]")
+        if args and dataclasses.is_dataclass(args[0]):  # a list of sections: name each by its index
+            return [coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
         return [coerce(args[0], v, key) for v in value] if args else list(value)
     if origin is dict:
         if not isinstance(value, dict):
@@ -529,8 +551,28 @@ def validate(c: Config) -> None:
     if t.ema_decay is not None:
         require(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay!r} must be in [0, 1) (e.g. 0.999), "
                                           f"or null (or 0) to keep no moving average of the weights")
+    validate_tasks(t.tasks)
     ck = c.checkpoint
     _at_least("checkpoint.keep_rolling", ck.keep_rolling, 1)
     _at_least("checkpoint.log_spaced", ck.log_spaced, 0)
     require(all(tokens > 0 for tokens in ck.at_tokens),
             f"checkpoint.at_tokens={ck.at_tokens!r} must hold positive token counts")
+
+
+TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def validate_tasks(tasks: list[TaskConfig]) -> None:
+    """Each task's fields; the files themselves are read (and checked line by line) when a run
+    builds its data (testbed/data/tasks.py)."""
+    seen: set[str] = set()
+    for i, task in enumerate(tasks):
+        key = f"train.tasks[{i}]"
+        require(TASK_NAME.fullmatch(task.name),
+                f"{key}.name={task.name!r} must be a non-empty name of letters, digits, '_', '.' or '-' "
+                f"(it names the metrics task/<name>/...)")
+        require(task.name not in seen, f"{key}.name={task.name!r} is used by two tasks; give each its own name")
+        seen.add(task.name)
+        require(task.path, f"{key}.path is empty; give a JSONL file or hub:DATASET")
+        check_choice(f"{key}.kind", task.kind, TASK_KINDS)
+        _positive(f"{key}.limit", task.limit, nullable=True)

@@ -196,9 +196,9 @@ def write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 # Keys that change no number a run computes: the preset's and the depth dial's (their shape is
-# filled in), and observers and guards of the loss.
+# filled in), and observers and guards of the loss (the tasks scored beside it included).
 UNCOUNTED_KEYS = {"model": ("preset", "depth", "depth_aspect", "depth_head_dim"),
-                  "train": ("spike_nats", "divergence_nats")}
+                  "train": ("spike_nats", "divergence_nats", "tasks")}
 # Keys added after runs were first registered, left out while at their defaults, so the ids of
 # runs that do not use them stay as they were.
 LATER_DEFAULTS = {("train", "flops"): None, ("optim", "z_loss"): 0.0, ("train", "ema_decay"): None}

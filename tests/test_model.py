@@ -122,37 +122,52 @@ def test_attention_is_causal():
     assert not torch.allclose(a[0, 10:], b[0, 10:])
 
 
-@pytest.mark.parametrize("kw", [{}, {"tie_embeddings": True}, {"n_kv_heads": 2}])
-def test_export_loads_as_llama_with_the_same_logits(tmp_path, kw):
+@pytest.mark.parametrize("kw", [{}, {"tie_embeddings": True}, {"n_kv_heads": 2}, {"qk_norm": True},
+                                {"qk_norm": True, "tie_embeddings": True, "n_kv_heads": 2, "rope_theta": 500.0}])
+def test_export_loads_in_transformers_with_the_same_logits(tmp_path, kw):
     import json
 
     from safetensors.torch import save_file
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from testbed.model.hf import llama_config, to_llama_state
+    from testbed.model.hf import architecture, hf_config, to_hf_state
 
     torch.manual_seed(0)
     cfg = tiny(**kw)
     model = Transformer(cfg).eval()
-    # perturb the norms so a mapping mistake between norms would show
+    # perturb the norms (q_norm and k_norm included) so a mapping mistake between norms would show
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     state = {k: v for k, v in model.state_dict().items()}
-    save_file(to_llama_state(state, cfg), str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    (tmp_path / "config.json").write_text(json.dumps(llama_config(cfg)))
-    hf = LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    save_file(to_hf_state(state, cfg), str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(cfg)))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == architecture(cfg) == ("Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM")
+    assert hf.config.rope_parameters["rope_theta"] == cfg.rope_theta
     x = torch.randint(0, cfg.vocab_size, (2, 48))
     with torch.no_grad():
         ours = model(x)
         theirs = hf(x).logits
     assert (ours - theirs).abs().max().item() < 1e-5
+    if cfg.qk_norm:  # the q/k norms are live in both: zeroing them changes the logits
+        with torch.no_grad():
+            for layer in hf.model.layers:
+                layer.self_attn.q_norm.weight.mul_(0.5)
+            assert (ours - hf(x).logits).abs().max().item() > 1e-3
 
 
-def test_export_refuses_non_llama_models():
+def test_export_refuses_what_no_transformers_class_holds():
     from testbed.errors import TestbedError
     from testbed.model.hf import check_exportable
 
-    with pytest.raises(TestbedError, match="norm_placement"):
-        check_exportable(tiny(norm_placement="peri"))
+    with pytest.raises(TestbedError, match="norm_placement") as err:
+        check_exportable(tiny(norm_placement="peri", norm="layernorm", position="none", mlp="my_mlp"))
+    message = str(err.value)
+    # one message naming every part that cannot be exported, each with its reason
+    for part in ("model.norm_placement='peri'", "model.norm='layernorm'", "model.position='none'",
+                 "model.mlp='my_mlp'"):
+        assert part in message
+    assert "\n" not in message and message.count("needs") == 4
+    check_exportable(tiny(qk_norm=True))  # Qwen3 holds it

@@ -85,6 +85,15 @@ class ShardSource:
     def fingerprint(self) -> str:
         return self.shards.fingerprint()
 
+    def text_tokenizer(self):
+        """The tokenizer the folder was prepared with (its tokenizer.json), for evaluation tasks."""
+        from testbed.data.tokenizer import load_saved
+
+        if not (self.shards.path / "tokenizer.json").is_file():
+            raise TestbedError(f"data.path={str(self.shards.path)!r} has no tokenizer.json, which "
+                               f"train.tasks need to tokenise text; prepare the folder again")
+        return load_saved(self.shards.path, self.shards.eos_id)
+
 
 class RandomSource:
     """Uniform random tokens at any vocabulary: for speed benchmarks only (nothing to learn)."""

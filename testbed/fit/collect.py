@@ -1,7 +1,8 @@
 """Turn a sweep's run directories into one tidy table of (run, checkpoint) points.
 
 Reads only what docs/run-directory.md promises, through testbed/rundir.py: run.json,
-checkpoints/index.jsonl and, for runs without an index, the evaluation lines of metrics.jsonl.
+checkpoints/index.jsonl and the evaluation lines of metrics.jsonl (the points of runs without an
+index, and every point's task metrics, `task/<name>/<metric>`, as columns of the same names).
 Every run is found, cooldown branches (RUN_DIR/branches/*) included: a branch's final point is a
 `cooldown` point. The alternatives to a cooldown have kinds of their own, at the compute of the
 step they were taken at: `ema` (every evaluation of the moving average of the weights,
@@ -46,12 +47,20 @@ def find_run_dirs(root: str | Path) -> list[RunDir]:
     return runs
 
 
-def _checkpoint_rows(run: RunDir) -> list[dict]:
+TASK_PREFIX = "task/"
+
+
+def _checkpoint_rows(run: RunDir, has_tasks: bool) -> list[dict]:
     rows = [r for r in run.index() if r.get("val_loss") is not None]
-    if rows:
+    if rows and not has_tasks:
         return rows
-    # No usable index: fall back to the evaluation lines of the metrics log.
-    return [{**r, "kind": "eval"} for r in run.metrics() if r.get("val_loss") is not None]
+    evals = [r for r in run.metrics() if r.get("val_loss") is not None]
+    if not rows:
+        # No usable index: fall back to the evaluation lines of the metrics log.
+        return [{**r, "kind": "eval"} for r in evals]
+    # The index holds the validation; the task scores of the same step are in the metrics log.
+    tasks = {r.get("step"): {k: v for k, v in r.items() if k.startswith(TASK_PREFIX)} for r in evals}
+    return [{**tasks.get(r.get("step"), {}), **r} for r in rows]
 
 
 def _point_kind(row: dict, run: dict, is_branch: bool) -> str:
@@ -99,7 +108,8 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
         parent = run.get("parent")
         base["parent_run"] = parent.get("run_dir") if isinstance(parent, dict) else None
         by_step: dict[int, dict] = {}
-        for row in _checkpoint_rows(run_dir):
+        has_tasks = bool(((run.get("config") or {}).get("train") or {}).get("tasks"))
+        for row in _checkpoint_rows(run_dir, has_tasks):
             kind = _point_kind(row, run, parent is not None)
             step = int(row.get("step", 0))
             # A final checkpoint may repeat a science one at the same step: keep one point.
@@ -123,6 +133,7 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
                 "checkpoint_kind": row.get("kind"),
                 "deleted": bool(row.get("deleted", False)),
                 "point_kind": kind,
+                **{k: v for k, v in row.items() if k.startswith(TASK_PREFIX)},
             }
         records.extend(by_step[s] for s in sorted(by_step))
         records.extend(_averaged_rows(run_dir, run, base))

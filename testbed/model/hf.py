@@ -1,12 +1,19 @@
-"""Convert a model's weights to a folder that `transformers` loads as LlamaForCausalLM.
+"""Convert a model's weights to a folder that `transformers` loads: LlamaForCausalLM, or
+Qwen3ForCausalLM when the model normalises queries and keys.
 
 Reading a training checkpoint is the trainer's business (testbed/train/export.py); this module
 only converts a state dict and its ModelConfig.
 
 The testbed's layout maps one-to-one onto Llama's once the fused projections are split:
 qkv -> q_proj, k_proj, v_proj and gate_up -> gate_proj, up_proj. Rotary embeddings already use
-Llama's "rotate half" layout, so no permutation is needed. Only the Llama-compatible subset
-exports: pre-norm, RMSNorm, SwiGLU, RoPE, no QK-norm.
+Llama's "rotate half" layout, so no permutation is needed. With model.qk_norm the attention adds
+an RMSNorm over head_dim to each query and key head, after the split into heads and before the
+rotation: exactly Qwen3's q_norm / k_norm (transformers' modeling_qwen3 applies them to
+`q_proj(x).view(..., head_dim)` and then `apply_rotary_pos_emb`), with the same eps as the
+other norms. Qwen3 is otherwise Llama: no biases, SiLU-gated MLP, explicit head_dim, optional
+tied embeddings; its sliding window stays off.
+
+What no transformers class holds is refused, all reasons in one message (EXPORTABLE).
 """
 
 from __future__ import annotations
@@ -19,25 +26,43 @@ import torch
 from testbed.config import ModelConfig
 from testbed.errors import TestbedError
 
+# The config values the exported classes compute, and why every other value cannot be held.
+EXPORTABLE = {
+    "norm_placement": ("pre", "Llama and Qwen3 normalise only before each sublayer"),
+    "norm": ("rmsnorm", "Llama and Qwen3 use RMSNorm (a LayerNorm has a mean and a bias they lack)"),
+    "attention": ("sdpa", "only the built-in causal attention maps onto their attention"),
+    "mlp": ("swiglu", "only the built-in SwiGLU maps onto their gated MLP"),
+    "position": ("rope", "Llama and Qwen3 always rotate queries and keys"),
+}
+
+
+def unexportable(cfg: ModelConfig) -> list[str]:
+    """Each config value the exported model could not reproduce, with the reason."""
+    problems = []
+    for key, (wanted, why) in EXPORTABLE.items():
+        value = getattr(cfg, key)
+        if value != wanted:
+            problems.append(f"model.{key}={value!r} (needs {wanted!r}: {why})")
+    return problems
+
 
 def check_exportable(cfg: ModelConfig) -> None:
-    problems = []
-    if cfg.norm_placement != "pre":
-        problems.append(f"model.norm_placement={cfg.norm_placement!r} (Llama is 'pre')")
-    if cfg.norm != "rmsnorm":
-        problems.append(f"model.norm={cfg.norm!r} (Llama is 'rmsnorm')")
-    if cfg.qk_norm:
-        problems.append("model.qk_norm=true (Llama has none)")
-    if cfg.mlp != "swiglu" or cfg.attention != "sdpa" or cfg.position != "rope":
-        problems.append("a non-Llama mlp, attention or position")
+    problems = unexportable(cfg)
     if problems:
-        raise TestbedError("this model cannot be exported as Llama: " + "; ".join(problems))
+        raise TestbedError("this model cannot be exported to a transformers class: " + "; ".join(problems))
 
 
-def llama_config(cfg: ModelConfig) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+def architecture(cfg: ModelConfig) -> str:
+    """The transformers class the model exports as."""
+    return "Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """config.json for the exported class."""
+    qwen3 = cfg.qk_norm
+    config = {
+        "architectures": [architecture(cfg)],
+        "model_type": "qwen3" if qwen3 else "llama",
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.n_layers,
@@ -47,18 +72,25 @@ def llama_config(cfg: ModelConfig) -> dict:
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
+        # Both spellings: older releases read rope_theta, newer ones rope_parameters (whose
+        # default theta differs between classes, so it is never left to a default).
         "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "tie_word_embeddings": cfg.tie_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
-        "mlp_bias": False,
         "torch_dtype": "float32",
         "bos_token_id": None,
         "eos_token_id": None,
     }
+    if qwen3:
+        config.update({"use_sliding_window": False, "sliding_window": None})
+    else:
+        config["mlp_bias"] = False
+    return config
 
 
-def to_llama_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
     if not cfg.tie_embeddings:
@@ -75,16 +107,19 @@ def to_llama_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
             o + "input_layernorm.weight": state[p + "attn_norm.weight"],
             o + "post_attention_layernorm.weight": state[p + "mlp_norm.weight"],
         })
+        if cfg.qk_norm:
+            out[o + "self_attn.q_norm.weight"] = state[p + "attn.q_norm.weight"]
+            out[o + "self_attn.k_norm.weight"] = state[p + "attn.k_norm.weight"]
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def save_llama(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path) -> Path:
-    """Write config.json + model.safetensors for LlamaForCausalLM from a model state dict."""
+def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path) -> Path:
+    """Write config.json + model.safetensors for the model's transformers class."""
     from safetensors.torch import save_file
 
     check_exportable(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(to_llama_state(state, cfg), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(llama_config(cfg), indent=1))
+    save_file(to_hf_state(state, cfg), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(hf_config(cfg), indent=1))
     return out_dir

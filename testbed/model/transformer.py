@@ -242,11 +242,13 @@ class Transformer(nn.Module):
                 module.reset_parameters()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                reduction: str = "mean", z_loss: float | None = None):
+                reduction: str = "mean", z_loss: float | None = None, logits_at: torch.Tensor | None = None):
         """Logits [B, T, V] for token ids [B, T]; with targets [B, T], the cross-entropy in nats
         (mean or sum over tokens), computed without materialising the logits (loss.py). With
         z_loss (a weight) the tuple (objective, cross-entropy, lse^2 term) instead, the
-        objective being cross-entropy + z_loss * lse^2 term (PaLM's z-loss)."""
+        objective being cross-entropy + z_loss * lse^2 term (PaLM's z-loss). With logits_at (a
+        bool mask [B, T]) only the logits of those positions, [n, V]: the answers a task scores
+        are a few positions of each sequence."""
         x = self.embed(idx)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
@@ -254,6 +256,8 @@ class Transformer(nn.Module):
             else:
                 x = block(x)
         x = self.norm(x)
+        if logits_at is not None:
+            return self.head(x[logits_at])
         if targets is None:
             return self.head(x)
         if z_loss is not None:

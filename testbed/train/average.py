@@ -17,7 +17,7 @@ import torch
 
 from testbed.data import loader as data_loader
 from testbed.errors import TestbedError
-from testbed.model.hf import save_llama
+from testbed.model.hf import save_hf
 from testbed.model.transformer import Transformer
 from testbed.plan import resolved_model
 from testbed.rundir import RunDir
@@ -103,7 +103,7 @@ def average_checkpoints(run_dir: str | Path, last: int, out: str | Path | None =
               "out": str(out) if out is not None else None, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if out is not None:
         try:
-            save_llama(averaged, model_cfg, out)
+            save_hf(averaged, model_cfg, out)
         except OSError as err:
             raise TestbedError(f"--out {str(out)!r} cannot be written ({err.strerror or err}); choose an "
                                f"output folder on a writable disk with room") from None

@@ -1,4 +1,5 @@
-"""Subcommands: train, branch, schedule plot, export, average. Heavy imports happen inside handlers."""
+"""Subcommands: train, branch, schedule plot, export, average, eval harness. Heavy imports happen
+inside handlers."""
 
 from __future__ import annotations
 
@@ -47,9 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.set_defaults(func=cmd_schedule_plot)
     s.set_defaults(func=lambda args: (s.print_help(), 2)[1])
 
-    e = sub.add_parser("export", help="export a checkpoint as a Hugging Face Llama folder",
+    e = sub.add_parser("export", help="export a checkpoint as a Hugging Face transformers folder",
                        description="Write config.json and model.safetensors that "
-                                   "transformers.LlamaForCausalLM.from_pretrained loads.")
+                                   "transformers.AutoModelForCausalLM.from_pretrained loads: "
+                                   "LlamaForCausalLM, or Qwen3ForCausalLM with model.qk_norm.")
     e.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_XXXXXXXX")
     e.add_argument("out", help="output folder")
     e.set_defaults(func=cmd_export)
@@ -61,9 +63,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "`testbed fit collect` lists it as an `average` point.")
     a.add_argument("run", help="the run directory")
     a.add_argument("--last", type=int, required=True, metavar="K", help="how many of the newest checkpoints")
-    a.add_argument("--out", help="also write the averaged model as a Hugging Face Llama folder here")
+    a.add_argument("--out", help="also write the averaged model as a Hugging Face folder here (as testbed export does)")
     a.add_argument("--device", help="evaluate on this device (default: the run's train.device)")
     a.set_defaults(func=cmd_average)
+
+    v = sub.add_parser("eval", help="evaluate a run's checkpoint with outside tools")
+    vsub = v.add_subparsers(dest="eval_command", metavar="ACTION")
+    h = vsub.add_parser("harness", help="score a checkpoint with EleutherAI's lm-evaluation-harness",
+                        description="Export a checkpoint (the newest valid one, or --step) with the "
+                                    "run's tokenizer to a temporary folder and run `python -m lm_eval "
+                                    "--model hf` on it; needs `pip install lm-eval`.")
+    h.add_argument("run", help="the run directory")
+    h.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated, e.g. hellaswag,arc_easy")
+    h.add_argument("--step", type=int, help="checkpoint step (default: the newest valid checkpoint)")
+    h.add_argument("--device", default="cpu", help="lm-eval's --device, e.g. cuda:0 (default cpu)")
+    h.add_argument("--batch-size", type=int, default=8, help="lm-eval's --batch_size (default 8)")
+    h.add_argument("--limit", type=float, help="lm-eval's --limit: examples per task (or a fraction)")
+    h.add_argument("--out", help="lm-eval's --output_path for its results JSON")
+    h.add_argument("--tokenizer", help="tokenizer folder or hub name, when the run's data folder has none")
+    h.set_defaults(func=cmd_eval_harness)
+    v.set_defaults(func=lambda args: (v.print_help(), 2)[1])
 
 
 def default_run_dir(config) -> str:
@@ -139,3 +158,10 @@ def cmd_average(args) -> int:
           f"nats/token, val_bpb {record['val_bpb']:.4f}; recorded in {args.run}/averages.jsonl"
           + (f"; model written to {args.out}" if args.out else ""))
     return 0
+
+
+def cmd_eval_harness(args) -> int:
+    from testbed.train.harness import run_harness
+
+    return run_harness(args.run, args.tasks, step=args.step, device=args.device, batch_size=args.batch_size,
+                       limit=args.limit, out=args.out, tokenizer=args.tokenizer)

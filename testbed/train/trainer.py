@@ -25,6 +25,7 @@ import torch
 from testbed import exits
 from testbed.config import Config
 from testbed.data import loader as data_loader
+from testbed.data.tasks import load_tasks
 from testbed.errors import TestbedError
 from testbed.model.counting import flops_per_token
 from testbed.model.transformer import Transformer
@@ -50,6 +51,7 @@ from testbed.train.metrics import MetricsLog
 from testbed.train.monitor import LossWatch, Window, significant, squared_norms
 from testbed.train.prefetch import Prefetcher
 from testbed.train.resume import Preemption, load_run_config, prepare_run_dir, restore_rng, rng_state
+from testbed.train.tasks import evaluate_tasks, summary_line
 
 __all__ = ["NonFiniteLoss", "Trainer", "load_run_config", "train"]
 
@@ -250,6 +252,7 @@ class Trainer:
         self.plan = data_loader.BatchPlan(self.source, global_seqs, config.data.seed, config.data.unique_tokens,
                                           self.total_steps)
         self.val_ids = data_loader.validation_windows(self.source, config.data.val_sequences)
+        self.tasks = load_tasks(config.train.tasks, self.source, config.data.seq_len)
         self.optimum = None
         if getattr(self.source, "has_optimum", False):
             windows = self.source.windows(self.val_ids, data_loader.VALIDATION)
@@ -440,7 +443,7 @@ class Trainer:
                 if self.d.main else []
             logged = broadcast_object(logged[-1] if logged else None, self.d)
             if logged is not None:
-                self.last_eval = {k: v for k, v in logged.items() if k.startswith("val_")}
+                self.last_eval = {k: v for k, v in logged.items() if k.startswith(("val_", "task/"))}
                 self.last_eval_step = total
             if config.checkpoint.final and self.loaded["state"].get("kind") == "final":
                 self.evaluate(total)  # a no-op when the log had it
@@ -585,6 +588,10 @@ class Trainer:
             averaged = evaluate(self.ema.model, self.source, self.val_ids, self.micro, self.device, self.dtype,
                                 self.d, self.optimum)
             self.last_eval.update({f"{k}_ema": v for k, v in averaged.items() if k != "val_opt_loss"})
+        # Tasks take the validation's batch in tokens (their rows are shorter than a window).
+        scores = evaluate_tasks(self.model, self.tasks, self.micro * self.config.data.seq_len, self.device,
+                                self.dtype, self.d)
+        self.last_eval.update(scores)
         self.last_eval_step = step
         self.timing["eval_s"] += time.perf_counter() - t0
         if self.d.main:
@@ -595,6 +602,8 @@ class Trainer:
                 self.log_line(f"step {step}/{self.total_steps}: val_loss {ev['val_loss']:.4f}, val_bpb "
                               f"{ev['val_bpb']:.4f}; EMA val_loss {ev['val_loss_ema']:.4f}, val_bpb "
                               f"{ev['val_bpb_ema']:.4f}")
+            if scores:
+                self.log_line(f"step {step} tasks: {summary_line(scores)}")
         return self.last_eval
 
     def save(self, step: int, kind: str, validate: bool = True) -> None:
