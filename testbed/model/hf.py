@@ -30,6 +30,9 @@ def check_exportable(cfg: ModelConfig) -> None:
         problems.append("model.qk_norm=true (Llama has none)")
     if cfg.mlp != "swiglu" or cfg.attention != "sdpa" or cfg.position != "rope":
         problems.append("a non-Llama mlp, attention or position")
+    if cfg.width_mult != 1.0:
+        problems.append(f"model.parametrization='mup' at width multiplier {cfg.width_mult:g} (Llama has "
+                        f"no output multiplier and scales attention by 1/sqrt(d_head))")
     if problems:
         raise TestbedError("this model cannot be exported as Llama: " + "; ".join(problems))
 
