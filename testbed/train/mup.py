@@ -3,7 +3,7 @@ every width?
 
     coordinate_check(config, widths, steps)  -> per width, step and layer: mean |activation|
     slope(widths, values)                    -> d log(value) / d log(width), a least-squares fit
-    lr_sweep(config, widths, lrs, steps)     -> the final training loss of each (width, lr)
+    lr_sweep(config, widths, lrs, steps, ...) -> the final validation loss of each (width, lr)
     best_lrs(losses)                         -> per width, the lr with the lowest loss
 
 The coordinate check (Yang et al. 2022, section D.1) trains a few AdamW steps at several
@@ -45,16 +45,17 @@ def at_width(config: Config, width: int, parametrization: str, base_width: int |
 
 
 def train_steps(config: Config, steps: int, after_step: Callable[[int, Transformer, float], None] | None = None,
-                device: str = "cpu") -> list[float]:
-    """Train `steps` optimiser steps of the config's model on its data (one micro-batch a step);
-    returns the training loss of each step. `after_step(step, model, loss)` runs after each update,
-    and once before the first with step 0 and loss nan."""
+                device: str = "cpu", source=None) -> list[float]:
+    """Train `steps` optimiser steps of the config's model on its data (one micro-batch a step;
+    `source`: the config's data source, if already made); returns the training loss of each step.
+    `after_step(step, model, loss)` runs after each update, and once before the first with step 0
+    and loss nan."""
     model_cfg = resolved_model(config)
     torch.manual_seed(config.train.seed)
     model = Transformer(model_cfg).to(device)
     optimizer = build_optimizer(model, config.optim, torch.device(device))
     schedule = run_schedule(config, steps)
-    plan = data_loader.BatchPlan(data_loader.make_source(config),
+    plan = data_loader.BatchPlan(source or data_loader.make_source(config),
                                  config.train.global_batch_tokens // config.data.seq_len,
                                  config.data.seed, config.data.unique_tokens, steps)
     clip = config.optim.grad_clip
@@ -110,19 +111,20 @@ def coordinate_check(config: Config, widths: Iterable[int], steps: int = 4,
     if lr is not None:
         overrides["optim.lr"] = lr
     rows = []
+    source = data_loader.make_source(config)  # the data do not depend on the width
+    plan = data_loader.BatchPlan(source, config.train.global_batch_tokens // config.data.seq_len,
+                                 config.data.seed, config.data.unique_tokens, steps)
+    probe = torch.from_numpy(plan.batch_tokens(0))[:, :-1]
     for parametrization in parametrizations:
         for width in widths:
             cfg = at_width(config, width, parametrization, base, overrides)
-            plan = data_loader.BatchPlan(data_loader.make_source(cfg), cfg.train.global_batch_tokens // cfg.data.seq_len,
-                                         cfg.data.seed, cfg.data.unique_tokens, steps)
-            probe = torch.from_numpy(plan.batch_tokens(0))[:, :-1]
 
-            def measure(step, model, loss, parametrization=parametrization, width=width, probe=probe):
+            def measure(step, model, loss, parametrization=parametrization, width=width):
                 for layer, scale in activation_scales(model, probe).items():
                     rows.append({"parametrization": parametrization, "width": width, "step": step,
                                  "layer": layer, "scale": scale})
 
-            train_steps(cfg, steps, measure)
+            train_steps(cfg, steps, measure, source=source)
     return rows
 
 
@@ -141,22 +143,32 @@ def slopes(rows: list[dict], step: int | None = None) -> dict[tuple[str, str], f
     return {key: slope(*zip(*sorted(points))) for key, points in series.items()}
 
 
+def lr_point(config: Config, width: int, lr: float, steps: int, parametrization: str, base_width: int,
+             val_sequences: int = 64) -> dict:
+    """{parametrization, width, lr, loss}: the validation loss after `steps` steps, on the same
+    `val_sequences` held-out windows for every run (so runs compare on equal terms); inf where
+    training diverged."""
+    cfg = at_width(config, width, parametrization, base_width, {"optim.lr": lr, "train.steps": steps})
+    source = data_loader.make_source(cfg)
+    windows = torch.from_numpy(source.windows(data_loader.validation_windows(source, val_sequences),
+                                              data_loader.VALIDATION))
+    final = {}
+
+    @torch.no_grad()
+    def evaluate(step, model, loss):
+        if step == steps:
+            model.eval()
+            final["loss"] = model(windows[:, :-1], windows[:, 1:]).item()
+
+    losses = train_steps(cfg, steps, evaluate, source=source)
+    loss = final["loss"] if np.all(np.isfinite(losses)) and math.isfinite(final["loss"]) else math.inf
+    return {"parametrization": parametrization, "width": width, "lr": lr, "loss": loss}
+
+
 def lr_sweep(config: Config, widths: Iterable[int], lrs: Iterable[float], steps: int,
-             parametrization: str, base_width: int, tail: float = 0.1,
-             report: Callable[[dict], None] | None = None) -> list[dict]:
-    """Rows {parametrization, width, lr, loss}: the mean training loss over the last `tail` of
-    `steps` steps (a fresh stream, so it estimates the validation loss); inf where it diverged."""
-    rows = []
-    for width in widths:
-        for lr in lrs:
-            cfg = at_width(config, width, parametrization, base_width, {"optim.lr": lr, "train.steps": steps})
-            losses = train_steps(cfg, steps)
-            last = losses[-max(1, int(round(tail * steps))):]
-            loss = float(np.mean(last)) if np.all(np.isfinite(last)) else math.inf
-            rows.append({"parametrization": parametrization, "width": width, "lr": lr, "loss": loss})
-            if report:
-                report(rows[-1])
-    return rows
+             parametrization: str, base_width: int) -> list[dict]:
+    """lr_point at every (width, lr)."""
+    return [lr_point(config, width, lr, steps, parametrization, base_width) for width in widths for lr in lrs]
 
 
 def best_lrs(rows: list[dict]) -> dict[tuple[str, int], float]:
