@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     best = best_lrs(rows)
     shifts = {k: lr_shift(rows, k, lrs) for k in ("sp", "mup")}
     verdict = transfer_verdict(shifts)
-    print(f"best lr: " + "; ".join(f"{k} d_model {w}: {lr:g}" for (k, w), lr in sorted(best.items())))
+    print("best lr: " + "; ".join(f"{k} d_model {w}: {lr:g}" for (k, w), lr in sorted(best.items())))
     print(f"shift of the best lr from d_model {widths[0]} to {widths[-1]}: SP {shifts['sp']:+d} grid points, "
           f"µP {shifts['mup']:+d}")
     print(verdict)

@@ -18,6 +18,7 @@ from testbed.errors import ConfigError, TestbedError
 from testbed.model.hf import check_exportable
 from testbed.model.transformer import Transformer, attention_scale
 from testbed.optim import build_optimizer, param_groups
+from testbed.rundir import config_hash
 from testbed.train import trainer as trainer_module
 from testbed.train.mup import best_lrs, lr_shift, slope, slopes, train_steps
 from testbed.train.trainer import train
@@ -164,6 +165,15 @@ def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"model.mup_base_width=0 must be positive"):
         config(parametrization="mup", mup_base_width=0)
     assert config(mup_base_width=64).model.width_mult == 1.0  # ignored under sp
+
+
+def test_sp_run_ids_are_those_of_configs_written_before_mup():
+    tree = config().to_dict()
+    before = dict(tree, model={k: v for k, v in tree["model"].items()
+                               if k not in ("parametrization", "mup_base_width")})
+    assert config_hash(tree) == config_hash(before)
+    assert config_hash(mup(32, 32).to_dict()) != config_hash(tree)
+    assert config_hash(mup(32, 32).to_dict()) != config_hash(mup(32, 16).to_dict())
 
 
 def test_export_refuses_mup_away_from_the_base_width():

@@ -16,8 +16,8 @@ Parameter and FLOP arithmetic lives beside it in counting.py.
 
 Under `model.parametrization: mup` (µP, Yang et al. 2022) four things follow the width multiplier
 m = d_model / mup_base_width, as in Table 1 of Cerebras' "Practitioner's Guide to the Maximal
-Update Parameterization" (Dey et al. 2024; MiniCPM uses the same rules), with its tunable input
-and output multipliers at 1:
+Update Parameterization" (Dey et al. 2024), with its tunable input and output multipliers at 1
+(MiniCPM scales init, learning rates and logits the same way):
 
     hidden matrices (every matrix in the blocks)  init std  init_std / sqrt(m),  AdamW lr  lr / m
     embedding, output head (tied or not), gains   init std  init_std,            AdamW lr  lr
