@@ -67,7 +67,7 @@ class ModelConfig:
     init: str = "normal"
     init_std: float = 0.02
     dropout: float = 0.0
-    # sp (standard) | mup (maximal update parametrization, see docs/model.md): init, learning
+    # sp (standard) | mup (maximal update parametrization, see docs/mup.md): init, learning
     # rates, output logits and attention scale follow the width multiplier d_model / mup_base_width.
     parametrization: str = "sp"
     mup_base_width: int | None = None  # the d_model at which mup equals sp (where tuned values hold)

@@ -57,7 +57,11 @@ def adamw(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.opt
 
     # The fused kernel is one launch per step on CUDA; on CPU the default (foreach) path is used.
     fused = device.type == "cuda"
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+    groups = param_groups(model, cfg.weight_decay)
+    for group in groups:  # right from the start; the trainer resets every lr each step
+        if "lr_scale" in group:
+            group["lr"] = cfg.lr * group["lr_scale"]
+    return torch.optim.AdamW(groups, lr=cfg.lr,
                              betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, fused=fused)
 
 

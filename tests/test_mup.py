@@ -121,6 +121,7 @@ def test_param_groups_give_hidden_matrices_lr_over_m(tied):
     vector_like = {id(model.embed.weight), id(model.head.weight)}  # one id when tied
     gains = {id(p) for p in model.parameters() if p.dim() == 1}
     assert [(g["lr_scale"], g["weight_decay"]) for g in groups] == [(1.0, 0.1), (0.25, 0.1), (1.0, 0.0)]
+    assert [g["lr"] for g in groups] == [3e-3, 3e-3 * 0.25, 3e-3]  # before the trainer's first step too
     assert ids == [vector_like, hidden, gains]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 

@@ -1,4 +1,4 @@
-"""Checks of µP (model.parametrization: mup, docs/model.md): does a model behave the same at
+"""Checks of µP (model.parametrization: mup, docs/mup.md): does a model behave the same at
 every width?
 
     coordinate_check(config, widths, steps)  -> per width, step and layer: mean |activation|
