@@ -83,7 +83,7 @@ class ModelConfig:
     @property
     def width_mult(self) -> float:
         """µP's width multiplier m = d_model / mup_base_width (1 under sp)."""
-        if self.parametrization != "mup":
+        if self.parametrization != "mup" or self.mup_base_width is None:  # validation refuses the latter
             return 1.0
         return self.d_model / self.mup_base_width
 
