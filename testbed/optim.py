@@ -26,7 +26,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     own that records it (µP sets 1/m on the blocks, testbed/model/transformer.py); the trainer sets
     each group's lr to the schedule's times the group's `lr_scale`. Weight decay keeps its
     coefficient in every decayed group: AdamW multiplies it by the group's lr, so µP's hidden
-    matrices decay by lr / m x weight_decay per step, as in Cerebras' µP guide and MiniCPM.
+    matrices decay by lr / m x weight_decay per step (docs/mup.md).
     Without any `lr_scale` (SP) the groups are the two above, as they always were."""
     matrices: list[tuple[nn.Parameter, float | None]] = []  # (weight, its module's lr_scale)
     no_decay: list[nn.Parameter] = []
