@@ -68,6 +68,10 @@ class ModelConfig:
     init: str = "normal"
     init_std: float = 0.02
     dropout: float = 0.0
+    # sp (standard) | mup (maximal update parametrization, see docs/mup.md): init, learning
+    # rates, output logits and attention scale follow the width multiplier d_model / mup_base_width.
+    parametrization: str = "sp"
+    mup_base_width: int | None = None  # the d_model at which mup equals sp (where tuned values hold)
 
     @property
     def head_dim(self) -> int:
@@ -76,6 +80,13 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    @property
+    def width_mult(self) -> float:
+        """µP's width multiplier m = d_model / mup_base_width (1 under sp)."""
+        if self.parametrization != "mup" or self.mup_base_width is None:  # validation refuses the latter
+            return 1.0
+        return self.d_model / self.mup_base_width
 
     @property
     def d_ff(self) -> int:
@@ -524,6 +535,11 @@ def validate(c: Config) -> None:
             f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
             f"lower data.seq_len or raise model.max_seq_len")
     require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    check_choice("model.parametrization", m.parametrization, ("sp", "mup"))
+    _positive("model.mup_base_width", m.mup_base_width, nullable=True)
+    require(m.parametrization != "mup" or m.mup_base_width is not None,
+            f"model.parametrization='mup' needs model.mup_base_width (the d_model the hyperparameters "
+            f"were tuned at), e.g. model.mup_base_width={m.d_model}")
     check_choice("data.source", "shards" if d.path else d.source, CHOICES["data.source"])
     require(d.source != "random" or m.vocab_size, "data.source='random' needs model.vocab_size")
     require(d.source != "shards" or d.path, "data.source='shards' needs data.path=FOLDER "

@@ -201,7 +201,8 @@ UNCOUNTED_KEYS = {"model": ("preset", "depth", "depth_aspect", "depth_head_dim")
                   "train": ("spike_nats", "divergence_nats", "tasks")}
 # Keys added after runs were first registered, left out while at their defaults, so the ids of
 # runs that do not use them stay as they were.
-LATER_DEFAULTS = {("train", "flops"): None, ("optim", "z_loss"): 0.0, ("train", "ema_decay"): None}
+LATER_DEFAULTS = {("train", "flops"): None, ("optim", "z_loss"): 0.0, ("train", "ema_decay"): None,
+                  ("model", "parametrization"): "sp", ("model", "mup_base_width"): None}
 
 
 def config_hash(tree: dict[str, Any]) -> str:

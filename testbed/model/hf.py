@@ -43,6 +43,9 @@ def unexportable(cfg: ModelConfig) -> list[str]:
         value = getattr(cfg, key)
         if value != wanted:
             problems.append(f"model.{key}={value!r} (needs {wanted!r}: {why})")
+    if cfg.width_mult != 1.0:
+        problems.append(f"model.parametrization='mup' at width multiplier {cfg.width_mult:g} (the classes "
+                        f"have no output multiplier and scale attention by 1/sqrt(d_head))")
     return problems
 
 

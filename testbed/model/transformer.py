@@ -13,6 +13,20 @@ value (see docs/ablations.md):
     INITS       model.init          weight initialisation of the whole model
 
 Parameter and FLOP arithmetic lives beside it in counting.py.
+
+Under `model.parametrization: mup` (µP, Yang et al. 2022) four things follow the width multiplier
+m = d_model / mup_base_width, as in Table 1 of Cerebras' "Practitioner's Guide to the Maximal
+Update Parameterization" (Dey et al. 2024), with its tunable input and output multipliers at 1
+(MiniCPM scales init, learning rates and logits the same way):
+
+    hidden matrices (every matrix in the blocks)  init std  init_std / sqrt(m),  AdamW lr  lr / m
+    embedding, output head (tied or not), gains   init std  init_std,            AdamW lr  lr
+    output logits                                 head(h / m)
+    attention scores                              q.k / d_head (times sqrt(d_head at the base))
+
+At m = 1 every factor is 1, so µP at the base width is SP exactly: hyperparameters tuned there
+carry over to wider models. The lr factor reaches the optimiser as each block module's
+`lr_scale` (testbed/optim.py groups parameters by it).
 """
 
 from __future__ import annotations
@@ -123,6 +137,7 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
+        self.scale = attention_scale(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -135,9 +150,19 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.position(q, k)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
             enable_gqa=self.kv_heads != self.n_heads)
         return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def attention_scale(cfg: ModelConfig) -> float | None:
+    """The factor on q.k: None (SDPA's 1/sqrt(d_head)) under SP. Under µP 1/d_head, since q and k
+    become correlated in training and their dot product then grows like d_head, not its root; times
+    sqrt(d_head at the base width) so that it is SP's 1/sqrt(d_head) there. Width grows at a fixed
+    head count, so the base's d_head is d_head / m and the factor is 1 / sqrt(d_head * m)."""
+    if cfg.parametrization != "mup":
+        return None
+    return 1.0 / math.sqrt(cfg.head_dim * cfg.width_mult)
 
 
 @MLPS.register("swiglu")
@@ -225,6 +250,11 @@ class Transformer(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        # µP (module docstring): the output multiplier 1/m; the matrices of the blocks train at lr / m.
+        self.output_mult = 1.0 / cfg.width_mult if cfg.parametrization == "mup" else None
+        if cfg.parametrization == "mup":
+            for module in self.blocks.modules():
+                module.lr_scale = 1.0 / cfg.width_mult
         self.activation_checkpointing = False
         self.compile_loss = False  # set by the trainer where it compiles the blocks
         self.reset_parameters()
@@ -233,6 +263,12 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         """(Re)initialise every weight; also after building on the meta device and `to_empty`."""
         INITS.get(self.cfg.init)(self, self.cfg)
+        if self.cfg.parametrization == "mup":
+            # µP: hidden matrices' std / sqrt(m), whatever the init drew (the embedding and the head
+            # keep init_std). Scaling the draw keeps the random stream, so m = 1 is SP's init.
+            for p in self.blocks.parameters():
+                if p.dim() >= 2:
+                    p.mul_(self.cfg.width_mult ** -0.5)
         for module in self.modules():
             if isinstance(module, (RMSNorm, nn.LayerNorm)):
                 nn.init.ones_(module.weight)
@@ -256,6 +292,8 @@ class Transformer(nn.Module):
             else:
                 x = block(x)
         x = self.norm(x)
+        if self.output_mult is not None:
+            x = x * self.output_mult  # µP: logits = head(h) / m, also inside the fused loss
         if logits_at is not None:
             return self.head(x[logits_at])
         if targets is None:

@@ -1,5 +1,5 @@
-"""Subcommands: train, branch, schedule plot, export, average, eval harness. Heavy imports happen
-inside handlers."""
+"""Subcommands: train, branch, schedule plot, mup check, export, average, eval harness. Heavy
+imports happen inside handlers."""
 
 from __future__ import annotations
 
@@ -47,6 +47,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--out", default="schedule.png", help="PNG path to write (default schedule.png)")
     sp.set_defaults(func=cmd_schedule_plot)
     s.set_defaults(func=lambda args: (s.print_help(), 2)[1])
+
+    m = sub.add_parser("mup", help="µP tools (model.parametrization: mup)")
+    msub = m.add_subparsers(dest="mup_command", metavar="ACTION")
+    mc = msub.add_parser("check", help="coordinate check: activation scales against width, SP and µP",
+                         description="Train a few AdamW steps of CONFIG's model at each width (n_heads kept) "
+                                     "under SP and µP and print the mean |activation| of the embedding, each "
+                                     "block and the logits: flat across widths under µP, growing under SP.")
+    mc.add_argument("config", help="YAML config file")
+    mc.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    mc.add_argument("--widths", default="64,128,256,512", help="comma-separated d_model values (default 64,128,256,512)")
+    mc.add_argument("--steps", type=int, default=4, help="AdamW steps at the config's lr, constant (default 4)")
+    mc.add_argument("--out", help="folder for coord_check.json and coord_check.png (default: none written)")
+    mc.set_defaults(func=cmd_mup_check)
+    m.set_defaults(func=lambda args: (m.print_help(), 2)[1])
 
     e = sub.add_parser("export", help="export a checkpoint as a Hugging Face transformers folder",
                        description="Write config.json and model.safetensors that "
@@ -139,6 +153,30 @@ def cmd_schedule_plot(args) -> int:
                   batch_tokens=config.train.global_batch_tokens,
                   title=f"{config.schedule.name} schedule, {steps} steps")
     print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_mup_check(args) -> int:
+    from testbed.config import load_config
+    from testbed.errors import ConfigError
+
+    config = load_config(args.config, args.overrides)
+    try:
+        widths = [int(w) for w in args.widths.split(",")]
+    except ValueError:
+        raise ConfigError(f"--widths={args.widths!r} must be comma-separated whole numbers, e.g. 64,128,256") from None
+    bad = [w for w in widths if w <= 0 or w % config.model.n_heads]
+    if len(widths) < 2 or bad:
+        raise ConfigError(f"--widths={args.widths!r} needs two or more positive widths divisible by "
+                          f"model.n_heads={config.model.n_heads}")
+    if args.steps < 1:
+        raise ConfigError(f"--steps={args.steps} must be at least 1")
+    from testbed.train.mup import coordinate_check, coordinate_table, write_coordinate_report
+
+    rows = coordinate_check(config, widths, args.steps)
+    print(coordinate_table(rows))
+    if args.out:
+        print("wrote " + ", ".join(write_coordinate_report(rows, args.out)))
     return 0
 
 

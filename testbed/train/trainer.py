@@ -57,7 +57,7 @@ __all__ = ["NonFiniteLoss", "Trainer", "load_run_config", "train"]
 
 
 # Optimiser hyperparameters the config sets; on restore they win over the checkpoint's.
-CONFIG_HYPERPARAMS = ("betas", "weight_decay", "eps")
+CONFIG_HYPERPARAMS = ("betas", "weight_decay", "eps", "lr_scale")
 
 
 class NonFiniteLoss(TestbedError):
@@ -459,7 +459,8 @@ class Trainer:
         t_step = time.perf_counter()
         self.lr = self.schedule.lr(step, self.total_steps, config.optim.lr, self.gbt)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
+            # A group's lr_scale (µP's 1/m for hidden matrices, testbed/optim.py) rides on the schedule.
+            group["lr"] = self.lr * group["lr_scale"] if "lr_scale" in group else self.lr
         batch = self.prefetch.get(step, step + 1 if step + 1 < self.total_steps else None)
         # Norms beyond the global gradient norm are read on logging steps only (each costs a sync).
         log_now = (step + 1) % config.train.log_every == 0 or step + 1 == self.total_steps
