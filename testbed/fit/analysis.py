@@ -179,7 +179,8 @@ def isoflop_shaped(frame: pd.DataFrame) -> bool:
 
 
 def curves_table(sweep_dir) -> pd.DataFrame:
-    """Loss curves for the annealing law: validation points where a run has them, else train."""
+    """Loss curves for the curve laws (annealing, multipower): validation points where a run has
+    them, else train."""
     from testbed.fit.collect import collect_curves
 
     curves = collect_curves(sweep_dir)
@@ -200,7 +201,7 @@ def analyse(source, options: FitOptions) -> Analysis:
     extra = (options.by,) if options.by else ()
     if options.allocation not in ("auto", "yes", "no"):
         raise TestbedError(f"--allocation {options.allocation!r} is unknown; use auto, yes or no.")
-    if law.name == "annealing" and not isinstance(source, pd.DataFrame) and Path(source).is_dir():
+    if law.curves and not isinstance(source, pd.DataFrame) and Path(source).is_dir():
         source = curves_table(source)  # whole loss curves from metrics.jsonl, not checkpoints
     points = load_points(source, needed, positive, options.columns, options.points, options.skip_fraction)
     points = apply_where(points, options.where)

@@ -70,6 +70,7 @@ ANNEALING = register(Law(
     predict=_predict,
     prepare=_prepare,
     positive=("step", "loss"),
+    curves=True,
 ))
 
 

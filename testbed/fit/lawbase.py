@@ -1,7 +1,7 @@
 """What a scaling law is, and the registry of them (`LAWS`).
 
 Each law module (testbed/fit/laws.py for Chinchilla, Kaplan and the power law; annealing.py,
-datacon.py, vocab.py; or a user's module passed to `testbed fit --import`) imports this module
+multipower.py, datacon.py, farseer.py, vocab.py; or a user's module passed to `testbed fit --import`) imports this module
 and registers its `Law`; testbed/fit/laws.py imports every built-in law module once.
 
 A law is one small definition: the table columns it reads, its parameters (with the space they
@@ -76,6 +76,8 @@ class Law:
     positive: tuple[str, ...] | None = None  # columns that must be > 0 (default: inputs + loss)
     # input -> the term that input identifies: the fit needs two or more distinct values of it
     terms: dict[str, str] = field(default_factory=dict)
+    # fitted to whole loss curves (run_id, step, lr, loss): a sweep directory is read per step
+    curves: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:
