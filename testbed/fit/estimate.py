@@ -264,7 +264,7 @@ def fit(
     starts: np.ndarray | None = None,
     bounds: dict[str, tuple[float, float]] | None = None,
     screen_iterations: int = 12,
-    refine_iterations: int = 60,
+    refine_iterations: int | None = None,
     n_polish: int = 6,
 ) -> FitResult:
     """Fit `law` to losses `y` at inputs `x` (see `laws.features`).
@@ -273,6 +273,7 @@ def fit(
     start is polished directly: that is what bootstrap resamples use.
     """
     began = time.perf_counter()
+    refine_iterations = law.refine_iterations if refine_iterations is None else refine_iterations
     y = np.asarray(y, dtype=float)
     internal_fixed, tied = resolve_constraints(law, variant, fixed)
     internal_bounds = resolve_bounds(law, bounds)

@@ -15,22 +15,34 @@ from __future__ import annotations
 
 import numpy as np
 
-from testbed.fit.lawbase import Law, Param, register
+from testbed.fit.lawbase import Law, Param, _softmax_lse, register
 
 
-def _terms(theta, x):
+def _pieces(theta, x):
     a1, b1, g1, a2, b2, g2, a3, b3, g3 = (theta[:, i : i + 1] for i in range(9))
     log_n, log_d = x["logN"], x["logD"]
-    floor = a3 * np.exp(g3 * log_n) + b3  # log of the unlimited-data loss
-    exponent = np.exp(a1 * np.exp(g1 * log_n) + b1)  # A(N), the data exponent
-    data = a2 * np.exp(g2 * log_n) + b2 - exponent * log_d  # log of B(N)·D^(-A(N))
-    return floor, data
+    n_g1, n_g2, n_g3 = np.exp(g1 * log_n), np.exp(g2 * log_n), np.exp(g3 * log_n)
+    floor = a3 * n_g3 + b3  # log of the unlimited-data loss
+    exponent = np.exp(a1 * n_g1 + b1)  # A(N), the data exponent
+    data = a2 * n_g2 + b2 - exponent * log_d  # log of B(N)·D^(-A(N))
+    return floor, data, exponent, (a1, a2, a3, n_g1, n_g2, n_g3)
 
 
 def _predict(theta, x):
-    floor, data = _terms(theta, x)
-    top = np.maximum(floor, data)
-    return top + np.log(np.exp(floor - top) + np.exp(data - top))
+    floor, data, _, _ = _pieces(theta, x)
+    return _softmax_lse(floor, data)[0]
+
+
+def _jacobian(theta, x):
+    floor, data, exponent, (a1, a2, a3, n_g1, n_g2, n_g3) = _pieces(theta, x)
+    _, (w_floor, w_data) = _softmax_lse(floor, data)
+    log_n, log_d = x["logN"], x["logD"]
+    d_exponent = -w_data * log_d * exponent  # d log L / d (a1·N^gamma1 + b1)
+    return np.stack([
+        d_exponent * n_g1, d_exponent, d_exponent * a1 * n_g1 * log_n,
+        w_data * n_g2, w_data, w_data * a2 * n_g2 * log_n,
+        w_floor * n_g3, w_floor, w_floor * a3 * n_g3 * log_n,
+    ], axis=-1)
 
 
 def data_exponent(params: dict, n) -> np.ndarray:
@@ -55,6 +67,8 @@ FARSEER = register(Law(
     ),
     space="log",
     predict=_predict,
+    jacobian=_jacobian,
+    refine_iterations=1000,
     has_compute_frontier=True,
     terms={"N": "exp(a3 N^gamma3 + b3)", "D": "D^(-exp(a1 N^gamma1 + b1))"},
 ))

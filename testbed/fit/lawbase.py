@@ -78,6 +78,9 @@ class Law:
     terms: dict[str, str] = field(default_factory=dict)
     # fitted to whole loss curves (run_id, step, lr, loss): a sweep directory is read per step
     curves: bool = False
+    # batched Levenberg-Marquardt iterations for the best starts before L-BFGS-B polishes them: a
+    # law with many correlated parameters (farseer) needs more, or L-BFGS-B crawls along its ridges
+    refine_iterations: int = 60
 
     @property
     def names(self) -> tuple[str, ...]:
