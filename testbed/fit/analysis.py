@@ -17,7 +17,7 @@ from testbed.fit import holdout as holdout_mod
 from testbed.fit import rules as rules_mod
 from testbed.fit.estimate import FitResult, fit
 from testbed.fit.laws import Law, get_law, law_inputs, needed_columns
-from testbed.fit.options import Analysis, FitOptions, constraints_for, default_budgets  # noqa: F401
+from testbed.fit.options import Analysis, FitOptions, constraints_for, default_budgets, objective_settings  # noqa: F401
 from testbed.fit.table import Points, load_points
 
 AXIS_WORDS = {"N": "the largest model sizes", "D": "the largest token counts", "C": "the largest compute",
@@ -27,7 +27,8 @@ PARSIMONY = 0.05  # a variant with fewer free parameters is kept when its error 
 
 def _fit_frame(law: Law, frame: pd.DataFrame, options: FitOptions, variant: str, fixed: dict, starts=None) -> FitResult:
     return fit(law, law_inputs(law, frame), frame["loss"].to_numpy(float), delta=options.delta,
-               variant=variant, fixed=fixed, starts=starts, bounds=options.bounds)
+               variant=variant, fixed=fixed, starts=starts, bounds=options.bounds,
+               **objective_settings(options, frame))
 
 
 def apply_where(points: Points, rules: str | list[str] | None) -> Points:
@@ -243,7 +244,7 @@ def analyse(source, options: FitOptions) -> Analysis:
         "objective": result.objective, "converged": result.converged, "message": result.message,
         "at_bound": result.at_bound, "flat": result.flat, "n_fit_points": result.n_points,
         "n_starts": result.n_starts, "fit_seconds": round(time.perf_counter() - began, 3),
-        "huber_delta": options.delta,
+        "huber_delta": options.delta, "objective_kind": options.objective, "weight": options.weight,
     })
     if options.bounds:
         summary["bounds"] = {k: list(v) for k, v in options.bounds.items()}
@@ -291,7 +292,8 @@ def analyse(source, options: FitOptions) -> Analysis:
         from testbed.fit.bootstrap import bootstrap
 
         intervals, samples = bootstrap(result, train, options.bootstrap, delta=options.delta,
-                                       seed=options.seed, derived=derived)
+                                       seed=options.seed, derived=derived,
+                                       point_weights=objective_settings(options, train)["point_weights"])
         summary["intervals"] = {k: v.as_dict() for k, v in intervals.items()}
         summary["bootstrap"] = {"resamples": options.bootstrap, "failed": samples.attrs.get("failed", 0),
                                 "unit": "run_id", "level": 0.95}
@@ -299,7 +301,8 @@ def analyse(source, options: FitOptions) -> Analysis:
         from testbed.fit.bootstrap import PI_RESAMPLES, prediction_intervals, replicate_thetas
 
         thetas = samples.attrs["thetas"] if samples is not None else replicate_thetas(
-            result, train, PI_RESAMPLES, delta=options.delta, seed=options.seed)
+            result, train, PI_RESAMPLES, delta=options.delta, seed=options.seed,
+            point_weights=objective_settings(options, train)["point_weights"])
         low, high = prediction_intervals(result, train, frame[frame["held_out"]], thetas, seed=options.seed)
         for row, lo, hi in zip(summary["holdout"], low, high):
             row["pi_low"], row["pi_high"] = float(lo), float(hi)

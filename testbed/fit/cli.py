@@ -81,6 +81,10 @@ def register(subparsers) -> None:
                         "validated on the training runs that are largest along the --holdout axis; the lowest error wins, the simpler within 5%%)")
     parser.add_argument("--fix", action="append", metavar="NAME=VALUE", help="fix a parameter for a fixed_* variant, e.g. --fix E=1.69 (repeatable)")
     parser.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log-loss residuals (default 1e-3)")
+    parser.add_argument("--objective", default="huber",
+                        help="huber (default), or asymmetric[:W]: an over-prediction counts W times (default 10), so the fit follows the lower envelope of the points")
+    parser.add_argument("--weight", default="none", choices=["none", "compute"],
+                        help="point weights: none (default) or compute (each point in proportion to its C = 6ND, so the largest runs dominate)")
     parser.add_argument("--points", default="final", choices=["final", "all"], help="final: final and cooldown points, or the last point of each run of a table (default); all: also intermediate checkpoints")
     parser.add_argument("--skip-fraction", type=float, default=0.1, help="with --points all: drop checkpoints in this first fraction of each run (default 0.1)")
     parser.add_argument("--where", action="append", metavar="RULE",
@@ -215,6 +219,7 @@ def _fit(args) -> int:
         skip_fraction=args.skip_fraction, where=args.where, budgets=_budgets(args.budgets),
         by=args.by, baseline=args.baseline, seed=args.seed, train_until=args.train_until,
         score_after=args.score_after, bounds=_bounds(args.bounds), allocation=args.allocation,
+        objective=args.objective, weight=args.weight,
     )
     analysis = analyse(args.source, options)
     out_dir = Path(args.out or "fit_out")
