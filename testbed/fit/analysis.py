@@ -15,6 +15,7 @@ import pandas as pd
 from testbed.errors import TestbedError
 from testbed.fit import holdout as holdout_mod
 from testbed.fit import rules as rules_mod
+from testbed.fit.datacon import clip_unique as clip_unique_tokens
 from testbed.fit.estimate import FitResult, fit
 from testbed.fit.laws import Law, get_law, law_inputs, needed_columns
 from testbed.fit.options import Analysis, FitOptions, constraints_for, default_budgets, objective_settings  # noqa: F401
@@ -95,11 +96,11 @@ def clip_unique(law: Law, frame: pd.DataFrame, warnings: list[str]) -> pd.DataFr
     seen; U is clipped to D for those rows, with a warning."""
     if "U" not in law.inputs or not {"U", "D"} <= set(frame.columns):
         return frame
-    short = frame["D"].to_numpy(float) < frame["U"].to_numpy(float)
-    if short.any():
+    unique, clipped = clip_unique_tokens(frame["D"].to_numpy(float), frame["U"].to_numpy(float))
+    if clipped:
         frame = frame.copy()
-        frame.loc[short, "U"] = frame.loc[short, "D"]
-        warnings.append(f"{int(short.sum())} rows have D < U (fewer tokens seen than unique tokens); U was clipped "
+        frame["U"] = unique
+        warnings.append(f"{clipped} rows have D < U (fewer tokens seen than unique tokens); U was clipped "
                         f"to D for them. Check the U column (--columns U=COLUMN).")
     return frame
 
