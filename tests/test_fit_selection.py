@@ -44,7 +44,9 @@ def test_auto_picks_tied_when_the_true_exponents_are_tied():
     assert all(run.startswith("n5e+08") for run in selection["inner_held_out_runs"])
     assert selection["chosen"] == "tied" and analysis.summary["variant"] == "tied"
     assert {"free", "tied"} <= {k for k, v in selection["validation"].items() if "mean_abs_rel_error" in v}
-    assert "skipped" in selection["validation"]["fixed_E"]  # no E known: said, not silently left out
+    # No E known: fixed_E is tried with a floor fitted on the inner training runs, and scored.
+    fixed_e = selection["validation"]["fixed_E"]
+    assert "mean_abs_rel_error" in fixed_e and fixed_e["E_source"].startswith("fitted floor")
     assert "lowest error" in selection["why"] or "fewest free parameters" in selection["why"]
 
 
@@ -65,7 +67,25 @@ def test_cli_prints_and_records_each_variant(tmp_path, capsys):
     assert main(["fit", str(table), "--variant", "auto", "--holdout", "largest-N", "--no-plots", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "variant selection" in printed and "kept tied" in printed and "free:" in printed
+    # every variant's error is printed, fixed_E's with the floor it was given
+    line = next(line for line in printed.splitlines() if line.strip().startswith("fixed_E:"))
+    assert "%" in line and "E=" in line and "fitted floor" in line
     saved = json.loads((out / "fit.json").read_text())
     assert saved["variant_selection"]["chosen"] == "tied"
     report = (out / "report.md").read_text()
     assert "Variant selection" in report and "Kept `tied`" in report
+
+
+def test_fitted_floor_is_a_power_law_in_compute_on_the_inner_training_runs():
+    from testbed.fit.analysis import fitted_floor
+    from testbed.fit.estimate import fit
+    from testbed.fit.laws import get_law
+
+    frame = ladder(0.34, 0.34)
+    floor, how = fitted_floor(get_law("chinchilla"), frame, FitOptions())
+    compute = 6.0 * frame["N"].to_numpy() * frame["D"].to_numpy()
+    power = fit(get_law("power"), {"X": compute, "logX": np.log(compute)}, frame["loss"].to_numpy())
+    assert floor == pytest.approx(power.params["E"], rel=1e-9)
+    assert 1.0 < floor < frame["loss"].min() and "fitted floor" in how
+    assert fitted_floor(get_law("power"), frame, FitOptions())[0] is None  # that would be the law itself
+

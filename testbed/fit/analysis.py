@@ -105,13 +105,39 @@ def clip_unique(law: Law, frame: pd.DataFrame, warnings: list[str]) -> pd.DataFr
     return frame
 
 
-def variant_constraints(law: Law, frame: pd.DataFrame, variant: str, fix: dict) -> tuple[dict, str | None]:
-    """(fixed values, why the variant cannot be tried or None)."""
+def fitted_floor(law: Law, frame: pd.DataFrame, options: FitOptions) -> tuple[float | None, str]:
+    """(E, how it was found) for `fixed_E` when neither --fix E nor the data's entropy gives it:
+    the floor of a power law in compute, L = E + A / C^alpha, fitted to the points of `frame`.
+    It is a separate, simpler fit than the law's own, so fixing E to it is a real constraint."""
+    if law.name == "power" or not ({"C"} <= set(frame.columns) or {"N", "D"} <= set(frame.columns)):
+        return None, "no compute column to fit a floor on"
+    power = get_law("power")
+    compute = frame["C"] if "C" in frame.columns else 6.0 * frame["N"] * frame["D"]
+    compute = compute.to_numpy(float)
+    if len(np.unique(compute)) < 4:
+        return None, "fewer than four compute values to fit a floor on"
+    try:
+        floor = fit(power, {"X": compute, "logX": np.log(compute)}, frame["loss"].to_numpy(float),
+                    delta=options.delta).params["E"]
+    except TestbedError as err:
+        return None, f"the floor fit failed ({err})"
+    return float(floor), f"fitted floor: E of L = E + A / C^alpha on {len(frame)} points"
+
+
+def variant_constraints(law: Law, frame: pd.DataFrame, variant: str, fix: dict,
+                        options: FitOptions | None = None) -> tuple[dict, str | None]:
+    """(fixed values, why the variant cannot be tried or None). With `options` (--variant auto),
+    an E that neither --fix nor the data's entropy gives is fitted as a floor (`fitted_floor`)."""
     fixed = constraints_for(law, frame, variant, fix)
+    if options is not None and "E" in law.variant(variant).fixed and "E" not in fixed:
+        floor, how = fitted_floor(law, frame, options)
+        if floor is not None:
+            fixed["E"] = floor
+            fixed["E_source"] = how  # type: ignore[assignment]
     missing = [name for name in law.variant(variant).fixed if name not in fixed]
     if missing:
         return fixed, (f"no value for {', '.join(missing)}: pass --fix {missing[0]}=VALUE or use runs that "
-                       f"record data_entropy")
+                       f"record data_entropy" + (" (a floor could not be fitted)" if options is not None else ""))
     return fixed, None
 
 
@@ -127,10 +153,12 @@ def select_variant(law: Law, frame: pd.DataFrame, options: FitOptions, axis: str
     train, valid = frame[~inner], frame[inner]
     errors: dict[str, dict] = {}
     for spec in law.variants:
-        fixed, why_not = variant_constraints(law, frame, spec.name, options.fix)
+        # A fitted floor comes from the inner training runs only, like every other parameter.
+        fixed, why_not = variant_constraints(law, train, spec.name, options.fix, options)
         if why_not:
             errors[spec.name] = {"skipped": why_not}
             continue
+        source = fixed.pop("E_source", None)
         try:
             result = _fit_frame(law, train, options, spec.name, fixed)
         except TestbedError as err:
@@ -140,6 +168,8 @@ def select_variant(law: Law, frame: pd.DataFrame, options: FitOptions, axis: str
         rel = np.abs(predicted - valid["loss"].to_numpy()) / np.abs(valid["loss"].to_numpy())
         errors[spec.name] = {"mean_abs_rel_error": float(rel.mean()), "objective": result.objective,
                              "n_free": result.n_free, "fixed": result.fixed, "tied": result.tied}
+        if source:
+            errors[spec.name]["E_source"] = source
     scored = {k: v for k, v in errors.items() if "mean_abs_rel_error" in v}
     if not scored:
         reasons = "; ".join(f"{k}: {v['skipped']}" for k, v in errors.items())
@@ -235,9 +265,13 @@ def analyse(source, options: FitOptions) -> Analysis:
         axis = holdout_mod.rule_axis(frame, options.holdout)
         variant, record = select_variant(law, train, options, axis)
         summary["variant_selection"] = record
-    fixed, why_not = variant_constraints(law, train, variant, options.fix)
-    if why_not and variant != "auto":
+    # auto: a fixed_E chosen with a fitted floor refits that floor on all the training points.
+    fixed, why_not = variant_constraints(law, train, variant, options.fix,
+                                         options if options.variant == "auto" else None)
+    if why_not:
         raise TestbedError(f"--variant {variant}: {why_not}.")
+    if "E_source" in fixed:
+        summary["E_source"] = fixed.pop("E_source")
     began = time.perf_counter()
     result = _fit_frame(law, train, options, variant, fixed)
     summary.update({

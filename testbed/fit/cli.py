@@ -240,6 +240,9 @@ def _fit(args) -> int:
         print(f"variant selection ({selection['rule']}):")
         for name, entry in selection["validation"].items():
             error = f"{entry['mean_abs_rel_error']:.4%}" if "mean_abs_rel_error" in entry else f"skipped: {entry['skipped']}"
+            if entry.get("fixed"):
+                error += " (" + ", ".join(f"{k}={v:.4g}" for k, v in entry["fixed"].items()) + (
+                    f"; {entry['E_source']}" if "E_source" in entry else "") + ")"
             print(f"  {name}: {error}")
         print(f"  kept {selection['chosen']}: {selection['why']}")
     print(f"fitted ({summary.get('variant', 'free')}): {params}; objective {summary['objective']:.6e}")
