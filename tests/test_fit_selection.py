@@ -89,3 +89,39 @@ def test_fitted_floor_is_a_power_law_in_compute_on_the_inner_training_runs():
     assert 1.0 < floor < frame["loss"].min() and "fitted floor" in how
     assert fitted_floor(get_law("power"), frame, FitOptions())[0] is None  # that would be the law itself
 
+
+
+def curves(seed: int = 0) -> pd.DataFrame:
+    """Checkpoints at 10%, 20%, ... 100% of each run of a small ladder."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in (2e7, 5e7, 1e8, 2e8):
+        for ratio in (20, 80):
+            for fraction in np.linspace(0.1, 1.0, 10):
+                d = fraction * ratio * n
+                loss = (1.8 + 400 / n**0.34 + 1500 / d**0.34) * np.exp(0.001 * rng.standard_normal())
+                rows.append({"run_id": f"n{n:.0e}r{ratio}", "N": n, "D": d, "loss": loss})
+    return pd.DataFrame(rows)
+
+
+def test_inner_validation_holds_out_late_checkpoints_of_the_same_runs():
+    from testbed.fit.holdout import inner_mask
+
+    options = FitOptions(variant="auto", holdout="run_fraction>0.8", points="all", skip_fraction=0.0, allocation="no")
+    analysis = analyse(curves(), options)
+    selection = analysis.summary["variant_selection"]
+    assert selection["axis"] == "late" and "latest checkpoints" in selection["rule"]
+    # The outer split holds out the last 20% of every run, checkpoints and not whole runs...
+    frame = analysis.frame
+    assert set(frame.loc[frame["held_out"], "run_fraction"].round(6)) == {0.9, 1.0}
+    train = frame[~frame["held_out"]]
+    # ...and the inner split does the same along the same axis inside the training checkpoints:
+    # the latest of them, in every run, with each run's earlier checkpoints left to fit.
+    inner = inner_mask(train, "late")
+    held, kept = train[inner], train[~inner]
+    assert set(held["run_fraction"].round(6)) == {0.7, 0.8}
+    assert set(held["run_id"]) == set(train["run_id"]) == set(kept["run_id"])
+    for run, part in held.groupby("run_id"):
+        assert part["run_fraction"].min() > kept.loc[kept["run_id"] == run, "run_fraction"].max()
+    assert len(selection["inner_held_out_runs"]) == train["run_id"].nunique()
+    assert "mean_abs_rel_error" in selection["validation"]["free"]

@@ -18,8 +18,9 @@ DESCRIPTION = """Three forms:
       table, the published Step Law rules (Li et al. 2025) are used
   testbed fit SWEEP_DIR_OR_TABLE --law NAME [--columns N=col,D=col,C=col,loss=col]
           [--holdout largest] [--bootstrap K] [--out DIR]
-      fit a law (chinchilla, kaplan, power, data_constrained, vocab, annealing, or one that
-      --import MODULE registers) and write DIR/fit.json, DIR/report.md and PNG plots."""
+      fit a law (chinchilla, kaplan, power, data_constrained, vocab, farseer, annealing,
+      multipower, or one that --import MODULE registers) and write DIR/fit.json, DIR/report.md
+      and PNG plots."""
 
 
 def _fixes(items: list[str] | None) -> dict[str, float]:
@@ -70,7 +71,7 @@ def register(subparsers) -> None:
     parser.add_argument("source", help="a sweep directory, a .csv/.parquet table, or the word 'collect' or 'hparams'")
     parser.add_argument("sweep_dir", nargs="?", help="with 'collect': the sweep directory to tabulate; with 'hparams': the LR x batch sweep table")
     parser.add_argument("--out", help="fit: output directory (default fit_out); collect: table path (.csv or .parquet, default SWEEP_DIR/points.csv)")
-    parser.add_argument("--law", default="chinchilla", help="law to fit: chinchilla, kaplan, power, data_constrained, vocab, annealing (default chinchilla)")
+    parser.add_argument("--law", default="chinchilla", help="law to fit: chinchilla, kaplan, power, data_constrained, vocab, farseer, annealing, multipower (default chinchilla)")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import this module first, so the laws it registers can be named by --law (repeatable)")
     parser.add_argument("--columns", help="map table columns to the law's names, e.g. N=params,D=tokens,C=flops,loss=val_loss (D = C/(6N) when only C is given)")
