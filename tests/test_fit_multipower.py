@@ -113,3 +113,24 @@ def test_cli_fits_two_schedules_and_scores_the_held_out_one(tmp_path, capsys):
     assert saved["mean_abs_rel_error"] < 3e-3
     assert {row["run_id"] for row in saved["holdout"]} == {"wsd"}
     assert saved["params"]["L0"] == pytest.approx(2.0, rel=0.02)
+
+
+def test_dropped_early_checkpoints_keep_their_learning_rates_in_the_schedule():
+    from testbed.fit.analysis import FitOptions, analyse
+
+    data = simulate(0.0)
+    data = data[(data.step % 160 == 0) | (data.step == 1)].drop(columns="clean")
+    # --skip-fraction 0.1 and --where drop the warmup's rows from the fit, not from the schedule.
+    analysis = analyse(data, FitOptions(law="multipower", points="all", where="step>=480", allocation="no"))
+    frame = analysis.frame
+    assert frame["step"].min() == 480
+    x = law_inputs(MULTIPOWER, frame)
+    for run, part in frame.groupby("run_id"):
+        rows = np.flatnonzero(frame["run_id"].to_numpy() == run)
+        logged = data[data.run_id == run]  # the run's whole logged schedule, from step 1
+        full = curve_inputs(logged["step"], logged["lr"], part["step"].to_numpy(int))
+        assert x["area"][rows] == pytest.approx(full["area"], rel=1e-12)
+    # Without the attached schedule the warmup would be lost: the first kept row would start the areas.
+    bare = law_inputs(MULTIPOWER, frame.drop(columns="schedule"))
+    assert not np.allclose(bare["area"], x["area"])
+    assert analysis.result.params["L0"] == pytest.approx(2.0, rel=5e-3)

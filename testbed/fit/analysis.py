@@ -227,6 +227,17 @@ def curves_table(sweep_dir) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def attach_schedules(points: Points, every: Points) -> Points:
+    """Curve laws: each row carries its run's whole logged LR schedule (`schedule`: steps, lrs),
+    taken before --skip-fraction, --where, --holdout or --train-until drop rows, so the LR areas
+    still start at step 1."""
+    schedules = {run: (part["step"].to_numpy(float), part["lr"].to_numpy(float))
+                 for run, part in every.frame.sort_values("step").groupby("run_id", sort=False)}
+    frame = points.frame.copy()
+    frame["schedule"] = [schedules.get(run) for run in frame["run_id"]]
+    return Points(frame, points.dropped, points.warnings, points.run_column)
+
+
 def analyse(source, options: FitOptions) -> Analysis:
     law = get_law(options.law)
     needed, positive = needed_columns(law)
@@ -236,6 +247,8 @@ def analyse(source, options: FitOptions) -> Analysis:
     if law.curves and not isinstance(source, pd.DataFrame) and Path(source).is_dir():
         source = curves_table(source)  # whole loss curves from metrics.jsonl, not checkpoints
     points = load_points(source, needed, positive, options.columns, options.points, options.skip_fraction)
+    if law.curves:
+        points = attach_schedules(points, load_points(source, needed, positive, options.columns, "all", 0.0))
     points = apply_where(points, options.where)
     frame = points.frame
     for column in extra:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from testbed.errors import TestbedError
 from testbed.registry import Registry
@@ -168,3 +169,20 @@ def features(law: Law, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with np.errstate(divide="ignore", invalid="ignore"):
             x["log" + name] = np.log(values)
     return x
+
+
+def curve_runs(frame):
+    """(row indices, logged steps, logged learning rates) for each run of a table of curves
+    (run_id, step, lr). A run's LR history is its `schedule` column when present (its whole
+    logged curve, attached before rows were filtered, so dropping early checkpoints does not drop
+    the warmup from the schedule), else its own rows."""
+    run_ids = np.asarray(frame["run_id"])
+    steps, lrs = np.asarray(frame["step"], float), np.asarray(frame["lr"], float)
+    schedules = list(frame["schedule"]) if "schedule" in frame else None
+    codes, _ = pd.factorize(run_ids)
+    for code in range(codes.max() + 1 if len(codes) else 0):
+        idx = np.flatnonzero(codes == code)
+        if schedules is not None and isinstance(schedules[idx[0]], tuple):
+            yield idx, *schedules[idx[0]]
+        else:
+            yield idx, steps[idx], lrs[idx]

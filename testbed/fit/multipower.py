@@ -13,7 +13,8 @@ with the learning-rate area run since it, saturating as a power law; a constant 
 LD = 0 and the law reduces to a power law in the LR area.
 
 Rows are points of curves (run_id, step, lr, loss), as for the annealing law (annealing.py); the
-learning rate between logged rows is interpolated linearly. A point's sum over k runs over every
+learning rate between logged rows is interpolated linearly, over the run's whole logged schedule
+(lawbase.curve_runs) even where the fit keeps only some of its rows. A point's sum over k runs over every
 step since warmup; to keep the batched fit cheap the steps are merged into at most `GROUPS`
 consecutive groups per point, each with its summed LR drop at the group's middle step (the
 grouping error is of second order in the group length; tests compare it with the exact sum).
@@ -22,9 +23,8 @@ grouping error is of second order in the group length; tests compare it with the
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
-from testbed.fit.lawbase import Law, Param, register
+from testbed.fit.lawbase import Law, Param, curve_runs, register
 
 GROUPS = 48  # most LR-drop groups per point
 
@@ -79,19 +79,17 @@ def curve_inputs(steps, lrs, at_steps, groups: int | None = GROUPS) -> dict:
 
 
 def _prepare(frame) -> dict:
-    frame = pd.DataFrame({"run_id": np.asarray(frame["run_id"]), "step": np.asarray(frame["step"], float),
-                          "lr": np.asarray(frame["lr"], float)})
-    area = np.empty(len(frame))
-    counts = np.zeros(len(frame), dtype=int)
+    at_steps = np.asarray(frame["step"], float).astype(int)
+    area = np.empty(len(at_steps))
+    counts = np.zeros(len(at_steps), dtype=int)
     terms: dict[int, tuple] = {}
-    for _, idx in frame.groupby("run_id", sort=False).indices.items():
-        part = frame.iloc[idx]
-        lr = per_step_lr(part["step"], part["lr"], int(part["step"].max()))
-        area[idx], drop, eta, since, counts[idx] = _drop_terms(lr, part["step"].to_numpy(int), GROUPS)
+    for idx, steps, lrs in curve_runs(frame):
+        lr = per_step_lr(steps, lrs, int(at_steps[idx].max()))
+        area[idx], drop, eta, since, counts[idx] = _drop_terms(lr, at_steps[idx], GROUPS)
         bounds = np.concatenate([[0], np.cumsum(counts[idx])])
         for j, i in enumerate(idx):  # keep the terms in row order
             terms[int(i)] = (drop[bounds[j]:bounds[j + 1]], eta[bounds[j]:bounds[j + 1]], since[bounds[j]:bounds[j + 1]])
-    ordered = [terms[i] for i in range(len(frame))]
+    ordered = [terms[i] for i in range(len(at_steps))]
     empty = np.zeros(0)
     flat = [np.concatenate([t[k] for t in ordered] + [empty]) for k in range(3)]
     return _inputs(area, *flat, counts)
