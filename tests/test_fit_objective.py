@@ -79,4 +79,7 @@ def test_cli_takes_both_options(tmp_path):
     out = tmp_path / "o"
     assert main(["fit", str(table), "--law", "power", "--objective", "asymmetric:5", "--weight", "compute",
                  "--holdout", "largest", "--no-plots", "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "asymmetric:5: over-predictions weighted 5, points weighted by compute" in report
     assert main(["fit", str(table), "--law", "power", "--objective", "lower", "--no-plots", "--out", str(out)]) == 2
+
