@@ -134,3 +134,23 @@ def test_dropped_early_checkpoints_keep_their_learning_rates_in_the_schedule():
     bare = law_inputs(MULTIPOWER, frame.drop(columns="schedule"))
     assert not np.allclose(bare["area"], x["area"])
     assert analysis.result.params["L0"] == pytest.approx(2.0, rel=5e-3)
+
+
+def test_step_and_wsd_curves_identify_every_parameter_and_predict_cosine():
+    # Two decay shapes whose LR history the logged rows give exactly: a WSD decay is linear, and
+    # the step schedule is logged on both sides of each drop. Their drops, at different LRs and
+    # times, pin down all seven parameters, including C, beta and gamma of the loss-drop term.
+    s, lrs = schedules()
+    logged = s[(s % EVERY == 0) | np.isin(s, [1, STEPS // 2 + 1, 3 * STEPS // 4 + 1])]
+    rows = [pd.DataFrame({"run_id": name, "step": logged, "lr": lrs[name][logged - 1],
+                          "loss": predict_curve(TRUE, s, lrs[name], at_steps=logged, groups=None)})
+            for name in ("step", "wsd")]
+    train = pd.concat(rows, ignore_index=True)
+    result = fit(MULTIPOWER, law_inputs(MULTIPOWER, train), train["loss"].to_numpy())
+    expected = {"L0": 2.0, "A": 0.6, "alpha": 0.5, "B": 400.0, "C": 2.0, "beta": 0.6, "gamma": 0.6}
+    for name, value in expected.items():
+        assert result.params[name] == pytest.approx(value, rel=0.05 if name == "C" else 0.01), name
+    # The cosine curve, never seen, from its per-step schedule.
+    predicted = predict_curve(result.theta, s, lrs["cosine"], at_steps=logged)
+    exact = predict_curve(TRUE, s, lrs["cosine"], at_steps=logged, groups=None)
+    assert np.max(np.abs(predicted / exact - 1)) < 2e-4
