@@ -33,9 +33,25 @@ def test_a_single_model_size_is_an_error_naming_the_term():
 
 def test_d_below_u_is_clipped_with_a_warning():
     frame = grid().assign(U=lambda f: f["D"] * np.where(np.arange(len(f)) < 3, 2.0, 0.5))
-    analysis = analyse(frame, FitOptions(law="data_constrained", allocation="no"))
-    assert any("3 rows have D < U" in w for w in analysis.summary["warnings"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's divide/log warnings would fail here
+        analysis = analyse(frame, FitOptions(law="data_constrained", allocation="no"))
+    assert [w for w in analysis.summary["warnings"] if "D < U" in w] == [
+        "3 rows have D < U (fewer tokens seen than unique tokens); U was clipped to D for them. "
+        "Check the U column (--columns U=COLUMN)."]
     assert (analysis.frame["U"] <= analysis.frame["D"]).all()
+
+
+def test_published_data_constrained_loss_clips_u_with_one_warning():
+    from testbed.fit.datacon import published_loss
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        clipped = published_loss([1e8, 1e9], [1e9, 1e10], [2e9, 1e9])
+    assert [str(w.message) for w in caught] == [
+        "1 of 2 points have D < U (fewer tokens than unique tokens); U was clipped to D for them."]
+    # U clipped to D is a single epoch of D tokens: the same loss as U = D.
+    assert clipped[0] == pytest.approx(published_loss([1e8], [1e9], [1e9])[0], rel=1e-12)
 
 
 def test_bounds_option_and_at_bound_tolerance(tmp_path):

@@ -15,9 +15,10 @@ import pandas as pd
 from testbed.errors import TestbedError
 from testbed.fit import holdout as holdout_mod
 from testbed.fit import rules as rules_mod
+from testbed.fit.datacon import clip_unique as clip_unique_tokens
 from testbed.fit.estimate import FitResult, fit
 from testbed.fit.laws import Law, get_law, law_inputs, needed_columns
-from testbed.fit.options import Analysis, FitOptions, constraints_for, default_budgets  # noqa: F401
+from testbed.fit.options import Analysis, FitOptions, constraints_for, default_budgets, objective_settings  # noqa: F401
 from testbed.fit.table import Points, load_points
 
 AXIS_WORDS = {"N": "the largest model sizes", "D": "the largest token counts", "C": "the largest compute",
@@ -27,7 +28,8 @@ PARSIMONY = 0.05  # a variant with fewer free parameters is kept when its error 
 
 def _fit_frame(law: Law, frame: pd.DataFrame, options: FitOptions, variant: str, fixed: dict, starts=None) -> FitResult:
     return fit(law, law_inputs(law, frame), frame["loss"].to_numpy(float), delta=options.delta,
-               variant=variant, fixed=fixed, starts=starts, bounds=options.bounds)
+               variant=variant, fixed=fixed, starts=starts, bounds=options.bounds,
+               **objective_settings(options, frame))
 
 
 def apply_where(points: Points, rules: str | list[str] | None) -> Points:
@@ -94,22 +96,48 @@ def clip_unique(law: Law, frame: pd.DataFrame, warnings: list[str]) -> pd.DataFr
     seen; U is clipped to D for those rows, with a warning."""
     if "U" not in law.inputs or not {"U", "D"} <= set(frame.columns):
         return frame
-    short = frame["D"].to_numpy(float) < frame["U"].to_numpy(float)
-    if short.any():
+    unique, clipped = clip_unique_tokens(frame["D"].to_numpy(float), frame["U"].to_numpy(float))
+    if clipped:
         frame = frame.copy()
-        frame.loc[short, "U"] = frame.loc[short, "D"]
-        warnings.append(f"{int(short.sum())} rows have D < U (fewer tokens seen than unique tokens); U was clipped "
+        frame["U"] = unique
+        warnings.append(f"{clipped} rows have D < U (fewer tokens seen than unique tokens); U was clipped "
                         f"to D for them. Check the U column (--columns U=COLUMN).")
     return frame
 
 
-def variant_constraints(law: Law, frame: pd.DataFrame, variant: str, fix: dict) -> tuple[dict, str | None]:
-    """(fixed values, why the variant cannot be tried or None)."""
+def fitted_floor(law: Law, frame: pd.DataFrame, options: FitOptions) -> tuple[float | None, str]:
+    """(E, how it was found) for `fixed_E` when neither --fix E nor the data's entropy gives it:
+    the floor of a power law in compute, L = E + A / C^alpha, fitted to the points of `frame`.
+    It is a separate, simpler fit than the law's own, so fixing E to it is a real constraint."""
+    if law.name == "power" or not ({"C"} <= set(frame.columns) or {"N", "D"} <= set(frame.columns)):
+        return None, "no compute column to fit a floor on"
+    power = get_law("power")
+    compute = frame["C"] if "C" in frame.columns else 6.0 * frame["N"] * frame["D"]
+    compute = compute.to_numpy(float)
+    if len(np.unique(compute)) < 4:
+        return None, "fewer than four compute values to fit a floor on"
+    try:
+        floor = fit(power, {"X": compute, "logX": np.log(compute)}, frame["loss"].to_numpy(float),
+                    delta=options.delta).params["E"]
+    except TestbedError as err:
+        return None, f"the floor fit failed ({err})"
+    return float(floor), f"fitted floor: E of L = E + A / C^alpha on {len(frame)} points"
+
+
+def variant_constraints(law: Law, frame: pd.DataFrame, variant: str, fix: dict,
+                        options: FitOptions | None = None) -> tuple[dict, str | None]:
+    """(fixed values, why the variant cannot be tried or None). With `options` (--variant auto),
+    an E that neither --fix nor the data's entropy gives is fitted as a floor (`fitted_floor`)."""
     fixed = constraints_for(law, frame, variant, fix)
+    if options is not None and "E" in law.variant(variant).fixed and "E" not in fixed:
+        floor, how = fitted_floor(law, frame, options)
+        if floor is not None:
+            fixed["E"] = floor
+            fixed["E_source"] = how  # type: ignore[assignment]
     missing = [name for name in law.variant(variant).fixed if name not in fixed]
     if missing:
         return fixed, (f"no value for {', '.join(missing)}: pass --fix {missing[0]}=VALUE or use runs that "
-                       f"record data_entropy")
+                       f"record data_entropy" + (" (a floor could not be fitted)" if options is not None else ""))
     return fixed, None
 
 
@@ -125,10 +153,12 @@ def select_variant(law: Law, frame: pd.DataFrame, options: FitOptions, axis: str
     train, valid = frame[~inner], frame[inner]
     errors: dict[str, dict] = {}
     for spec in law.variants:
-        fixed, why_not = variant_constraints(law, frame, spec.name, options.fix)
+        # A fitted floor comes from the inner training runs only, like every other parameter.
+        fixed, why_not = variant_constraints(law, train, spec.name, options.fix, options)
         if why_not:
             errors[spec.name] = {"skipped": why_not}
             continue
+        source = fixed.pop("E_source", None)
         try:
             result = _fit_frame(law, train, options, spec.name, fixed)
         except TestbedError as err:
@@ -138,6 +168,8 @@ def select_variant(law: Law, frame: pd.DataFrame, options: FitOptions, axis: str
         rel = np.abs(predicted - valid["loss"].to_numpy()) / np.abs(valid["loss"].to_numpy())
         errors[spec.name] = {"mean_abs_rel_error": float(rel.mean()), "objective": result.objective,
                              "n_free": result.n_free, "fixed": result.fixed, "tied": result.tied}
+        if source:
+            errors[spec.name]["E_source"] = source
     scored = {k: v for k, v in errors.items() if "mean_abs_rel_error" in v}
     if not scored:
         reasons = "; ".join(f"{k}: {v['skipped']}" for k, v in errors.items())
@@ -179,7 +211,8 @@ def isoflop_shaped(frame: pd.DataFrame) -> bool:
 
 
 def curves_table(sweep_dir) -> pd.DataFrame:
-    """Loss curves for the annealing law: validation points where a run has them, else train."""
+    """Loss curves for the curve laws (annealing, multipower): validation points where a run has
+    them, else train."""
     from testbed.fit.collect import collect_curves
 
     curves = collect_curves(sweep_dir)
@@ -194,15 +227,28 @@ def curves_table(sweep_dir) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def attach_schedules(points: Points, every: Points) -> Points:
+    """Curve laws: each row carries its run's whole logged LR schedule (`schedule`: steps, lrs),
+    taken before --skip-fraction, --where, --holdout or --train-until drop rows, so the LR areas
+    still start at step 1."""
+    schedules = {run: (part["step"].to_numpy(float), part["lr"].to_numpy(float))
+                 for run, part in every.frame.sort_values("step").groupby("run_id", sort=False)}
+    frame = points.frame.copy()
+    frame["schedule"] = [schedules.get(run) for run in frame["run_id"]]
+    return Points(frame, points.dropped, points.warnings, points.run_column)
+
+
 def analyse(source, options: FitOptions) -> Analysis:
     law = get_law(options.law)
     needed, positive = needed_columns(law)
     extra = (options.by,) if options.by else ()
     if options.allocation not in ("auto", "yes", "no"):
         raise TestbedError(f"--allocation {options.allocation!r} is unknown; use auto, yes or no.")
-    if law.name == "annealing" and not isinstance(source, pd.DataFrame) and Path(source).is_dir():
+    if law.curves and not isinstance(source, pd.DataFrame) and Path(source).is_dir():
         source = curves_table(source)  # whole loss curves from metrics.jsonl, not checkpoints
     points = load_points(source, needed, positive, options.columns, options.points, options.skip_fraction)
+    if law.curves:
+        points = attach_schedules(points, load_points(source, needed, positive, options.columns, "all", 0.0))
     points = apply_where(points, options.where)
     frame = points.frame
     for column in extra:
@@ -232,9 +278,13 @@ def analyse(source, options: FitOptions) -> Analysis:
         axis = holdout_mod.rule_axis(frame, options.holdout)
         variant, record = select_variant(law, train, options, axis)
         summary["variant_selection"] = record
-    fixed, why_not = variant_constraints(law, train, variant, options.fix)
-    if why_not and variant != "auto":
+    # auto: a fixed_E chosen with a fitted floor refits that floor on all the training points.
+    fixed, why_not = variant_constraints(law, train, variant, options.fix,
+                                         options if options.variant == "auto" else None)
+    if why_not:
         raise TestbedError(f"--variant {variant}: {why_not}.")
+    if "E_source" in fixed:
+        summary["E_source"] = fixed.pop("E_source")
     began = time.perf_counter()
     result = _fit_frame(law, train, options, variant, fixed)
     summary.update({
@@ -242,7 +292,7 @@ def analyse(source, options: FitOptions) -> Analysis:
         "objective": result.objective, "converged": result.converged, "message": result.message,
         "at_bound": result.at_bound, "flat": result.flat, "n_fit_points": result.n_points,
         "n_starts": result.n_starts, "fit_seconds": round(time.perf_counter() - began, 3),
-        "huber_delta": options.delta,
+        "huber_delta": options.delta, "objective_kind": options.objective, "weight": options.weight,
     })
     if options.bounds:
         summary["bounds"] = {k: list(v) for k, v in options.bounds.items()}
@@ -290,7 +340,8 @@ def analyse(source, options: FitOptions) -> Analysis:
         from testbed.fit.bootstrap import bootstrap
 
         intervals, samples = bootstrap(result, train, options.bootstrap, delta=options.delta,
-                                       seed=options.seed, derived=derived)
+                                       seed=options.seed, derived=derived,
+                                       point_weights=objective_settings(options, train)["point_weights"])
         summary["intervals"] = {k: v.as_dict() for k, v in intervals.items()}
         summary["bootstrap"] = {"resamples": options.bootstrap, "failed": samples.attrs.get("failed", 0),
                                 "unit": "run_id", "level": 0.95}
@@ -298,7 +349,8 @@ def analyse(source, options: FitOptions) -> Analysis:
         from testbed.fit.bootstrap import PI_RESAMPLES, prediction_intervals, replicate_thetas
 
         thetas = samples.attrs["thetas"] if samples is not None else replicate_thetas(
-            result, train, PI_RESAMPLES, delta=options.delta, seed=options.seed)
+            result, train, PI_RESAMPLES, delta=options.delta, seed=options.seed,
+            point_weights=objective_settings(options, train)["point_weights"])
         low, high = prediction_intervals(result, train, frame[frame["held_out"]], thetas, seed=options.seed)
         for row, lo, hi in zip(summary["holdout"], low, high):
             row["pi_low"], row["pi_high"] = float(lo), float(hi)

@@ -7,15 +7,15 @@ and lambda = 0.999. Because the schedule enters only through S1 and S2, a fit on
 (e.g. constant and cosine) predicts the whole curve of another (e.g. WSD).
 
 Rows are points of curves: run_id, step, lr, loss. The learning rate of the steps between
-logged rows is interpolated linearly, so logging every k steps is enough.
+logged rows is interpolated linearly, so logging every k steps is enough; a run's whole logged
+schedule (lawbase.curve_runs) is used even where the fit keeps only some of its rows.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
-from testbed.fit.lawbase import Law, Param, register
+from testbed.fit.lawbase import Law, Param, curve_runs, register
 
 DECAY = 0.999
 
@@ -40,13 +40,11 @@ def lr_areas(steps, lrs, at_steps, decay: float = DECAY) -> tuple[np.ndarray, np
 
 
 def _prepare(frame) -> dict:
-    frame = pd.DataFrame({"run_id": np.asarray(frame["run_id"]), "step": np.asarray(frame["step"], float),
-                          "lr": np.asarray(frame["lr"], float)})
-    s1 = np.empty(len(frame))
-    s2 = np.empty(len(frame))
-    for _, idx in frame.groupby("run_id", sort=False).indices.items():
-        part = frame.iloc[idx]
-        s1[idx], s2[idx] = lr_areas(part["step"], part["lr"], part["step"].to_numpy(int))
+    at_steps = np.asarray(frame["step"], float)
+    s1 = np.empty(len(at_steps))
+    s2 = np.empty(len(at_steps))
+    for idx, steps, lrs in curve_runs(frame):
+        s1[idx], s2[idx] = lr_areas(steps, lrs, at_steps[idx].astype(int))
     return {"S1": s1, "S2": s2, "logS1": np.log(np.maximum(s1, 1e-300))}
 
 
@@ -70,6 +68,7 @@ ANNEALING = register(Law(
     predict=_predict,
     prepare=_prepare,
     positive=("step", "loss"),
+    curves=True,
 ))
 
 

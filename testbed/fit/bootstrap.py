@@ -40,9 +40,12 @@ def run_weights(frame: pd.DataFrame, n_resamples: int, rng: np.random.Generator)
 
 
 def replicate_thetas(result: FitResult, frame: pd.DataFrame, n_resamples: int, *, delta: float = 1e-3,
-                     seed: int = 0) -> np.ndarray:
-    """Refits on `n_resamples` resamples of whole runs: (K, P), failed replicates dropped."""
+                     seed: int = 0, point_weights: np.ndarray | None = None) -> np.ndarray:
+    """Refits on `n_resamples` resamples of whole runs: (K, P), failed replicates dropped.
+    `point_weights`: the original fit's per-point weights (`--weight`), kept in every replicate."""
     weights = run_weights(frame, n_resamples, np.random.default_rng(seed))
+    if point_weights is not None:
+        weights = weights * point_weights[None, :]
     law = result.law
     thetas = fit_replicates(result, law_inputs(law, frame), frame["loss"].to_numpy(float), weights, delta=delta)
     return thetas[np.all(np.isfinite(thetas), axis=1)]
@@ -94,11 +97,14 @@ def bootstrap(
     seed: int = 0,
     level: float = 0.95,
     derived: Callable[[np.ndarray], dict[str, float]] | None = None,
+    point_weights: np.ndarray | None = None,
 ) -> tuple[dict[str, Interval], pd.DataFrame]:
     """Percentile intervals for every parameter (and derived quantity) of `result`."""
     law = result.law
     # Drawing runs with replacement = weighting each run by how often it was drawn.
     weights = run_weights(frame, n_resamples, np.random.default_rng(seed))
+    if point_weights is not None:
+        weights = weights * point_weights[None, :]
     thetas = fit_replicates(result, law_inputs(law, frame), frame["loss"].to_numpy(float), weights, delta=delta)
     samples = []
     for theta in thetas:

@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import argparse
 
-DESCRIPTION = """Two forms:
+DESCRIPTION = """Three forms:
   testbed fit collect SWEEP_DIR [--out table.csv|table.parquet]
       turn a sweep's run directories (SWEEP_DIR/runs/<id>/, or any folder of run directories)
       into one tidy table of points: run, labels, N, D, U, compute, loss, point kind...
+  testbed fit hparams [SWEEP_TABLE] [--columns lr=col,batch=col,loss=col] [--band 0.005]
+          [--seq-len 2048] [--at N=1e9,D=1e11] [--out DIR]
+      fit the optimal learning rate (c N^a D^b) and batch size in tokens (c D^b) to an
+      LR x batch sweep, from the runs within --band of each (N, D) cell's best loss; without a
+      table, the published Step Law rules (Li et al. 2025) are used
   testbed fit SWEEP_DIR_OR_TABLE --law NAME [--columns N=col,D=col,C=col,loss=col]
           [--holdout largest] [--bootstrap K] [--out DIR]
-      fit a law (chinchilla, kaplan, power, data_constrained, vocab, annealing, or one that
-      --import MODULE registers) and write DIR/fit.json, DIR/report.md and PNG plots."""
+      fit a law (chinchilla, kaplan, power, data_constrained, vocab, farseer, annealing,
+      multipower, or one that --import MODULE registers) and write DIR/fit.json, DIR/report.md
+      and PNG plots."""
 
 
 def _fixes(items: list[str] | None) -> dict[str, float]:
@@ -62,10 +68,10 @@ def register(subparsers) -> None:
         "fit", help="fit scaling laws to a sweep or table (or: fit collect SWEEP_DIR)",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("source", help="a sweep directory, a .csv/.parquet table, or the word 'collect'")
-    parser.add_argument("sweep_dir", nargs="?", help="with 'collect': the sweep directory to tabulate")
+    parser.add_argument("source", help="a sweep directory, a .csv/.parquet table, or the word 'collect' or 'hparams'")
+    parser.add_argument("sweep_dir", nargs="?", help="with 'collect': the sweep directory to tabulate; with 'hparams': the LR x batch sweep table")
     parser.add_argument("--out", help="fit: output directory (default fit_out); collect: table path (.csv or .parquet, default SWEEP_DIR/points.csv)")
-    parser.add_argument("--law", default="chinchilla", help="law to fit: chinchilla, kaplan, power, data_constrained, vocab, annealing (default chinchilla)")
+    parser.add_argument("--law", default="chinchilla", help="law to fit: chinchilla, kaplan, power, data_constrained, vocab, farseer, annealing, multipower (default chinchilla)")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import this module first, so the laws it registers can be named by --law (repeatable)")
     parser.add_argument("--columns", help="map table columns to the law's names, e.g. N=params,D=tokens,C=flops,loss=val_loss (D = C/(6N) when only C is given)")
@@ -76,6 +82,10 @@ def register(subparsers) -> None:
                         "validated on the training runs that are largest along the --holdout axis; the lowest error wins, the simpler within 5%%)")
     parser.add_argument("--fix", action="append", metavar="NAME=VALUE", help="fix a parameter for a fixed_* variant, e.g. --fix E=1.69 (repeatable)")
     parser.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log-loss residuals (default 1e-3)")
+    parser.add_argument("--objective", default="huber",
+                        help="huber (default), or asymmetric[:W]: an over-prediction counts W times (default 10), so the fit follows the lower envelope of the points")
+    parser.add_argument("--weight", default="none", choices=["none", "compute"],
+                        help="point weights: none (default) or compute (each point in proportion to its C = 6ND, so the largest runs dominate)")
     parser.add_argument("--points", default="final", choices=["final", "all", "ema", "average"],
                         help="final: final and cooldown points, or the last point of each run of a table (default); all: also intermediate checkpoints; "
                         "ema: the EMA of the weights at each evaluation (train.ema_decay), average: averaged checkpoints (testbed average), "
@@ -97,12 +107,20 @@ def register(subparsers) -> None:
     parser.add_argument("--baseline", help="with --by: the baseline value (default: the first in sort order)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the bootstrap (default 0)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--band", type=float, default=0.005,
+                        help="hparams: keep the runs within this relative loss of each (N, D) cell's best (default 0.005; 0: the best run only)")
+    parser.add_argument("--seq-len", type=int, default=1,
+                        help="hparams: the batch column counts sequences of this many tokens (default 1: it counts tokens)")
+    parser.add_argument("--at", action="append", metavar="N=VALUE,D=VALUE",
+                        help="hparams: predict the optimal LR and batch at this model size and token count (repeatable)")
     parser.set_defaults(func=handler)
 
 
 def handler(args) -> int:
     if args.source == "collect":
         return _collect(args)
+    if args.source == "hparams":
+        return _hparams(args)
     from testbed.errors import TestbedError
 
     if args.sweep_dir:
@@ -122,6 +140,57 @@ def _collect(args) -> int:
     out = write_table(table, args.out or Path(args.sweep_dir) / "points.csv")
     kinds = table["point_kind"].value_counts().to_dict()
     print(f"{len(table)} points from {table['run_id'].nunique()} runs ({kinds}) -> {out}")
+    return 0
+
+
+def _sizes(item: str) -> tuple[float, float]:
+    from testbed.errors import TestbedError
+
+    values = {}
+    for part in item.split(","):
+        name, _, value = part.partition("=")
+        try:
+            values[name.strip()] = float(value)
+        except ValueError:
+            values = {}
+            break
+    if set(values) != {"N", "D"}:
+        raise TestbedError(f"--at {item!r} is not N=VALUE,D=VALUE; write e.g. --at N=1e9,D=1e11.")
+    return values["N"], values["D"]
+
+
+def _hparams(args) -> int:
+    import json
+    from pathlib import Path
+
+    from testbed.fit import steplaw
+    from testbed.fit.table import apply_columns, parse_columns, read_source
+
+    at = [_sizes(item) for item in args.at or []]
+    if args.sweep_dir:
+        frame = apply_columns(read_source(args.sweep_dir), parse_columns(args.columns))
+        if "batch" in frame.columns:
+            frame["batch"] = frame["batch"] * args.seq_len
+        rules = steplaw.fit_rules(frame, args.band)
+        source = (f"fitted to {args.sweep_dir}: {rules['runs_in_band']} runs within {args.band:.2%} of the best "
+                  f"of {rules['cells']} (N, D) cells")
+    else:
+        rules = dict(steplaw.PUBLISHED)
+        source = "published Step Law rules (Li et al. 2025)"
+    print(source)
+    print(f"lr_opt = {rules['lr_coef']:.4g} * N^{rules['lr_N_exp']:.4f} * D^{rules['lr_D_exp']:.4f}")
+    print(f"batch_opt (tokens) = {rules['bs_coef']:.4g} * D^{rules['bs_D_exp']:.4f}")
+    predictions = []
+    for n, d in at:
+        lr, batch = steplaw.predict(rules, n, d)
+        predictions.append({"N": n, "D": d, "lr": float(lr), "batch_tokens": float(batch)})
+        print(f"N={n:.4g}, D={d:.4g}: lr {float(lr):.4g}, batch {float(batch):.4g} tokens")
+    if args.out:
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "hparams.json").write_text(json.dumps({"source": source, "rules": rules,
+                                                           "predictions": predictions}, indent=2))
+        print(f"written: {out_dir / 'hparams.json'}")
     return 0
 
 
@@ -154,6 +223,7 @@ def _fit(args) -> int:
         skip_fraction=args.skip_fraction, where=args.where, budgets=_budgets(args.budgets),
         by=args.by, baseline=args.baseline, seed=args.seed, train_until=args.train_until,
         score_after=args.score_after, bounds=_bounds(args.bounds), allocation=args.allocation,
+        objective=args.objective, weight=args.weight,
     )
     analysis = analyse(args.source, options)
     out_dir = Path(args.out or "fit_out")
@@ -174,6 +244,9 @@ def _fit(args) -> int:
         print(f"variant selection ({selection['rule']}):")
         for name, entry in selection["validation"].items():
             error = f"{entry['mean_abs_rel_error']:.4%}" if "mean_abs_rel_error" in entry else f"skipped: {entry['skipped']}"
+            if entry.get("fixed"):
+                error += " (" + ", ".join(f"{k}={v:.4g}" for k, v in entry["fixed"].items()) + (
+                    f"; {entry['E_source']}" if "E_source" in entry else "") + ")"
             print(f"  {name}: {error}")
         print(f"  kept {selection['chosen']}: {selection['why']}")
     print(f"fitted ({summary.get('variant', 'free')}): {params}; objective {summary['objective']:.6e}")

@@ -11,7 +11,7 @@ from testbed.fit.bootstrap import resample_runs
 from testbed.fit.compare import compute_multiplier, crossings
 from testbed.fit.estimate import fit
 from testbed.fit.laws import Law, law_inputs
-from testbed.fit.options import Analysis, constraints_for, default_budgets
+from testbed.fit.options import Analysis, constraints_for, default_budgets, objective_settings
 
 
 def compare_groups(law: Law, frame: pd.DataFrame, options, summary: dict):
@@ -32,7 +32,7 @@ def compare_groups(law: Law, frame: pd.DataFrame, options, summary: dict):
         train = part[~part["held_out"]]
         fixed = constraints_for(law, train, options.variant, options.fix)
         result = fit(law, law_inputs(law, train), train["loss"].to_numpy(float), delta=options.delta,
-                     variant=options.variant, fixed=fixed)
+                     variant=options.variant, fixed=fixed, **objective_settings(options, train))
         results[value] = (result, train)
         entry = {"params": result.params, "objective": result.objective, "converged": result.converged,
                  "n_points": result.n_points, "at_bound": result.at_bound}
@@ -53,9 +53,11 @@ def compare_groups(law: Law, frame: pd.DataFrame, options, summary: dict):
             try:
                 b_sample, v_sample = resample_runs(base_train, rng), resample_runs(train, rng)
                 b_fit = fit(law, law_inputs(law, b_sample), b_sample["loss"].to_numpy(float), delta=options.delta,
-                            variant=base_result.variant, fixed=base_result.fixed, starts=base_result.candidates[:3])
+                            variant=base_result.variant, fixed=base_result.fixed, starts=base_result.candidates[:3],
+                            **objective_settings(options, b_sample))
                 v_fit = fit(law, law_inputs(law, v_sample), v_sample["loss"].to_numpy(float), delta=options.delta,
-                            variant=result.variant, fixed=result.fixed, starts=result.candidates[:3])
+                            variant=result.variant, fixed=result.fixed, starts=result.candidates[:3],
+                            **objective_settings(options, v_sample))
             except TestbedError:
                 continue
             samples.append(compute_multiplier(law, b_fit.theta, v_fit.theta, budgets))

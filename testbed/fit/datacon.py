@@ -14,6 +14,8 @@ loss is sensitive to alpha through U_N.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from testbed.fit.lawbase import Law, Param, Variant, register
@@ -22,21 +24,32 @@ from testbed.fit.lawbase import Law, Param, Variant, register
 PUBLISHED_LOG = (6.255414, 7.3049974, 0.6254804, 0.3526596, 0.3526596, 15.387756, 5.309743)
 
 
-def _effective(unique, repeats, star):
-    return unique + unique * star * (1.0 - np.exp(-repeats / star))
+def _log_effective(log_unique, repeats, star):
+    """log(U + U·R*·(1 - exp(-R/R*))), computed as log U + log1p(...) so that a vanishing U
+    (extreme trial parameters) gives -inf quietly instead of log(0)."""
+    return log_unique + np.log1p(star * -np.expm1(-repeats / star))
+
+
+def clip_unique(tokens, unique) -> tuple[np.ndarray, int]:
+    """(U clipped to D, how many rows were clipped): a run cannot have seen more unique tokens
+    than tokens; the law's repetition count R_D = D/U - 1 is 0 there either way."""
+    tokens, unique = np.asarray(tokens, float), np.asarray(unique, float)
+    short = tokens < unique
+    return np.where(short, tokens, unique), int(short.sum())
 
 
 def _predict(theta, x):
     a, b, e, alpha, beta, log_rd, log_rn = (theta[:, i : i + 1] for i in range(7))
-    n, d, u = x["N"], x["D"], x["U"]
+    n, d = x["N"], x["D"]
+    u = clip_unique(d, x["U"])[0]  # tables are clipped (with a warning) before fitting
     rd_star, rn_star = np.exp(log_rd), np.exp(log_rn)
     log_g = (np.log(alpha) + a - np.log(beta) - b) / (alpha + beta)
     log_un = np.minimum(np.log(n), log_g + (beta / alpha) * (np.log(u) + log_g))
-    u_n = np.exp(log_un)
-    r_d = np.maximum(d / u - 1.0, 0.0)
-    r_n = np.maximum(n / u_n - 1.0, 0.0)
-    log_dp = np.log(_effective(u, r_d, rd_star))
-    log_np = np.log(_effective(u_n, r_n, rn_star))
+    r_d = d / u - 1.0
+    # N / U_N from logs: U_N underflows to 0 for extreme trial parameters, N / 0 would warn.
+    r_n = np.maximum(np.expm1(np.minimum(np.log(n) - log_un, 700.0)), 0.0)
+    log_dp = _log_effective(np.log(u), r_d, rd_star)
+    log_np = _log_effective(log_un, r_n, rn_star)
     top = np.maximum(np.maximum(a - alpha * log_np, b - beta * log_dp), e)
     return top + np.log(np.exp(a - alpha * log_np - top) + np.exp(b - beta * log_dp - top) + np.exp(e - top))
 
@@ -64,7 +77,11 @@ DATA_CONSTRAINED = register(Law(
 
 def published_loss(n, d, unique) -> np.ndarray:
     """The law with the authors' constants, for checks and planning."""
-    x = {"N": np.atleast_1d(np.asarray(n, float)), "D": np.atleast_1d(np.asarray(d, float)),
-         "U": np.atleast_1d(np.asarray(unique, float))}
+    d = np.atleast_1d(np.asarray(d, float))
+    unique, clipped = clip_unique(d, np.atleast_1d(np.asarray(unique, float)))
+    if clipped:
+        warnings.warn(f"{clipped} of {unique.size} points have D < U (fewer tokens than unique tokens); "
+                      f"U was clipped to D for them.", stacklevel=2)
+    x = {"N": np.atleast_1d(np.asarray(n, float)), "D": d, "U": unique}
     theta = np.array(PUBLISHED_LOG[:5] + (np.log(PUBLISHED_LOG[5]), np.log(PUBLISHED_LOG[6])))
     return DATA_CONSTRAINED.predict_loss(theta, x)

@@ -1,7 +1,11 @@
 """Robust estimation of a law's parameters from many starting points at once.
 
 Objective: the sum over points of Huber_delta(residual), the residual being log(loss) minus the
-law's predicted log-loss (or the raw difference for laws fitted in raw space).
+law's predicted log-loss (or the raw difference for laws fitted in raw space). Two options change
+it: point weights (`--weight compute`: each point counts in proportion to its compute), and an
+asymmetry w (`--objective asymmetric:w`): a residual below zero, where the law predicts more than
+was observed, counts w times, so the fit settles under the points, towards their lower envelope
+(the best loss reachable at each size, which noise and bad runs only ever raise).
 
 Why not simply run L-BFGS-B from every start of the grid: on the Chinchilla points that takes
 minutes. Instead every start advances together: a batched Levenberg-Marquardt on the
@@ -50,6 +54,7 @@ class FitResult:
     candidates: np.ndarray | None = None  # best distinct optima, reused as bootstrap starts
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)  # internal overrides
     flat: list[str] = field(default_factory=list)  # parameters the objective barely depends on
+    asymmetry: float = 1.0  # weight of over-predictions (residual < 0) in the objective
 
     @property
     def params(self) -> dict[str, float]:
@@ -67,8 +72,10 @@ class _Problem:
     """The reduced (free-parameter) problem: maps free vectors to full ones and evaluates."""
 
     def __init__(self, law: Law, x: dict, y: np.ndarray, delta: float, fixed: dict, tied: dict,
-                 bounds: dict | None = None):
+                 bounds: dict | None = None, point_weights: np.ndarray | None = None, asymmetry: float = 1.0):
         self.law, self.x, self.delta = law, x, delta
+        self.point_weights = np.ones(len(y)) if point_weights is None else np.asarray(point_weights, float)
+        self.asymmetry = float(asymmetry)
         bounds = bounds or {}
         self.target = np.log(y) if law.space == "log" else np.asarray(y, float)
         names = law.names
@@ -95,9 +102,16 @@ class _Problem:
         with np.errstate(over="ignore", invalid="ignore"):
             return self.target - self.law.predict(self.full(free), self.x)
 
+    def scale(self, r: np.ndarray) -> np.ndarray:
+        """Each residual's weight in the objective: its point's weight, times the asymmetry
+        where the law over-predicts (r < 0)."""
+        if self.asymmetry == 1.0:
+            return np.broadcast_to(self.point_weights, r.shape)
+        return self.point_weights * np.where(r < 0, self.asymmetry, 1.0)
+
     def objective(self, free: np.ndarray) -> np.ndarray:
         r = self.residuals(free)
-        obj = huber(r, self.delta).sum(axis=1)
+        obj = (self.scale(r) * huber(r, self.delta)).sum(axis=1)
         return np.where(np.isfinite(obj), obj, np.inf)
 
     def jacobian(self, free: np.ndarray) -> np.ndarray:
@@ -123,10 +137,11 @@ class _Problem:
 
     def value_and_grad(self, free: np.ndarray) -> tuple[float, np.ndarray]:
         r = self.residuals(free)[0]
-        obj = float(huber(r, self.delta).sum())
+        scale = self.scale(r)
+        obj = float((scale * huber(r, self.delta)).sum())
         if not np.isfinite(obj):
             return 1e300, np.zeros(len(self.free))
-        psi = np.clip(r, -self.delta, self.delta)
+        psi = scale * np.clip(r, -self.delta, self.delta)
         grad = -(self.jacobian(free)[0].T @ psi)
         return obj, np.where(np.isfinite(grad), grad, 0.0)
 
@@ -146,7 +161,7 @@ def _lm_batch(problem: _Problem, starts: np.ndarray, iterations: int,
     theta = problem.clip(starts.copy())
     w = np.ones((1, problem.target.size)) if weights is None else weights
     r = problem.residuals(theta)
-    obj = np.where(np.isfinite(r).all(axis=1), (w * huber(r, delta)).sum(axis=1), np.inf)
+    obj = np.where(np.isfinite(r).all(axis=1), (w * problem.scale(r) * huber(r, delta)).sum(axis=1), np.inf)
     damping = np.full(len(theta), 1e-2)
     eye = np.eye(theta.shape[1])
     jac = None
@@ -159,8 +174,9 @@ def _lm_batch(problem: _Problem, starts: np.ndarray, iterations: int,
             jac[changed] = problem.jacobian(theta[changed])
         jac = np.where(np.isfinite(jac), jac, 0.0)
         r_ok = np.where(np.isfinite(r), r, 0.0)
-        psi = w * np.clip(r_ok, -delta, delta)
-        weight = w * np.where(np.abs(r_ok) > delta, delta / np.maximum(np.abs(r_ok), 1e-300), 1.0)
+        w_r = w * problem.scale(r_ok)  # the asymmetry follows each residual's current sign
+        psi = w_r * np.clip(r_ok, -delta, delta)
+        weight = w_r * np.where(np.abs(r_ok) > delta, delta / np.maximum(np.abs(r_ok), 1e-300), 1.0)
         jac_t = jac.transpose(0, 2, 1)
         grad = np.matmul(jac_t, psi[..., None])  # minus the objective's gradient, (S, F, 1)
         hess = np.matmul(jac_t * weight[:, None, :], jac)
@@ -174,7 +190,7 @@ def _lm_batch(problem: _Problem, starts: np.ndarray, iterations: int,
         step = np.where(np.isfinite(step), step, 0.0)
         trial = problem.clip(theta + step)
         trial_r = problem.residuals(trial)
-        trial_obj = (w * huber(trial_r, delta)).sum(axis=1)
+        trial_obj = (w * problem.scale(trial_r) * huber(trial_r, delta)).sum(axis=1)
         trial_obj = np.where(np.isfinite(trial_obj), trial_obj, np.inf)
         changed = trial_obj < obj
         theta = np.where(changed[:, None], trial, theta)
@@ -238,7 +254,7 @@ def flat_parameters(problem: _Problem, theta_free: np.ndarray, objective: float)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         jac = problem.jacobian(theta_free[None, :])[0]
         r = problem.residuals(theta_free)[0]
-        weight = np.where(np.abs(r) > problem.delta, problem.delta / np.abs(r), 1.0)
+        weight = np.where(np.abs(r) > problem.delta, problem.delta / np.abs(r), 1.0) * problem.scale(r)
     jac = np.where(np.isfinite(jac), jac, 0.0) * (problem.upper - problem.lower)
     weight = np.where(np.isfinite(weight), weight, 0.0)
     hess = jac.T @ (jac * weight[:, None])
@@ -263,20 +279,24 @@ def fit(
     fixed: dict[str, float] | None = None,
     starts: np.ndarray | None = None,
     bounds: dict[str, tuple[float, float]] | None = None,
+    point_weights: np.ndarray | None = None,
+    asymmetry: float = 1.0,
     screen_iterations: int = 12,
-    refine_iterations: int = 60,
+    refine_iterations: int | None = None,
     n_polish: int = 6,
 ) -> FitResult:
     """Fit `law` to losses `y` at inputs `x` (see `laws.features`).
 
     With `starts` (full internal vectors, e.g. a previous optimum) the grid is skipped and each
-    start is polished directly: that is what bootstrap resamples use.
+    start is polished directly: that is what bootstrap resamples use. `point_weights` (one per
+    point) and `asymmetry` (the weight of over-predictions) shape the objective (module docstring).
     """
     began = time.perf_counter()
+    refine_iterations = law.refine_iterations if refine_iterations is None else refine_iterations
     y = np.asarray(y, dtype=float)
     internal_fixed, tied = resolve_constraints(law, variant, fixed)
     internal_bounds = resolve_bounds(law, bounds)
-    problem = _Problem(law, x, y, delta, internal_fixed, tied, internal_bounds)
+    problem = _Problem(law, x, y, delta, internal_fixed, tied, internal_bounds, point_weights, asymmetry)
     n_free = len(problem.free)
     if y.size <= n_free:
         raise TestbedError(
@@ -345,16 +365,19 @@ def fit(
         candidates=np.array([problem.full(t)[0] for _, t in polished]),
         bounds=internal_bounds,
         flat=flat_parameters(problem, theta_free, float(best.fun)),
+        asymmetry=float(asymmetry),
     )
 
 
 def fit_replicates(result: FitResult, x: dict, y: np.ndarray, weights: np.ndarray, *,
                    delta: float = 1e-3, iterations: int = 200) -> np.ndarray:
-    """Refit `result`'s law for many point weightings at once, from its optimum: (K, P) thetas."""
+    """Refit `result`'s law for many point weightings at once, from its optimum: (K, P) thetas.
+    `weights` (K, n) include any point weights of the original fit; its asymmetry is kept."""
     law = result.law
     internal_fixed = {law.param(k).name: law.param(k).to_internal(v) for k, v in result.fixed.items()}
     tied = {law.param(k).name: law.param(v).name for k, v in result.tied.items()}
-    problem = _Problem(law, x, np.asarray(y, float), delta, internal_fixed, tied, result.bounds)
+    problem = _Problem(law, x, np.asarray(y, float), delta, internal_fixed, tied, result.bounds,
+                       asymmetry=result.asymmetry)
     start = np.repeat(result.theta[None, problem.free], len(weights), axis=0)
     thetas, objs = _lm_batch(problem, start, iterations, weights=weights)
     full = problem.full(thetas)

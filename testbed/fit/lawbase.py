@@ -1,7 +1,7 @@
 """What a scaling law is, and the registry of them (`LAWS`).
 
 Each law module (testbed/fit/laws.py for Chinchilla, Kaplan and the power law; annealing.py,
-datacon.py, vocab.py; or a user's module passed to `testbed fit --import`) imports this module
+multipower.py, datacon.py, farseer.py, vocab.py; or a user's module passed to `testbed fit --import`) imports this module
 and registers its `Law`; testbed/fit/laws.py imports every built-in law module once.
 
 A law is one small definition: the table columns it reads, its parameters (with the space they
@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from testbed.errors import TestbedError
 from testbed.registry import Registry
@@ -76,6 +77,11 @@ class Law:
     positive: tuple[str, ...] | None = None  # columns that must be > 0 (default: inputs + loss)
     # input -> the term that input identifies: the fit needs two or more distinct values of it
     terms: dict[str, str] = field(default_factory=dict)
+    # fitted to whole loss curves (run_id, step, lr, loss): a sweep directory is read per step
+    curves: bool = False
+    # batched Levenberg-Marquardt iterations for the best starts before L-BFGS-B polishes them: a
+    # law with many correlated parameters (farseer) needs more, or L-BFGS-B crawls along its ridges
+    refine_iterations: int = 60
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -163,3 +169,20 @@ def features(law: Law, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with np.errstate(divide="ignore", invalid="ignore"):
             x["log" + name] = np.log(values)
     return x
+
+
+def curve_runs(frame):
+    """(row indices, logged steps, logged learning rates) for each run of a table of curves
+    (run_id, step, lr). A run's LR history is its `schedule` column when present (its whole
+    logged curve, attached before rows were filtered, so dropping early checkpoints does not drop
+    the warmup from the schedule), else its own rows."""
+    run_ids = np.asarray(frame["run_id"])
+    steps, lrs = np.asarray(frame["step"], float), np.asarray(frame["lr"], float)
+    schedules = list(frame["schedule"]) if "schedule" in frame else None
+    codes, _ = pd.factorize(run_ids)
+    for code in range(codes.max() + 1 if len(codes) else 0):
+        idx = np.flatnonzero(codes == code)
+        if schedules is not None and isinstance(schedules[idx[0]], tuple):
+            yield idx, *schedules[idx[0]]
+        else:
+            yield idx, steps[idx], lrs[idx]

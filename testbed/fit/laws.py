@@ -141,4 +141,4 @@ for _law in (CHINCHILLA, KAPLAN, POWER):
     register(_law)
 
 # The laws defined in their own modules register themselves on import.
-from testbed.fit import annealing, datacon, vocab  # noqa: E402,F401
+from testbed.fit import annealing, datacon, farseer, multipower, vocab  # noqa: E402,F401

@@ -56,7 +56,7 @@ def write_plots(analysis, out_dir: Path) -> list[str]:
 
     if law.has_compute_frontier and analysis.summary.get("allocation") and {"N", "D", "C"} <= set(frame.columns):
         written += _frontier_plots(analysis, out_dir, plt)
-    if law.name == "annealing":
+    if law.curves:
         written.append(_curves_plot(analysis, out_dir, plt))
     return written
 
@@ -104,7 +104,8 @@ def _curves_plot(analysis, out_dir, plt) -> str:
         part = part.sort_values("step")
         line = ax.plot(part["step"], part["loss"], ".", ms=2, label=f"{run_id}")[0]
         ax.plot(part["step"], result.predict(law_inputs(law, part)), "-", color=line.get_color(), lw=1)
-    ax.set(xlabel="step", ylabel="loss", title="loss curves and the annealing-law fit")
+    # The first steps' loss is far above the rest; a log scale keeps the late curve readable.
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=f"loss curves and the {law.name} fit")
     ax.legend(fontsize=7)
     return _save(fig, out_dir / "loss_curves.png", plt)
 

@@ -67,23 +67,31 @@ def markdown(summary: dict, plots: list[str]) -> str:
             cell = f"[{_fmt(iv['low'])}, {_fmt(iv['high'])}] | {_fmt(iv['se'])}" if iv else "- | -"
             note = " (fixed)" if name in summary.get("fixed", {}) else (" (tied)" if name in summary.get("tied", {}) else "")
             lines.append(f"| {name}{note} | {_fmt(value)} | {cell} |")
-        lines += ["", f"Objective (sum of Huber, delta={summary.get('huber_delta')}): {summary['objective']:.9e}; "
+        kind = summary.get("objective_kind", "huber")
+        shape = "" if kind == "huber" else f", {kind}: over-predictions weighted {kind.partition(':')[2] or 'x10'}"
+        shape += "" if summary.get("weight", "none") == "none" else f", points weighted by {summary['weight']}"
+        lines += ["", f"Objective (sum of Huber, delta={summary.get('huber_delta')}{shape}): {summary['objective']:.9e}; "
                   f"converged: {summary['converged']}; starts: {summary.get('n_starts')}; "
                   f"fit time {summary.get('fit_seconds')} s.",
                   f"Parameters at a bound: {', '.join(summary['at_bound']) or 'none'}; "
                   f"parameters the objective is flat in: {', '.join(summary.get('flat', [])) or 'none'}."]
+        if "E_source" in summary:
+            lines.append(f"E fixed to {_fmt(summary['fixed'].get('E'))}: {summary['E_source']}.")
         if "bootstrap" in summary:
             b = summary["bootstrap"]
             lines.append(f"Intervals: percentile bootstrap over {b['resamples']} resamples of whole runs ({b['failed']} failed).")
         if "variant_selection" in summary:
             sel = summary["variant_selection"]
             lines += ["", f"## Variant selection ({sel['rule']})", "",
-                      "| variant | mean absolute relative error | free parameters |", "|---|---|---|"]
+                      "| variant | mean absolute relative error | free parameters | fixed |", "|---|---|---|---|"]
             for name, entry in sel["validation"].items():
                 if "mean_abs_rel_error" in entry:
-                    lines.append(f"| {name} | {entry['mean_abs_rel_error']:.4%} | {entry['n_free']} |")
+                    fixed = ", ".join(f"{k}={_fmt(v)}" for k, v in entry.get("fixed", {}).items())
+                    fixed += f" ({entry['E_source']})" if "E_source" in entry else ""
+                    lines.append(f"| {name} | {entry['mean_abs_rel_error']:.4%} | {entry['n_free']} |"
+                                 + (f" {fixed} |" if fixed else " - |"))
                 else:
-                    lines.append(f"| {name} | skipped: {entry['skipped']} | - |")
+                    lines.append(f"| {name} | skipped: {entry['skipped']} | - | - |")
             lines.append(f"\nKept `{sel['chosen']}`: {sel['why']}.")
         if "derived" in summary:
             lines += ["", "## Compute-optimal allocation (C = 6 N D)", "", "| quantity | estimate | 95% interval |", "|---|---|---|"]

@@ -2,7 +2,14 @@
 
 lr_opt(N, D) = 1.79 · N^-0.713 · D^0.307 and bs_opt(D) = 0.58 · D^0.571 (batch size in tokens),
 with N the non-embedding parameters and D the training tokens. Plain functions so a sweep
-planner can call them; `refit` re-derives the constants from a table of (N, D, lr, bs, loss) runs.
+planner can call them; `fit_rules` re-derives the constants from an LR x batch sweep
+(`testbed fit hparams TABLE`), and `refit` is its best-point-only form on the paper's table.
+
+Near-optimal band: in each (N, D) cell, every run whose loss is within `band` (relative) of the
+cell's best is kept, not the best run alone. On a grid of learning rates and batch sizes the best
+run sits on a grid point, so its LR can be off by half a grid step; the runs in the band
+surround the optimum of the loss bowl, so their mean log LR estimates it more finely. Each cell
+weighs the same in the least-squares fit however many runs fall in its band.
 """
 
 from __future__ import annotations
@@ -33,6 +40,56 @@ def optimal_batch_tokens(tokens):
     """Batch size in tokens for a run of D tokens."""
     out = BS_COEF * _positive("D", tokens) ** BS_D_EXP
     return float(out) if out.ndim == 0 else out
+
+
+def near_optimal(table: pd.DataFrame, band: float, loss: str = "loss") -> pd.DataFrame:
+    """The rows of each (N, D) cell whose loss is within `band` (relative) of the cell's best;
+    `weight` = 1 / (rows kept in the cell)."""
+    if not band >= 0:
+        raise TestbedError(f"--band {band} must be a relative loss >= 0, e.g. --band 0.005 (0: the best run only).")
+    best = table.groupby(["N", "D"])[loss].transform("min")
+    kept = table[table[loss] <= best * (1.0 + band) + 1e-15].copy()
+    kept["weight"] = 1.0 / kept.groupby(["N", "D"])[loss].transform("size")
+    return kept
+
+
+def fit_rules(table: pd.DataFrame, band: float = 0.0, loss: str = "loss") -> dict[str, float]:
+    """lr_opt = lr_coef·N^lr_N_exp·D^lr_D_exp and bs_opt (tokens) = bs_coef·D^bs_D_exp by
+    weighted least squares in log space on the near-optimal runs of each (N, D) cell.
+
+    `table` holds N, D, lr, batch (tokens per step) and the loss column."""
+    for column in ("N", "D", "lr", "batch", loss):
+        if column not in table.columns:
+            raise TestbedError(f"the LR x batch sweep table has no column {column!r}; provide N, D, lr, batch "
+                               f"(tokens per step) and {loss}, mapping names with --columns (e.g. batch=bs).")
+    table = table[["N", "D", "lr", "batch", loss]].apply(pd.to_numeric, errors="coerce").dropna()
+    for column in ("N", "D", "lr", "batch"):
+        if not (table[column] > 0).all():
+            raise TestbedError(f"the sweep table's {column} column holds values <= 0; give positive sizes.")
+    cells = table.groupby(["N", "D"]).ngroups
+    if cells < 3 or table["N"].nunique() < 2 or table["D"].nunique() < 2:
+        raise TestbedError(f"the hyperparameter rules need at least 3 (N, D) cells with two or more N and D values, "
+                           f"got {cells} cells; add runs at other sizes.")
+    kept = near_optimal(table, band, loss)
+    root_w = np.sqrt(kept["weight"].to_numpy(float))
+    log_n, log_d = np.log(kept["N"].to_numpy(float)), np.log(kept["D"].to_numpy(float))
+    design = np.column_stack([np.ones(len(kept)), log_n, log_d]) * root_w[:, None]
+    lr_coef = np.linalg.lstsq(design, np.log(kept["lr"].to_numpy(float)) * root_w, rcond=None)[0]
+    bs_design = np.column_stack([np.ones(len(kept)), log_d]) * root_w[:, None]
+    bs_coef = np.linalg.lstsq(bs_design, np.log(kept["batch"].to_numpy(float)) * root_w, rcond=None)[0]
+    return {"lr_coef": float(np.exp(lr_coef[0])), "lr_N_exp": float(lr_coef[1]), "lr_D_exp": float(lr_coef[2]),
+            "bs_coef": float(np.exp(bs_coef[0])), "bs_D_exp": float(bs_coef[1]), "cells": int(cells),
+            "runs_in_band": int(len(kept)), "band": float(band)}
+
+
+def predict(rules: dict[str, float], n_params, tokens) -> tuple[np.ndarray, np.ndarray]:
+    """(lr_opt, batch tokens) at N, D under fitted `rules` (the published ones: `PUBLISHED`)."""
+    n, d = _positive("N", n_params), _positive("D", tokens)
+    return (rules["lr_coef"] * n ** rules["lr_N_exp"] * d ** rules["lr_D_exp"],
+            rules["bs_coef"] * d ** rules["bs_D_exp"])
+
+
+PUBLISHED = {"lr_coef": LR_COEF, "lr_N_exp": LR_N_EXP, "lr_D_exp": LR_D_EXP, "bs_coef": BS_COEF, "bs_D_exp": BS_D_EXP}
 
 
 def refit(table: pd.DataFrame, loss: str = "smooth loss", seq_len: int = 2048) -> dict[str, float]:

@@ -1,0 +1,82 @@
+"""`testbed fit hparams`: optimal LR and batch rules from an LR x batch sweep (Step Law form)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from testbed.cli import main
+from testbed.errors import TestbedError
+from testbed.fit import steplaw
+
+# Known rules, unlike the published ones: lr = 3 N^-0.6 D^0.25, batch = 0.2 D^0.6 tokens
+LR_RULE = (3.0, -0.6, 0.25)
+BS_RULE = (0.2, 0.6)
+
+
+def sweep(grid_step=np.log(2.0) / 2, seed=0):
+    """An LR x batch grid (factor-1.41 steps, not aligned with the optimum) per (N, D) cell;
+    the loss is a bowl in log LR and log batch around the known optimum."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in (1e8, 3e8, 1e9):
+        for d in (1e10, 3e10, 1e11):
+            lr_best = LR_RULE[0] * n ** LR_RULE[1] * d ** LR_RULE[2]
+            bs_best = BS_RULE[0] * d ** BS_RULE[1]
+            shift_lr, shift_bs = rng.uniform(-0.5, 0.5, size=2) * grid_step  # the grid misses the optimum
+            for i in range(-4, 5):
+                for j in range(-3, 4):
+                    lr = lr_best * np.exp(i * grid_step + shift_lr)
+                    batch = bs_best * np.exp(j * grid_step + shift_bs)
+                    loss = 2.5 + 0.02 * np.log(lr / lr_best) ** 2 + 0.01 * np.log(batch / bs_best) ** 2
+                    rows.append({"N": n, "D": d, "lr": lr, "bs": batch / 2048, "loss": loss})
+    return pd.DataFrame(rows)
+
+
+def test_band_recovers_the_rules_better_than_the_best_run_alone():
+    table = sweep().assign(batch=lambda t: t["bs"] * 2048)
+    banded = steplaw.fit_rules(table, band=0.005)
+    assert banded["runs_in_band"] > 3 * banded["cells"]
+    assert banded["lr_N_exp"] == pytest.approx(-0.6, abs=0.03)
+    assert banded["lr_D_exp"] == pytest.approx(0.25, abs=0.03)
+    assert banded["bs_D_exp"] == pytest.approx(0.6, abs=0.03)
+    # The best run is off the optimum by up to half a grid step; the band averages that out
+    # (over a few sweeps, whose grids miss the optimum differently).
+    n, d = 1e9, 1e11
+    truth = LR_RULE[0] * n ** LR_RULE[1] * d ** LR_RULE[2]
+    error = {0.005: [], 0.0: []}
+    for seed in range(4):
+        other = sweep(seed=seed).assign(batch=lambda t: t["bs"] * 2048)
+        for band in error:
+            error[band].append(abs(np.log(steplaw.predict(steplaw.fit_rules(other, band), n, d)[0] / truth)))
+    assert np.mean(error[0.005]) < np.mean(error[0.0])
+    # Within each cell, the band is every run no worse than (1 + band) x its best.
+    kept = steplaw.near_optimal(table, 0.005)
+    cell = table[(table.N == 1e8) & (table.D == 1e10)]
+    assert len(kept[(kept.N == 1e8) & (kept.D == 1e10)]) == int((cell.loss <= cell.loss.min() * 1.005).sum())
+
+
+def test_published_rules_are_the_default_prediction(tmp_path, capsys):
+    out = tmp_path / "hp"
+    assert main(["fit", "hparams", "--at", "N=1e9,D=1e11", "--out", str(out)]) == 0
+    saved = json.loads((out / "hparams.json").read_text())
+    prediction = saved["predictions"][0]
+    assert prediction["lr"] == pytest.approx(1.79 * 1e9**-0.713 * 1e11**0.307)
+    assert prediction["batch_tokens"] == pytest.approx(0.58 * 1e11**0.571)
+    assert "published" in capsys.readouterr().out
+
+
+def test_cli_fits_a_sweep_table_with_batches_in_sequences(tmp_path, capsys):
+    table = tmp_path / "sweep.csv"
+    sweep().to_csv(table, index=False)
+    out = tmp_path / "hp"
+    assert main(["fit", "hparams", str(table), "--columns", "batch=bs", "--seq-len", "2048",
+                 "--at", "N=1e9,D=1e11", "--out", str(out)]) == 0
+    rules = json.loads((out / "hparams.json").read_text())["rules"]
+    assert rules["bs_D_exp"] == pytest.approx(0.6, abs=0.03)
+    assert rules["bs_coef"] == pytest.approx(0.2, rel=0.5)
+    assert main(["fit", "hparams", "--at", "N=1e9"]) == 2
+    assert "--at 'N=1e9' is not N=VALUE,D=VALUE" in capsys.readouterr().err
+    with pytest.raises(TestbedError, match="no column 'batch'"):
+        steplaw.fit_rules(pd.read_csv(table))  # the batch column must be mapped
