@@ -54,7 +54,7 @@ def test_every_cpu_study_fits_its_budget_and_the_corpus(tmp_path, monkeypatch):
         assert 0 < p["seconds"] <= recipes.BUDGET_S["cpu"], name
         assert all(r["largest_fresh_tokens"] <= estimate for r in p["sweeps"]), name
     # the check can fail: at a quarter of the rate the same recipe overruns
-    assert plan("wsd", "cpu", rate=recipes.RATE["cpu"] / 4)["problems"]
+    assert plan("wsd", "cpu", rate=recipes.rate("cpu", 64) / 4)["problems"]
     result = cli("study", "plan", "wsd", "--size", "cpu", "--flops-per-s", "1e9")
     assert result.returncode == 1 and "exceeds the cpu budget" in result.stdout, result.stdout
 

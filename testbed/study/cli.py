@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     planning.add_argument("--size", choices=("tiny", "cpu", "gpu"), default="cpu")
     planning.add_argument("--flops-per-s", type=float, default=None,
                           help="achieved training FLOP/s to estimate time with (default: the size's "
-                          "stated rate, see docs/studies.md#cost)")
+                          "measured rates by model width, see docs/studies.md#cost)")
     imports(planning)
     planning.set_defaults(func=plan_handler)
 
@@ -77,7 +77,8 @@ def plan_handler(args: argparse.Namespace) -> int:
     rows = [[r["sweep"], str(r["runs"]), human(r["tokens"]), human(r["flops"]),
              human(r["largest_fresh_tokens"]), human(r["corpus_tokens"]) if r["corpus_tokens"] else "-",
              duration(r["seconds"])] for r in p["sweeps"]]
-    print(f"study {p['study']} ({p['size']}) at {human(p['rate'])}FLOP/s: "
+    at = f"{human(p['rate'])}FLOP/s" if p["rate"] else "the size's measured rates"
+    print(f"study {p['study']} ({p['size']}) at {at}: "
           f"{duration(p['seconds'])} of a {duration(p['budget_s'])} budget")
     print(format_table(["sweep", "runs", "tokens", "FLOPs", "largest run", "corpus", "time"], rows))
     if p["unprepared"]:

@@ -15,11 +15,24 @@ import math
 from typing import Any
 
 BATCH = {"tiny": 512, "cpu": 2048, "gpu": 65536}
-# What a size promises: its runs' training FLOPs (6N + attention per token, testbed.model.counting)
-# fit BUDGET_S seconds at RATE achieved FLOP/s. cpu: fp32 on 2 AVX2 cores, where the study models
-# (d_model 64-192) train at 40-55 GFLOP/s (docs/studies.md#cost); gpu: one H100 at 40% MFU.
-RATE = {"tiny": 1.0e9, "cpu": 4.0e10, "gpu": 0.4 * 989e12}
+# What a size promises: its runs fit BUDGET_S seconds, each run costing its training FLOPs
+# (6N + attention per token, testbed.model.counting) at `rate` plus RUN_OVERHEAD_S (start-up,
+# the final validation and checkpoint). See docs/studies.md#cost.
 BUDGET_S = {"tiny": 60, "cpu": 1800, "gpu": 8 * 3600}
+RUN_OVERHEAD_S = {"tiny": 2.0, "cpu": 4.0, "gpu": 60.0}
+# Achieved fp32 training FLOP/s per unit of d_model on 2 AVX2 cores, measured with `testbed train`
+# at seq 128, batch 2048 tokens, vocab 4096: d_model 32, 64, 96, 128 gave 18, 34, 46, 58 GFLOP/s
+# (small matrices leave the cores idle), so the rate grows about linearly with width.
+CPU_FLOPS_PER_WIDTH = 0.45e9
+CPU_FLOPS_CAP = 60e9
+
+
+def rate(size: str, d_model: int) -> float:
+    """Achieved training FLOP/s of a study model of this width at this size: on the CPU the
+    measured width dependence above; one H100 at 40% MFU; tiny as 1 GFLOP/s."""
+    if size == "cpu":
+        return min(CPU_FLOPS_CAP, CPU_FLOPS_PER_WIDTH * d_model)
+    return {"tiny": 1.0e9, "gpu": 0.4 * 989e12}[size]
 SEQ = {"tiny": 16, "cpu": 128, "gpu": 256}
 
 

@@ -66,8 +66,8 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
 
 def plan(name: str, size: str, rate: float | None = None) -> dict[str, Any]:
     """What `study run` would train, without training: per sweep the runs, tokens and FLOPs, the
-    time at `rate` FLOP/s (the size's stated rate by default), and whether every run's fresh
-    tokens fit the corpus it reads."""
+    time (each run's FLOPs at `rate` FLOP/s, else at recipes.rate for its width, plus the per-run
+    overhead), and whether every run's fresh tokens fit the corpus it reads."""
     from testbed.study import corpus, recipes
     from testbed.sweep.spec import load_sweep
 
@@ -75,7 +75,6 @@ def plan(name: str, size: str, rate: float | None = None) -> dict[str, Any]:
     if size not in study.sizes:
         raise TestbedError(f"--size {size!r} is not defined for study {name!r}; choose one of "
                            f"{', '.join(study.sizes)}")
-    rate = rate or recipes.RATE[size]
     specs = study.sweeps(size) + (study.extra_cost(size) if study.extra_cost else [])
     rows, problems, unprepared = [], [], []
     for spec in specs:
@@ -96,13 +95,14 @@ def plan(name: str, size: str, rate: float | None = None) -> dict[str, Any]:
                                 f"tokens but {Path(path).name} holds {held:,}")
         fresh = max(q["unique_tokens"] or q["planned_tokens"] for q in quantities)
         flops = sum(q["planned_flops"] for q in quantities)
+        seconds = sum(q["planned_flops"] / (rate or recipes.rate(size, q["d_model"])) + recipes.RUN_OVERHEAD_S[size]
+                      for q in quantities)
         rows.append({"sweep": sweep.name, "runs": len(quantities),
                      "tokens": sum(q["planned_tokens"] for q in quantities), "flops": flops,
-                     "largest_fresh_tokens": fresh, "corpus_tokens": available, "seconds": flops / rate})
+                     "largest_fresh_tokens": fresh, "corpus_tokens": available, "seconds": seconds})
     total = sum(r["seconds"] for r in rows)
     if total > recipes.BUDGET_S[size]:
-        problems.append(f"{total:.0f} s at {rate:.3g} FLOP/s exceeds the {size} budget of "
-                        f"{recipes.BUDGET_S[size]} s")
+        problems.append(f"{total:.0f} s exceeds the {size} budget of {recipes.BUDGET_S[size]} s")
     return {"study": name, "size": size, "rate": rate, "budget_s": recipes.BUDGET_S[size],
             "sweeps": rows, "seconds": total, "problems": problems, "unprepared": unprepared}
 

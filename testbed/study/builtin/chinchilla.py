@@ -13,7 +13,7 @@ KAPLAN_A = 0.73
 
 
 def budgets(size: str) -> list[float]:
-    return {"tiny": [1e8, 3e8, 1e9], "cpu": [1.5e12, 3e12, 6e12], "gpu": [1e17, 3e17, 1e18, 3e18]}[size]
+    return {"tiny": [1e8, 3e8, 1e9], "cpu": [1e12, 2e12, 4e12], "gpu": [1e17, 3e17, 1e18, 3e18]}[size]
 
 
 def widths(size: str) -> list[int]:

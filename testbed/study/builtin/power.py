@@ -18,7 +18,7 @@ def batches(size: str) -> list[int]:
 
 def horizons(size: str) -> list[int]:
     """Training tokens: two run lengths a factor 2 apart."""
-    steps = {"tiny": [24, 48], "cpu": [150, 300], "gpu": [4000, 8000]}[size]
+    steps = {"tiny": [24, 48], "cpu": [120, 240], "gpu": [4000, 8000]}[size]
     return [s * BATCH[size] for s in steps]
 
 

@@ -15,7 +15,7 @@ def epochs(size: str) -> list[int]:
 
 
 def unique(size: str) -> int:
-    return {"tiny": 8, "cpu": 100, "gpu": 1000}[size] * BATCH[size]
+    return {"tiny": 8, "cpu": 48, "gpu": 1000}[size] * BATCH[size]
 
 
 def sweeps(size: str) -> list[dict[str, Any]]:
