@@ -1,4 +1,4 @@
-"""Multi-process training on the CPU (gloo): DDP and FSDP2 through torchrun.
+"""Multi-process training on the CPU (gloo): DDP and FSDP2 through torchrun (and accelerate launch).
 
 The global batch is cut into contiguous per-rank slices of the same token stream, so two
 processes must follow the single-process loss trajectory, and checkpoints must resume across
@@ -94,6 +94,21 @@ def interrupt_after_first_checkpoint(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst)
     shutil.rmtree(dst / "checkpoints" / "step_00000008")
     (dst / "status.json").write_text(json.dumps({"state": "running", "step": 6}))
+
+
+def test_accelerate_launch_trains_like_torchrun(setup):
+    """`accelerate launch -m testbed train` starts the processes through torchrun's variables, so
+    two processes follow the single-process trajectory as under torchrun."""
+    root, config = setup
+    run_dir = root / "accelerate"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), "-m", "testbed", "train", str(config), "--run-dir", str(run_dir)]
+    out = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
+    assert losses(run_dir) == pytest.approx(losses(root / "single"), rel=1e-5)
+    assert val_losses(run_dir) == pytest.approx(val_losses(root / "single"), rel=1e-5)
 
 
 @pytest.mark.parametrize("first, second, parallel", [(2, 1, "fsdp"), (1, 2, "ddp"), (2, 1, "ddp")])

@@ -1,6 +1,7 @@
 """`testbed fit hparams`: optimal LR and batch rules from an LR x batch sweep (Step Law form)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,6 +10,8 @@ import pytest
 from testbed.cli import main
 from testbed.errors import TestbedError
 from testbed.fit import steplaw
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Known rules, unlike the published ones: lr = 3 N^-0.6 D^0.25, batch = 0.2 D^0.6 tokens
 LR_RULE = (3.0, -0.6, 0.25)
@@ -80,3 +83,34 @@ def test_cli_fits_a_sweep_table_with_batches_in_sequences(tmp_path, capsys):
     assert "--at 'N=1e9' is not N=VALUE,D=VALUE" in capsys.readouterr().err
     with pytest.raises(TestbedError, match="no column 'batch'"):
         steplaw.fit_rules(pd.read_csv(table))  # the batch column must be mapped
+
+
+def test_the_lr_batch_template_trains_and_fits_from_its_sweep_directory(tmp_path, capsys):
+    """configs/sweeps/lr_batch.yaml, shortened: every rung's batch sizes share one planned D, and
+    `fit hparams SWEEP_DIR` fits the rules on the runs' final points (non-embedding N, planned D,
+    peak LR, batch in tokens), keeping per cell exactly the runs within the band of its best."""
+    import yaml
+
+    from testbed.fit.collect import collect_runs
+
+    spec = yaml.safe_load((ROOT / "configs" / "sweeps" / "lr_batch.yaml").read_text())
+    spec["grid"]["optim.lr"] = [1.0e-2, 3.0e-2]
+    spec["derived"]["train.tokens"] = "max(1, round(n_params / 8 / 512)) * 512"  # a few steps per run
+    sweep_file = tmp_path / "lr_batch.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec))
+    runs = tmp_path / "runs"
+    assert main(["sweep", "run", str(sweep_file), "--sweep-dir", str(runs), "--workers", "2"]) == 0
+    finals = collect_runs(runs)
+    finals = finals.loc[finals["point_kind"] == "final"]
+    assert len(finals) == 12
+    # within a rung, both batch sizes plan the same D: three (N, D) cells of four runs
+    assert finals.groupby("N_non_embedding")["planned_tokens"].nunique().eq(1).all()
+    assert main(["fit", "hparams", str(runs), "--band", "0", "--out", str(tmp_path / "h")]) == 0
+    rules = json.loads((tmp_path / "h" / "hparams.json").read_text())["rules"]
+    assert rules["cells"] == 3 and rules["runs_in_band"] == 3  # band 0: the best run of each cell
+    capsys.readouterr()
+    # the fitted LR rule passes through the cells' best runs (three cells, three coefficients)
+    best = finals.loc[finals.groupby("N_non_embedding")["loss"].idxmin()]
+    for _, run in best.iterrows():
+        lr, _ = steplaw.predict(rules, run["N_non_embedding"], run["planned_tokens"])
+        assert float(lr) == pytest.approx(run["peak_lr"], rel=1e-6)

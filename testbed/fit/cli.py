@@ -163,12 +163,23 @@ def _hparams(args) -> int:
     import json
     from pathlib import Path
 
+    import pandas as pd
+
     from testbed.fit import steplaw
     from testbed.fit.table import apply_columns, parse_columns, read_source
 
     at = [_sizes(item) for item in args.at or []]
-    if args.sweep_dir:
+    if args.sweep_dir and Path(args.sweep_dir).is_dir():
+        # A sweep directory: each run's final point, with the run's planned tokens as D so the
+        # batch sizes of one (N, D) cell share it (their step counts round D differently).
+        runs = read_source(args.sweep_dir)
+        runs = runs.loc[runs["point_kind"] == "final"]
+        frame = pd.DataFrame({"N": runs["N_non_embedding"], "D": runs["planned_tokens"], "lr": runs["peak_lr"],
+                              "batch": runs["batch_tokens"], "loss": runs["loss"]})
+        frame = apply_columns(frame, parse_columns(args.columns))
+    elif args.sweep_dir:
         frame = apply_columns(read_source(args.sweep_dir), parse_columns(args.columns))
+    if args.sweep_dir:
         if "batch" in frame.columns:
             frame["batch"] = frame["batch"] * args.seq_len
         rules = steplaw.fit_rules(frame, args.band)
