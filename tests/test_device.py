@@ -108,11 +108,36 @@ def test_throughput_window_leaves_out_checkpoint_time(tmp_path, monkeypatch):
     assert len(seconds) == 2 and max(seconds) < 1.0, seconds  # each window holds >= 1 s of saves
 
 
-def test_memory_probe_runs_a_real_step_on_the_device():
+def test_memory_probe_runs_the_steady_state_step(monkeypatch):
+    """The probe's verdict covers a steady-state step: a forward and backward that run beside the
+    optimiser's moments (created by the first step), and an update taken while a copy of the
+    weights is held, as on a logging step. A one-step probe saw neither and could pick a
+    micro-batch that fails from the second step on."""
+    from testbed.model.transformer import Transformer
+    from testbed.plan import resolved_model
     from testbed.train.memory import fits
 
+    seen = []
+    forward = Transformer.forward
+
+    def recording(self, *args, **kwargs):
+        seen.append(len(self.probe_optimizer.state) if hasattr(self, "probe_optimizer") else None)
+        return forward(self, *args, **kwargs)
+
+    import testbed.optim
+
+    build = testbed.optim.build_optimizer
+
+    def remembering(model, cfg, device):
+        model.probe_optimizer = build(model, cfg, device)
+        return model.probe_optimizer
+
+    monkeypatch.setattr(Transformer, "forward", recording)
+    monkeypatch.setattr(testbed.optim, "build_optimizer", remembering)
     config = load_config(None, COMMON)
     assert fits(config, 2, torch.device("cpu")) is True
+    n_tensors = len(list(Transformer(resolved_model(config)).parameters()))
+    assert seen == [0, n_tensors]  # the second forward ran with every parameter's moments allocated
 
 
 @pytest.mark.slow

@@ -9,7 +9,10 @@ from testbed.errors import TestbedError
 
 
 def fits(config: Config, micro: int, device: torch.device) -> bool:
-    """One real training step (forward, backward, optimiser) at this micro-batch."""
+    """Two real training steps (forward, backward, optimiser) at this micro-batch. The second is
+    the steady state: its forward and backward run beside the optimiser's moments, which the
+    first step's `optimizer.step()` creates; and like a logging step it holds a copy of the
+    weights through the update (the trainer measures the update's norm against it)."""
     from testbed.model.transformer import Transformer
     from testbed.optim import build_optimizer
     from testbed.plan import resolved_model
@@ -28,10 +31,14 @@ def fits(config: Config, micro: int, device: torch.device) -> bool:
         if config.train.ema_decay:  # the moving average of the weights is one more fp32 copy
             averaged = [p.detach().float().clone() for p in model.parameters()]
         x = torch.randint(0, cfg.vocab_size, (micro, config.data.seq_len + 1), device=device)
-        with dev.autocast(device, dtype):
-            loss = model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        optimizer.step()
+        for _ in range(2):
+            with dev.autocast(device, dtype):
+                loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+            weights = [p.detach().clone() for p in model.parameters()]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del loss, weights
         dev.synchronize(device)
         return True
     except torch.OutOfMemoryError:

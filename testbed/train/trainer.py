@@ -516,8 +516,10 @@ class Trainer:
     def norm_stats(self, layer_grads: torch.Tensor, before: dict[torch.Tensor, torch.Tensor]) -> dict:
         """Per-block gradient norms (before clipping) and the norms of this step's parameter
         update (global and per block), for the train line; one host sync."""
-        layer_updates = squared_norms([[p - before[p] for p in ps] for ps in self.layer_params], self.device)
-        total_update = squared_norms([[p - b for p, b in before.items()]], self.device)
+        for p, b in before.items():
+            b.sub_(p)  # in place: the copy becomes minus the update, with no second copy of the weights
+        layer_updates = squared_norms([[before[p] for p in ps] for ps in self.layer_params], self.device)
+        total_update = squared_norms([list(before.values())], self.device)
         sq = torch.cat([layer_grads, layer_updates, total_update])
         if self.d.world > 1 and self.config.train.parallel == "fsdp":
             sq = all_reduce_sum(sq, self.d)  # each process holds a shard of every tensor
