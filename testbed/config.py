@@ -72,6 +72,9 @@ class ModelConfig:
     # rates, output logits and attention scale follow the width multiplier d_model / mup_base_width.
     parametrization: str = "sp"
     mup_base_width: int | None = None  # the d_model at which mup equals sp (where tuned values hold)
+    # The head width at the base model; None: d_head / m, i.e. width grows at a fixed head count.
+    # Widening by heads at a fixed head width (the depth dial) sets it to that head width.
+    mup_base_head_dim: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -537,6 +540,7 @@ def validate(c: Config) -> None:
     require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     check_choice("model.parametrization", m.parametrization, ("sp", "mup"))
     _positive("model.mup_base_width", m.mup_base_width, nullable=True)
+    _positive("model.mup_base_head_dim", m.mup_base_head_dim, nullable=True)
     require(m.parametrization != "mup" or m.mup_base_width is not None,
             f"model.parametrization='mup' needs model.mup_base_width (the d_model the hyperparameters "
             f"were tuned at), e.g. model.mup_base_width={m.d_model}")

@@ -202,6 +202,7 @@ UNCOUNTED_KEYS = {"model": ("preset", "depth", "depth_aspect", "depth_head_dim")
 # Keys added after runs were first registered, left out while at their defaults, so the ids of
 # runs that do not use them stay as they were.
 LATER_DEFAULTS = {("train", "flops"): None, ("optim", "z_loss"): 0.0, ("train", "ema_decay"): None,
+                  ("model", "mup_base_head_dim"): None,
                   ("model", "parametrization"): "sp", ("model", "mup_base_width"): None}
 
 

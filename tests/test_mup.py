@@ -144,6 +144,17 @@ def test_attention_scale_is_one_over_d_head_across_widths():
     torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_widening_by_heads_keeps_the_scale_with_the_base_head_width():
+    """Widened at a fixed head width (more heads, as the depth dial does), d_head does not grow:
+    with mup_base_head_dim set to that width the scale is SP's 1/sqrt(d_head), while the default
+    (width grown at a fixed head count) would shrink it by 1/sqrt(m)."""
+    wide_by_heads = mup(128, 32, n_heads=8, mup_base_head_dim=16)  # d_head 16 at both widths
+    assert attention_scale(wide_by_heads.model) == pytest.approx(1 / math.sqrt(16))
+    assert attention_scale(mup(128, 32, n_heads=8).model) == pytest.approx(1 / math.sqrt(16 * 4))
+    with pytest.raises(ConfigError, match="mup_base_head_dim"):
+        mup(128, 32, mup_base_head_dim=0)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_logits_are_divided_by_m_also_inside_the_fused_loss(tied):
     cfg = mup(128, 32, tie_embeddings=tied)

@@ -158,11 +158,13 @@ class CausalSelfAttention(nn.Module):
 def attention_scale(cfg: ModelConfig) -> float | None:
     """The factor on q.k: None (SDPA's 1/sqrt(d_head)) under SP. Under µP 1/d_head, since q and k
     become correlated in training and their dot product then grows like d_head, not its root; times
-    sqrt(d_head at the base width) so that it is SP's 1/sqrt(d_head) there. Width grows at a fixed
-    head count, so the base's d_head is d_head / m and the factor is 1 / sqrt(d_head * m)."""
+    sqrt(d_head at the base width) so that it is SP's 1/sqrt(d_head) there. That base d_head is
+    `mup_base_head_dim`, by default d_head / m (width grown at a fixed head count), giving
+    1 / sqrt(d_head * m); widening by heads at a fixed head width leaves it d_head: SP's scale."""
     if cfg.parametrization != "mup":
         return None
-    return 1.0 / math.sqrt(cfg.head_dim * cfg.width_mult)
+    base_head_dim = cfg.mup_base_head_dim or cfg.head_dim / cfg.width_mult
+    return math.sqrt(base_head_dim) / cfg.head_dim
 
 
 @MLPS.register("swiglu")
