@@ -136,3 +136,13 @@ def test_compute_multiplier_recovers_a_known_shift():
     _, rows = compute_multiplier(baseline, steeper)
     assert rows[0]["multiplier"] < 1 < rows[-1]["multiplier"]
     assert [r["crosses_1"] for r in rows].count(True) == 1
+
+
+def test_combined_verdict_needs_every_part():
+    from testbed.study.base import combine
+
+    reasons = {"disagree": "d", "agree": "a", "inconclusive": "i"}
+    assert combine(["agree", "agree"], **reasons) == ("agree", "a")
+    assert combine(["agree", "inconclusive"], **reasons) == ("inconclusive", "i")
+    assert combine(["agree", "inconclusive", "disagree"], **reasons) == ("disagree", "d")
+    assert combine([], **reasons) == ("inconclusive", "i")  # nothing measured is not agreement

@@ -221,6 +221,16 @@ def at_most(m: Measurement, tolerance: float) -> str:
     return "inconclusive"
 
 
+def combine(parts: Sequence[str], disagree: str, agree: str, inconclusive: str) -> tuple[str, str]:
+    """One verdict from several rules' (at_most, within): disagree when any part does, agree when
+    every part does, inconclusive otherwise; with the matching reason."""
+    if "disagree" in parts:
+        return "disagree", disagree
+    if parts and all(p == "agree" for p in parts):
+        return "agree", agree
+    return "inconclusive", inconclusive
+
+
 @contextlib.contextmanager
 def figure(path: Path, xlabel: str, ylabel: str = "final validation loss", log_base: float = 10) -> Iterator[Any]:
     """The axes of one small report plot, saved to `path` on leaving (log x axis; a legend when

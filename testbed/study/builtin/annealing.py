@@ -131,14 +131,12 @@ def _plot(ctx: Context, curves: dict[str, dict[str, Any]]) -> str:
 
 
 def verdict(analysis: Analysis) -> tuple[str, str]:
-    from testbed.study.base import at_most
+    from testbed.study.base import at_most, combine
 
     parts = [at_most(m, TOLERANCE) for m in [analysis.headline] + analysis.more if "prediction" in m.name]
-    if "disagree" in parts:
-        return "disagree", f"some predicted curve is off by more than {TOLERANCE:.0%}, interval included"
-    if all(p == "agree" for p in parts):
-        return "agree", f"every predicted curve is within {TOLERANCE:.0%}, interval included"
-    return "inconclusive", f"some interval straddles {TOLERANCE:.0%} or is missing (one seed)"
+    return combine(parts, disagree=f"some predicted curve is off by more than {TOLERANCE:.0%}, interval included",
+                   agree=f"every predicted curve is within {TOLERANCE:.0%}, interval included",
+                   inconclusive=f"some interval straddles {TOLERANCE:.0%} or is missing (one seed)")
 
 
 register(Study(

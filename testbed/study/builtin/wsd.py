@@ -124,16 +124,14 @@ def _plot(ctx: Context, arms, branches) -> str:
 
 
 def verdict(analysis: Analysis) -> tuple[str, str]:
-    from testbed.study.base import at_most, within
+    from testbed.study.base import at_most, combine, within
 
     arms = [at_most(m, TOLERANCE) for m in [analysis.headline] + analysis.more if "cosine" in m.name]
     branches = [within(m, TOLERANCE) for m in analysis.more if m.name.startswith("branch")]
-    parts = arms + branches
-    if "disagree" in parts:
-        return "disagree", "at some duration WSD (or a branch) is worse beyond the tolerance, interval included"
-    if parts and all(p == "agree" for p in parts):
-        return "agree", "every duration's interval lies within the tolerance, branches included"
-    return "inconclusive", "some interval straddles the tolerance or is missing (one seed)"
+    return combine(arms + branches,
+                   disagree="at some duration WSD (or a branch) is worse beyond the tolerance, interval included",
+                   agree="every duration's interval lies within the tolerance, branches included",
+                   inconclusive="some interval straddles the tolerance or is missing (one seed)")
 
 
 register(Study(
