@@ -110,6 +110,12 @@ def test_user_study_from_import(tmp_path):
     assert figures["study"] == "user-demo" and figures["measured"]["value"] is not None
     # the folder remembers the study's module: report needs no --import
     assert cli("study", "report", str(out)).returncode == 0
+    # --publish writes NAME.md headed by the command, the machine and the wall time
+    assert cli("study", "report", str(out), "--publish", str(tmp_path / "docs")).returncode == 0
+    published = (tmp_path / "docs" / "user-demo.md").read_text()
+    wall = sum(c["wall_s"] for c in figures["invocations"])
+    assert "testbed study run user-demo --size tiny" in published and "CPU cores" in published
+    assert f"Wall time: {wall / 60:.1f} min" in published and figures["claim"] in published
 
 
 def test_unknown_study_and_foreign_folder(tmp_path):

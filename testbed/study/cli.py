@@ -40,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     report = sub.add_parser("report", help="re-analyse a finished study folder; trains nothing")
     report.add_argument("out", help="the --out of testbed study run")
+    report.add_argument("--publish", metavar="DIR",
+                        help="also write the report as DIR/NAME.md with its plots (DIR/NAME-*.png), headed by "
+                        "the command, the machine and the wall time (e.g. docs/studies)")
     imports(report)
     report.set_defaults(func=report_handler)
 
@@ -93,7 +96,12 @@ def report_handler(args: argparse.Namespace) -> int:
     from testbed.study.runner import load, report
 
     load(args.imports)
-    _summary(args.out, report(args.out, args.imports))
+    figures = report(args.out, args.imports)
+    _summary(args.out, figures)
+    if args.publish:
+        from testbed.study.runner import publish
+
+        print(f"published: {publish(args.out, args.publish)}")
     return 0
 
 

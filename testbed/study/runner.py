@@ -154,6 +154,52 @@ def report(out: str | Path, imports: list[str] | tuple[str, ...] = ()) -> dict[s
     return figures
 
 
+def publish(out: str | Path, dest: str | Path) -> Path:
+    """The study folder's report as DEST/NAME.md, headed by how it was made (the command, the
+    machine, the wall time), with its plots copied beside it as NAME-PLOT.png."""
+    import platform
+    import shutil
+
+    out, dest = Path(out), Path(dest)
+    figures = read_json(out / "figures.json")
+    name, size = figures["study"], figures["size"]
+    dest.mkdir(parents=True, exist_ok=True)
+    body = (out / "report.md").read_text()
+    for plot in figures.get("plots") or []:
+        shutil.copyfile(out / plot, dest / f"{name}-{plot}")
+        body = body.replace(f"]({plot})", f"]({name}-{plot})")
+    calls = figures.get("invocations") or []
+    wall = sum(c["wall_s"] for c in calls)
+    header = [
+        f"Command: `testbed study run {name} --size {size} --out OUT`, then `testbed study report OUT "
+        f"--publish {dest}`.",
+        "",
+        f"Machine: {_machine()}; Python {platform.python_version()}.",
+        "",
+        f"Wall time: {wall / 60:.1f} min for `study run` ({len(calls)} invocation(s), data preparation "
+        f"included); {figures['runs_wall_s'] / 60:.1f} min of it inside the {figures['runs']} runs.",
+        "",
+    ]
+    title, rest = body.split("\n", 1)
+    path = dest / f"{name}.md"
+    write_text_atomic(path, "\n".join([title, "", *header]) + rest)
+    return path
+
+
+def _machine() -> str:
+    import os
+
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPU cores" + (f" ({model})" if model else "")
+
+
 def _plain(value: Any) -> Any:
     try:
         return value.item()  # numpy scalars
