@@ -126,10 +126,14 @@ def _plot(ctx: Context, arms, branches) -> str:
 def verdict(analysis: Analysis) -> tuple[str, str]:
     from testbed.study.base import at_most, combine, within
 
-    arms = [at_most(m, TOLERANCE) for m in [analysis.headline] + analysis.more if "cosine" in m.name]
-    branches = [within(m, TOLERANCE) for m in analysis.more if m.name.startswith("branch")]
-    return combine(arms + branches,
-                   disagree="at some duration WSD (or a branch) is worse beyond the tolerance, interval included",
+    checks = [(m, at_most(m, TOLERANCE)) for m in [analysis.headline] + analysis.more if "cosine" in m.name]
+    checks += [(m, within(m, TOLERANCE)) for m in analysis.more if m.name.startswith("branch")]
+    # Name what fails and in which direction: a branch may fail by being better, not only worse.
+    failing = "; ".join(f"{m.name}: {m.value:+.1%} [{m.low:+.1%}, {m.high:+.1%}]"
+                        for m, part in checks if part == "disagree")
+    return combine([part for _, part in checks],
+                   disagree=f"outside the tolerance (WSD at most +{TOLERANCE:.0%} over cosine, branches within "
+                            f"±{TOLERANCE:.0%} of a separate run), interval included: {failing}",
                    agree="every duration's interval lies within the tolerance, branches included",
                    inconclusive="some interval straddles the tolerance or is missing (one seed)")
 
