@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from testbed.fit.estimate import FitResult, fit_replicates
+from testbed.fit.estimate import FitResult, fit_replicates, one_blas_thread
 from testbed.fit.laws import law_inputs
 
 PI_RESAMPLES = 100  # replicates for held-out prediction intervals when --bootstrap is not given
@@ -88,6 +88,7 @@ def resample_runs(frame: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame
     return sample
 
 
+@one_blas_thread
 def bootstrap(
     result: FitResult,
     frame: pd.DataFrame,

@@ -16,6 +16,7 @@ longer, and the best few distinct ones are polished with L-BFGS-B using the anal
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -269,6 +270,21 @@ def flat_parameters(problem: _Problem, theta_free: np.ndarray, objective: float)
     return flat
 
 
+def one_blas_thread(function):
+    """Run `function` with the BLAS on one thread. A fit's matrices are small (points x
+    parameters), where threaded BLAS only adds synchronisation: on 2 cores the fit tests took
+    2-3x longer with OpenBLAS's default threads than with one."""
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"):
+            return function(*args, **kwargs)
+
+    return wrapped
+
+
+@one_blas_thread
 def fit(
     law: Law,
     x: dict,
