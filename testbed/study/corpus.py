@@ -11,6 +11,7 @@ older recipe's folder) is never mistaken for this one.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -48,6 +49,7 @@ def stdlib_path(vocab_size: int = VOCAB_SIZE, nested_in: int | None = None, mini
     return cache_root() / "studies" / f"stdlib{VERSION}{'mini' if mini else ''}-{_python()}-{nest}bpe{vocab_size}"
 
 
+@functools.lru_cache(maxsize=2)
 def stdlib_files(mini: bool = False) -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     # Third-party packages differ between machines; the rest is fixed by the Python version.

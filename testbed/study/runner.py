@@ -76,7 +76,8 @@ def plan(name: str, size: str, rate: float | None = None) -> dict[str, Any]:
         raise TestbedError(f"--size {size!r} is not defined for study {name!r}; choose one of "
                            f"{', '.join(study.sizes)}")
     specs = study.sweeps(size) + (study.extra_cost(size) if study.extra_cost else [])
-    rows, problems, unprepared = [], [], []
+    rows, problems = [], []
+    held_by_path: dict[str, tuple[int, bool]] = {}  # each corpus is counted (or estimated) once
     for spec in specs:
         sweep = load_sweep(spec)
         quantities = [run.quantities for run in sweep.runs]
@@ -85,9 +86,9 @@ def plan(name: str, size: str, rate: float | None = None) -> dict[str, Any]:
             path = run.config.data.path
             if not path or corpus.parse(path) is None:
                 continue
-            held, prepared = corpus.train_tokens(path)
-            if not prepared and path not in unprepared:
-                unprepared.append(path)
+            if path not in held_by_path:
+                held_by_path[path] = corpus.train_tokens(path)
+            held = held_by_path[path][0]
             available = held if available is None else min(available, held)
             fresh = q["unique_tokens"] or q["planned_tokens"]
             if fresh > held:
@@ -104,7 +105,8 @@ def plan(name: str, size: str, rate: float | None = None) -> dict[str, Any]:
     if total > recipes.BUDGET_S[size]:
         problems.append(f"{total:.0f} s exceeds the {size} budget of {recipes.BUDGET_S[size]} s")
     return {"study": name, "size": size, "rate": rate, "budget_s": recipes.BUDGET_S[size],
-            "sweeps": rows, "seconds": total, "problems": problems, "unprepared": unprepared}
+            "sweeps": rows, "seconds": total, "problems": problems,
+            "unprepared": [path for path, (_, prepared) in held_by_path.items() if not prepared]}
 
 
 def _claim_folder(out: Path, study: Study, size: str) -> dict[str, Any]:
