@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,10 @@ def test_tiny_run_and_report(tmp_path, name, monkeypatch):
     result = cli("study", "run", name, "--size", "tiny", "--out", str(out), "--workers", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     _check_report(out, name)
+    # the study keeps each slot's fork server from sweep to sweep: torch is imported once per slot
+    servers = set(re.findall(r"forked by fork server (\d+)", "".join(
+        p.read_text() for p in out.glob("sweep/*/logs/*.log"))))
+    assert 1 <= len(servers) <= 2, servers
     if name == "vocab":  # every (model, vocabulary) point, on corpora cut from one BPE training
         points = json.loads((out / "figures.json").read_text())["tables"]["points"]
         assert sorted({p["vocab"] for p in points}) == [300, 384, 512] and len(points) == 6

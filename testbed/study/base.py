@@ -93,7 +93,8 @@ class Study:
     analyse: Callable[[Context], Analysis]
     verdict: Callable[[Analysis], tuple[str, str]]  # -> (agree|disagree|inconclusive, why)
     caveat: str  # why the testbed might disagree with the paper for reasons other than the claim
-    extra: Callable[[Context, dict[str, Any]], None] | None = None  # after the sweeps (run only)
+    # After the sweeps (run only); its options: workers, and servers to pass on to run_sweep.
+    extra: Callable[[Context, dict[str, Any]], None] | None = None
     # Sweeps standing in for what `extra` trains (at placeholder values), so `study plan` can cost it.
     extra_cost: Callable[[str], list[dict[str, Any]]] | None = None
     sizes: Sequence[str] = SIZES

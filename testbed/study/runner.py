@@ -40,6 +40,7 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
         log=print) -> dict[str, Any]:
     """Train every run of the study not yet done, then write the report."""
     from testbed.study import corpus
+    from testbed.sweep.local import ForkServers
     from testbed.sweep.spec import load_sweep
 
     study: Study = STUDIES.get(name)
@@ -54,10 +55,15 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
         load_sweep(spec)  # every run of every sweep is validated before any is trained
     started = time.time()
     dirs = {}
-    for spec in specs:
-        dirs[spec["name"]] = run_sweep(out, spec, workers=workers, progress=progress, log=log)
-    if study.extra is not None:
-        study.extra(Context(out, size, dirs), {"workers": workers})
+    servers = ForkServers(out / "logs")  # each slot imports torch once for the whole study
+    try:
+        for spec in specs:
+            dirs[spec["name"]] = run_sweep(out, spec, workers=workers, progress=progress, log=log,
+                                           servers=servers)
+        if study.extra is not None:
+            study.extra(Context(out, size, dirs), {"workers": workers, "servers": servers})
+    finally:
+        servers.close()
     meta.setdefault("invocations", []).append({"wall_s": round(time.time() - started, 2),
                                                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     write_json_atomic(out / "study.json", meta)

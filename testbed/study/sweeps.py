@@ -10,8 +10,9 @@ from testbed.rundir import write_json_atomic
 
 
 def run_sweep(out: Path, spec: dict[str, Any], workers: int = 1, progress: bool = False,
-              log=print) -> Path:
-    """Train every run of one sweep mapping not yet done, in OUT/sweep/NAME; returns that folder."""
+              log=print, servers: Any = None) -> Path:
+    """Train every run of one sweep mapping not yet done, in OUT/sweep/NAME; returns that folder.
+    `servers` (sweep.local.ForkServers): the study's fork servers, kept from sweep to sweep."""
     from testbed.sweep.local import LocalExecutor
     from testbed.sweep.registry import Registry
     from testbed.sweep.spec import load_sweep
@@ -25,7 +26,7 @@ def run_sweep(out: Path, spec: dict[str, Any], workers: int = 1, progress: bool 
     registry = Registry(folder)
     ids = registry.add_runs(sweep)
     log(f"sweep {sweep.name}: {len(ids)} runs in {folder}")
-    counts = LocalExecutor(registry, ids, workers=workers, progress=progress).run()
+    counts = LocalExecutor(registry, ids, workers=workers, progress=progress, servers=servers).run()
     if counts.get("done", 0) != len(ids):
         summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
         raise TestbedError(f"sweep {sweep.name} ended with {summary}; see testbed sweep status "

@@ -21,7 +21,8 @@ On CPU slots each trainer is forked from a per-slot fork server (testbed/sweep/f
 that has imported torch once, instead of starting a fresh interpreter: seconds saved per run,
 same output. If a server dies, its slot goes on with fresh processes. GPU slots and custom
 trainer commands always use fresh processes; `fork_server=False` (`--no-fork-server`) makes
-every slot do so.
+every slot do so. A caller that runs several sweeps one after another (a study) passes one
+ForkServers to each executor, so each slot imports torch once, not once per sweep.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from testbed import exits
@@ -91,18 +93,35 @@ def worker_slots(workers: int, gpus: list[str] | None) -> list[dict[str, str]]:
             for _ in range(max(1, workers))]
 
 
+class ForkServers(dict[int, "ForkServer | None"]):
+    """Each slot's fork server (None: it has gone, the slot uses fresh processes), started on first
+    use with its output in LOG_DIR/forkserver.log. An executor makes its own and closes it at its
+    end; one passed in by the caller is the caller's to close."""
+
+    def __init__(self, log_dir: Path):
+        super().__init__()
+        self.log_path = Path(log_dir) / "forkserver.log"
+
+    def close(self) -> None:
+        for server in self.values():
+            if server is not None:
+                server.close()
+        self.clear()
+
+
 class LocalExecutor:
     def __init__(self, registry: Registry, run_ids: list[str], *, workers: int = 1,
                  gpus: list[str] | None = None, max_retries: int = 2, progress: bool = True,
-                 trainer: list[str] | None = None, fork_server: bool = True):
+                 trainer: list[str] | None = None, fork_server: bool = True,
+                 servers: ForkServers | None = None):
         self.registry = registry
         self.run_ids = run_ids
         self.slots = worker_slots(workers, gpus)
         # The fork server runs `testbed train` only, and never holds CUDA: GPU slots and custom
         # trainer commands start fresh processes.
         self.fork_server = fork_server and trainer is None and not gpus and fork_server_usable()
-        # slot -> its fork server; None: it has gone and the slot uses fresh processes
-        self.servers: dict[int, ForkServer | None] = {}
+        self.owns_servers = servers is None
+        self.servers = servers if servers is not None else ForkServers(registry.logs_dir)
         self.fork_server_command: list[str] | None = None  # another server program (tests)
         self.max_retries = max_retries
         self.progress = progress
@@ -131,7 +150,8 @@ class LocalExecutor:
                     thread.join(timeout=0.5)  # short joins keep the main thread responsive to signals
         finally:
             self._restore_signal_handlers(previous)
-            self._close_servers()
+            if self.owns_servers:
+                self.servers.close()
             if self.bar is not None:
                 self._refresh_progress()
                 self.bar.close()
@@ -216,7 +236,8 @@ class LocalExecutor:
             return None
         if slot not in self.servers:
             try:
-                with open(self.registry.logs_dir / "forkserver.log", "ab") as stderr:
+                self.servers.log_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.servers.log_path, "ab") as stderr:
                     self.servers[slot] = ForkServer(env, stderr=stderr,
                                                     command=self.fork_server_command)
             except OSError as err:
@@ -278,15 +299,9 @@ class LocalExecutor:
     def _server_gone(self, slot: int, server: ForkServer, err: Exception) -> None:
         if self.servers.get(slot) is server:
             self.servers[slot] = None
-            print(f"{err} (its output: {self.registry.logs_dir / 'forkserver.log'}); slot {slot} "
+            print(f"{err} (its output: {self.servers.log_path}); slot {slot} "
                   "starts its runs in fresh processes from now on", file=sys.stderr)
         server.close(timeout=5)
-
-    def _close_servers(self) -> None:
-        for slot, server in list(self.servers.items()):
-            if server is not None:
-                server.close()
-        self.servers.clear()
 
     # ------------------------------------------------------------------ stopping
 

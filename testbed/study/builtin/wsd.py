@@ -64,7 +64,8 @@ def extra(ctx: Context, options: dict[str, Any]) -> None:
 
     arm = tuned(ctx.finals("wsd-wsd"), ["planned_tokens"])
     lr = float(arm.loc[arm["planned_tokens"] == arm["planned_tokens"].max(), "peak_lr"].iloc[0])
-    folder = run_sweep(ctx.out, long_sweep(ctx.size, lr), workers=options.get("workers", 1))
+    folder = run_sweep(ctx.out, long_sweep(ctx.size, lr), workers=options.get("workers", 1),
+                       servers=options.get("servers"))
     ctx.sweep_dirs["wsd-long"] = folder
     for parent in sorted((folder / "runs").iterdir()):
         for step in branch_steps(ctx.size):
