@@ -60,6 +60,28 @@ def test_every_cpu_study_fits_its_budget_and_the_corpus(tmp_path, monkeypatch):
     assert result.returncode == 1 and "exceeds the cpu budget" in result.stdout, result.stdout
 
 
+def test_every_gpu_study_fits_its_budget_and_the_hub_corpus(tmp_path, monkeypatch):
+    """`study plan` at gpu, before the hub corpus is prepared: every study reads FineWeb-Edu's
+    sample (never the CPU corpus, which its runs would repeat hundreds of times), fits the GPU
+    budget, and no run needs more distinct tokens than the corpus's lower bound."""
+    from testbed.study import corpus, recipes
+    from testbed.study.runner import load, plan
+
+    monkeypatch.setenv("TESTBED_CACHE", str(tmp_path))
+    load()
+    for name in STUDIES:
+        p = plan(name, "gpu")
+        assert p["problems"] == [], (name, p["problems"])
+        assert 0 < p["seconds"] <= recipes.BUDGET_S["gpu"], name
+        assert p["unprepared"] and all(corpus.parse(path)["corpus"] == "hub" for path in p["unprepared"])
+        assert all(r["corpus_tokens"] == corpus.HUB_TRAIN_TOKENS_BOUND for r in p["sweeps"]), name
+    # the corpus check can fail: a run longer than the corpus is named
+    from testbed.study.builtin import chinchilla
+
+    monkeypatch.setattr(chinchilla, "budgets", lambda size: [3e18])
+    assert any("distinct training tokens" in q for q in plan("chinchilla", "gpu")["problems"])
+
+
 def _check_report(out: Path, name: str):
     figures = json.loads((out / "figures.json").read_text())
     assert figures["study"] == name and figures["claim"]

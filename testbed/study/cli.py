@@ -85,8 +85,10 @@ def plan_handler(args: argparse.Namespace) -> int:
           f"{duration(p['seconds'])} of a {duration(p['budget_s'])} budget")
     print(format_table(["sweep", "runs", "tokens", "FLOPs", "largest run", "corpus", "time"], rows))
     if p["unprepared"]:
-        print(f"note: {len(p['unprepared'])} corpus folder(s) are prepared first (about a minute each on "
-              f"2 cores; not in the time above); corpus sizes are lower estimates until then")
+        each = ("hours each: the hub sample is streamed and tokenised" if p["size"] == "gpu"
+                else "about a minute each on 2 cores")
+        print(f"note: {len(p['unprepared'])} corpus folder(s) are prepared first ({each}; not in the "
+              f"time above); corpus sizes are lower estimates until then")
     for problem in p["problems"]:
         print(f"problem: {problem}")
     return 0 if not p["problems"] else 1

@@ -1,12 +1,14 @@
-"""Real text that needs no network, for the studies' `cpu` and `gpu` sizes: the Python standard
-library's own source files, read from this interpreter's installation.
+"""The studies' text. `tiny` and `cpu`: the Python standard library's own source files, read
+from this interpreter's installation (no network). `gpu`: FineWeb-Edu's 10B-token sample, streamed
+from the Hugging Face hub once.
 
-`stdlib_corpus()` writes them once as JSONL (one document per .py file, in sorted path order,
-the standard library's own test suite included: about 30 MB, 8-9M tokens at a 4096 vocabulary)
-and tokenises them with `testbed data prepare` (byte-level BPE, 2% of the files held out for
-validation), cached under $TESTBED_CACHE or ~/.cache/testbed. The folder name carries the
-corpus version, the Python version and the vocabulary size, so a different interpreter (or an
-older recipe's folder) is never mistaken for this one.
+`stdlib_corpus()` writes the library once as JSONL (one document per .py file, in sorted path
+order, the standard library's own test suite included: about 30 MB, 8-9M tokens at a 4096
+vocabulary) and tokenises it with `testbed data prepare` (byte-level BPE, 2% of the files held
+out for validation); `hub_corpus()` prepares the hub sample the same way. Both are cached under
+$TESTBED_CACHE or ~/.cache/testbed. A folder's name carries the corpus, its version (the Python
+version for the library) and the vocabulary, so another interpreter's (or an older recipe's)
+folder is never mistaken for this one; `prepare(path)` makes any folder so named.
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("TESTBED_CACHE") or Path.home() / ".cache" / "testbed")
 
 
+# The gpu corpus: FineWeb-Edu's sample-10BT (10B GPT-2 tokens, about 45 GB of text). Before it
+# is prepared, plans assume 8B training tokens, below what any BPE of 4096-65536 tokens makes of
+# it (GPT-2's 50k vocabulary gives 10B; smaller vocabularies give more tokens).
+HUB = {"source": "HuggingFaceFW/fineweb-edu", "hub_config": "sample-10BT", "split": "train"}
+HUB_TRAIN_TOKENS_BOUND = 8_000_000_000
+HUB_NAME = re.compile(r"fineweb-edu-10BT-(?:nest(?P<nested>\d+)-)?bpe(?P<vocab>\d+)$")
+
 MINI_BYTES = 400_000  # the `mini` flavour: the first files in path order, for tiny studies
 NAME = re.compile(r"stdlib(?P<version>\d+)(?P<mini>mini)?-py\d+-(?:nest(?P<nested>\d+)-)?bpe(?P<vocab>\d+)$")
 
@@ -47,6 +56,20 @@ def stdlib_path(vocab_size: int = VOCAB_SIZE, nested_in: int | None = None, mini
     trained at that larger size (a vocabulary ladder); `mini`: the small flavour."""
     nest = f"nest{nested_in}-" if nested_in else ""
     return cache_root() / "studies" / f"stdlib{VERSION}{'mini' if mini else ''}-{_python()}-{nest}bpe{vocab_size}"
+
+
+def hub_path(vocab_size: int = VOCAB_SIZE, nested_in: int | None = None) -> Path:
+    """Where the prepared gpu corpus at this vocabulary lives (prepared or not)."""
+    nest = f"nest{nested_in}-" if nested_in else ""
+    return cache_root() / "studies" / f"fineweb-edu-10BT-{nest}bpe{vocab_size}"
+
+
+def path_for(size: str, vocab_size: int = VOCAB_SIZE, nested_in: int | None = None) -> Path:
+    """The corpus folder a study of this size reads: the library's mini slice (tiny), the whole
+    library (cpu), the hub sample (gpu)."""
+    if size == "gpu":
+        return hub_path(vocab_size, nested_in)
+    return stdlib_path(vocab_size, nested_in, mini=size == "tiny")
 
 
 @functools.lru_cache(maxsize=2)
@@ -86,50 +109,80 @@ def stdlib_corpus(vocab_size: int = VOCAB_SIZE, nested_in: int | None = None, mi
                   log=print) -> Path:
     """The prepared folder, made on first use (a minute or two on 2 cores for the full corpus)."""
     out = stdlib_path(vocab_size, nested_in, mini)
-    if (out / "manifest.json").is_file():
-        return out
-    source = _source(mini)
-    log(f"preparing the standard-library corpus in {out} (once)")
-    command = [sys.executable, "-m", "testbed", "data", "prepare", "--source", str(source),
-               "--vocab-size", str(vocab_size), "--val-fraction", str(VAL_FRACTION), "--workers", "2",
-               "--out", str(out)]
-    if nested_in:
-        command += ["--nested-in", str(nested_in)]
-    if subprocess.run(command).returncode != 0:
-        raise TestbedError(f"preparing the standard-library corpus failed; run {' '.join(command)}")
+    if not (out / "manifest.json").is_file():
+        log(f"preparing the standard-library corpus in {out} (once)")
+        _prepare(out, ["--source", str(_source(mini)), "--val-fraction", str(VAL_FRACTION),
+                       "--workers", "2"], vocab_size, nested_in)
     return out
 
 
+def hub_corpus(vocab_size: int = VOCAB_SIZE, nested_in: int | None = None, log=print) -> Path:
+    """The prepared gpu corpus, streamed from the hub and tokenised on first use (hours: it
+    reads about 45 GB; every core tokenises)."""
+    out = hub_path(vocab_size, nested_in)
+    if not (out / "manifest.json").is_file():
+        log(f"preparing {HUB['source']} ({HUB['hub_config']}) in {out} (once)")
+        _prepare(out, ["--source", HUB["source"], "--hub-config", HUB["hub_config"], "--split",
+                       HUB["split"], "--workers", str(os.cpu_count() or 1)], vocab_size, nested_in)
+    return out
+
+
+def _prepare(out: Path, args: list[str], vocab_size: int, nested_in: int | None) -> None:
+    command = [sys.executable, "-m", "testbed", "data", "prepare", *args,
+               "--vocab-size", str(vocab_size), "--out", str(out)]
+    if nested_in:
+        command += ["--nested-in", str(nested_in)]
+    if subprocess.run(command).returncode != 0:
+        raise TestbedError(f"preparing the corpus {out.name} failed; run {' '.join(command)}")
+
+
 def parse(path: str | Path) -> dict | None:
-    """stdlib_corpus's arguments for a folder named by stdlib_path, or None for another folder."""
+    """For a folder named by stdlib_path or hub_path: its corpus ("stdlib" or "hub") and the
+    arguments that make it; None for any other folder."""
     path = Path(path)
-    match = NAME.match(path.name)
-    if path.parent != stdlib_path().parent or not match or int(match["version"]) != VERSION:
+    if path.parent != cache_root() / "studies":
         return None
-    return {"vocab_size": int(match["vocab"]), "mini": bool(match["mini"]),
+    match = HUB_NAME.match(path.name)
+    if match:
+        return {"corpus": "hub", "vocab_size": int(match["vocab"]),
+                "nested_in": int(match["nested"]) if match["nested"] else None}
+    match = NAME.match(path.name)
+    if not match or int(match["version"]) != VERSION:
+        return None
+    return {"corpus": "stdlib", "vocab_size": int(match["vocab"]), "mini": bool(match["mini"]),
             "nested_in": int(match["nested"]) if match["nested"] else None}
 
 
+def prepare(path: str | Path) -> Path:
+    """Make the corpus folder `path` (named by stdlib_path or hub_path) unless it is made."""
+    args = parse(path)
+    if args is None:
+        raise TestbedError(f"{str(path)!r} is not a study corpus folder; prepare it with testbed data prepare")
+    kind = args.pop("corpus")
+    return stdlib_corpus(**args) if kind == "stdlib" else hub_corpus(**args)
+
+
 def train_tokens(path: str | Path | None = None) -> tuple[int, bool]:
-    """(training tokens of a corpus folder named by stdlib_path (default: the main one), whether
-    that is the prepared count or a lower estimate made before preparing)."""
+    """(training tokens of a study corpus folder (default: the cpu one), whether that is the
+    prepared count or a lower estimate made before preparing)."""
     path = Path(path) if path else stdlib_path()
     manifest = path / "manifest.json"
     if manifest.is_file():
         return int(json.loads(manifest.read_text())["splits"]["train"]["tokens"]), True
-    args = parse(path) or {"mini": False}
+    args = parse(path) or {"corpus": "stdlib", "mini": False}
+    if args["corpus"] == "hub":
+        return HUB_TRAIN_TOKENS_BOUND, False
     size = sum(p.stat().st_size for p in stdlib_files(args["mini"]))
     return int(size * (1 - VAL_FRACTION) / BYTES_PER_TOKEN_BOUND), False
 
 
 def ensure_for(specs: list[dict]) -> None:
-    """Prepare every standard-library corpus a study's sweeps read (their base's data.path, or a
-    data.path axis of the grid)."""
+    """Prepare every study corpus a study's sweeps read (their base's data.path, or a data.path
+    axis of the grid)."""
     paths = []
     for spec in specs:
         paths.append(((spec.get("base") or {}).get("data") or {}).get("path"))
         paths += list((spec.get("grid") or {}).get("data.path") or [])
     for path in dict.fromkeys(p for p in paths if p):
-        args = parse(path)
-        if args is not None:
-            stdlib_corpus(**args)
+        if parse(path) is not None:
+            prepare(path)

@@ -4,8 +4,8 @@ tiny: the built-in synthetic language (32 tokens, 16-token sequences), models of
 parameters; mechanics only, seconds per run. cpu: the Python standard library's source
 (testbed/study/corpus.py, 8.8M training tokens), models of 50k-500k non-embedding parameters,
 every study sized by `testbed study plan` to fit 30 min on 2 cores without repeating data it
-does not mean to repeat. gpu: the same corpus at ~10x the cpu models; cost it with
-`testbed study plan NAME --size gpu` first.
+does not mean to repeat. gpu: FineWeb-Edu's 10B-token sample (8B+ training tokens), models of
+5M-200M non-embedding parameters on one H100; cost it with `testbed study plan NAME --size gpu`.
 """
 
 from __future__ import annotations
@@ -47,12 +47,15 @@ def base(size: str) -> dict[str, Any]:
             "train": {"global_batch_tokens": BATCH[size], "eval_every": 1000, "log_every": 10},
             "logging": {"wandb": False, "progress": False},
         }
-    from testbed.study.corpus import stdlib_path
+    from testbed.study.corpus import VOCAB_SIZE, path_for
 
+    # The gpu corpus is prepared on the GPU machine: stating its vocabulary lets `study plan`
+    # cost the runs before then (cpu configs leave it to the prepared folder, as they always have).
+    vocab = {"vocab_size": VOCAB_SIZE} if size == "gpu" else {}
     return {
         "model": {"d_model": 64 if size == "cpu" else 512, "n_layers": 4 if size == "cpu" else 8,
-                  "n_heads": 2 if size == "cpu" else 8, "max_seq_len": SEQ[size]},
-        "data": {"source": "shards", "path": str(stdlib_path()), "seq_len": SEQ[size],
+                  "n_heads": 2 if size == "cpu" else 8, "max_seq_len": SEQ[size], **vocab},
+        "data": {"source": "shards", "path": str(path_for(size)), "seq_len": SEQ[size],
                  "val_sequences": 256},
         "optim": {"lr": 3.0e-3},
         "schedule": {"name": "cosine", "warmup_fraction": 0.05},

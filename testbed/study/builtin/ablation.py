@@ -19,7 +19,7 @@ KEY, BASELINE, VARIANT = "model.norm_placement", "pre", "peri"
 LADDER = {  # (d_model, n_layers, training FLOPs)
     "tiny": [(16, 2, 5e8), (24, 2, 1e9), (32, 2, 2e9), (48, 2, 4e9)],
     "cpu": [(32, 4, 4e11), (48, 4, 1e12), (64, 4, 2.5e12), (96, 4, 6e12)],
-    "gpu": [(256, 8, 1e17), (384, 8, 3e17), (512, 8, 1e18), (768, 8, 3e18)],
+    "gpu": [(256, 8, 3e16), (384, 8, 1e17), (512, 8, 3e17), (768, 8, 1e18)],
 }
 LRS = {"tiny": [3e-3, 1e-2], "cpu": [4e-3, 1.2e-2], "gpu": [1e-3, 3e-3]}
 

@@ -13,11 +13,11 @@ KAPLAN_A = 0.73
 
 
 def budgets(size: str) -> list[float]:
-    return {"tiny": [1e8, 3e8, 1e9], "cpu": [1e12, 2e12, 4e12], "gpu": [1e17, 3e17, 1e18, 3e18]}[size]
+    return {"tiny": [1e8, 3e8, 1e9], "cpu": [1e12, 2e12, 4e12], "gpu": [3e16, 1e17, 3e17]}[size]
 
 
 def widths(size: str) -> list[int]:
-    return {"tiny": [8, 16, 32], "cpu": [32, 48, 64, 96, 128], "gpu": [128, 256, 384, 512, 768, 1024]}[size]
+    return {"tiny": [8, 16, 32], "cpu": [32, 48, 64, 96, 128], "gpu": [256, 384, 512, 768, 1024]}[size]
 
 
 def sweeps(size: str) -> list[dict[str, Any]]:

@@ -23,10 +23,10 @@ BUDGETS = {"tiny": [1e9, 3e9], "cpu": [8e11, 2.4e12, 7.2e12], "gpu": [3e16, 1.2e
 
 
 def corpora(size: str) -> list[str]:
-    from testbed.study.corpus import stdlib_path
+    from testbed.study.corpus import path_for
 
     top = max(VOCABS[size])
-    return [str(stdlib_path(v, nested_in=top, mini=size == "tiny")) for v in VOCABS[size]]
+    return [str(path_for(size, v, nested_in=top)) for v in VOCABS[size]]
 
 
 def sweeps(size: str) -> list[dict[str, Any]]:

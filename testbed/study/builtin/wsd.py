@@ -12,7 +12,7 @@ DECAY = 0.2
 
 
 def durations(size: str) -> list[int]:
-    steps = {"tiny": [16, 32], "cpu": [64, 128, 256], "gpu": [2000, 4000, 8000, 16000]}[size]
+    steps = {"tiny": [16, 32], "cpu": [64, 128, 256], "gpu": [2000, 4000, 8000]}[size]
     return [s * BATCH[size] for s in steps]
 
 
