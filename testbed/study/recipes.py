@@ -5,7 +5,7 @@ parameters; mechanics only, seconds per run. cpu: the Python standard library's 
 (testbed/study/corpus.py, 8.8M training tokens), models of 50k-500k non-embedding parameters,
 every study sized by `testbed study plan` to fit 30 min on 2 cores without repeating data it
 does not mean to repeat. gpu: FineWeb-Edu's 10B-token sample (8B+ training tokens), models of
-5M-200M non-embedding parameters on one H100; cost it with `testbed study plan NAME --size gpu`.
+6M-100M non-embedding parameters on one H100; cost it with `testbed study plan NAME --size gpu`.
 """
 
 from __future__ import annotations
