@@ -179,3 +179,20 @@ def test_combined_verdict_needs_every_part():
     assert combine(["agree", "inconclusive"], **reasons) == ("inconclusive", "i")
     assert combine(["agree", "inconclusive", "disagree"], **reasons) == ("disagree", "d")
     assert combine([], **reasons) == ("inconclusive", "i")  # nothing measured is not agreement
+
+
+def test_chinchilla_verdict_needs_every_approach():
+    """Agree only when each approach's interval holds 0.5 and excludes 0.73; one approach
+    excluding 0.5 makes it disagree; a missing interval leaves it inconclusive."""
+    from testbed.study.base import Analysis, Measurement
+    from testbed.study.builtin.chinchilla import verdict
+
+    def approaches(*bands):
+        ms = [Measurement(f"a in N_opt ∝ C^a, Approach {i + 1} (x)", v, lo, hi)
+              for i, (v, lo, hi) in enumerate(bands)]
+        return Analysis(ms[0], [*ms[1:], Measurement("b in D_opt ∝ C^b, Approach 1 (x)", 9.0, 8.0, 10.0)], {}, [])
+
+    assert verdict(approaches((0.5, 0.4, 0.6), (0.52, 0.45, 0.6), (0.48, 0.3, 0.7)))[0] == "agree"
+    assert verdict(approaches((0.5, 0.4, 0.6), (0.8, 0.75, 0.9), (0.48, 0.3, 0.7)))[0] == "disagree"
+    assert verdict(approaches((0.5, 0.4, 0.6), (0.5, None, None), (0.48, 0.3, 0.7)))[0] == "inconclusive"
+    assert verdict(approaches((0.6, 0.45, 0.8), (0.5, 0.4, 0.6), (0.48, 0.3, 0.7)))[0] == "inconclusive"

@@ -1,4 +1,4 @@
-"""IsoFLOP profiles: N_opt ∝ C^a with a ≈ 0.5 (Hoffmann et al. 2022, Approach 2)."""
+"""IsoFLOP profiles: N_opt ∝ C^a with a ≈ 0.5 by Approaches 1, 2 and 3 (Hoffmann et al. 2022)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,23 @@ from typing import Any
 
 import numpy as np
 
-from testbed.study.base import Analysis, Context, Measurement, Study, figure, register
+from testbed.study.base import Analysis, Context, Measurement, Study, figure, register, tuned
 from testbed.study.recipes import BATCH, base
 
 KAPLAN_A = 0.73
 
 
 def budgets(size: str) -> list[float]:
-    return {"tiny": [1e8, 3e8, 1e9], "cpu": [1e12, 2e12, 4e12], "gpu": [3e16, 1e17, 3e17]}[size]
+    return {"tiny": [1e8, 3e8, 1e9], "cpu": [5e11, 1e12, 2e12], "gpu": [3e16, 1e17, 3e17]}[size]
 
 
 def widths(size: str) -> list[int]:
     return {"tiny": [8, 16, 32], "cpu": [32, 48, 64, 96, 128], "gpu": [256, 384, 512, 768, 1024]}[size]
+
+
+def lrs(size: str) -> list[float]:
+    """Each model size at its own tuned LR from this grid, per budget."""
+    return {"tiny": [3e-3, 1e-2], "cpu": [4e-3, 1.2e-2], "gpu": [1e-3, 3e-3]}[size]
 
 
 def sweeps(size: str) -> list[dict[str, Any]]:
@@ -26,53 +31,96 @@ def sweeps(size: str) -> list[dict[str, Any]]:
     batch = BATCH[size] // 2
     # The budget is a label; the run length follows from it: D = C / FLOPs per token.
     return [{"name": "chinchilla", "base": tree,
-             "grid": {"labels.budget": budgets(size), "model.d_model": widths(size)},
+             "grid": {"labels.budget": budgets(size), "model.d_model": widths(size), "optim.lr": lrs(size)},
              "derived": {"train.tokens": f"max(1, round(labels.budget / flops_per_token / {batch})) * {batch}"},
-             "labels": ["labels.budget", "model.d_model"]}]
+             "labels": ["labels.budget", "model.d_model", "optim.lr"]}]
 
 
-def _a(frame) -> float | None:
+def _approach(frame, number: int) -> tuple[float, float] | None:
+    """(a, b) by Approach 1 (the lowest-loss run per budget) or 2 (IsoFLOP parabolas); None when
+    the approach finds fewer than three budgets' minima."""
     import warnings
 
-    from testbed.fit.approaches import approach2
+    from testbed.fit.approaches import approach1, approach2
 
     with warnings.catch_warnings():  # resampled budgets repeat sizes: ill-conditioned parabolas
         warnings.simplefilter("ignore")
-        result = approach2(frame, min_points=3)
-    return None if result is None else float(result["a"])
+        if number == 1:
+            result = approach1(frame, n_bins=frame["label_budget"].nunique())
+        else:
+            result = approach2(frame, min_points=3)
+    return None if result is None else (float(result["a"]), float(result["b"]))
+
+
+def _resampled(frame, number: int, draws: int = 400) -> tuple[Measurement, Measurement]:
+    """a and b of one approach with percentile intervals from resampling runs within budgets."""
+    import pandas as pd
+
+    found = _approach(frame, number)
+    rng = np.random.default_rng(0)
+    values = []
+    for _ in range(draws):
+        parts = [g.iloc[rng.integers(0, len(g), len(g))] for _, g in frame.groupby("label_budget")]
+        value = _approach(pd.concat(parts), number)
+        if value is not None and all(np.isfinite(value)):
+            values.append(value)
+    name = {1: "Approach 1 (lowest-loss run per budget)", 2: "Approach 2 (IsoFLOP parabolas)"}[number]
+    how = f"bootstrap over runs within each budget ({len(values)} of {draws} replicates usable)"
+    if found is None or len(values) < draws // 4:
+        how = ("fewer than three budgets have a minimum inside the sampled sizes"
+               if found is None else f"only {len(values)} of {draws} replicates usable: no interval")
+        a = Measurement(f"a in N_opt ∝ C^a, {name}", found[0] if found else None, None, None, "", how)
+        b = Measurement(f"b in D_opt ∝ C^b, {name}", found[1] if found else None, None, None, "", how)
+        return a, b
+    low, high = np.percentile(np.array(values), [2.5, 97.5], axis=0)
+    return (Measurement(f"a in N_opt ∝ C^a, {name}", found[0], float(low[0]), float(high[0]), "", how),
+            Measurement(f"b in D_opt ∝ C^b, {name}", found[1], float(low[1]), float(high[1]), "", how))
+
+
+def _approach3(frame) -> tuple[Measurement, Measurement, dict[str, float]]:
+    """a = beta / (alpha + beta) of L = E + A/N^alpha + B/D^beta fitted to every tuned run
+    (testbed's fitter), with its bootstrap over runs."""
+    from testbed.errors import TestbedError
+    from testbed.fit.analysis import analyse as fit_analyse
+    from testbed.fit.options import FitOptions
+
+    name = "Approach 3 (fitted L(N, D))"
+    try:
+        fitted = fit_analyse(frame[["run_id", "N", "D", "C", "loss"]],
+                             FitOptions(law="chinchilla", bootstrap=200, allocation="yes", skip_fraction=0.0))
+    except TestbedError as err:
+        missing = Measurement(f"a in N_opt ∝ C^a, {name}", None, how=f"the fit failed: {err}")
+        return missing, Measurement(f"b in D_opt ∝ C^b, {name}", None, how=missing.how), {}
+    summary = fitted.summary
+    intervals = summary.get("intervals") or {}
+    how = "bootstrap over runs (200 refits)"
+    if fitted.result.at_bound:
+        how += f"; at a bound: {', '.join(fitted.result.at_bound)}"
+    out = []
+    for key, symbol, what in (("a", "a", "N_opt ∝ C^a"), ("b", "b", "D_opt ∝ C^b")):
+        band = intervals.get(key) or {}
+        out.append(Measurement(f"{symbol} in {what}, {name}", float(summary["derived"][key]),
+                               band.get("low"), band.get("high"), "", how))
+    return out[0], out[1], {k: float(v) for k, v in fitted.result.law.public(fitted.result.theta).items()}
 
 
 def analyse(ctx: Context) -> Analysis:
-    import pandas as pd
-
-    finals = ctx.finals("chinchilla")
-    frame = finals[["run_id", "N", "C", "loss", "label_budget"]].dropna().reset_index(drop=True)
-    a = _a(frame)
-    rng = np.random.default_rng(0)
-    draws = []
-    for _ in range(400):  # resample runs within each budget
-        parts = [g.iloc[rng.integers(0, len(g), len(g))] for _, g in frame.groupby("label_budget")]
-        value = _a(pd.concat(parts))
-        if value is not None and np.isfinite(value):
-            draws.append(value)
-    low = high = None
-    how = "IsoFLOP parabolas (testbed.fit.approaches.approach2); bootstrap over runs within each budget"
-    if len(draws) >= 100:
-        low, high = float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
-        how += f" ({len(draws)} of 400 replicates had a minimum inside every budget)"
-    else:
-        how += f": only {len(draws)} of 400 replicates had a minimum inside every budget, no interval"
-    if a is None:  # fall back to the best sampled size per budget: a grid-limited estimate
-        best = frame.loc[frame.groupby("label_budget")["loss"].idxmin()]
-        a = float(np.polyfit(np.log(best["C"].astype(float)), np.log(best["N"].astype(float)), 1)[0])
-        low = high = None
-        how = ("fewer than 3 budgets have their parabola's minimum inside the sampled sizes: slope of "
-               "the lowest-loss sampled N per budget, no interval (limited by the size grid)")
-    headline = Measurement("a in N_opt ∝ C^a", a, low, high, "", how)
-    rows = [{"budget": float(b), "N": float(r["N"]), "C": float(r["C"]), "loss": float(r["loss"])}
-            for b, g in frame.groupby("label_budget") for _, r in g.sort_values("N").iterrows()]
-    return Analysis(headline, [], {"isoflop points": rows}, [_plot(ctx, rows)],
-                    ["agree: the interval holds 0.5 and excludes Kaplan's 0.73; disagree: it excludes 0.5"])
+    points = ctx.finals("chinchilla")
+    frame = tuned(points, ["label_budget", "width"])
+    frame = frame[["run_id", "N", "D", "C", "loss", "label_budget", "peak_lr"]].dropna().reset_index(drop=True)
+    a2, b2 = _resampled(frame, 2)
+    a1, b1 = _resampled(frame, 1)
+    a3, b3, law = _approach3(frame)
+    # The headline is Approach 2 (the IsoFLOP design's own), else the first approach that measured a.
+    headline, *others = sorted([a2, a1, a3], key=lambda m: m.value is None)
+    rows = [{"budget": float(bud), "N": float(r["N"]), "D": float(r["D"]), "C": float(r["C"]),
+             "lr": float(r["peak_lr"]), "loss": float(r["loss"])}
+            for bud, g in frame.groupby("label_budget") for _, r in g.sort_values("N").iterrows()]
+    notes = ["agree: every approach's interval of a holds 0.5 and excludes Kaplan's 0.73; disagree: "
+             "any excludes 0.5", "each (budget, size) at the better LR of its grid (the lr column)"]
+    if law:
+        notes.append("Approach 3's fitted law: " + ", ".join(f"{k} = {v:.4g}" for k, v in law.items()))
+    return Analysis(headline, [*others, b2, b1, b3], {"isoflop points": rows}, [_plot(ctx, rows)], notes)
 
 
 def _plot(ctx: Context, rows: list[dict]) -> str:
@@ -84,22 +132,31 @@ def _plot(ctx: Context, rows: list[dict]) -> str:
 
 
 def verdict(analysis: Analysis) -> tuple[str, str]:
-    m = analysis.headline
-    if m.value is None or m.low is None or m.high is None:
-        return "inconclusive", "no interval for a (too few IsoFLOP minima inside the sampled sizes)"
-    if m.low <= 0.5 <= m.high and not m.low <= KAPLAN_A <= m.high:
-        return "agree", "the interval holds 0.5 and excludes 0.73"
-    if not m.low <= 0.5 <= m.high:
-        return "disagree", "the interval excludes 0.5"
-    return "inconclusive", "the interval holds both 0.5 and 0.73"
+    from testbed.study.base import combine
+
+    approaches = [analysis.headline, *[m for m in analysis.more if m.name.startswith("a in")]]
+    parts = []
+    for m in approaches:
+        if m.value is None or m.low is None or m.high is None:
+            parts.append("inconclusive")
+        elif not m.low <= 0.5 <= m.high:
+            parts.append("disagree")
+        else:
+            parts.append("inconclusive" if m.low <= KAPLAN_A <= m.high else "agree")
+    named = ", ".join(f"{m.name.split(', ')[1].split(' (')[0]}: {p}" for m, p in zip(approaches, parts))
+    return combine(parts, f"an interval of a excludes 0.5 ({named})",
+                   f"every approach's interval holds 0.5 and excludes 0.73 ({named})",
+                   f"some interval is missing or holds both 0.5 and 0.73 ({named})")
 
 
 register(Study(
-    name="chinchilla", version=1,
-    paper="Hoffmann et al. 2022, Training Compute-Optimal Large Language Models (Approach 2)",
-    claim="At a fixed compute budget loss is a parabola in log N; its minimum grows as N_opt ∝ C^a "
-          "with a ≈ 0.5 (parameters and tokens scaled equally), not Kaplan's 0.73.",
+    name="chinchilla", version=2,
+    paper="Hoffmann et al. 2022, Training Compute-Optimal Large Language Models (Approaches 1-3); "
+          "Besiroglu et al. 2024, Chinchilla Scaling: A replication attempt",
+    claim="Approaches 1, 2 and 3 agree: the compute-optimal model grows as N_opt ∝ C^a with a ≈ 0.5 "
+          "(parameters and tokens scaled equally), not Kaplan's 0.73.",
     sweeps=sweeps, analyse=analyse, verdict=verdict,
-    caveat="Three budgets over one decade give a short lever arm; embedding parameters weigh heavily "
-           "in small models, and one LR for every size biases the small or the large end.",
+    caveat="Budgets spanning a factor of four or ten give a short lever arm; Approach 1 on final "
+           "points can only pick a sampled size; embedding parameters weigh heavily in small models; "
+           "each LR is the better of two.",
 ))
