@@ -196,3 +196,28 @@ def test_chinchilla_verdict_needs_every_approach():
     assert verdict(approaches((0.5, 0.4, 0.6), (0.8, 0.75, 0.9), (0.48, 0.3, 0.7)))[0] == "disagree"
     assert verdict(approaches((0.5, 0.4, 0.6), (0.5, None, None), (0.48, 0.3, 0.7)))[0] == "inconclusive"
     assert verdict(approaches((0.6, 0.45, 0.8), (0.5, 0.4, 0.6), (0.48, 0.3, 0.7)))[0] == "inconclusive"
+
+
+def test_repetition_recovers_a_known_r_star():
+    """The study's fit of L = E + B / D'^beta (Muennighoff et al.'s effective data D') recovers
+    R_D* from losses made with it, on the study's own design (U repeated 1-16 epochs, unique
+    controls), and tells a finite R_D* from repeated data worth its full count."""
+    import numpy as np
+
+    from testbed.study.builtin.repetition import _fit_r_star
+
+    u = 98_304.0
+    epochs = np.array([1, 2, 4, 8, 16, 2, 4, 8, 16] * 2, float)
+    tokens = u * epochs
+    unique = np.where(np.arange(len(epochs)) % 9 < 5, u, tokens)  # the repeated arm, then the controls
+
+    def law(star):
+        effective = unique * (1 + star * -np.expm1(-(tokens / unique - 1) / star))
+        return 2.0 + 60.0 * effective ** -0.3
+
+    noise = np.random.default_rng(0).normal(0, 1e-4, len(tokens))
+    found = _fit_r_star(tokens, unique, law(5.0) + noise)
+    assert found is not None and abs(found["R_D*"] / 5.0 - 1) < 0.2, found
+    assert abs(found["beta"] - 0.3) < 0.05 and abs(found["E"] - 2.0) < 0.1, found
+    unlimited = _fit_r_star(tokens, unique, 2.0 + 60.0 * tokens ** -0.3 + noise)
+    assert unlimited["R_D*"] > 150, unlimited

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from testbed.study.base import Analysis, Context, Study, figure, register, relative_gap
+import numpy as np
+
+from testbed.study.base import Analysis, Context, Measurement, Study, figure, register, relative_gap
 from testbed.study.recipes import BATCH, base, seeds
 
 TOLERANCE = 0.01  # "negligible": repeated data within 1% of unique data up to 4 epochs
+PUBLISHED_R_STAR = 15.387756  # the paper's fitted R_D* (testbed/fit/datacon.py)
+# R_D* counts as finite when its interval ends below this many times the largest repeat count run
+# (beyond that, repeated data would be worth its full count over every run of the study).
+FINITE_FACTOR = 10
 
 
 def epochs(size: str) -> list[int]:
@@ -51,8 +57,66 @@ def analyse(ctx: Context) -> Analysis:
     most = gaps[max(gaps)]
     headline = four if four is not None else most
     more = [g for e, g in sorted(gaps.items()) if g is not headline]
-    return Analysis(headline, more, {"repetition": rows}, [_plot(ctx, rows)],
-                    [f"U = {u:.3g} unique tokens; tolerance: {TOLERANCE:.0%}"])
+    star, fitted = _r_star(rep, ctl)
+    notes = [f"U = {u:.3g} unique tokens; tolerance: {TOLERANCE:.0%}",
+             f"R_D* is finite when its interval ends below {FINITE_FACTOR} x the largest repeat count "
+             f"({FINITE_FACTOR * (max(epochs(ctx.size)) - 1)})"]
+    if fitted:
+        notes.append("fitted L(D, U) = E + B / D'^beta: " + ", ".join(f"{k} = {v:.4g}" for k, v in fitted.items()))
+    return Analysis(headline, [*more, star], {"repetition": rows}, [_plot(ctx, rows)], notes)
+
+
+def _fit_r_star(tokens: np.ndarray, unique: np.ndarray, loss: np.ndarray,
+                start: dict[str, float] | None = None) -> dict[str, float] | None:
+    """L = E + B / D'^beta with D' = U + U·R*·(1 - exp(-R/R*)), R = D/U - 1 (Muennighoff et al.'s
+    effective data at one model size, whose N term joins E), by least squares on log-parameters,
+    from four starts (or from `start` alone: a bootstrap refit)."""
+    from scipy.optimize import least_squares
+
+    repeats = np.maximum(tokens / unique - 1, 0.0)
+
+    def residual(p):
+        e, b, beta, star = np.exp(p)
+        effective = unique * (1 + star * -np.expm1(-repeats / star))
+        return e + b * effective ** -beta - loss
+
+    low, high = np.log([1e-3, 1e-6, 1e-3, 1e-2]), np.log([loss.min(), 1e12, 3.0, 1e6])
+    starts = ([np.log([start["E"], start["B"], start["beta"], start["R_D*"]])] if start else
+              [np.log([0.5 * loss.min(), loss.max() * np.median(tokens) ** beta0, beta0, star0])
+               for beta0 in (0.2, 0.5) for star0 in (3.0, 30.0)])
+    best = None
+    for x0 in starts:
+        fit = least_squares(residual, np.clip(x0, low + 1e-9, high - 1e-9), bounds=(low, high))
+        if best is None or fit.cost < best.cost:
+            best = fit
+    if best is None or not best.success:
+        return None
+    e, b, beta, star = np.exp(best.x)
+    return {"E": float(e), "B": float(b), "beta": float(beta), "R_D*": float(star)}
+
+
+def _r_star(rep, ctl, draws: int = 200) -> tuple[Measurement, dict[str, float]]:
+    """R_D* fitted on every run of both arms, with a bootstrap over runs."""
+    import pandas as pd
+
+    runs = pd.concat([rep.assign(unique=rep["U"].astype(float)),
+                      ctl.assign(unique=ctl["planned_tokens"].astype(float))], ignore_index=True)
+    columns = [runs[c].to_numpy(float) for c in ("planned_tokens", "unique", "loss")]
+    found = _fit_r_star(*columns)
+    name = f"R_D* of the data-constrained law (paper: {PUBLISHED_R_STAR:.3g})"
+    if found is None:
+        return Measurement(name, None, how="the fit did not converge"), {}
+    rng = np.random.default_rng(0)
+    values = []
+    for _ in range(draws):
+        pick = rng.integers(0, len(runs), len(runs))
+        refit = _fit_r_star(*(c[pick] for c in columns), start=found)
+        if refit is not None:
+            values.append(refit["R_D*"])
+    low, high = (np.percentile(values, [2.5, 97.5]) if len(values) >= draws // 2 else (None, None))
+    how = f"least squares on every run of both arms; bootstrap over runs ({len(values)} of {draws} refits)"
+    return Measurement(name, found["R_D*"], None if low is None else float(low),
+                       None if high is None else float(high), "epochs", how), found
 
 
 def _plot(ctx: Context, rows: list[dict]) -> str:
@@ -66,22 +130,29 @@ def verdict(analysis: Analysis) -> tuple[str, str]:
     from testbed.study.base import at_most
 
     four = at_most(analysis.headline, TOLERANCE)
-    last = analysis.more[-1] if analysis.more else None
+    gaps = [m for m in analysis.more if m.name.startswith("repeated")]
+    last = gaps[-1] if gaps else None
+    star = next((m for m in analysis.more if m.name.startswith("R_D*")), None)
+    limit = FINITE_FACTOR * 15  # the cpu and gpu sizes repeat up to 16 epochs (15 repeats)
+    finite = ("inconclusive" if star is None or star.high is None
+              else "agree" if star.high <= limit else "disagree" if star.low > limit else "inconclusive")
     # Diminishing returns: at the most epochs the repeated run is clearly worse.
     beyond = ("inconclusive" if last is None or last.low is None
               else "agree" if last.low > TOLERANCE else "disagree" if last.high <= TOLERANCE else "inconclusive")
-    if "disagree" in (four, beyond):
-        return "disagree", (f"up to 4 epochs: {four}; at the most epochs (repetition should hurt): {beyond}")
-    if four == beyond == "agree":
-        return "agree", "4 epochs within the tolerance, and the most epochs clearly worse"
-    return "inconclusive", f"up to 4 epochs: {four}; at the most epochs: {beyond} (intervals missing or straddling)"
+    parts = f"up to 4 epochs: {four}; at the most epochs (repetition should hurt): {beyond}; R_D* finite: {finite}"
+    if "disagree" in (four, beyond, finite):
+        return "disagree", parts
+    if four == beyond == finite == "agree":
+        return "agree", "4 epochs within the tolerance, the most epochs clearly worse, and R_D* finite"
+    return "inconclusive", f"{parts} (intervals missing or straddling)"
 
 
 register(Study(
-    name="repetition", version=1,
+    name="repetition", version=2,
     paper="Muennighoff et al. 2023, Scaling Data-Constrained Language Models",
     claim="Training up to ~4 epochs on repeated data is almost as good as unique data at the same "
-          "token count; by 16 epochs the repeated tokens are worth clearly less.",
+          "token count; by 16 epochs the repeated tokens are worth clearly less; the data-constrained "
+          "law fits with a finite R_D* (15.4 in the paper).",
     sweeps=sweeps, analyse=analyse, verdict=verdict,
     caveat="The paper's models are far from memorising U; small models on small U are, so "
            "repetition may hurt earlier (or, on a simple language, not at all).",
