@@ -9,6 +9,8 @@ from testbed.study.recipes import BATCH, base, seeds, with_schedule
 
 TOLERANCE = 0.01  # WSD may be at most 1% above cosine, at its own tuned learning rate
 DECAY = 0.2
+# Cooldown shapes branched from the long run: the claimed one, and the linear one it should beat.
+BRANCH_SHAPES = ("1-sqrt", "linear")
 
 
 def durations(size: str) -> list[int]:
@@ -53,11 +55,13 @@ def extra_cost(size: str) -> list[dict[str, Any]]:
     return [long_sweep(size, lrs(size)[0]),
             {"name": "wsd-branches", "base": branches,
              "grid": {"train.tokens": [round(DECAY * d / BATCH[size]) * BATCH[size] for d in ends],
-                      "train.seed": seeds(size)}}]
+                      # one stand-in per (seed, cooldown shape): costs are all the plan reads
+                      "train.seed": list(range(len(seeds(size)) * len(BRANCH_SHAPES)))}}]
 
 
 def extra(ctx: Context, options: dict[str, Any]) -> None:
-    """Train the long WSD run at the tuned LR of the longest WSD arm, then branch it."""
+    """Train the long WSD run at the tuned LR of the longest WSD arm, then branch it with each
+    cooldown shape."""
     from testbed.rundir import RunDir
     from testbed.study.sweeps import run_sweep
     from testbed.train.branch import branch
@@ -69,10 +73,11 @@ def extra(ctx: Context, options: dict[str, Any]) -> None:
     ctx.sweep_dirs["wsd-long"] = folder
     for parent in sorted((folder / "runs").iterdir()):
         for step in branch_steps(ctx.size):
-            child = RunDir(parent / "branches" / f"step{step}_decay{DECAY:g}_1-sqrt")
-            if (child.read_status() or {}).get("state") == "done":
-                continue
-            branch(parent, step, DECAY, "1-sqrt")
+            for shape in BRANCH_SHAPES:
+                child = RunDir(parent / "branches" / f"step{step}_decay{DECAY:g}_{shape}")
+                if (child.read_status() or {}).get("state") == "done":
+                    continue
+                branch(parent, step, DECAY, shape)
 
 
 def analyse(ctx: Context) -> Analysis:
@@ -97,8 +102,19 @@ def analyse(ctx: Context) -> Analysis:
                            worst.value, worst.low, worst.high, "", worst.how)
     more = [g for g in gaps if g is not worst]
     branch_rows = []
+    shape_rows = []
     if "wsd-long" in ctx.sweep_dirs and ctx.sweep_dirs["wsd-long"].is_dir():
-        points = ctx.finals("wsd-long")
+        every = ctx.finals("wsd-long")
+        linear = every["run_dir"].astype(str).str.endswith("_linear")
+        points = every[~linear]
+        for tokens in sorted(set(every.loc[linear, "D"])):  # 1-sqrt against linear, branch for branch
+            a = points.loc[points["D"] == tokens, "loss"].tolist()
+            b = every.loc[linear & (every["D"] == tokens), "loss"].tolist()
+            gap = relative_gap(a, b)
+            gap.name = f"1-sqrt vs linear cooldown branch at D={tokens:.3g}"
+            more.append(gap)
+            shape_rows.append({"tokens": int(tokens), "sqrt_loss": sum(a) / len(a), "linear_loss": sum(b) / len(b),
+                               "gap": gap.value, "gap_low": gap.low, "gap_high": gap.high})
         for tokens in sorted(set(points["D"])):
             br = points.loc[points["D"] == tokens]
             arm = wsd.loc[(wsd["planned_tokens"] - tokens).abs() <= BATCH[ctx.size]]
@@ -111,8 +127,9 @@ def analyse(ctx: Context) -> Analysis:
                                 "branch_loss": float(br["loss"].mean()), "wsd_run_loss": float(arm["loss"].mean()),
                                 "gap": gap.value, "gap_low": gap.low, "gap_high": gap.high})
     plots = [_plot(ctx, pd.DataFrame(rows), pd.DataFrame(branch_rows))]
-    return Analysis(headline, more, {"tuned arms": rows, "branches": branch_rows}, plots,
-                    [f"tolerance: WSD at most {TOLERANCE:.0%} above cosine; branches within ±{TOLERANCE:.0%}"])
+    return Analysis(headline, more, {"tuned arms": rows, "branches": branch_rows, "cooldown shapes": shape_rows},
+                    plots, [f"tolerance: WSD at most {TOLERANCE:.0%} above cosine; branches within ±{TOLERANCE:.0%}; "
+                            "1-sqrt branches below linear ones (interval under 0)"])
 
 
 def _plot(ctx: Context, arms, branches) -> str:
@@ -124,17 +141,25 @@ def _plot(ctx: Context, arms, branches) -> str:
     return "wsd.png"
 
 
+def below_zero(m: Measurement) -> str:
+    """1-sqrt beats linear: agree when the whole interval of the gap is below 0, disagree when above."""
+    if m.value is None or m.low is None or m.high is None:
+        return "inconclusive"
+    return "agree" if m.high < 0 else "disagree" if m.low > 0 else "inconclusive"
+
+
 def verdict(analysis: Analysis) -> tuple[str, str]:
     from testbed.study.base import at_most, combine, within
 
     checks = [(m, at_most(m, TOLERANCE)) for m in [analysis.headline] + analysis.more if "cosine" in m.name]
     checks += [(m, within(m, TOLERANCE)) for m in analysis.more if m.name.startswith("branch")]
+    checks += [(m, below_zero(m)) for m in analysis.more if m.name.startswith("1-sqrt")]
     # Name what fails and in which direction: a branch may fail by being better, not only worse.
     failing = "; ".join(f"{m.name}: {m.value:+.1%} [{m.low:+.1%}, {m.high:+.1%}]"
                         for m, part in checks if part == "disagree")
     return combine([part for _, part in checks],
                    disagree=f"outside the tolerance (WSD at most +{TOLERANCE:.0%} over cosine, branches within "
-                            f"±{TOLERANCE:.0%} of a separate run), interval included: {failing}",
+                            f"±{TOLERANCE:.0%} of a separate run, 1-sqrt below linear), interval included: {failing}",
                    agree="every duration's interval lies within the tolerance, branches included",
                    inconclusive="some interval straddles the tolerance or is missing (one seed)")
 
@@ -143,7 +168,8 @@ register(Study(
     name="wsd", version=1,
     paper="Hägele et al. 2024, Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations",
     claim="A constant LR with a 1-sqrt cooldown over the last 20% (WSD) matches cosine at every training "
-          "duration, each at its own tuned LR; cooldown branches of one long WSD run trace the same frontier.",
+          "duration, each at its own tuned LR; cooldown branches of one long WSD run trace the same frontier; "
+          "a 1-sqrt cooldown beats a linear one.",
     sweeps=sweeps, analyse=analyse, verdict=verdict, extra=extra, extra_cost=extra_cost,
     caveat="The LR grid is coarse (the optimum may fall between points), small models and short runs "
            "give the cooldown few steps, and two seeds make a crude interval.",
