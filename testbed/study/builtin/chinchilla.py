@@ -10,14 +10,18 @@ from testbed.study.base import Analysis, Context, Measurement, Study, figure, re
 from testbed.study.recipes import BATCH, base
 
 KAPLAN_A = 0.73
+# At cpu budgets Chinchilla's ~20 tokens per parameter puts N_opt near 50k-100k parameters, fewer
+# than a 4096-token embedding alone holds at d_model 32 (v2's grid had its minimum below the
+# smallest size at every budget): the cpu size reads the 512-token BPE of the vocab study's ladder.
+CPU_VOCAB = 512
 
 
 def budgets(size: str) -> list[float]:
-    return {"tiny": [1e8, 3e8, 1e9], "cpu": [5e11, 1e12, 2e12], "gpu": [3e16, 1e17, 3e17]}[size]
+    return {"tiny": [1e8, 3e8, 1e9], "cpu": [2.5e11, 5e11, 1e12], "gpu": [3e16, 1e17, 3e17]}[size]
 
 
 def widths(size: str) -> list[int]:
-    return {"tiny": [8, 16, 32], "cpu": [32, 48, 64, 96, 128], "gpu": [256, 384, 512, 768, 1024]}[size]
+    return {"tiny": [8, 16, 32], "cpu": [16, 24, 32, 48, 64], "gpu": [256, 384, 512, 768, 1024]}[size]
 
 
 def lrs(size: str) -> list[float]:
@@ -27,6 +31,12 @@ def lrs(size: str) -> list[float]:
 
 def sweeps(size: str) -> list[dict[str, Any]]:
     tree = base(size)
+    if size == "cpu":
+        from testbed.study.builtin.vocab import VOCABS
+        from testbed.study.corpus import path_for
+
+        tree["data"]["path"] = str(path_for(size, CPU_VOCAB, nested_in=max(VOCABS[size])))
+        tree["model"]["vocab_size"] = CPU_VOCAB
     tree["train"]["global_batch_tokens"] = BATCH[size] // 2
     batch = BATCH[size] // 2
     # The budget is a label; the run length follows from it: D = C / FLOPs per token.
@@ -150,7 +160,7 @@ def verdict(analysis: Analysis) -> tuple[str, str]:
 
 
 register(Study(
-    name="chinchilla", version=2,
+    name="chinchilla", version=3,
     paper="Hoffmann et al. 2022, Training Compute-Optimal Large Language Models (Approaches 1-3); "
           "Besiroglu et al. 2024, Chinchilla Scaling: A replication attempt",
     claim="Approaches 1, 2 and 3 agree: the compute-optimal model grows as N_opt ∝ C^a with a ≈ 0.5 "
