@@ -241,12 +241,12 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def render(f: dict[str, Any]) -> str:
-    import numpy as np
+    import math
 
     from testbed.study.base import Measurement
 
     def text(m: dict[str, Any]) -> str:
-        measured = m["value"] is not None and np.isfinite(m["value"])  # else text() says how already
+        measured = m["value"] is not None and math.isfinite(m["value"])  # else text() says how already
         return Measurement(**m).text() + (f" — {m['how']}" if m.get("how") and measured else "")
 
     calls = f.get("invocations") or []

@@ -73,12 +73,13 @@ def _fit_r_star(tokens: np.ndarray, unique: np.ndarray, loss: np.ndarray,
     from four starts (or from `start` alone: a bootstrap refit)."""
     from scipy.optimize import least_squares
 
-    repeats = np.maximum(tokens / unique - 1, 0.0)
+    from testbed.fit.datacon import _log_effective  # the fitter's own D' (one formula, one place)
+
+    repeats, log_unique = np.maximum(tokens / unique - 1, 0.0), np.log(unique)
 
     def residual(p):
         e, b, beta, star = np.exp(p)
-        effective = unique * (1 + star * -np.expm1(-repeats / star))
-        return e + b * effective ** -beta - loss
+        return e + b * np.exp(-beta * _log_effective(log_unique, repeats, star)) - loss
 
     low, high = np.log([1e-3, 1e-6, 1e-3, 1e-2]), np.log([loss.min(), 1e12, 3.0, 1e6])
     starts = ([np.log([start["E"], start["B"], start["beta"], start["R_D*"]])] if start else
