@@ -198,6 +198,30 @@ def test_chinchilla_verdict_needs_every_approach():
     assert verdict(approaches((0.6, 0.45, 0.8), (0.5, 0.4, 0.6), (0.48, 0.3, 0.7)))[0] == "inconclusive"
 
 
+def test_chinchilla_minima_table_recovers_twenty_tokens_per_parameter():
+    """IsoFLOP curves built with their minimum at D = 20 N come back as 20 tokens per parameter
+    at each budget, and curves built at 60 tokens per parameter do not."""
+    import numpy as np
+    import pandas as pd
+
+    from testbed.study.builtin.chinchilla import _parabola_minima
+
+    def frame(tokens_per_parameter):
+        rows = []
+        for budget in (1e11, 4e11, 1.6e12):
+            n_opt = (budget / (6 * tokens_per_parameter)) ** 0.5
+            for n in n_opt * np.array([0.25, 0.5, 1.0, 2.0, 4.0]):
+                rows.append({"N": n, "D": budget / (6 * n), "C": budget, "loss": 3 + 0.2 * np.log(n / n_opt) ** 2})
+        return pd.DataFrame(rows)
+
+    minima = _parabola_minima(frame(20))
+    assert len(minima) == 3
+    for m in minima:
+        assert m["tokens per parameter"] == pytest.approx(20, rel=1e-6)
+        assert m["N_opt"] == pytest.approx(m["N at 20 tokens per parameter"], rel=1e-6)
+    assert all(m["tokens per parameter"] == pytest.approx(60, rel=1e-6) for m in _parabola_minima(frame(60)))
+
+
 def test_repetition_recovers_a_known_r_star():
     """The study's fit of L = E + B / D'^beta (Muennighoff et al.'s effective data D') recovers
     R_D* from losses made with it, on the study's own design (U repeated 1-16 epochs, unique

@@ -10,6 +10,7 @@ from testbed.study.base import Analysis, Context, Measurement, Study, figure, re
 from testbed.study.recipes import BATCH, base
 
 KAPLAN_A = 0.73
+CHINCHILLA_TOKENS_PER_PARAMETER = 20  # Hoffmann et al. 2022, Table 3: D_opt / N_opt ≈ 20
 # At cpu budgets Chinchilla's ~20 tokens per parameter puts N_opt near 50k-100k parameters, fewer
 # than a 4096-token embedding alone holds at d_model 32 (v2's grid had its minimum below the
 # smallest size at every budget): the cpu size reads the 512-token BPE of the vocab study's ladder.
@@ -126,11 +127,28 @@ def analyse(ctx: Context) -> Analysis:
     rows = [{"budget": float(bud), "N": float(r["N"]), "D": float(r["D"]), "C": float(r["C"]),
              "lr": float(r["peak_lr"]), "loss": float(r["loss"])}
             for bud, g in frame.groupby("label_budget") for _, r in g.sort_values("N").iterrows()]
+    tables = {"isoflop points": rows}
+    minima = _parabola_minima(frame)
+    if minima:
+        tables["Approach 2 minima"] = minima
     notes = ["agree: every approach's interval of a holds 0.5 and excludes Kaplan's 0.73; disagree: "
              "any excludes 0.5", "each (budget, size) at the better LR of its grid (the lr column)"]
     if law:
         notes.append("Approach 3's fitted law: " + ", ".join(f"{k} = {v:.4g}" for k, v in law.items()))
-    return Analysis(headline, [*others, b2, b1, b3], {"isoflop points": rows}, [_plot(ctx, rows)], notes)
+    return Analysis(headline, [*others, b2, b1, b3], tables, [_plot(ctx, rows)], notes)
+
+
+def _parabola_minima(frame) -> list[dict]:
+    """Each budget's IsoFLOP vertex beside Chinchilla's ~20 tokens per parameter (C = 6·N·20·N),
+    the paper's other headline number, which a slope alone does not show."""
+    from testbed.fit.approaches import approach2
+
+    result = approach2(frame, min_points=3)
+    if result is None:
+        return []
+    return [{"C": m["C"], "N_opt": m["N_opt"], "D_opt": m["D_opt"], "tokens per parameter": m["D_opt"] / m["N_opt"],
+             "N at 20 tokens per parameter": (m["C"] / (6 * CHINCHILLA_TOKENS_PER_PARAMETER)) ** 0.5}
+            for m in result["minima"]]
 
 
 def _plot(ctx: Context, rows: list[dict]) -> str:
