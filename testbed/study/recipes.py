@@ -77,6 +77,19 @@ def tiny_text(tree: dict[str, Any], vocab_size: int = 512, nested_in: int | None
     return tree
 
 
+# One nested BPE ladder per size (every smaller vocabulary's merges are a prefix of the largest's):
+# the vocab study sweeps all of it, and chinchilla's cpu size reads its 512-token rung.
+VOCAB_LADDER = {"tiny": [300, 384, 512], "cpu": [512, 1024, 2048, 4096, 8192],
+                "gpu": [4096, 8192, 16384, 32768, 65536]}
+
+
+def ladder_corpus(size: str, vocab: int) -> str:
+    """The prepared folder of one rung of the size's vocabulary ladder."""
+    from testbed.study.corpus import path_for
+
+    return str(path_for(size, vocab, nested_in=max(VOCAB_LADDER[size])))
+
+
 def with_schedule(tree: dict[str, Any], **schedule: Any) -> dict[str, Any]:
     tree = copy.deepcopy(tree)
     tree["schedule"] = {"warmup_fraction": 0.05, **schedule}

@@ -7,13 +7,13 @@ from typing import Any
 import numpy as np
 
 from testbed.study.base import Analysis, Context, Measurement, Study, figure, register, tuned
-from testbed.study.recipes import BATCH, base
+from testbed.study.recipes import BATCH, base, ladder_corpus
 
 KAPLAN_A = 0.73
 CHINCHILLA_TOKENS_PER_PARAMETER = 20  # Hoffmann et al. 2022, Table 3: D_opt / N_opt ≈ 20
 # At cpu budgets Chinchilla's ~20 tokens per parameter puts N_opt near 50k-100k parameters, fewer
 # than a 4096-token embedding alone holds at d_model 32 (v2's grid had its minimum below the
-# smallest size at every budget): the cpu size reads the 512-token BPE of the vocab study's ladder.
+# smallest size at every budget): the cpu size reads the 512-token rung of the vocabulary ladder.
 CPU_VOCAB = 512
 
 
@@ -33,10 +33,7 @@ def lrs(size: str) -> list[float]:
 def sweeps(size: str) -> list[dict[str, Any]]:
     tree = base(size)
     if size == "cpu":
-        from testbed.study.builtin.vocab import VOCABS
-        from testbed.study.corpus import path_for
-
-        tree["data"]["path"] = str(path_for(size, CPU_VOCAB, nested_in=max(VOCABS[size])))
+        tree["data"]["path"] = ladder_corpus(size, CPU_VOCAB)
         tree["model"]["vocab_size"] = CPU_VOCAB
     tree["train"]["global_batch_tokens"] = BATCH[size] // 2
     batch = BATCH[size] // 2

@@ -13,22 +13,13 @@ from typing import Any
 import numpy as np
 
 from testbed.study.base import Analysis, Context, Measurement, Study, figure, register
-from testbed.study.recipes import BATCH, base, tiny_text
+from testbed.study.recipes import BATCH, VOCAB_LADDER, base, ladder_corpus, tiny_text
 
 # Tao et al.'s Approach 2 on their runs: N_v,opt ∝ N_nv^0.8354 (sail-sg/scaling-with-vocab).
 PUBLISHED_GAMMA = 0.8354
-VOCABS = {"tiny": [300, 384, 512], "cpu": [512, 1024, 2048, 4096, 8192],
-          "gpu": [4096, 8192, 16384, 32768, 65536]}
 MODELS = {"tiny": [(16, 2), (32, 2)], "cpu": [(32, 4), (64, 4), (128, 4)],
           "gpu": [(256, 8), (512, 8), (1024, 8)]}  # (d_model, n_layers)
 BUDGETS = {"tiny": [1e9, 3e9], "cpu": [8e11, 2.4e12, 7.2e12], "gpu": [3e16, 1.2e17, 4.8e17]}
-
-
-def corpora(size: str) -> list[str]:
-    from testbed.study.corpus import path_for
-
-    top = max(VOCABS[size])
-    return [str(path_for(size, v, nested_in=top)) for v in VOCABS[size]]
 
 
 def sweeps(size: str) -> list[dict[str, Any]]:
@@ -38,7 +29,8 @@ def sweeps(size: str) -> list[dict[str, Any]]:
     specs = []
     # One sweep per vocabulary: its corpus and vocab_size stated together, so `study plan` can
     # cost the runs before the corpora are prepared.
-    for vocab, path in zip(VOCABS[size], corpora(size)):
+    for vocab in VOCAB_LADDER[size]:
+        path = ladder_corpus(size, vocab)
         tree = {**tree, "data": {**tree["data"], "path": path}, "model": {**tree["model"], "vocab_size": vocab}}
         specs.append({"name": f"vocab-{vocab}", "base": tree,
                       "zip": {"model.d_model": [d for d, _ in models], "model.n_layers": [n for _, n in models],
