@@ -96,6 +96,33 @@ def test_retries_preemption_and_bad_input(tmp_path, fake):
     assert fake.starts()[len(starts):] == [ids[1]]
 
 
+def test_no_more_slots_than_unfinished_runs(tmp_path, fake, monkeypatch):
+    """A sweep of one run on two workers runs on slot 0 only, so a study's later one-run sweeps
+    reuse slot 0's warm fork server instead of a racing slot starting a second one; two runs use
+    both slots, and a sweep with everything done still looks once."""
+    trainer = fake({})
+    started: list[int] = []
+    slot_loop = LocalExecutor._slot_loop
+
+    def recording(self, slot, env):
+        started.append(slot)
+        return slot_loop(self, slot, env)
+
+    monkeypatch.setattr(LocalExecutor, "_slot_loop", recording)
+    registry = Registry(tmp_path / "one")
+    ids = registry.add_runs(seed_sweep([0]))
+    assert LocalExecutor(registry, ids, workers=2, progress=False, trainer=trainer).run() == {"done": 1}
+    assert started == [0]
+    started.clear()
+    assert LocalExecutor(registry, ids, workers=2, progress=False, trainer=trainer).run() == {"done": 1}
+    assert started == [0] and fake.starts() == [ids[0]]
+    started.clear()
+    registry = Registry(tmp_path / "two")
+    ids = registry.add_runs(seed_sweep([0, 1]))
+    assert LocalExecutor(registry, ids, workers=2, progress=False, trainer=trainer).run() == {"done": 2}
+    assert sorted(started) == [0, 1]
+
+
 def test_two_concurrent_submitters_never_run_a_run_twice(tmp_path, fake, monkeypatch):
     trainer = fake({})
     monkeypatch.setenv("FAKE_SLEEP", "0.4")

@@ -140,8 +140,12 @@ class LocalExecutor:
         self.registry.reconcile()
         previous = self._install_signal_handlers()
         self._open_progress()
+        # No more slots than unfinished runs: a sweep of one run then always lands on slot 0,
+        # whose fork server a study keeps warm, instead of a racing idle slot importing torch into
+        # a second server.
+        unfinished = sum((record or {}).get("state") != "done" for record in map(self.registry.read, self.run_ids))
         threads = [threading.Thread(target=self._slot_loop, args=(slot, env), daemon=True)
-                   for slot, env in enumerate(self.slots)]
+                   for slot, env in enumerate(self.slots[:max(1, unfinished)])]
         try:
             for thread in threads:
                 thread.start()

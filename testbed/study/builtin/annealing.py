@@ -56,10 +56,11 @@ def _curves(ctx: Context, arm: str) -> list[dict[str, Any]]:
     the run's own schedule at every step (not interpolated between logged rates)."""
     from pathlib import Path
 
+    from testbed.config import saved_config
     from testbed.fit.annealing import lr_areas
     from testbed.fit.collect import collect_curves
     from testbed.plan import run_schedule
-    from testbed.train.resume import load_run_config
+    from testbed.rundir import RunDir
 
     sweep = f"annealing-{arm}"
     evaluated = collect_curves(ctx.sweep_dirs[sweep])
@@ -68,7 +69,8 @@ def _curves(ctx: Context, arm: str) -> list[dict[str, Any]]:
     for _, run in ctx.finals(sweep).iterrows():
         run_dir = run["run_dir"]
         rows = evaluated.loc[evaluated["run_id"] == run["run_id"]].drop_duplicates("step")
-        config = load_run_config(Path(run_dir))
+        # a finished run's run.json holds its config (reading it here keeps torch out of the report)
+        config = saved_config(RunDir(Path(run_dir)).read_run()["config"])
         total = int(run["planned_steps"])
         schedule = run_schedule(config, total)
         lrs = [schedule.lr(i, total, config.optim.lr, config.train.global_batch_tokens) for i in range(total)]
