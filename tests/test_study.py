@@ -224,6 +224,25 @@ def test_chinchilla_minima_table_recovers_twenty_tokens_per_parameter():
     assert all(m["tokens per parameter"] == pytest.approx(60, rel=1e-6) for m in _parabola_minima(frame(60)))
 
 
+def test_repetition_law_jacobian_matches_finite_differences():
+    """The exact gradient the R_D* fit uses is the law's: central differences agree at points
+    with and without repetition, for a small and a large R*."""
+    import numpy as np
+
+    from testbed.study.builtin.repetition import _law, _law_jacobian
+
+    unique = np.array([1e5, 1e5, 1e5, 4e5, 1.6e6])
+    repeats = np.array([0.0, 1.0, 15.0, 3.0, 0.0])
+    for log_params in (np.log([1.5, 80.0, 0.25, 5.0]), np.log([0.01, 300.0, 0.4, 200.0])):
+        exact = _law_jacobian(log_params, np.log(unique), repeats)
+        for i in range(4):
+            step = np.zeros(4)
+            step[i] = 1e-6
+            numeric = (_law(log_params + step, np.log(unique), repeats)
+                       - _law(log_params - step, np.log(unique), repeats)) / 2e-6
+            np.testing.assert_allclose(exact[:, i], numeric, rtol=1e-6, atol=1e-9)
+
+
 def test_repetition_recovers_a_known_r_star():
     """The study's fit of L = E + B / D'^beta (Muennighoff et al.'s effective data D') recovers
     R_D* from losses made with it, on the study's own design (U repeated 1-16 epochs, unique

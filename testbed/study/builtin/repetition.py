@@ -66,6 +66,28 @@ def analyse(ctx: Context) -> Analysis:
     return Analysis(headline, [*more, star], {"repetition": rows}, [_plot(ctx, rows)], notes)
 
 
+def _law(log_params, log_unique, repeats):
+    """E + B / D'^beta at log-parameters (log E, log B, log beta, log R*)."""
+    from testbed.fit.datacon import _log_effective  # the fitter's own D' (one formula, one place)
+
+    e, b, beta, star = np.exp(log_params)
+    return e + b * np.exp(-beta * _log_effective(log_unique, repeats, star))
+
+
+def _law_jacobian(log_params, log_unique, repeats):
+    """d _law / d log-parameters, exact: a fit then needs five times fewer law evaluations than
+    with finite differences."""
+    from testbed.fit.datacon import _log_effective
+
+    e, b, beta, star = np.exp(log_params)
+    log_d = _log_effective(log_unique, repeats, star)
+    term = b * np.exp(-beta * log_d)
+    decay = np.exp(-repeats / star)
+    # d log D' / d R* = (1 - e^(-R/R*)(1 + R/R*)) / (1 + R*(1 - e^(-R/R*)))
+    d_log_d = (1 - decay * (1 + repeats / star)) / (1 + star * (1 - decay))
+    return np.stack([np.full_like(term, e), term, -beta * log_d * term, -beta * term * d_log_d * star], axis=1)
+
+
 def _fit_r_star(tokens: np.ndarray, unique: np.ndarray, loss: np.ndarray,
                 start: dict[str, float] | None = None) -> dict[str, float] | None:
     """L = E + B / D'^beta with D' = U + U·R*·(1 - exp(-R/R*)), R = D/U - 1 (Muennighoff et al.'s
@@ -73,13 +95,13 @@ def _fit_r_star(tokens: np.ndarray, unique: np.ndarray, loss: np.ndarray,
     from four starts (or from `start` alone: a bootstrap refit)."""
     from scipy.optimize import least_squares
 
-    from testbed.fit.datacon import _log_effective  # the fitter's own D' (one formula, one place)
-
     repeats, log_unique = np.maximum(tokens / unique - 1, 0.0), np.log(unique)
 
     def residual(p):
-        e, b, beta, star = np.exp(p)
-        return e + b * np.exp(-beta * _log_effective(log_unique, repeats, star)) - loss
+        return _law(p, log_unique, repeats) - loss
+
+    def jacobian(p):
+        return _law_jacobian(p, log_unique, repeats)
 
     low, high = np.log([1e-3, 1e-6, 1e-3, 1e-2]), np.log([loss.min(), 1e12, 3.0, 1e6])
     starts = ([np.log([start["E"], start["B"], start["beta"], start["R_D*"]])] if start else
@@ -87,7 +109,7 @@ def _fit_r_star(tokens: np.ndarray, unique: np.ndarray, loss: np.ndarray,
                for beta0 in (0.2, 0.5) for star0 in (3.0, 30.0)])
     best = None
     for x0 in starts:
-        fit = least_squares(residual, np.clip(x0, low + 1e-9, high - 1e-9), bounds=(low, high))
+        fit = least_squares(residual, np.clip(x0, low + 1e-9, high - 1e-9), jac=jacobian, bounds=(low, high))
         if best is None or fit.cost < best.cost:
             best = fit
     if best is None or not best.success:
