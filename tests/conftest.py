@@ -1,5 +1,6 @@
 """Shared fixtures: a real one-node SLURM cluster for the sweep tests; property-based tests
-draw the same examples on every CI run (a failure there is reproducible), new ones elsewhere."""
+draw the same examples on every CI run (a failure there is reproducible), new ones elsewhere;
+each parallel test worker's share of the CPU threads."""
 
 from __future__ import annotations
 
@@ -16,6 +17,13 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Parallel test workers (scripts/test.sh runs two) split the cores: each worker's torch, and
+# every trainer it starts, gets its share of threads. OpenMP threads beyond the cores spin
+# against each other's and made single runs up to six times slower.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
 
 

@@ -118,6 +118,33 @@ def test_averaging_more_checkpoints_than_saved_is_one_error(ema_run, capsys):
     assert RunDir(run_dir).averages() == before  # nothing recorded
 
 
+def test_a_checkpoint_removed_while_averaging_is_named_as_removed_not_damaged(ema_run, tmp_path, monkeypatch):
+    """A trainer still running deletes rolling checkpoints as it saves: one that vanishes between
+    the index and the read gives one error that says so, and nothing is recorded."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(ema_run[1], run_dir)
+    before = RunDir(run_dir).averages()
+    verify = ckpt.verify
+
+    def removed_first(folder):
+        shutil.rmtree(folder)  # the trainer's retention, between listing and reading
+        return verify(folder)
+
+    monkeypatch.setattr(ckpt, "verify", removed_first)
+    with pytest.raises(TestbedError, match="was removed while it was being read") as err:
+        average_checkpoints(run_dir, 2)
+    assert "damaged" not in str(err.value)
+    assert RunDir(run_dir).averages() == before
+    # A folder that is there but broken is still called damaged.
+    monkeypatch.setattr(ckpt, "verify", verify)
+    newest = max((run_dir / "checkpoints").glob("step_*"))
+    (newest / "model.safetensors").write_bytes(b"not tensors")
+    with pytest.raises(TestbedError, match="is damaged"):
+        average_checkpoints(run_dir, 1)
+
+
 def test_fit_collect_lists_ema_and_average_points(ema_run, tmp_path, capsys):
     _, run_dir = ema_run
     average_checkpoints(run_dir, 2)

@@ -96,6 +96,26 @@ def test_retries_preemption_and_bad_input(tmp_path, fake):
     assert fake.starts()[len(starts):] == [ids[1]]
 
 
+def test_slot_threads_share_the_granted_cores_within_the_callers_cap(monkeypatch):
+    """Inside a SLURM allocation or a cpuset the usable cores are the affinity mask, not the
+    node's count; an OMP_NUM_THREADS given to the executor caps each slot (oversubscribed
+    OpenMP threads spin and slow every run)."""
+    import os
+
+    from testbed.sweep.local import worker_slots
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert [s["OMP_NUM_THREADS"] for s in worker_slots(2, None)] == ["2", "2"]
+    assert [s["OMP_NUM_THREADS"] for s in worker_slots(8, None)] == ["1"] * 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert [s["OMP_NUM_THREADS"] for s in worker_slots(1, None)] == ["1"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")  # a cap above the share changes nothing
+    assert [s["OMP_NUM_THREADS"] for s in worker_slots(1, None)] == ["4"]
+    assert worker_slots(1, ["0", "1"]) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
+
+
 def test_no_more_slots_than_unfinished_runs(tmp_path, fake, monkeypatch):
     """A sweep of one run on two workers runs on slot 0 only, so a study's later one-run sweeps
     reuse slot 0's warm fork server instead of a racing slot starting a second one; two runs use

@@ -84,11 +84,24 @@ def fork_server_usable() -> bool:
     return sys.platform.startswith("linux") and hasattr(os, "fork") and hasattr(os, "waitid")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity mask (what a SLURM allocation, taskset or
+    a container's cpuset grants), not every core of the node that os.cpu_count() reports."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no affinity call (macOS)
+        return os.cpu_count() or 1
+
+
 def worker_slots(workers: int, gpus: list[str] | None) -> list[dict[str, str]]:
-    """Environment overrides for each concurrent slot."""
+    """Environment overrides for each concurrent slot: on the CPU each slot's share of the usable
+    cores, never more than an OMP_NUM_THREADS the executor itself was given (its caller's cap)."""
     if gpus:
         return [{"CUDA_VISIBLE_DEVICES": gpu} for gpu in gpus]
-    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    threads = max(1, usable_cores() // max(1, workers))
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    if cap.isdigit() and int(cap) > 0:
+        threads = min(threads, int(cap))
     return [{"OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}
             for _ in range(max(1, workers))]
 
