@@ -256,10 +256,19 @@ def test_the_server_dying_mid_sweep_loses_no_run(tmp_path, capsys):
     thread = threading.Thread(target=lambda: result.update(executor.run()), daemon=True)
     thread.start()
     deadline = time.time() + 120
-    while not executor.children:  # the first run has been forked
+
+    def training() -> str | None:
+        """The run whose forked trainer has written status.json: past its start-up, so the
+        server's death cannot leave it unstarted (that case restarts it, tested below)."""
+        for record in registry.records():
+            if record["state"] == "running" and (registry.run_status(record["run_id"]) or {}).get("state") == "running":
+                return record["run_id"]
+        return None
+
+    while not (executor.children and training()):
         assert time.time() < deadline and thread.is_alive()
         time.sleep(0.02)
-    first = next(r["run_id"] for r in registry.records() if r["state"] == "running")
+    first = training()
     os.kill(executor.servers[0].pid, signal.SIGKILL)
     assert (registry.run_status(first) or {}).get("state") != "done"  # killed under a live trainer
     thread.join(timeout=300)
