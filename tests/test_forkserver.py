@@ -259,7 +259,7 @@ def test_the_server_dying_mid_sweep_loses_no_run(tmp_path, capsys):
 
     def training() -> str | None:
         """The run whose forked trainer has written status.json: past its start-up, so the
-        server's death cannot leave it unstarted (that case restarts it, tested below)."""
+        server's death cannot leave it unstarted (a trainer that never wrote it is started again)."""
         for record in registry.records():
             if record["state"] == "running" and (registry.run_status(record["run_id"]) or {}).get("state") == "running":
                 return record["run_id"]
