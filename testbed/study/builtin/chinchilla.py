@@ -68,8 +68,8 @@ def _resampled(frame, number: int, draws: int = 400) -> tuple[Measurement, Measu
     groups = [np.flatnonzero(frame["label_budget"].to_numpy() == budget) for budget in sorted(frame["label_budget"].unique())]
     values = []
     for _ in range(draws):
-        rows = np.concatenate([rows[rng.integers(0, len(rows), len(rows))] for rows in groups])
-        value = _approach(frame.iloc[rows], number)
+        picked = np.concatenate([members[rng.integers(0, len(members), len(members))] for members in groups])
+        value = _approach(frame.iloc[picked], number)
         if value is not None and all(np.isfinite(value)):
             values.append(value)
     name = {1: "Approach 1 (lowest-loss run per budget)", 2: "Approach 2 (IsoFLOP parabolas)"}[number]
