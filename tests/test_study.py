@@ -60,6 +60,22 @@ def test_every_cpu_study_fits_its_budget_and_the_corpus(tmp_path, monkeypatch):
     assert result.returncode == 1 and "exceeds the cpu budget" in result.stdout, result.stdout
 
 
+def test_hub_corpus_tokenises_with_the_cores_it_may_use(tmp_path, monkeypatch):
+    """On a GPU node inside a SLURM allocation, the hub corpus is tokenised by as many workers
+    as the allocation grants (the affinity mask), not one per core of the node."""
+    import os
+
+    from testbed.study import corpus
+
+    monkeypatch.setenv("TESTBED_CACHE", str(tmp_path))
+    monkeypatch.setattr(os, "cpu_count", lambda: 96)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    calls = []
+    monkeypatch.setattr(corpus, "_prepare", lambda out, args, vocab, nested: calls.append(args))
+    corpus.hub_corpus(log=lambda message: None)
+    assert calls and calls[0][calls[0].index("--workers") + 1] == "12"
+
+
 def test_every_gpu_study_fits_its_budget_and_the_hub_corpus(tmp_path, monkeypatch):
     """`study plan` at gpu, before the hub corpus is prepared: every study reads FineWeb-Edu's
     sample (never the CPU corpus, which its runs would repeat hundreds of times), fits the GPU

@@ -118,12 +118,14 @@ def stdlib_corpus(vocab_size: int = VOCAB_SIZE, nested_in: int | None = None, mi
 
 def hub_corpus(vocab_size: int = VOCAB_SIZE, nested_in: int | None = None, log=print) -> Path:
     """The prepared gpu corpus, streamed from the hub and tokenised on first use (hours: it
-    reads about 45 GB; every core tokenises)."""
+    reads about 45 GB; every core the process may use tokenises)."""
+    from testbed.sweep.local import usable_cores
+
     out = hub_path(vocab_size, nested_in)
     if not (out / "manifest.json").is_file():
         log(f"preparing {HUB['source']} ({HUB['hub_config']}) in {out} (once)")
         _prepare(out, ["--source", HUB["source"], "--hub-config", HUB["hub_config"], "--split",
-                       HUB["split"], "--workers", str(os.cpu_count() or 1)], vocab_size, nested_in)
+                       HUB["split"], "--workers", str(usable_cores())], vocab_size, nested_in)
     return out
 
 
