@@ -145,7 +145,7 @@ def test_tiny_run_and_report(tmp_path, name, monkeypatch):
 
 
 @pytest.mark.slow
-def test_user_study_from_import(tmp_path):
+def test_user_study_from_import(tmp_path, monkeypatch):
     listed = cli("study", "list", "--import", "user_study")
     assert "user-demo" in listed.stdout, listed.stderr
     out = tmp_path / "mine"
@@ -161,6 +161,25 @@ def test_user_study_from_import(tmp_path):
     wall = sum(c["wall_s"] for c in figures["invocations"])
     assert "testbed study run user-demo --size tiny" in published and "CPU cores" in published
     assert f"Wall time: {wall / 60:.1f} min" in published and figures["claim"] in published
+    assert "interrupted" not in published
+    # An invocation killed midway is listed from its start, its time unknown, never hidden: the
+    # published wall time sums the finished ones and names the other.
+    import user_study  # noqa: F401  (registers user-demo in this process)
+
+    from testbed.study import runner
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_sweep", killed)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run("user-demo", "tiny", out, log=lambda message: None)
+    calls = json.loads((out / "study.json").read_text())["invocations"]
+    assert len(calls) == 2 and calls[0]["wall_s"] == wall and calls[1]["wall_s"] is None
+    assert cli("study", "report", str(out), "--publish", str(tmp_path / "docs")).returncode == 0
+    published = (tmp_path / "docs" / "user-demo.md").read_text()
+    assert (f"Wall time: {wall / 60:.1f} min for `study run` (1 finished invocation(s), data preparation "
+            "included) and 1 interrupted invocation(s), whose time is not recorded") in published
 
 
 def test_unknown_study_and_foreign_folder(tmp_path):

@@ -1,6 +1,6 @@
 """Run a study's sweeps through the sweep registry, then analyse them into a report.
 
-OUT/study.json    which study, version and size this folder holds, and each invocation's time
+OUT/study.json    which study, version and size this folder holds, and each invocation's start and time (none: interrupted)
 OUT/sweep/NAME/   one sweep directory per sweep of the study (docs/sweep.md)
 OUT/report.md     claim, measurement with interval, verdict, caveat, wall time of the runs
 OUT/figures.json  the same as data
@@ -50,10 +50,14 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
     out = Path(out)
     meta = _claim_folder(out, study, size)
     specs = study.sweeps(size)
-    corpus.ensure_for(specs)
     for spec in specs:
         load_sweep(spec)  # every run of every sweep is validated before any is trained
+    # Recorded before anything slow: an invocation killed midway stays listed, its time unknown.
     started = time.time()
+    invocation: dict[str, Any] = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": None}
+    meta.setdefault("invocations", []).append(invocation)
+    write_json_atomic(out / "study.json", meta)
+    corpus.ensure_for(specs)
     dirs = {}
     servers = ForkServers(out / "logs")  # each slot imports torch once for the whole study
     try:
@@ -64,8 +68,7 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
             study.extra(Context(out, size, dirs), {"workers": workers, "servers": servers})
     finally:
         servers.close()
-    meta.setdefault("invocations", []).append({"wall_s": round(time.time() - started, 2),
-                                               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    invocation.update(wall_s=round(time.time() - started, 2), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
     write_json_atomic(out / "study.json", meta)
     return report(out)
 
@@ -176,16 +179,14 @@ def publish(out: str | Path, dest: str | Path) -> Path:
     for plot in figures.get("plots") or []:
         shutil.copyfile(out / plot, dest / f"{name}-{plot}")
         body = body.replace(f"]({plot})", f"]({name}-{plot})")
-    calls = figures.get("invocations") or []
-    wall = sum(c["wall_s"] for c in calls)
     header = [
         f"Command: `testbed study run {name} --size {size} --out OUT`, then `testbed study report OUT "
         f"--publish {dest}`.",
         "",
         f"Machine: {_machine()}; Python {platform.python_version()}.",
         "",
-        f"Wall time: {wall / 60:.1f} min for `study run` ({len(calls)} invocation(s), data preparation "
-        f"included); {figures['runs_wall_s'] / 60:.1f} min of it inside the {figures['runs']} runs.",
+        f"Wall time: {invocations_text(figures.get('invocations') or [])}; "
+        f"{figures['runs_wall_s'] / 60:.1f} min inside the {figures['runs']} runs.",
         "",
     ]
     title, rest = body.split("\n", 1)
@@ -240,6 +241,18 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def invocations_text(calls: list[dict[str, Any]]) -> str:
+    """The `study run` time as recorded: finished invocations summed (data preparation included);
+    one killed midway (or still running) never recorded its end, and is named as such."""
+    finished = [c for c in calls if c.get("wall_s") is not None]
+    text = (f"{sum(c['wall_s'] for c in finished) / 60:.1f} min for `study run` ({len(finished)} finished "
+            f"invocation(s), data preparation included)")
+    unfinished = len(calls) - len(finished)
+    if unfinished:
+        text += f" and {unfinished} interrupted invocation(s), whose time is not recorded"
+    return text
+
+
 def render(f: dict[str, Any]) -> str:
     import math
 
@@ -259,7 +272,7 @@ def render(f: dict[str, Any]) -> str:
         f"**Verdict: {f['verdict']}.** {f['why']}", "",
         f"**Why it might disagree.** {f['caveat']}", "",
         f"**Runs.** {f['runs']} runs, {f['runs_wall_s']:.1f} s of training wall time in all"
-        + (f"; the last `study run` took {calls[-1]['wall_s']:.1f} s" if calls else "") + ".", "",
+        + (f"; {invocations_text(calls)}" if calls else "") + ".", "",
     ]
     for note in f.get("notes") or []:
         lines += [f"Note: {note}", ""]
