@@ -176,6 +176,17 @@ def test_user_study_from_import(tmp_path, monkeypatch):
         runner.run("user-demo", "tiny", out, log=lambda message: None)
     calls = json.loads((out / "study.json").read_text())["invocations"]
     assert len(calls) == 2 and calls[0]["wall_s"] == wall and calls[1]["wall_s"] is None
+    # A run refused before training (bad input) is no interrupted invocation: nothing is added.
+    from testbed.errors import TestbedError
+    from testbed.study import corpus
+
+    def refused(specs):
+        raise TestbedError("data.path: refused")
+
+    monkeypatch.setattr(corpus, "ensure_for", refused)
+    with pytest.raises(TestbedError):
+        runner.run("user-demo", "tiny", out, log=lambda message: None)
+    assert json.loads((out / "study.json").read_text())["invocations"] == calls
     assert cli("study", "report", str(out), "--publish", str(tmp_path / "docs")).returncode == 0
     published = (tmp_path / "docs" / "user-demo.md").read_text()
     assert (f"Wall time: {wall / 60:.1f} min for `study run` (1 finished invocation(s), data preparation "

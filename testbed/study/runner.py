@@ -50,14 +50,19 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
     out = Path(out)
     meta = _claim_folder(out, study, size)
     specs = study.sweeps(size)
-    for spec in specs:
-        load_sweep(spec)  # every run of every sweep is validated before any is trained
     # Recorded before anything slow: an invocation killed midway stays listed, its time unknown.
     started = time.time()
     invocation: dict[str, Any] = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": None}
     meta.setdefault("invocations", []).append(invocation)
     write_json_atomic(out / "study.json", meta)
-    corpus.ensure_for(specs)
+    try:
+        corpus.ensure_for(specs)
+        for spec in specs:
+            load_sweep(spec)  # every run of every sweep is validated before any is trained
+    except TestbedError:  # refused before training: not an interrupted invocation
+        meta["invocations"].remove(invocation)
+        write_json_atomic(out / "study.json", meta)
+        raise
     dirs = {}
     servers = ForkServers(out / "logs")  # each slot imports torch once for the whole study
     try:
