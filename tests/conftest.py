@@ -22,7 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 # every trainer it starts, gets its share of threads. OpenMP threads beyond the cores spin
 # against each other's and made single runs up to six times slower.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    from testbed.sweep.local import usable_cores
+
+    _share = max(1, usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
 
