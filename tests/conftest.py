@@ -17,6 +17,7 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parents[1]
+CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
 
 # Parallel test workers (scripts/test.sh runs two) split the cores: each worker's torch, and
 # every trainer it starts, gets its share of threads. OpenMP threads beyond the cores spin
@@ -26,7 +27,6 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
     _share = max(1, usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ.setdefault("OMP_NUM_THREADS", str(_share))
-CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
 
 
 def slurm_missing_reason() -> str | None:

@@ -191,6 +191,7 @@ def test_user_study_from_import(tmp_path, monkeypatch):
     published = (tmp_path / "docs" / "user-demo.md").read_text()
     assert (f"Wall time: {wall / 60:.1f} min for `study run` (1 finished invocation(s), data preparation "
             "included) and 1 interrupted invocation(s), whose time is not recorded") in published
+    assert "the last `study run` was interrupted" in published  # the report body: the latest alone
 
 
 def test_unknown_study_and_foreign_folder(tmp_path):

@@ -258,6 +258,15 @@ def invocations_text(calls: list[dict[str, Any]]) -> str:
     return text
 
 
+def _last_invocation(calls: list[dict[str, Any]]) -> str:
+    """The latest `study run` alone (the published header sums them all)."""
+    if not calls:
+        return ""
+    if calls[-1].get("wall_s") is None:
+        return "; the last `study run` was interrupted"
+    return f"; the last `study run` took {calls[-1]['wall_s']:.1f} s"
+
+
 def render(f: dict[str, Any]) -> str:
     import math
 
@@ -277,7 +286,7 @@ def render(f: dict[str, Any]) -> str:
         f"**Verdict: {f['verdict']}.** {f['why']}", "",
         f"**Why it might disagree.** {f['caveat']}", "",
         f"**Runs.** {f['runs']} runs, {f['runs_wall_s']:.1f} s of training wall time in all"
-        + (f"; {invocations_text(calls)}" if calls else "") + ".", "",
+        + _last_invocation(calls) + ".", "",
     ]
     for note in f.get("notes") or []:
         lines += [f"Note: {note}", ""]

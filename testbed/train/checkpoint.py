@@ -362,11 +362,11 @@ def load(folder: Path) -> dict[str, Any]:
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     """Only the weights of a checkpoint (verified like load's), for averaging or evaluation."""
     problem = verify(folder)
-    try:
-        if not problem:
+    if not problem:
+        try:
             return load_file(str(folder / "model.safetensors"))
-    except Exception as err:  # safetensors' own error type: the file holds no valid tensors
-        problem = f"its weights do not load ({err})"
+        except Exception as err:  # safetensors' own error type: the file holds no valid tensors
+            problem = f"its weights do not load ({err})"
     if not folder.is_dir():  # not damage: a trainer still running removed it under its keep policy
         raise TestbedError(f"checkpoint {str(folder)!r} was removed while it was being read (the run's "
                            f"trainer deletes rolling checkpoints beyond checkpoint.keep_rolling); run again to "
