@@ -19,6 +19,7 @@ LAYERS = {
     "testbed.exits": 0,  # the trainer's exit contract
     "testbed.rundir": 1,  # the run directory's files (standard library and errors only)
     "testbed.registry": 1,
+    "testbed.stats": 1,  # the statistics fit/ and study/ share (numpy, scipy, pandas only)
     "testbed.schedules": 2,
     "testbed.config": 3,
     "testbed.model": 4,
