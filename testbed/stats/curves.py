@@ -13,10 +13,11 @@ interval, the estimate carries a caveat and no verdict rests on it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.optimize import least_squares
 
 from testbed.stats.intervals import LEVEL, Estimate, t_bounds
@@ -107,16 +108,16 @@ def isoflop_fit(log_n: np.ndarray, loss: np.ndarray, budget: np.ndarray, log_bud
     return fit, theta
 
 
-def isoflop_slope(n: Sequence[float], loss: Sequence[float], budgets: Sequence[float], draws: int = 4000,
+def isoflop_slope(n: ArrayLike, loss: ArrayLike, budgets: ArrayLike, draws: int = 4000,
                   seed: int = 0, level: float = LEVEL) -> tuple[Estimate, IsoflopFit | None, dict]:
     """a in N_opt ∝ C^a from one joint fit over every budget's points, with a t interval from the
     fit's covariance s²(JᵀJ)⁻¹ (a is a parameter of the model, so nothing is derived from it).
     Every budget's vertex must lie inside that budget's sampled sizes, in the fit and in all but a
     tail's share of `draws` from the parameters' t distribution, or the estimate carries a caveat."""
-    log_n, loss = np.log(np.asarray(n, float)), np.asarray(loss, float)
+    log_n, losses = np.log(np.asarray(n, float)), np.asarray(loss, float)
     keys, budget = np.unique(np.asarray(budgets, float), return_inverse=True)
     log_budgets = np.log(keys)
-    found = isoflop_fit(log_n, loss, budget, log_budgets)
+    found = isoflop_fit(log_n, losses, budget, log_budgets)
     method = "joint IsoFLOP fit (a parabola in log N per budget, vertex linear in log C)"
     if found is None:
         return Estimate(None, method=f"{method}: not fitted (too few sizes per budget or a parabola opening "
@@ -174,7 +175,7 @@ class Multiplier:
     alpha: float
 
 
-def compute_multiplier(budgets: Sequence[float], baseline: Sequence[float], variant: Sequence[float],
+def compute_multiplier(budgets: ArrayLike, baseline: ArrayLike, variant: ArrayLike,
                        draws: int = 4000, seed: int = 0, level: float = LEVEL) -> Multiplier:
     """How much compute the baseline needs to reach the variant's loss, C_baseline / C (> 1: the
     variant is ahead), from losses of both arms at the same budgets (paired by budget).

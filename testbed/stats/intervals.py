@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import stats as sps
 
 LEVEL = 0.95
@@ -52,12 +53,12 @@ class SeedNoise:
         return f"seed SD {scale}, pooled over {self.cells} cells ({self.df} df)"
 
 
-def _scale(values: Sequence[float], log: bool) -> np.ndarray:
+def _scale(values: ArrayLike, log: bool) -> np.ndarray:
     array = np.asarray(values, float)
     return np.log(array) if log else array
 
 
-def seed_noise(groups: Iterable[Sequence[float]], log: bool = True) -> SeedNoise | None:
+def seed_noise(groups: Iterable[ArrayLike], log: bool = True) -> SeedNoise | None:
     """Pooled within-group variance of the values (each group: the seeds of one cell at one
     setting); None when no group has two values."""
     total, df, cells = 0.0, 0, 0
@@ -76,7 +77,7 @@ def t_bounds(center: float, se: float, df: float, level: float = LEVEL) -> tuple
     return center - half, center + half
 
 
-def relative_gap(a: Sequence[float], b: Sequence[float], noise: SeedNoise | None = None,
+def relative_gap(a: ArrayLike, b: ArrayLike, noise: SeedNoise | None = None,
                  paired: bool = False, level: float = LEVEL) -> Estimate:
     """(a / b) − 1 as the ratio of geometric means of two arms' losses, with a t interval.
 
@@ -107,7 +108,7 @@ def relative_gap(a: Sequence[float], b: Sequence[float], noise: SeedNoise | None
                     f"{method} ({noise.describe() if noise.cells > 1 else f'{noise.df} df from this cell'})")
 
 
-def mean_interval(values: Sequence[float], noise: SeedNoise | None = None, level: float = LEVEL) -> Estimate:
+def mean_interval(values: ArrayLike, noise: SeedNoise | None = None, level: float = LEVEL) -> Estimate:
     """The mean of one cell's seeds with a t interval from the pooled (raw-scale) seed noise,
     or from the cell's own spread without it."""
     x = np.asarray(values, float)
@@ -119,13 +120,13 @@ def mean_interval(values: Sequence[float], noise: SeedNoise | None = None, level
     return Estimate(float(x.mean()), low, high, f"t interval ({noise.describe()})")
 
 
-def spread(groups: Sequence[Sequence[float]], noise: SeedNoise | None = None, draws: int = 4000,
+def spread(groups: Sequence[ArrayLike], noise: SeedNoise | None = None, draws: int = 4000,
            seed: int = 0, level: float = LEVEL) -> Estimate:
     """(max − min) / min of the groups' geometric-mean losses, with a parametric bootstrap: each
     group's mean drawn around its estimate with the pooled seed variance, itself drawn from its
     chi-square (so few degrees of freedom widen the interval as a t interval would)."""
     means = np.array([_scale(g, True).mean() for g in groups])
-    sizes = np.array([len(g) for g in groups], float)
+    sizes = np.array([np.size(g) for g in groups], dtype=np.float64)
     value = math.expm1(float(means.max() - means.min()))
     if noise is None:
         noise = seed_noise(groups)
