@@ -203,21 +203,20 @@ def test_unknown_study_and_foreign_folder(tmp_path):
 
 def test_compute_multiplier_recovers_a_known_shift():
     """A variant whose frontier is the baseline's at k times the compute has multiplier k at every
-    budget; frontiers that cross are found where they cross."""
-    from testbed.study.base import compute_multiplier
+    budget; a steeper variant starts behind and ends ahead, and the offset's trend says so."""
+    from testbed.stats.curves import compute_multiplier
 
     budgets = [1e12, 3e12, 1e13, 3e13, 1e14]
-    baseline = {c: 3.0 * c ** -0.05 for c in budgets}
-    variant = {c: 3.0 * (2.5 * c) ** -0.05 for c in budgets}
-    m, rows = compute_multiplier(baseline, variant)
-    assert m.value == pytest.approx(2.5, rel=1e-9)
-    assert all(r["multiplier"] == pytest.approx(2.5, rel=1e-9) for r in rows)
-    assert m.low == pytest.approx(2.5, rel=1e-6) and m.high == pytest.approx(2.5, rel=1e-6)
-    # a steeper variant starts behind and ends ahead: the multiplier crosses 1 between budgets
-    steeper = {c: 3.0 * (c / 2e13) ** -0.08 * 2e13 ** -0.05 for c in budgets}  # equal at 2e13
-    _, rows = compute_multiplier(baseline, steeper)
-    assert rows[0]["multiplier"] < 1 < rows[-1]["multiplier"]
-    assert [r["crosses_1"] for r in rows].count(True) == 1
+    baseline = [3.0 * c ** -0.05 for c in budgets]
+    variant = [3.0 * (2.5 * c) ** -0.05 for c in budgets]
+    m = compute_multiplier(budgets, baseline, variant)
+    assert m.estimate.value == pytest.approx(2.5, rel=1e-9)
+    assert all(r["multiplier"] == pytest.approx(2.5, rel=1e-9) for r in m.per_budget)
+    assert m.estimate.low == pytest.approx(2.5, rel=1e-6) and m.estimate.high == pytest.approx(2.5, rel=1e-6)
+    steeper = [3.0 * (c / 2e13) ** -0.08 * 2e13 ** -0.05 for c in budgets]  # equal at 2e13
+    m = compute_multiplier(budgets, baseline, steeper)
+    assert m.per_budget[0]["multiplier"] < 1 < m.per_budget[-1]["multiplier"]
+    assert m.trend.value < 0 and "largest budget" in m.estimate.method
 
 
 def test_combined_verdict_needs_every_part():
@@ -253,22 +252,27 @@ def test_chinchilla_minima_table_recovers_twenty_tokens_per_parameter():
     import numpy as np
     import pandas as pd
 
-    from testbed.study.builtin.chinchilla import _parabola_minima
+    from testbed.stats.curves import isoflop_slope
+    from testbed.study.builtin.chinchilla import _minima
 
-    def frame(tokens_per_parameter):
+    def minima(tokens_per_parameter):
         rows = []
         for budget in (1e11, 4e11, 1.6e12):
             n_opt = (budget / (6 * tokens_per_parameter)) ** 0.5
-            for n in n_opt * np.array([0.25, 0.5, 1.0, 2.0, 4.0]):
-                rows.append({"N": n, "D": budget / (6 * n), "C": budget, "loss": 3 + 0.2 * np.log(n / n_opt) ** 2})
-        return pd.DataFrame(rows)
+            for n in n_opt * np.array([0.3, 0.5, 1.1, 2.0, 4.0]):
+                rows.append({"N": n, "D": budget / (6 * n), "C": budget, "label_budget": budget,
+                             "loss": 3 - 0.1 * np.log(budget / 1e11) + 0.2 * np.log(n / n_opt) ** 2})
+        frame = pd.DataFrame(rows)
+        estimate, _, info = isoflop_slope(frame["N"], frame["loss"], frame["label_budget"])
+        assert estimate.value == pytest.approx(0.5, abs=1e-6)
+        return _minima(frame, info)
 
-    minima = _parabola_minima(frame(20))
-    assert len(minima) == 3
-    for m in minima:
-        assert m["tokens per parameter"] == pytest.approx(20, rel=1e-6)
-        assert m["N_opt"] == pytest.approx(m["N at 20 tokens per parameter"], rel=1e-6)
-    assert all(m["tokens per parameter"] == pytest.approx(60, rel=1e-6) for m in _parabola_minima(frame(60)))
+    found = minima(20)
+    assert len(found) == 3
+    for m in found:
+        assert m["tokens per parameter"] == pytest.approx(20, rel=1e-5) and m["inside the sizes"]
+        assert m["N_opt"] == pytest.approx(m["N at 20 tokens per parameter"], rel=1e-5)
+    assert all(m["tokens per parameter"] == pytest.approx(60, rel=1e-5) for m in minima(60))
 
 
 def test_repetition_law_jacobian_matches_finite_differences():

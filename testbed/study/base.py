@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from testbed.registry import Registry
+from testbed.stats import Estimate
+from testbed.stats.choice import LrChoice, choose_lr
 
 SIZES = ("tiny", "cpu", "gpu")
 VERDICTS = ("agree", "disagree", "inconclusive")
@@ -59,17 +61,19 @@ class Measurement:
     high: float | None = None
     unit: str = ""
     how: str = ""
+    caveat: str = ""  # why no verdict may rest on it (see `decidable`)
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "value": self.value, "low": self.low, "high": self.high,
-                "unit": self.unit, "how": self.how}
+                "unit": self.unit, "how": self.how, "caveat": self.caveat}
 
     def text(self) -> str:
         if self.value is None or not np.isfinite(self.value):
             return f"{self.name}: not measurable ({self.how})"
         interval = (f" [{self.low:.4g}, {self.high:.4g}]"
                     if self.low is not None and self.high is not None else " (no interval)")
-        return f"{self.name} = {self.value:.4g}{interval}{(' ' + self.unit) if self.unit else ''}"
+        caveat = f" (caveat: {self.caveat})" if self.caveat else ""
+        return f"{self.name} = {self.value:.4g}{interval}{(' ' + self.unit) if self.unit else ''}{caveat}"
 
 
 @dataclass
@@ -95,6 +99,8 @@ class Study:
     caveat: str  # why the testbed might disagree with the paper for reasons other than the claim
     # After the sweeps (run only); its options: workers, and servers to pass on to run_sweep.
     extra: Callable[[Context, dict[str, Any]], None] | None = None
+    # What changed since the previous version, in a line: the report prints it.
+    changes: str = ""
     # Sweeps standing in for what `extra` trains (at placeholder values), so `study plan` can cost it.
     extra_cost: Callable[[str], list[dict[str, Any]]] | None = None
     sizes: Sequence[str] = SIZES
@@ -115,87 +121,37 @@ def register(study: Study) -> Study:
 # ---------------------------------------------------------------------------- statistics
 
 
-def bootstrap(groups: Sequence[Sequence[float]], statistic: Callable[..., float],
-              n: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float | None, float | None]:
-    """Percentile interval of `statistic(*samples)`, resampling each group (e.g. the seeds of
-    one arm) with replacement; (None, None) when a group has a single value."""
-    arrays = [np.asarray(g, float) for g in groups]
-    if any(len(a) < 2 for a in arrays):
-        return None, None
-    rng = np.random.default_rng(seed)
-    draws = [a[rng.integers(0, len(a), size=(n, len(a)))] for a in arrays]
-    values = np.array([statistic(*(d[i] for d in draws)) for i in range(n)], float)
-    values = values[np.isfinite(values)]
-    if len(values) < 2:
-        return None, None
-    tail = 100 * (1 - level) / 2
-    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+def measured(name: str, estimate: Estimate, unit: str = "", caveats: Sequence[str] = ()) -> Measurement:
+    """A study's figure from one of testbed.stats' estimates: its method becomes the `how`, and
+    further caveats (grid edges of the cells it rests on) join the estimate's own."""
+    caveat = "; ".join([c for c in [estimate.caveat, *caveats] if c])
+    return Measurement(name, estimate.value, estimate.low, estimate.high, unit, estimate.method, caveat)
 
 
-def relative_gap(a: Sequence[float], b: Sequence[float]) -> Measurement:
-    """(mean a − mean b) / mean b, with a bootstrap interval over the seeds of each side."""
-    def stat(x, y):
-        return (np.mean(x) - np.mean(y)) / np.mean(y)
-
-    value = float(stat(np.asarray(a, float), np.asarray(b, float)))
-    low, high = bootstrap([a, b], stat)
-    how = (f"bootstrap over seeds ({len(a)} vs {len(b)})" if low is not None
-           else "one seed per side: no interval")
-    return Measurement("relative gap", value, low, high, "", how)
+def decidable(m: Measurement) -> bool:
+    """Whether a rule may decide on `m`: a value, an interval, and no caveat (an optimum at the
+    edge of its grid or outside the sampled range is not a result)."""
+    return m.value is not None and m.low is not None and m.high is not None and not m.caveat
 
 
-def compute_multiplier(baseline: dict[float, float], variant: dict[float, float], n: int = 2000,
-                       seed: int = 0) -> tuple[Measurement, list[dict[str, Any]]]:
-    """How much compute the baseline needs to match the variant: each arm's frontier (loss at its
-    tuned LR per budget C, {C: loss}) is fitted as L = A·C^(-alpha) in log-log, and the multiplier
-    at budget C is C_baseline(L_variant(C)) / C (> 1: the variant is ahead). The headline is the
-    multiplier at the largest budget; its interval comes from a bootstrap over the budgets of each
-    arm (refitting both frontiers); the rows give it at every budget, with where it crosses 1."""
-    def frontier(points):
-        c, loss = np.log(np.asarray(list(points), float)), np.log(np.asarray(list(points.values()), float))
-        slope, intercept = np.polyfit(c, loss, 1)
-        return -slope, intercept  # alpha, log A
+def choose(frame, by: list[str], lr: str = "peak_lr") -> LrChoice:
+    """Each cell's rows at its learning rate, chosen without the winner's curse (testbed.stats.choice);
+    the seed is the `train.seed` label where the study varies it."""
+    return choose_lr(frame, by, lr=lr, seed="label_seed")
 
-    def multiplier(a, b, at):
-        alpha_a, log_a = frontier(a)
-        alpha_b, log_b = frontier(b)
-        if alpha_a <= 0:  # a flat or rising frontier: the baseline never reaches lower losses
-            return float("nan")
-        log_loss = log_b - alpha_b * np.log(at)  # the variant's loss at C
-        return float(np.exp((log_a - log_loss) / alpha_a) / at)
 
-    budgets = sorted(set(baseline) & set(variant))
-    top = budgets[-1]
-    value: float | None = multiplier(baseline, variant, top)
-    value = value if value is not None and np.isfinite(value) else None
-    rng = np.random.default_rng(seed)
-    draws = []
-    keys_a, keys_b = list(baseline), list(variant)
-    for _ in range(n):
-        pick_a = [keys_a[i] for i in rng.integers(0, len(keys_a), len(keys_a))]
-        pick_b = [keys_b[i] for i in rng.integers(0, len(keys_b), len(keys_b))]
-        if len(set(pick_a)) < 2 or len(set(pick_b)) < 2:
-            continue
-        draws.append(multiplier({c: baseline[c] for c in pick_a}, {c: variant[c] for c in pick_b}, top))
-    draws = [d for d in draws if np.isfinite(d)]
-    low = high = None
-    if len(draws) >= n // 4:
-        low, high = float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
-    how = (f"power-law frontiers L = A·C^-alpha per arm; bootstrap over budgets ({len(draws)} replicates)"
-           if low is not None else "power-law frontiers per arm; too few budgets for an interval")
-    rows, previous = [], None
-    for c in budgets:
-        m = multiplier(baseline, variant, c)
-        rows.append({"C": c, "baseline_loss": baseline[c], "variant_loss": variant[c], "multiplier": m,
-                     "crosses_1": previous is not None and (previous - 1) * (m - 1) < 0})
-        previous = m
-    return Measurement(f"compute multiplier at C = {top:.3g}", value, low, high, "x", how), rows
+def paired_by_seed(a, b, value: str = "loss") -> tuple[list[float], list[float]]:
+    """Two arms' values matched by their seed label (each seed present in both)."""
+    left = a.set_index("label_seed")[value] if "label_seed" in a else a[value].reset_index(drop=True)
+    right = b.set_index("label_seed")[value] if "label_seed" in b else b[value].reset_index(drop=True)
+    shared = sorted(set(left.index) & set(right.index))
+    return [float(left[s]) for s in shared], [float(right[s]) for s in shared]
 
 
 def within(m: Measurement, tolerance: float) -> str:
     """agree: the interval lies inside ±tolerance; disagree: it lies wholly outside;
-    inconclusive otherwise (or without an interval)."""
-    if m.value is None or m.low is None or m.high is None:
+    inconclusive otherwise (or without an interval, or with a caveat)."""
+    if not decidable(m):
         return "inconclusive"
     if -tolerance <= m.low and m.high <= tolerance:
         return "agree"
@@ -204,16 +160,9 @@ def within(m: Measurement, tolerance: float) -> str:
     return "inconclusive"
 
 
-def tuned(frame, by: list[str], lr: str = "peak_lr", loss: str = "loss"):
-    """For each cell of `by`, the rows at the learning rate whose seed-mean loss is lowest."""
-    means = frame.groupby(by + [lr], dropna=False)[loss].mean().reset_index()
-    best = means.loc[means.groupby(by, dropna=False)[loss].idxmin(), by + [lr]]
-    return frame.merge(best, on=by + [lr])
-
-
 def at_most(m: Measurement, tolerance: float) -> str:
     """One-sided: agree when the whole interval is <= tolerance, disagree when it is all above."""
-    if m.value is None or m.low is None or m.high is None:
+    if not decidable(m):
         return "inconclusive"
     if m.high <= tolerance:
         return "agree"

@@ -152,6 +152,9 @@ def report(out: str | Path, imports: list[str] | tuple[str, ...] = ()) -> dict[s
     context = Context(out, size, sweep_dirs(out))
     analysis: Analysis = study.analyse(context)
     verdict, why = study.verdict(analysis)
+    caveats = [f"{m.name}: {m.caveat}" for m in [analysis.headline, *analysis.more] if m.caveat]
+    if caveats:
+        why += "; no rule may decide on " + "; ".join(caveats)
     headline = verdict
     if size == "tiny":
         headline = "inconclusive (tiny)"
@@ -159,7 +162,7 @@ def report(out: str | Path, imports: list[str] | tuple[str, ...] = ()) -> dict[s
     runs, wall = _run_walls(out / "sweep")
     figures = {
         "study": study.name, "version": study.version, "size": size, "paper": study.paper,
-        "claim": study.claim, "measured": analysis.headline.as_dict(),
+        "claim": study.claim, "changes": study.changes, "measured": analysis.headline.as_dict(),
         "more": [m.as_dict() for m in analysis.more], "verdict": headline, "rule_verdict": verdict,
         "why": why, "caveat": study.caveat, "runs": runs, "runs_wall_s": round(wall, 2),
         "invocations": meta.get("invocations", []), "tables": analysis.tables,
@@ -281,6 +284,7 @@ def render(f: dict[str, Any]) -> str:
         f"# Study `{f['study']}` (v{f['version']}, size {f['size']})", "",
         f"**Paper.** {f['paper']}", "",
         f"**Claim.** {f['claim']}", "",
+        *([f"**Changed since v{f['version'] - 1}.** {f['changes']}", ""] if f.get("changes") else []),
         f"**Measured.** {text(f['measured'])}", "",
         *[f"- {text(m)}" for m in f["more"]], "",
         f"**Verdict: {f['verdict']}.** {f['why']}", "",

@@ -9,6 +9,18 @@ from testbed.errors import TestbedError
 from testbed.rundir import write_json_atomic
 
 
+def vary_data_order(spec: dict[str, Any]) -> dict[str, Any]:
+    """The sweep with `data.seed` following `train.seed` wherever the seed is an axis and the
+    sweep does not set the data order itself: a study's seeds then vary the data order as well as
+    the initialisation, so its intervals hold the data-order variance too (often the larger part
+    at small scale)."""
+    axes = {**(spec.get("grid") or {}), **(spec.get("zip") or {})}
+    derived = spec.get("derived") or {}
+    if "train.seed" not in axes or "data.seed" in axes or "data.seed" in derived:
+        return spec
+    return {**spec, "derived": {"data.seed": "train.seed", **derived}}
+
+
 def run_sweep(out: Path, spec: dict[str, Any], workers: int = 1, progress: bool = False,
               log=print, servers: Any = None) -> Path:
     """Train every run of one sweep mapping not yet done, in OUT/sweep/NAME; returns that folder.
@@ -17,7 +29,7 @@ def run_sweep(out: Path, spec: dict[str, Any], workers: int = 1, progress: bool 
     from testbed.sweep.registry import Registry
     from testbed.sweep.spec import load_sweep
 
-    sweep = load_sweep(spec)
+    sweep = load_sweep(vary_data_order(spec))
     folder = out / "sweep" / sweep.name
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / "sweep.json"

@@ -4,14 +4,18 @@ Copy this file, change `KEY, BASELINE, VARIANT` to your registered part (docs/ab
 the claim, and run it with `testbed study run NAME --import your_module`. Both arms train a
 ladder of four model sizes, each size at a compute budget of its own and each arm at its own
 tuned LR; the report gives the variant's compute multiplier (how much more compute the baseline
-needs for the same loss) with a bootstrap interval, and the budgets where the frontiers cross.
+needs for the same loss), paired by budget, with its interval (testbed.stats.curves).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from testbed.study.base import Analysis, Context, Study, compute_multiplier, figure, register, relative_gap, tuned
+import numpy as np
+
+from testbed.stats import relative_gap, seed_noise
+from testbed.stats.curves import compute_multiplier
+from testbed.study.base import Analysis, Context, Study, choose, decidable, figure, measured, paired_by_seed, register
 from testbed.study.recipes import BATCH, base, tiny_text
 
 KEY, BASELINE, VARIANT = "model.norm_placement", "pre", "peri"
@@ -39,21 +43,37 @@ def sweeps(size: str) -> list[dict[str, Any]]:
 def analyse(ctx: Context) -> Analysis:
     finals = ctx.finals("ablation")
     arm = "label_" + KEY.rsplit(".", 1)[1]
-    best = tuned(finals, [arm, "label_budget"])  # each arm at each budget at its tuned LR
-    frontier = {name: {float(r["C"]): float(r["loss"]) for _, r in best.loc[best[arm] == name].iterrows()}
-                for name in (BASELINE, VARIANT)}
-    multiplier, rows = compute_multiplier(frontier[BASELINE], frontier[VARIANT])
-    multiplier.name = f"{VARIANT} compute multiplier over {BASELINE}, " + multiplier.name.split(", ")[-1]
-    more = []
-    for budget, g in best.groupby("label_budget"):
-        gap = relative_gap(g.loc[g[arm] == VARIANT, "loss"].tolist(), g.loc[g[arm] == BASELINE, "loss"].tolist())
-        gap.name = f"relative loss gap {VARIANT} − {BASELINE} at C = {budget:.3g}"
-        more.append(gap)
-    for row, (_, g) in zip(rows, best.groupby("label_budget")):
-        row["d_model"] = int(g["width"].iloc[0])
-        row.update({f"{name}_lr": float(g.loc[g[arm] == name, "peak_lr"].iloc[0]) for name in (BASELINE, VARIANT)})
-    return Analysis(multiplier, more, {"frontiers": rows, "spikes": _spikes(finals, arm)}, [_plot(ctx, rows)],
-                    [f"agree: the multiplier's interval lies above 1 ({VARIANT} needs less compute)"])
+    choice = choose(finals, [arm, "label_budget"])  # each arm at each budget at its own LR
+    best = choice.rows
+    budgets = sorted(set(best["label_budget"]))
+    means = best.groupby([arm, "label_budget"])["loss"].mean()
+    losses = {name: [float(means[(name, b)]) for b in budgets] for name in (BASELINE, VARIANT)}
+    compute = [float(best.loc[best["label_budget"] == b, "C"].mean()) for b in budgets]
+    result = compute_multiplier(compute, losses[BASELINE], losses[VARIANT])
+    multiplier = measured(f"{VARIANT} compute multiplier over {BASELINE}", result.estimate, "x", choice.edges())
+    trend = measured(f"trend of the log-loss offset {VARIANT} − {BASELINE} per unit log C", result.trend)
+    pairs = {b: paired_by_seed(best[(best[arm] == VARIANT) & (best["label_budget"] == b)],
+                               best[(best[arm] == BASELINE) & (best["label_budget"] == b)]) for b in budgets}
+    noise = seed_noise([[x - y for x, y in zip(*map(_logs, pair))] for pair in pairs.values()], log=False)
+    more = [trend]
+    for b in budgets:
+        gap = relative_gap(*pairs[b], noise, paired=True)
+        more.append(measured(f"relative loss gap {VARIANT} − {BASELINE} at C = {b:.3g}", gap,
+                             caveats=choice.edges({"label_budget": b})))
+    rows = []
+    for row, b in zip(result.per_budget, budgets):
+        g = best[best["label_budget"] == b]
+        row.update(budget=b, d_model=int(g["width"].iloc[0]))
+        row.update({f"{name}_lr": float(choice.cells.loc[(choice.cells[arm] == name) & (choice.cells["label_budget"] == b),
+                                                           "lr"].iloc[0]) for name in (BASELINE, VARIANT)})
+        rows.append(row)
+    notes = [f"agree: the multiplier's interval lies above 1 ({VARIANT} needs less compute)",
+             f"learning rates: {choice.method}"]
+    return Analysis(multiplier, more, {"frontiers": rows, "spikes": _spikes(finals, arm)}, [_plot(ctx, rows)], notes)
+
+
+def _logs(values) -> np.ndarray:
+    return np.log(np.asarray(values, float))
 
 
 def _spikes(finals, arm: str) -> list[dict[str, Any]]:
@@ -78,8 +98,8 @@ def _plot(ctx: Context, rows: list[dict]) -> str:
 
 def verdict(analysis: Analysis) -> tuple[str, str]:
     m = analysis.headline
-    if m.low is None or m.high is None:
-        return "inconclusive", "no interval for the multiplier"
+    if not decidable(m):
+        return "inconclusive", "no interval for the multiplier, or a caveat on it"
     if m.low > 1:
         return "agree", f"{VARIANT} needs less compute across the whole interval"
     if m.high < 1:
@@ -88,7 +108,10 @@ def verdict(analysis: Analysis) -> tuple[str, str]:
 
 
 register(Study(
-    name="ablation", version=2,
+    name="ablation", version=3,
+    changes="statistics: the multiplier is paired by budget (the baseline's frontier and the variant's "
+            "log-loss offset) instead of a bootstrap over each arm's budgets; LRs at the edge of their grid "
+            "are named and no verdict rests on them.",
     paper="Kim et al. 2025, Peri-LN: Revisiting Layer Normalization in the Transformer Architecture",
     claim="Normalising each sublayer's input and output (Peri-LN) reaches a lower loss than Pre-LN at "
           "equal compute (a compute multiplier above 1) and trains more stably.",

@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from testbed.study.base import Analysis, Context, Measurement, Study, figure, register, tuned
+from testbed.stats.curves import IsoflopFit, isoflop_slope, parametric_bootstrap, percentile
+from testbed.study.base import Analysis, Context, Measurement, Study, choose, decidable, figure, measured, register
 from testbed.study.recipes import BATCH, base, ladder_corpus
 
 KAPLAN_A = 0.73
@@ -45,44 +46,45 @@ def sweeps(size: str) -> list[dict[str, Any]]:
              "labels": ["labels.budget", "model.d_model", "optim.lr"]}]
 
 
-def _approach(frame, number: int) -> tuple[float, float] | None:
-    """(a, b) by Approach 1 (the lowest-loss run per budget) or 2 (IsoFLOP parabolas); None when
-    the approach finds fewer than three budgets' minima."""
-    import warnings
+def _approach1(frame, joint: IsoflopFit | None, draws: int = 400) -> tuple[Measurement, Measurement]:
+    """a and b of Approach 1 (the lowest-loss run per budget, regressed on C), with a parametric
+    bootstrap: new losses drawn around the joint IsoFLOP fit with its residual SD, the lowest run
+    per budget picked again and the slope refitted (the design, each run's N and C, stays)."""
+    from testbed.fit.approaches import approach1
 
-    from testbed.fit.approaches import approach1, approach2
+    name = "Approach 1 (lowest-loss run per budget)"
+    n_bins = frame["label_budget"].nunique()
+    found = approach1(frame, n_bins=n_bins)
+    if found is None:
+        how = "fewer than three budgets"
+        return (Measurement(f"a in N_opt ∝ C^a, {name}", None, how=how),
+                Measurement(f"b in D_opt ∝ C^b, {name}", None, how=how))
+    a, b = float(found["a"]), float(found["b"])
+    if joint is None or joint.df < 1:
+        how = "no joint IsoFLOP fit to draw residuals from: no interval"
+        return (Measurement(f"a in N_opt ∝ C^a, {name}", a, how=how), Measurement(f"b in D_opt ∝ C^b, {name}", b, how=how))
+    fitted = _joint_prediction(frame, joint)
 
-    with warnings.catch_warnings():  # resampled budgets repeat sizes: ill-conditioned parabolas
-        warnings.simplefilter("ignore")
-        if number == 1:
-            result = approach1(frame, n_bins=frame["label_budget"].nunique())
-        else:
-            result = approach2(frame, min_points=3)
-    return None if result is None else (float(result["a"]), float(result["b"]))
+    def refit(y):
+        again = approach1(frame.assign(loss=y), n_bins=n_bins)
+        return None if again is None else (float(again["a"]), float(again["b"]))
+
+    values = np.array([r if r is not None else (np.nan, np.nan)
+                       for r in parametric_bootstrap(refit, fitted, joint.residual_sd, joint.df, draws)], float)
+    (a_low, a_high), (b_low, b_high) = percentile(values[:, 0]), percentile(values[:, 1])
+    how = (f"parametric bootstrap around the joint IsoFLOP fit ({draws} replicates); the minimum can only be "
+           "a sampled size")
+    return (Measurement(f"a in N_opt ∝ C^a, {name}", a, a_low, a_high, "", how),
+            Measurement(f"b in D_opt ∝ C^b, {name}", b, b_low, b_high, "", how))
 
 
-def _resampled(frame, number: int, draws: int = 400) -> tuple[Measurement, Measurement]:
-    """a and b of one approach with percentile intervals from resampling runs within budgets."""
-    found = _approach(frame, number)
-    rng = np.random.default_rng(0)
-    groups = [np.flatnonzero(frame["label_budget"].to_numpy() == budget) for budget in sorted(frame["label_budget"].unique())]
-    values = []
-    for _ in range(draws):
-        picked = np.concatenate([members[rng.integers(0, len(members), len(members))] for members in groups])
-        value = _approach(frame.iloc[picked], number)
-        if value is not None and all(np.isfinite(value)):
-            values.append(value)
-    name = {1: "Approach 1 (lowest-loss run per budget)", 2: "Approach 2 (IsoFLOP parabolas)"}[number]
-    how = f"bootstrap over runs within each budget ({len(values)} of {draws} replicates usable)"
-    if found is None or len(values) < draws // 4:
-        how = ("fewer than three budgets have a minimum inside the sampled sizes"
-               if found is None else f"only {len(values)} of {draws} replicates usable: no interval")
-        a = Measurement(f"a in N_opt ∝ C^a, {name}", found[0] if found else None, None, None, "", how)
-        b = Measurement(f"b in D_opt ∝ C^b, {name}", found[1] if found else None, None, None, "", how)
-        return a, b
-    low, high = np.percentile(np.array(values), [2.5, 97.5], axis=0)
-    return (Measurement(f"a in N_opt ∝ C^a, {name}", found[0], float(low[0]), float(high[0]), "", how),
-            Measurement(f"b in D_opt ∝ C^b, {name}", found[1], float(low[1]), float(high[1]), "", how))
+def _joint_prediction(frame, joint: IsoflopFit) -> np.ndarray:
+    budgets = np.log(frame["label_budget"].to_numpy(float))
+    index = np.searchsorted(joint.log_budgets, budgets - 1e-9)
+    centred = joint.log_budgets - joint.log_budgets.mean()
+    log_n = np.log(frame["N"].to_numpy(float))
+    return (joint.heights[index] + joint.curvatures[index]
+            * (log_n - joint.v0 - joint.a * centred[index]) ** 2)
 
 
 def _approach3(frame) -> tuple[Measurement, Measurement, dict[str, float]]:
@@ -101,9 +103,10 @@ def _approach3(frame) -> tuple[Measurement, Measurement, dict[str, float]]:
         return missing, Measurement(f"b in D_opt ∝ C^b, {name}", None, how=missing.how), {}
     summary = fitted.summary
     intervals = summary.get("intervals") or {}
-    how = "bootstrap over runs (200 refits)"
+    how = "the fitter's bootstrap (200 refits)"
     if fitted.result.at_bound:
-        how += f"; at a bound: {', '.join(fitted.result.at_bound)}"
+        # Exponents at a bound are not estimates: Approach 3 then informs but does not decide.
+        name += f", supplementary: at a bound ({', '.join(fitted.result.at_bound)})"
     out = []
     for key, symbol, what in (("a", "a", "N_opt ∝ C^a"), ("b", "b", "D_opt ∝ C^b")):
         band = intervals.get(key) or {}
@@ -114,55 +117,70 @@ def _approach3(frame) -> tuple[Measurement, Measurement, dict[str, float]]:
 
 def analyse(ctx: Context) -> Analysis:
     points = ctx.finals("chinchilla")
-    frame = tuned(points, ["label_budget", "width"])
-    frame = frame[["run_id", "N", "D", "C", "loss", "label_budget", "peak_lr"]].dropna().reset_index(drop=True)
-    a2, b2 = _resampled(frame, 2)
-    a1, b1 = _resampled(frame, 1)
+    choice = choose(points, ["label_budget", "width"])
+    frame = choice.rows[["run_id", "N", "D", "C", "loss", "label_budget", "peak_lr"]].dropna()
+    frame = frame.groupby(["label_budget", "N"], as_index=False).agg(
+        run_id=("run_id", "first"), D=("D", "mean"), C=("C", "mean"), loss=("loss", "mean"), peak_lr=("peak_lr", "first"))
+    estimate, joint, info = isoflop_slope(frame["N"], frame["loss"], frame["label_budget"])
+    a2 = measured("a in N_opt ∝ C^a, Approach 2 (joint IsoFLOP fit)", estimate, caveats=choice.edges())
+    # D = C / (6N) at fixed C: D_opt ∝ C^(1 − a), the same fit and interval reflected.
+    b2 = Measurement("b in D_opt ∝ C^b, Approach 2 (joint IsoFLOP fit)", None if a2.value is None else 1 - a2.value,
+                     None if a2.high is None else 1 - a2.high, None if a2.low is None else 1 - a2.low, "",
+                     "1 − a (D = C / 6N at each budget)", a2.caveat)
+    a1, b1 = _approach1(frame, joint)
     a3, b3, law = _approach3(frame)
-    # The headline is Approach 2 (the IsoFLOP design's own), else the first approach that measured a.
-    headline, *others = sorted([a2, a1, a3], key=lambda m: m.value is None)
     rows = [{"budget": float(bud), "N": float(r["N"]), "D": float(r["D"]), "C": float(r["C"]),
              "lr": float(r["peak_lr"]), "loss": float(r["loss"])}
             for bud, g in frame.groupby("label_budget") for _, r in g.sort_values("N").iterrows()]
-    tables = {"isoflop points": rows}
-    minima = _parabola_minima(frame)
-    if minima:
-        tables["Approach 2 minima"] = minima
-    notes = ["agree: every approach's interval of a holds 0.5 and excludes Kaplan's 0.73; disagree: "
-             "any excludes 0.5", "each (budget, size) at the better LR of its grid (the lr column)"]
+    tables: dict[str, list[dict]] = {"isoflop points": rows}
+    if joint is not None:
+        tables["IsoFLOP minima (joint fit)"] = _minima(frame, info)
+    tables["learning rates"] = [{"budget": r["label_budget"], "d_model": int(r["width"]), "lr": r["lr"],
+                                 "edge": r["edge"] or "inside"} for _, r in choice.cells.iterrows()]
+    notes = ["agree: every deciding approach's interval of a holds 0.5 and excludes Kaplan's 0.73; disagree: "
+             "any excludes 0.5", f"learning rates: {choice.method}"]
     if law:
         notes.append("Approach 3's fitted law: " + ", ".join(f"{k} = {v:.4g}" for k, v in law.items()))
-    return Analysis(headline, [*others, b2, b1, b3], tables, [_plot(ctx, rows)], notes)
+    # The headline is Approach 2 (the IsoFLOP design's own), else the first approach that measured a.
+    headline, *others = sorted([a2, a1, a3], key=lambda m: m.value is None)
+    return Analysis(headline, [*others, b2, b1, b3], tables, [_plot(ctx, rows, joint)], notes)
 
 
-def _parabola_minima(frame) -> list[dict]:
-    """Each budget's IsoFLOP vertex beside Chinchilla's ~20 tokens per parameter (C = 6·N·20·N),
-    the paper's other headline number, which a slope alone does not show."""
-    from testbed.fit.approaches import approach2
+def _minima(frame, info: dict) -> list[dict]:
+    """Each budget's vertex from the joint fit beside Chinchilla's ~20 tokens per parameter
+    (C = 6·N·20·N), the paper's other headline number, which a slope alone does not show."""
+    out = []
+    for budget, n_opt in zip(info["budgets"], info["vertices_N"]):
+        sizes = frame.loc[frame["label_budget"] == budget, "N"]
+        c = float(frame.loc[frame["label_budget"] == budget, "C"].mean())
+        out.append({"C": c, "N_opt": n_opt, "inside the sizes": bool(sizes.min() <= n_opt <= sizes.max()),
+                    "tokens per parameter": c / (6 * n_opt) / n_opt,
+                    "N at 20 tokens per parameter": (c / (6 * CHINCHILLA_TOKENS_PER_PARAMETER)) ** 0.5})
+    return out
 
-    result = approach2(frame, min_points=3)
-    if result is None:
-        return []
-    return [{"C": m["C"], "N_opt": m["N_opt"], "D_opt": m["D_opt"], "tokens per parameter": m["D_opt"] / m["N_opt"],
-             "N at 20 tokens per parameter": (m["C"] / (6 * CHINCHILLA_TOKENS_PER_PARAMETER)) ** 0.5}
-            for m in result["minima"]]
 
-
-def _plot(ctx: Context, rows: list[dict]) -> str:
+def _plot(ctx: Context, rows: list[dict], joint: IsoflopFit | None) -> str:
     with figure(ctx.out / "isoflop.png", "parameters N") as ax:
-        for budget in sorted({r["budget"] for r in rows}):
+        for j, budget in enumerate(sorted({r["budget"] for r in rows})):
             pts = [r for r in rows if r["budget"] == budget]
-            ax.plot([r["N"] for r in pts], [r["loss"] for r in pts], "o-", label=f"C = {budget:.0e}")
+            line = ax.plot([r["N"] for r in pts], [r["loss"] for r in pts], "o", label=f"C = {budget:.0e}")[0]
+            if joint is not None:  # the joint fit's parabola over the sampled sizes, its vertex marked
+                log_n = np.linspace(np.log(pts[0]["N"]), np.log(pts[-1]["N"]), 50)
+                centred = joint.log_budgets[j] - joint.log_budgets.mean()
+                curve = joint.heights[j] + joint.curvatures[j] * (log_n - joint.v0 - joint.a * centred) ** 2
+                ax.plot(np.exp(log_n), curve, "-", color=line.get_color(), linewidth=1)
+                ax.axvline(np.exp(joint.vertices[j]), color=line.get_color(), linestyle=":", linewidth=1)
     return "isoflop.png"
 
 
 def verdict(analysis: Analysis) -> tuple[str, str]:
     from testbed.study.base import combine
 
-    approaches = [analysis.headline, *[m for m in analysis.more if m.name.startswith("a in")]]
+    approaches = [m for m in [analysis.headline, *analysis.more]
+                  if m.name.startswith("a in") and "supplementary" not in m.name]
     parts = []
     for m in approaches:
-        if m.value is None or m.low is None or m.high is None:
+        if not decidable(m):
             parts.append("inconclusive")
         elif not m.low <= 0.5 <= m.high:
             parts.append("disagree")
@@ -175,7 +193,11 @@ def verdict(analysis: Analysis) -> tuple[str, str]:
 
 
 register(Study(
-    name="chinchilla", version=3,
+    name="chinchilla", version=4,
+    changes="statistics: Approach 2 is one joint fit over all budgets (vertex linear in log C) with a t "
+            "interval, where it was per-budget parabolas with a bootstrap that kept 185 of 400 replicates; "
+            "Approach 1 from a parametric bootstrap; Approach 3 only informs when its exponents sit at a bound; "
+            "LRs at a grid edge named.",
     paper="Hoffmann et al. 2022, Training Compute-Optimal Large Language Models (Approaches 1-3); "
           "Besiroglu et al. 2024, Chinchilla Scaling: A replication attempt",
     claim="Approaches 1, 2 and 3 agree: the compute-optimal model grows as N_opt ∝ C^a with a ≈ 0.5 "

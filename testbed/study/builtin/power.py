@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from testbed.study.base import Analysis, Context, Study, figure, register, relative_gap, tuned
+import numpy as np
+
+from testbed.stats import relative_gap, seed_noise
+from testbed.study.base import Analysis, Context, Study, choose, figure, measured, paired_by_seed, register
 from testbed.study.recipes import BATCH, base, seeds
 
 TOLERANCE = 0.01  # "near-optimal": at most 1% above cosine at its tuned LR, in every setting
@@ -52,21 +55,30 @@ def sweeps(size: str) -> list[dict[str, Any]]:
 
 def analyse(ctx: Context) -> Analysis:
     cells = ["batch_tokens", "planned_tokens"]
-    cos = tuned(ctx.finals("power-cosine"), cells)
+    choice = choose(ctx.finals("power-cosine"), cells)
+    cos = choice.rows
     pw = ctx.finals("power-power")
-    gaps, rows = [], []
+    # Power and cosine at one seed share its initialisation and data order: paired by seed.
+    pairs = {}
     for (batch, tokens), arm in pw.groupby(cells):
         ref = cos.loc[(cos["batch_tokens"] == batch) & (cos["planned_tokens"] == tokens)]
-        gap = relative_gap(arm["loss"].tolist(), ref["loss"].tolist())
-        gap.name = f"power − tuned cosine at batch {int(batch)} tokens, D={tokens:.3g}"
+        pairs[(batch, tokens)] = paired_by_seed(arm, ref)
+    noise = seed_noise([np.log(a) - np.log(b) for a, b in pairs.values()], log=False)
+    gaps, rows = [], []
+    for (batch, tokens), (a, b) in pairs.items():
+        gap = measured(f"power − tuned cosine at batch {int(batch)} tokens, D={tokens:.3g}",
+                       relative_gap(a, b, noise, paired=True),
+                       caveats=choice.edges({"batch_tokens": batch, "planned_tokens": tokens}))
         gaps.append(gap)
-        rows.append({"batch_tokens": int(batch), "tokens": int(tokens), "cosine_lr": float(ref["peak_lr"].iloc[0]),
-                     "cosine_loss": float(ref["loss"].mean()), "power_loss": float(arm["loss"].mean()),
+        lr = choice.cells.loc[(choice.cells["batch_tokens"] == batch) & (choice.cells["planned_tokens"] == tokens), "lr"]
+        rows.append({"batch_tokens": int(batch), "tokens": int(tokens), "cosine_lr": float(lr.iloc[0]),
+                     "cosine_loss": float(np.mean(b)), "power_loss": float(np.mean(a)),
                      "gap": gap.value, "gap_low": gap.low, "gap_high": gap.high})
     headline = max(gaps, key=lambda m: m.high if m.high is not None else m.value)
     notes = [f"power: a = {power_a(ctx.size):.4g}, b = {POWER_B}, cap {max(lrs(ctx.size)):g}, "
              f"1-sqrt decay over the last {DECAY:.0%}; cosine tuned over {lrs(ctx.size)} per setting",
-             f"tolerance: power at most {TOLERANCE:.0%} above tuned cosine in every setting"]
+             f"tolerance: power at most {TOLERANCE:.0%} above tuned cosine in every setting",
+             f"cosine's learning rates: {choice.method}"]
     return Analysis(headline, [g for g in gaps if g is not headline], {"settings": rows}, [_plot(ctx, rows)], notes)
 
 
@@ -91,7 +103,9 @@ def verdict(analysis: Analysis) -> tuple[str, str]:
 
 
 register(Study(
-    name="power", version=1,
+    name="power", version=2,
+    changes="statistics: gaps paired by seed (seeds now vary the data order too) with the seed noise pooled "
+            "over settings; cosine's LR cross-fitted between seeds and named where it sits at a grid edge.",
     paper="Shen et al. 2024, Power Scheduler: A Batch Size and Token Number Agnostic Learning Rate Scheduler",
     claim="One (a, b) of the power scheduler, lr = min(cap, batch·a·n^b), is near-optimal across batch "
           "sizes and training horizons without retuning, against cosine tuned per setting "

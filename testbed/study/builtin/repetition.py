@@ -6,7 +6,19 @@ from typing import Any
 
 import numpy as np
 
-from testbed.study.base import Analysis, Context, Measurement, Study, figure, register, relative_gap
+from testbed.stats import relative_gap, seed_noise
+from testbed.stats.curves import parametric_bootstrap, percentile
+from testbed.study.base import (
+    Analysis,
+    Context,
+    Measurement,
+    Study,
+    decidable,
+    figure,
+    measured,
+    paired_by_seed,
+    register,
+)
 from testbed.study.recipes import BATCH, base, seeds
 
 TOLERANCE = 0.01  # "negligible": repeated data within 1% of unique data up to 4 epochs
@@ -44,12 +56,13 @@ def analyse(ctx: Context) -> Analysis:
     ctl = ctx.finals("repetition-unique")
     u = float(rep["U"].iloc[0])
     gaps, rows = {}, []
-    for tokens in sorted(set(ctl["planned_tokens"])):
-        a = rep.loc[rep["planned_tokens"] == tokens, "loss"].tolist()
-        b = ctl.loc[ctl["planned_tokens"] == tokens, "loss"].tolist()
+    # Both arms at one seed share its initialisation: paired by seed, the noise pooled over epochs.
+    pairs = {tokens: paired_by_seed(rep[rep["planned_tokens"] == tokens], ctl[ctl["planned_tokens"] == tokens])
+             for tokens in sorted(set(ctl["planned_tokens"]))}
+    noise = seed_noise([np.log(a) - np.log(b) for a, b in pairs.values()], log=False)
+    for tokens, (a, b) in pairs.items():
         e = round(tokens / u)
-        gap = relative_gap(a, b)
-        gap.name = f"repeated − unique at {e} epochs"
+        gap = measured(f"repeated − unique at {e} epochs", relative_gap(a, b, noise, paired=True))
         gaps[e] = gap
         rows.append({"epochs": e, "tokens": int(tokens), "repeated_loss": sum(a) / len(a),
                      "unique_loss": sum(b) / len(b), "gap": gap.value, "gap_low": gap.low, "gap_high": gap.high})
@@ -96,6 +109,8 @@ def _fit_r_star(tokens: np.ndarray, unique: np.ndarray, loss: np.ndarray,
     from scipy.optimize import least_squares
 
     repeats, log_unique = np.maximum(tokens / unique - 1, 0.0), np.log(unique)
+    if not loss.min() > 2e-3:  # below E's own lower bound (a wild bootstrap draw): nothing to fit
+        return None
 
     def residual(p):
         return _law(p, log_unique, repeats) - loss
@@ -119,7 +134,8 @@ def _fit_r_star(tokens: np.ndarray, unique: np.ndarray, loss: np.ndarray,
 
 
 def _r_star(rep, ctl, draws: int = 200) -> tuple[Measurement, dict[str, float]]:
-    """R_D* fitted on every run of both arms, with a bootstrap over runs."""
+    """R_D* fitted on every run of both arms, with a parametric bootstrap of the residuals (the
+    design, each run's D and U, stays as it was run)."""
     import pandas as pd
 
     runs = pd.concat([rep.assign(unique=rep["U"].astype(float)),
@@ -129,17 +145,27 @@ def _r_star(rep, ctl, draws: int = 200) -> tuple[Measurement, dict[str, float]]:
     name = f"R_D* of the data-constrained law (paper: {PUBLISHED_R_STAR:.3g})"
     if found is None:
         return Measurement(name, None, how="the fit did not converge"), {}
-    rng = np.random.default_rng(0)
-    values = []
-    for _ in range(draws):
-        pick = rng.integers(0, len(runs), len(runs))
-        refit = _fit_r_star(*(c[pick] for c in columns), start=found)
-        if refit is not None:
-            values.append(refit["R_D*"])
-    low, high = (np.percentile(values, [2.5, 97.5]) if len(values) >= draws // 2 else (None, None))
-    how = f"least squares on every run of both arms; bootstrap over runs ({len(values)} of {draws} refits)"
-    return Measurement(name, found["R_D*"], None if low is None else float(low),
-                       None if high is None else float(high), "epochs", how), found
+    tokens, unique, loss = columns
+    log_params = np.log([found["E"], found["B"], found["beta"], found["R_D*"]])
+    fitted = _law(log_params, np.log(unique), np.maximum(tokens / unique - 1, 0.0))
+    df = len(loss) - 4
+    if df < 1:
+        return Measurement(name, found["R_D*"], how="as many parameters as runs: no interval", unit="epochs"), found
+    sd = float(np.sqrt(np.sum((loss - fitted) ** 2) / df))
+
+    def refit(y):
+        again = _fit_r_star(tokens, unique, y, start=found)
+        return None if again is None else again["R_D*"]
+
+    values = np.array([np.nan if v is None else v for v in parametric_bootstrap(refit, fitted, sd, df, draws)])
+    low, high = percentile(values)
+    failed = int(np.sum(~np.isfinite(values)))
+    # E is bounded by the lowest loss: a fit that presses against it has no floor of its own.
+    caveat = ("E at its bound (the lowest loss)" if found["E"] >= 0.999 * loss.min()
+              else "E at its lower bound" if found["E"] <= 1.001e-3 else "")
+    how = (f"least squares on every run of both arms; parametric bootstrap of the residuals ({draws} refits, "
+           f"{failed} failed and counted beyond the interval's ends)")
+    return Measurement(name, found["R_D*"], low, high, "epochs", how, caveat), found
 
 
 def _plot(ctx: Context, rows: list[dict]) -> str:
@@ -157,10 +183,10 @@ def verdict(analysis: Analysis) -> tuple[str, str]:
     last = gaps[-1] if gaps else None
     star = next((m for m in analysis.more if m.name.startswith("R_D*")), None)
     limit = FINITE_FACTOR * 15  # the cpu and gpu sizes repeat up to 16 epochs (15 repeats)
-    finite = ("inconclusive" if star is None or star.high is None
+    finite = ("inconclusive" if star is None or not decidable(star)
               else "agree" if star.high <= limit else "disagree" if star.low > limit else "inconclusive")
     # Diminishing returns: at the most epochs the repeated run is clearly worse.
-    beyond = ("inconclusive" if last is None or last.low is None
+    beyond = ("inconclusive" if last is None or not decidable(last)
               else "agree" if last.low > TOLERANCE else "disagree" if last.high <= TOLERANCE else "inconclusive")
     parts = f"up to 4 epochs: {four}; at the most epochs (repetition should hurt): {beyond}; R_D* finite: {finite}"
     if "disagree" in (four, beyond, finite):
@@ -171,7 +197,10 @@ def verdict(analysis: Analysis) -> tuple[str, str]:
 
 
 register(Study(
-    name="repetition", version=2,
+    name="repetition", version=3,
+    changes="statistics: gaps paired by seed (seeds now vary the data order too) with the seed noise pooled "
+            "over epochs; R_D*'s interval from a parametric bootstrap of the residuals instead of resampling "
+            "runs, and no verdict on it while E sits at its bound.",
     paper="Muennighoff et al. 2023, Scaling Data-Constrained Language Models",
     claim="Training up to ~4 epochs on repeated data is almost as good as unique data at the same "
           "token count; by 16 epochs the repeated tokens are worth clearly less; the data-constrained "

@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from testbed.study.base import Analysis, Context, Measurement, Study, bootstrap, figure, register, tuned
+from testbed.stats import seed_noise, spread
+from testbed.study.base import Analysis, Context, Study, choose, figure, measured, register
 from testbed.study.recipes import BATCH, base, seeds, width_for
 
 TOLERANCE = 0.03  # Kaplan et al.: a few percent across aspect ratios spanning a wide band
@@ -37,28 +38,25 @@ def sweeps(size: str) -> list[dict[str, Any]]:
 
 
 def analyse(ctx: Context) -> Analysis:
-    finals = tuned(ctx.finals("shape"), ["width", "depth"])
-    groups = {(int(w), int(d)): g["loss"].to_numpy(float)
-              for (w, d), g in finals.groupby(["width", "depth"])}
+    finals = ctx.finals("shape")
+    choice = choose(finals, ["width", "depth"])
+    chosen = choice.rows
+    groups = {(int(w), int(d)): g["loss"].to_numpy(float) for (w, d), g in chosen.groupby(["width", "depth"])}
     keys = sorted(groups, key=lambda k: k[0] / k[1])
-
-    def spread(*losses):
-        means = np.array([np.mean(x) for x in losses])
-        return float((means.max() - means.min()) / means.min())
-
-    value = spread(*(groups[k] for k in keys))
-    low, high = bootstrap([groups[k] for k in keys], spread)
-    how = "bootstrap over seeds within each shape" if low is not None else "one seed per shape: no interval"
+    # Seed noise from every shape at every LR: the variance between seeds does not depend on
+    # which LR was chosen, and pooling it gives the few seeds per shape an honest interval.
+    noise = seed_noise([g["loss"] for _, g in finals.groupby(["width", "depth", "peak_lr"])])
     ratios = [k[0] / k[1] for k in keys]
-    headline = Measurement(f"relative loss spread over aspect ratios d/L {min(ratios):.3g}–{max(ratios):.3g}",
-                           value, low, high, "", how)
+    headline = measured(f"relative loss spread over aspect ratios d/L {min(ratios):.3g}–{max(ratios):.3g}",
+                        spread([groups[k] for k in keys], noise), caveats=choice.edges())
+    cells = choice.cells.set_index(["width", "depth"])
     rows = [{"d_model": k[0], "n_layers": k[1], "aspect": k[0] / k[1],
              "N_non_embedding": float(finals.loc[(finals["width"] == k[0]) & (finals["depth"] == k[1]),
                                                  "N_non_embedding"].iloc[0]),
-             "lr": float(finals.loc[(finals["width"] == k[0]) & (finals["depth"] == k[1]), "peak_lr"].iloc[0]),
-             "loss": float(groups[k].mean()), "seeds": len(groups[k])} for k in keys]
+             "lr": float(cells.loc[k, "lr"]), "lr_edge": cells.loc[k, "edge"] or "inside",
+             "loss": float(np.exp(np.log(groups[k]).mean())), "seeds": len(groups[k])} for k in keys]
     return Analysis(headline, [], {"shapes": rows}, [_plot(ctx, rows)],
-                    [f"tolerance: spread at most {TOLERANCE:.0%}"])
+                    [f"tolerance: spread at most {TOLERANCE:.0%}", f"learning rates: {choice.method}"])
 
 
 def _plot(ctx: Context, rows: list[dict]) -> str:
@@ -78,7 +76,10 @@ def verdict(analysis: Analysis) -> tuple[str, str]:
 
 
 register(Study(
-    name="shape", version=2,
+    name="shape", version=3,
+    changes="statistics: seeds vary the data order too; the spread's interval comes from the seed noise "
+            "pooled over every shape and LR (was: a bootstrap of two seeds); LRs cross-fitted between seeds, "
+            "and those at the edge of their grid named.",
     paper="Kaplan et al. 2020, Scaling Laws for Neural Language Models (Fig. 5)",
     claim="At a fixed number of non-embedding parameters, loss depends only weakly on the shape: "
           "width vs depth changes it by a few percent across a wide band of aspect ratios.",

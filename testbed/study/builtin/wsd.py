@@ -4,7 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from testbed.study.base import Analysis, Context, Measurement, Study, figure, register, relative_gap, tuned
+import numpy as np
+
+from testbed.stats import relative_gap, seed_noise
+from testbed.study.base import (
+    Analysis,
+    Context,
+    Measurement,
+    Study,
+    choose,
+    decidable,
+    figure,
+    measured,
+    paired_by_seed,
+    register,
+)
 from testbed.study.recipes import BATCH, base, seeds, with_schedule
 
 TOLERANCE = 0.01  # WSD may be at most 1% above cosine, at its own tuned learning rate
@@ -66,8 +80,8 @@ def extra(ctx: Context, options: dict[str, Any]) -> None:
     from testbed.study.sweeps import run_sweep
     from testbed.train.branch import branch
 
-    arm = tuned(ctx.finals("wsd-wsd"), ["planned_tokens"])
-    lr = float(arm.loc[arm["planned_tokens"] == arm["planned_tokens"].max(), "peak_lr"].iloc[0])
+    cells = choose(ctx.finals("wsd-wsd"), ["planned_tokens"]).cells
+    lr = float(cells.loc[cells["planned_tokens"] == cells["planned_tokens"].max(), "lr"].iloc[0])
     folder = run_sweep(ctx.out, long_sweep(ctx.size, lr), workers=options.get("workers", 1),
                        servers=options.get("servers"))
     ctx.sweep_dirs["wsd-long"] = folder
@@ -80,56 +94,76 @@ def extra(ctx: Context, options: dict[str, Any]) -> None:
                 branch(parent, step, DECAY, shape)
 
 
+def _log_ratios(pairs) -> list[np.ndarray]:
+    return [np.log(np.asarray(a, float)) - np.log(np.asarray(b, float)) for a, b in pairs]
+
+
 def analyse(ctx: Context) -> Analysis:
     import pandas as pd
 
-    cells = ["planned_tokens"]
-    cos = tuned(ctx.finals("wsd-cosine"), cells)
-    wsd = tuned(ctx.finals("wsd-wsd"), cells)
+    cos_choice = choose(ctx.finals("wsd-cosine"), ["planned_tokens"])
+    wsd_choice = choose(ctx.finals("wsd-wsd"), ["planned_tokens"])
+    cos, wsd = cos_choice.rows, wsd_choice.rows
+    durations = sorted(set(cos["planned_tokens"]) & set(wsd["planned_tokens"]))
+    # Both arms at one seed share its initialisation and data order: the gap is paired by seed,
+    # and the variance of the per-seed log ratio is pooled over the durations.
+    pairs = {t: paired_by_seed(wsd[wsd["planned_tokens"] == t], cos[cos["planned_tokens"] == t]) for t in durations}
+    noise = seed_noise(_log_ratios(pairs.values()), log=False)
     rows, gaps = [], []
-    for tokens in sorted(set(cos["planned_tokens"]) & set(wsd["planned_tokens"])):
-        a = wsd.loc[wsd["planned_tokens"] == tokens]
-        b = cos.loc[cos["planned_tokens"] == tokens]
-        gap = relative_gap(a["loss"].tolist(), b["loss"].tolist())
-        gap.name = f"WSD vs cosine at D={tokens:.3g}"
+    for tokens in durations:
+        edges = cos_choice.edges({"planned_tokens": tokens}) + wsd_choice.edges({"planned_tokens": tokens})
+        gap = measured(f"WSD vs cosine at D={tokens:.3g}", relative_gap(*pairs[tokens], noise, paired=True),
+                       caveats=edges)
         gaps.append(gap)
-        rows.append({"tokens": int(tokens), "cosine_lr": float(b["peak_lr"].iloc[0]),
-                     "cosine_loss": float(b["loss"].mean()), "wsd_lr": float(a["peak_lr"].iloc[0]),
-                     "wsd_loss": float(a["loss"].mean()), "gap": gap.value, "gap_low": gap.low,
-                     "gap_high": gap.high})
+        lr = {name: float(c.cells.loc[c.cells["planned_tokens"] == tokens, "lr"].iloc[0])
+              for name, c in (("cosine", cos_choice), ("wsd", wsd_choice))}
+        rows.append({"tokens": int(tokens), "cosine_lr": lr["cosine"], "cosine_loss": float(np.mean(pairs[tokens][1])),
+                     "wsd_lr": lr["wsd"], "wsd_loss": float(np.mean(pairs[tokens][0])), "gap": gap.value,
+                     "gap_low": gap.low, "gap_high": gap.high})
     worst = max(gaps, key=lambda m: m.high if m.high is not None else m.value)
     headline = Measurement(f"largest relative loss gap WSD − cosine ({worst.name.split(' at ')[1]})",
-                           worst.value, worst.low, worst.high, "", worst.how)
+                           worst.value, worst.low, worst.high, "", worst.how, worst.caveat)
     more = [g for g in gaps if g is not worst]
-    branch_rows = []
-    shape_rows = []
+    branch_rows: list[dict[str, Any]] = []
+    shape_rows: list[dict[str, Any]] = []
     if "wsd-long" in ctx.sweep_dirs and ctx.sweep_dirs["wsd-long"].is_dir():
         every = ctx.finals("wsd-long")
+        # Only the branches: the long run's own end is the longest WSD arm itself, a comparison
+        # that cannot fail.
+        every = every[every["run_dir"].astype(str).str.contains("/branches/")]
+        every = every.assign(parent=every["run_dir"].astype(str).str.rsplit("/branches/", n=1).str[0])
         linear = every["run_dir"].astype(str).str.endswith("_linear")
-        points = every[~linear]
-        for tokens in sorted(set(every.loc[linear, "D"])):  # 1-sqrt against linear, branch for branch
-            a = points.loc[points["D"] == tokens, "loss"].tolist()
-            b = every.loc[linear & (every["D"] == tokens), "loss"].tolist()
-            gap = relative_gap(a, b)
-            gap.name = f"1-sqrt vs linear cooldown branch at D={tokens:.3g}"
+        sqrt = every[~linear]
+        shape_pairs = {}
+        for tokens in sorted(set(every.loc[linear, "D"])):  # 1-sqrt against linear, paired by parent
+            a = sqrt[sqrt["D"] == tokens].set_index("parent")["loss"]
+            b = every[linear & (every["D"] == tokens)].set_index("parent")["loss"]
+            shared = sorted(set(a.index) & set(b.index))
+            shape_pairs[tokens] = ([float(a[p]) for p in shared], [float(b[p]) for p in shared])
+        shape_noise = seed_noise(_log_ratios(shape_pairs.values()), log=False)
+        for tokens, (a, b) in shape_pairs.items():
+            gap = measured(f"1-sqrt vs linear cooldown branch at D={tokens:.3g}",
+                           relative_gap(a, b, shape_noise, paired=True))
             more.append(gap)
-            shape_rows.append({"tokens": int(tokens), "sqrt_loss": sum(a) / len(a), "linear_loss": sum(b) / len(b),
+            shape_rows.append({"tokens": int(tokens), "sqrt_loss": float(np.mean(a)), "linear_loss": float(np.mean(b)),
                                "gap": gap.value, "gap_low": gap.low, "gap_high": gap.high})
-        for tokens in sorted(set(points["D"])):
-            br = points.loc[points["D"] == tokens]
+        branch_pairs = {}
+        for tokens in sorted(set(sqrt["D"])):
             arm = wsd.loc[(wsd["planned_tokens"] - tokens).abs() <= BATCH[ctx.size]]
-            if arm.empty:
-                continue
-            gap = relative_gap(br["loss"].tolist(), arm["loss"].tolist())
-            gap.name = f"branch vs separate WSD run at D={tokens:.3g}"
+            if not arm.empty:
+                branch_pairs[tokens] = (paired_by_seed(sqrt[sqrt["D"] == tokens], arm), arm)
+        branch_noise = seed_noise(_log_ratios(p for p, _ in branch_pairs.values()), log=False)
+        for tokens, ((a, b), arm) in branch_pairs.items():
+            gap = measured(f"branch vs separate WSD run at D={tokens:.3g}", relative_gap(a, b, branch_noise, paired=True),
+                           caveats=wsd_choice.edges({"planned_tokens": arm["planned_tokens"].iloc[0]}))
             more.append(gap)
-            branch_rows.append({"tokens": int(tokens), "kind": ",".join(sorted(set(br["point_kind"]))),
-                                "branch_loss": float(br["loss"].mean()), "wsd_run_loss": float(arm["loss"].mean()),
+            branch_rows.append({"tokens": int(tokens), "branch_loss": float(np.mean(a)), "wsd_run_loss": float(np.mean(b)),
                                 "gap": gap.value, "gap_low": gap.low, "gap_high": gap.high})
     plots = [_plot(ctx, pd.DataFrame(rows), pd.DataFrame(branch_rows))]
     return Analysis(headline, more, {"tuned arms": rows, "branches": branch_rows, "cooldown shapes": shape_rows},
                     plots, [f"tolerance: WSD at most {TOLERANCE:.0%} above cosine; branches within ±{TOLERANCE:.0%}; "
-                            "1-sqrt branches below linear ones (interval under 0)"])
+                            "1-sqrt branches below linear ones (interval under 0)",
+                            f"learning rates: {cos_choice.method}"])
 
 
 def _plot(ctx: Context, arms, branches) -> str:
@@ -143,7 +177,7 @@ def _plot(ctx: Context, arms, branches) -> str:
 
 def below_zero(m: Measurement) -> str:
     """1-sqrt beats linear: agree when the whole interval of the gap is below 0, disagree when above."""
-    if m.value is None or m.low is None or m.high is None:
+    if not decidable(m):
         return "inconclusive"
     return "agree" if m.high < 0 else "disagree" if m.low > 0 else "inconclusive"
 
@@ -165,7 +199,10 @@ def verdict(analysis: Analysis) -> tuple[str, str]:
 
 
 register(Study(
-    name="wsd", version=1,
+    name="wsd", version=2,
+    changes="statistics: gaps paired by seed (seeds now vary the data order too) with the seed noise pooled "
+            "over durations, LRs cross-fitted between seeds and named at a grid edge; the longest duration's "
+            "branch check, which compared the long run with a run identical to it, is gone.",
     paper="Hägele et al. 2024, Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations",
     claim="A constant LR with a 1-sqrt cooldown over the last 20% (WSD) matches cosine at every training "
           "duration, each at its own tuned LR; cooldown branches of one long WSD run trace the same frontier; "
