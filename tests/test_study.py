@@ -109,6 +109,12 @@ def _check_report(out: Path, name: str):
     return figures
 
 
+def wsd_durations(size):
+    from testbed.study.builtin.wsd import durations
+
+    return durations(size)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", STUDIES)
 def test_tiny_run_and_report(tmp_path, name, monkeypatch):
@@ -130,7 +136,11 @@ def test_tiny_run_and_report(tmp_path, name, monkeypatch):
                                 .read_text())["model"]["merges"] for v in (300, 512)}
         assert merges[300] == merges[512][:300 - 257]
     if name == "wsd":  # cooldown branches of the long run are part of the report
-        assert any("branch" in m["name"] for m in json.loads((out / "figures.json").read_text())["more"])
+        more = json.loads((out / "figures.json").read_text())["more"]
+        assert any("branch" in m["name"] for m in more)
+        # only real branches: the long run's own end is the longest WSD arm, a check that cannot fail
+        longest = max(wsd_durations("tiny"))
+        assert all(float(m["name"].rsplit("D=", 1)[1]) < longest for m in more if m["name"].startswith("branch"))
         # study report re-analyses without training: no run directory changes, no run starts
         before = {p: p.stat().st_mtime_ns for p in out.rglob("status.json")}
         again = cli("study", "report", str(out))
@@ -317,3 +327,36 @@ def test_repetition_recovers_a_known_r_star():
     assert abs(found["beta"] - 0.3) < 0.05 and abs(found["E"] - 2.0) < 0.1, found
     unlimited = _fit_r_star(tokens, unique, 2.0 + 60.0 * tokens ** -0.3 + noise)
     assert unlimited["R_D*"] > 150, unlimited
+
+
+def test_study_seeds_vary_the_data_order():
+    """Wherever a study's sweep has train.seed as an axis, data.seed follows it; a sweep that
+    sets the data order itself keeps it."""
+    from testbed.study.builtin import wsd
+    from testbed.study.sweeps import vary_data_order
+    from testbed.sweep.spec import load_sweep
+
+    runs = load_sweep(vary_data_order(wsd.sweeps("tiny")[0])).runs
+    assert all(r.config.data.seed == r.config.train.seed for r in runs)
+    spec = {"name": "s", "base": wsd.sweeps("tiny")[0]["base"],
+            "grid": {"train.seed": [3, 4], "train.tokens": [4096]}}
+    seeds = {(r.config.train.seed, r.config.data.seed) for r in load_sweep(vary_data_order(spec)).runs}
+    assert seeds == {(3, 3), (4, 4)}
+    fixed = {**spec, "derived": {"data.seed": 7}}
+    assert {r.config.data.seed for r in load_sweep(vary_data_order(fixed)).runs} == {7}
+
+
+def test_no_rule_decides_on_a_caveat():
+    """A figure resting on an LR at the edge of its grid (or an optimum outside the sampled range)
+    leaves every rule inconclusive, however far its interval lies from the tolerance."""
+    from testbed.study.base import Measurement, at_most, within
+    from testbed.study.builtin import ablation
+
+    clear = Measurement("gap", 0.10, 0.08, 0.12)
+    edged = Measurement("gap", 0.10, 0.08, 0.12, caveat="LR 0.012 is the highest of its grid")
+    assert at_most(clear, 0.01) == "disagree" and within(clear, 0.01) == "disagree"
+    assert at_most(edged, 0.01) == "inconclusive" and within(edged, 0.01) == "inconclusive"
+    below = Measurement("multiplier", 0.65, 0.5, 0.8, "x")
+    assert ablation.verdict(type("A", (), {"headline": below})())[0] == "disagree"
+    below.caveat = "LR 0.012 is the highest of its grid"
+    assert ablation.verdict(type("A", (), {"headline": below})())[0] == "inconclusive"
