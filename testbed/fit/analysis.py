@@ -7,19 +7,29 @@ and fitted objects the plots need.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from testbed.errors import TestbedError
+from testbed.fit import guards
 from testbed.fit import holdout as holdout_mod
 from testbed.fit import rules as rules_mod
 from testbed.fit.datacon import clip_unique as clip_unique_tokens
 from testbed.fit.estimate import FitResult, fit
 from testbed.fit.laws import Law, get_law, law_inputs, needed_columns
-from testbed.fit.options import Analysis, FitOptions, constraints_for, default_budgets, objective_settings  # noqa: F401
-from testbed.fit.table import Points, load_points
+from testbed.fit.options import (  # noqa: F401
+    ENTROPY_COLUMN,
+    Analysis,
+    FitOptions,
+    constraints_for,
+    data_entropy,
+    default_budgets,
+    objective_settings,
+)
+from testbed.fit.table import Points, load_points, points_line
 
 AXIS_WORDS = {"N": "the largest model sizes", "D": "the largest token counts", "C": "the largest compute",
               "late": "the latest checkpoints"}
@@ -43,7 +53,7 @@ def apply_where(points: Points, rules: str | list[str] | None) -> Points:
     dropped = dict(points.dropped)
     if (~held).any():
         dropped[f"not matching --where {' and '.join(rules)}"] = int((~held).sum())
-    return Points(points.frame[held].reset_index(drop=True), dropped, points.warnings, points.run_column)
+    return Points(points.frame[held].reset_index(drop=True), dropped, points.warnings, points.run_column, points.rows)
 
 
 def apply_fractions(frame: pd.DataFrame, options: FitOptions, dropped: dict) -> pd.DataFrame:
@@ -125,36 +135,87 @@ def fitted_floor(law: Law, frame: pd.DataFrame, options: FitOptions) -> tuple[fl
 
 
 def variant_constraints(law: Law, frame: pd.DataFrame, variant: str, fix: dict,
-                        options: FitOptions | None = None) -> tuple[dict, str | None]:
+                        options: FitOptions | None = None, floor: float | None = None,
+                        bounds: dict | None = None) -> tuple[dict, str | None]:
     """(fixed values, why the variant cannot be tried or None). With `options` (--variant auto),
-    an E that neither --fix nor the data's entropy gives is fitted as a floor (`fitted_floor`)."""
+    an E that neither --fix nor the data's entropy gives is fitted as a floor (`fitted_floor`).
+    `fixed["E_source"]` says where a fixed E came from. A fixed value below the law's bound for
+    it (`bounds`: --bounds, else the law's), or an E below the data's entropy (`floor`), is a
+    reason not to try the variant."""
     fixed = constraints_for(law, frame, variant, fix)
-    if options is not None and "E" in law.variant(variant).fixed and "E" not in fixed:
-        floor, how = fitted_floor(law, frame, options)
-        if floor is not None:
+    if "E" in law.variant(variant).fixed:
+        if "E" in fix:
+            fixed["E_source"] = f"--fix E={fix['E']:g}"
+        elif floor is not None:
             fixed["E"] = floor
-            fixed["E_source"] = how  # type: ignore[assignment]
+            fixed["E_source"] = f"the data's entropy ({ENTROPY_COLUMN} column)"
+        elif "E" in fixed:  # constraints_for found an entropy that `floor` was not given for
+            fixed.pop("E")
+    if options is not None and "E" in law.variant(variant).fixed and "E" not in fixed:
+        floor_fit, how = fitted_floor(law, frame, options)
+        if floor_fit is not None:
+            fixed["E"] = floor_fit
+            fixed["E_source"] = how
     missing = [name for name in law.variant(variant).fixed if name not in fixed]
     if missing:
         return fixed, (f"no value for {', '.join(missing)}: pass --fix {missing[0]}=VALUE or use runs that "
                        f"record data_entropy" + (" (a floor could not be fitted)" if options is not None else ""))
+    values = {k: v for k, v in fixed.items() if k != "E_source"}
+    problem = guards.fixed_floor_problem(law, values, bounds or {}, floor,
+                                         fitted=str(fixed.get("E_source", "")).startswith("fitted floor"))
+    if problem:
+        return fixed, f"{problem} ({fixed.get('E_source', 'fixed')})"
     return fixed, None
 
 
-def select_variant(law: Law, frame: pd.DataFrame, options: FitOptions, axis: str = "C") -> tuple[str, dict]:
-    """Fit every variant the data allow on `frame` less its extreme runs along `axis` (the axis
-    of the outer holdout) and keep the one that predicts those best; simpler variants win ties
+def inner_split(train_all: pd.DataFrame, axis: str, options: FitOptions) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """(rows to fit, rows to score, what was done) for --variant auto: the outer protocol again,
+    inside the training runs. Along N, D or C the largest training runs are held out; the rest
+    are fitted up to --train-until of each run, and the held-out ones scored past --score-after,
+    as the outer fit and score are. So a target scored late in its run is chosen for on late
+    points, not on the early points that were fitted. `train_all` is the training runs before
+    --train-until cut them: the inner held-out runs' later checkpoints are scored, never fitted."""
+    def upto(part: pd.DataFrame) -> pd.DataFrame:
+        if options.train_until is None:
+            return part
+        return part[part["run_fraction"].to_numpy(float) <= options.train_until + 1e-9]
+
+    notes = []
+    if axis == "late":  # late checkpoints of the same runs: the latest of the fitted ones
+        base = upto(train_all)
+        inner = holdout_mod.inner_mask(base, "late")
+        return base[~inner], base[inner], ""
+    inner = holdout_mod.inner_mask(train_all, axis)
+    fitted, scored = upto(train_all[~inner]), train_all[inner]
+    if options.train_until is not None:
+        notes.append(f"fitted up to {options.train_until:.0%} of each run")
+    if options.score_after is not None:
+        late = scored[scored["run_fraction"].to_numpy(float) >= options.score_after - 1e-9]
+        if len(late):
+            scored = late
+            notes.append(f"scored past {options.score_after:.0%} of each run")
+        else:
+            scored = upto(scored)
+            notes.append(f"scored on their checkpoints up to {options.train_until or 1:.0%}: none lies past "
+                         f"--score-after {options.score_after:.0%}")
+    return fitted, scored, ("; " + "; ".join(notes)) if notes else ""
+
+
+def select_variant(law: Law, train_all: pd.DataFrame, options: FitOptions, axis: str = "C",
+                   floor: float | None = None) -> tuple[str, dict]:
+    """Fit every variant the data allow on the training runs less their extreme runs along
+    `axis` (the axis of the outer holdout), with the outer --train-until and --score-after
+    (`inner_split`), and keep the one that predicts those best; simpler variants win ties
     within PARSIMONY. Returns (variant, record for fit.json)."""
     try:
-        inner = holdout_mod.inner_mask(frame, axis)
+        train, valid, notes = inner_split(train_all, axis, options)
     except TestbedError as err:
         raise TestbedError(f"--variant auto cannot hold out {AXIS_WORDS[axis]} inside the training data ({err}); "
                            f"pass --variant free or tied.") from None
-    train, valid = frame[~inner], frame[inner]
     errors: dict[str, dict] = {}
     for spec in law.variants:
         # A fitted floor comes from the inner training runs only, like every other parameter.
-        fixed, why_not = variant_constraints(law, train, spec.name, options.fix, options)
+        fixed, why_not = variant_constraints(law, train, spec.name, options.fix, options, floor, options.bounds)
         if why_not:
             errors[spec.name] = {"skipped": why_not}
             continue
@@ -186,10 +247,15 @@ def select_variant(law: Law, frame: pd.DataFrame, options: FitOptions, axis: str
         why = (f"fewest free parameters among the variants within {PARSIMONY:.0%} of the lowest error on "
                f"{AXIS_WORDS[axis]} held out inside the training data ({chosen} "
                f"{scored[chosen]['mean_abs_rel_error']:.3%}; {others})")
+    inner: dict[str, float] = {"fitted_points": int(len(train)), "scored_points": int(len(valid))}
+    if "run_fraction" in train_all.columns:
+        inner["fitted_run_fraction_max"] = float(train["run_fraction"].max())
+        inner["scored_run_fraction_min"] = float(valid["run_fraction"].min())
     record = {"chosen": chosen, "why": why, "validation": errors, "axis": axis,
               "rule": f"{AXIS_WORDS[axis]} of the training data held out "
-                      f"({int(valid['run_id'].nunique())} of {int(frame['run_id'].nunique())} runs, {len(valid)} points)",
-              "inner_held_out_runs": sorted(map(str, valid["run_id"].unique()))}
+                      f"({int(valid['run_id'].nunique())} of {int(train_all['run_id'].nunique())} runs, "
+                      f"{len(valid)} points scored{notes})",
+              "inner_held_out_runs": sorted(map(str, valid["run_id"].unique())), "inner": inner}
     return chosen, record
 
 
@@ -235,7 +301,7 @@ def attach_schedules(points: Points, every: Points) -> Points:
                  for run, part in every.frame.sort_values("step").groupby("run_id", sort=False)}
     frame = points.frame.copy()
     frame["schedule"] = [schedules.get(run) for run in frame["run_id"]]
-    return Points(frame, points.dropped, points.warnings, points.run_column)
+    return Points(frame, points.dropped, points.warnings, points.run_column, points.rows)
 
 
 def analyse(source, options: FitOptions) -> Analysis:
@@ -261,6 +327,7 @@ def analyse(source, options: FitOptions) -> Analysis:
     dropped = dict(points.dropped)
     frame = clip_unique(law, frame.copy(), warnings)
     frame["held_out"] = holdout_mod.holdout_mask(frame, options.holdout) if options.holdout else False
+    before_fractions = frame
     frame = apply_fractions(frame, options, dropped)
     train = frame[~frame["held_out"]]
     check_identifiable(law, train)
@@ -268,25 +335,35 @@ def analyse(source, options: FitOptions) -> Analysis:
     summary: dict = {"law": law.name, "formula": law.formula, "n_points": int(len(frame)),
                      "n_runs": int(frame["run_id"].nunique()), "dropped": dropped,
                      "run_column": points.run_column, "warnings": warnings}
+    if points.rows:
+        summary["rows"] = dict(points.rows)
     if options.by:
         from testbed.fit.comparison import compare_groups
 
         return compare_groups(law, frame, options, summary)
 
+    # The data's entropy: where the law has an irreducible loss, its lower bound in every fit.
+    entropy, entropy_source = data_entropy(frame, options.columns)
+    floor = entropy if law.floor is not None else None
+    fit_options = replace(options, bounds=guards.floor_bounds(law, options.bounds, floor))
+    if floor is not None:
+        summary["entropy"] = {"value": floor, "source": entropy_source, "bounds": law.floor}
     variant = options.variant
     if variant == "auto":
         axis = holdout_mod.rule_axis(frame, options.holdout)
-        variant, record = select_variant(law, train, options, axis)
+        variant, record = select_variant(law, before_fractions[~before_fractions["held_out"]], fit_options,
+                                         axis, entropy)
         summary["variant_selection"] = record
     # auto: a fixed_E chosen with a fitted floor refits that floor on all the training points.
     fixed, why_not = variant_constraints(law, train, variant, options.fix,
-                                         options if options.variant == "auto" else None)
+                                         fit_options if options.variant == "auto" else None, entropy,
+                                         fit_options.bounds)
     if why_not:
         raise TestbedError(f"--variant {variant}: {why_not}.")
     if "E_source" in fixed:
         summary["E_source"] = fixed.pop("E_source")
     began = time.perf_counter()
-    result = _fit_frame(law, train, options, variant, fixed)
+    result = _fit_frame(law, train, fit_options, variant, fixed)
     summary.update({
         "variant": variant, "fixed": result.fixed, "tied": result.tied, "params": result.params,
         "objective": result.objective, "converged": result.converged, "message": result.message,
@@ -294,10 +371,21 @@ def analyse(source, options: FitOptions) -> Analysis:
         "n_starts": result.n_starts, "fit_seconds": round(time.perf_counter() - began, 3),
         "huber_delta": options.delta, "objective_kind": options.objective, "weight": options.weight,
     })
+    if points.rows:
+        held_rows = int(frame["held_out"].sum())
+        summary["rows"]["line"] = points_line(points.rows, result.n_points, held_rows, points.run_column,
+                                              "point_kind" in frame.columns)
     if options.bounds:
         summary["bounds"] = {k: list(v) for k, v in options.bounds.items()}
-    if result.at_bound:
-        summary["warnings"].append(f"parameters ended at a bound: {', '.join(result.at_bound)}; widen the bounds "
+    at_floor = floor is not None and law.floor in result.at_bound and fit_options.bounds[law.floor][0] == floor and (
+        result.params[law.floor] <= floor * (1 + 1e-2))
+    other_bounds = [name for name in result.at_bound if not (at_floor and name == law.floor)]
+    if at_floor:
+        summary["warnings"].append(
+            f"{law.floor} ended at the data's entropy ({floor:.4g}), its lower bound: the points do not bend "
+            f"towards a floor above it; fit --variant fixed_E (E = the entropy) or add larger runs.")
+    if other_bounds:
+        summary["warnings"].append(f"parameters ended at a bound: {', '.join(other_bounds)}; widen the bounds "
                                    f"(--bounds NAME=LOW:HIGH) or fix them (--fix).")
     if result.flat:
         summary["warnings"].append(f"the objective is flat in {', '.join(result.flat)}: the data do not determine "
@@ -309,6 +397,9 @@ def analyse(source, options: FitOptions) -> Analysis:
         held = frame[frame["held_out"]]
         summary.update(holdout_mod.evaluate(result.predict(law_inputs(law, held)), held))
         summary["holdout_rule"] = options.holdout
+        summary["warnings"] += guards.extrapolation(
+            train, {axis: held[axis].to_numpy(float) for axis in guards.AXES if axis in held.columns},
+            "held-out", "add runs in between to check the law there")
 
     derived = None
     allocation = law.has_compute_frontier and (
@@ -316,8 +407,9 @@ def analyse(source, options: FitOptions) -> Analysis:
     if law.has_compute_frontier and not allocation and options.allocation == "auto":
         summary["allocation_skipped"] = ("the data are not IsoFLOP-shaped (three or more compute budgets with "
                                          "four or more model sizes each); pass --allocation yes to report it anyway")
+    outside: dict[float, str] = {}
     if allocation:
-        from testbed.fit.allocation import derived_quantities
+        from testbed.fit.allocation import derived_quantities, optimal_allocation
 
         budgets = options.budgets or default_budgets(frame)
         summary["budgets"] = budgets
@@ -326,9 +418,18 @@ def analyse(source, options: FitOptions) -> Analysis:
             return derived_quantities(law, theta, budgets)
 
         summary["derived"] = derived(result.theta)
+        summary["warnings"] += guards.extrapolation(
+            train, {"C": np.asarray(budgets, float)}, "the budget",
+            "give --budgets within the data, or read the allocation there as a guess")
+        outside = guards.allocation_outside(train, optimal_allocation(law, result.theta, budgets), entropy,
+                                            entropy_source)
+        for budget, why in outside.items():
+            summary["warnings"].append(f"the compute-optimal allocation at C={budget:.3g} is {why}: not reported; "
+                                       f"add runs that bracket it, or give --budgets where the runs do.")
         if {"N", "C"} <= set(frame.columns):
             from testbed.fit.approaches import approach1, approach2
 
+            summary["warnings"] += guards.bracket_warnings(train)
             for name, fn in (("approach1", approach1), ("approach2", approach2)):
                 found = fn(train)
                 if found is not None:
@@ -345,20 +446,47 @@ def analyse(source, options: FitOptions) -> Analysis:
         summary["intervals"] = {k: v.as_dict() for k, v in intervals.items()}
         summary["bootstrap"] = {"resamples": options.bootstrap, "failed": samples.attrs.get("failed", 0),
                                 "unit": "run_id", "level": 0.95}
+    set_aside(summary, outside)
     if options.holdout:
         from testbed.fit.bootstrap import PI_RESAMPLES, prediction_intervals, replicate_thetas
 
+        level = 0.95
+        held = frame[frame["held_out"]]
         thetas = samples.attrs["thetas"] if samples is not None else replicate_thetas(
             result, train, PI_RESAMPLES, delta=options.delta, seed=options.seed,
             point_weights=objective_settings(options, train)["point_weights"])
-        low, high = prediction_intervals(result, train, frame[frame["held_out"]], thetas, seed=options.seed)
+        low, high = prediction_intervals(result, train, held, thetas, level=level, seed=options.seed)
         for row, lo, hi in zip(summary["holdout"], low, high):
             row["pi_low"], row["pi_high"] = float(lo), float(hi)
             row["inside"] = bool(lo <= row["loss"] <= hi)
+        checked, calibration_warnings = guards.calibration(summary["holdout"], held, level)
         summary["prediction_interval"] = {
-            "level": 0.95, "resamples": int(len(thetas)),
-            "method": "refits on bootstrap resamples of whole training runs, plus a training residual drawn "
-                      "at random (fit space); percentile interval",
-            "coverage": float(np.mean([row["inside"] for row in summary["holdout"]])),
+            "level": level, "resamples": int(len(thetas)),
+            "method": "refits on bootstrap resamples of whole training runs, plus a training run's offset "
+                      "from the law (inflated for the parameters fitted) and a residual within a run, "
+                      "both drawn at random (fit space); percentile interval",
+            **checked,
         }
+        summary["warnings"] += calibration_warnings
     return Analysis(law, options, frame, result, summary)
+
+
+ALLOCATION_KEYS = ("N_opt", "D_opt", "tokens_per_param", "loss")
+
+
+def set_aside(summary: dict, outside: dict[float, str]) -> None:
+    """Move the allocation at each budget in `outside` (budget -> why) out of `derived` (and its
+    intervals) into `derived_outside`, so it is kept for inspection but not read as a result."""
+    if not outside:
+        return
+    aside = {}
+    for budget, why in outside.items():
+        tag = f"{budget:.2g}"
+        for key in ALLOCATION_KEYS:
+            name = f"{key}@C={tag}"
+            if name in summary.get("derived", {}):
+                entry = {"value": summary["derived"].pop(name), "why": why}
+                if name in summary.get("intervals", {}):
+                    entry["interval"] = summary["intervals"].pop(name)
+                aside[name] = entry
+    summary["derived_outside"] = aside

@@ -51,10 +51,36 @@ def replicate_thetas(result: FitResult, frame: pd.DataFrame, n_resamples: int, *
     return thetas[np.all(np.isfinite(thetas), axis=1)]
 
 
+def scatter(result: FitResult, train: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(run offsets, within-run residuals) of the training fit, in the law's fit space.
+
+    A new run lands off the law by its own offset (seed, data order: the between-run scatter)
+    plus the noise of its checkpoints around it. Each training run's offset is its mean residual;
+    the fit pulled the law towards those runs, so the offsets are widened by sqrt(R / (R - p))
+    for R runs and p free parameters (where R > p). With one point per run the within-run
+    residuals are all zero and the offsets are the residuals."""
+    law = result.law
+    with np.errstate(over="ignore", invalid="ignore"):
+        fitted = law.predict(result.theta[None, :], law_inputs(law, train))[0]
+    observed = train["loss"].to_numpy(float)
+    residuals = pd.Series((np.log(observed) if law.space == "log" else observed) - fitted)
+    ok = np.isfinite(residuals.to_numpy())
+    residuals, runs = residuals[ok], train["run_id"].to_numpy()[ok]
+    if not len(residuals):
+        return np.zeros(1), np.zeros(1)
+    run_mean = residuals.groupby(runs).transform("mean").to_numpy()
+    offsets = residuals.groupby(runs).mean().to_numpy()
+    n_runs, n_free = len(offsets), result.n_free
+    if n_runs > n_free:
+        offsets = offsets * np.sqrt(n_runs / (n_runs - n_free))
+    return offsets, residuals.to_numpy() - run_mean
+
+
 def prediction_intervals(result: FitResult, train: pd.DataFrame, held: pd.DataFrame, thetas: np.ndarray, *,
                          level: float = 0.95, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Percentile prediction intervals for the held-out rows: each replicate's prediction plus a
-    training residual drawn at random (both in the law's fit space: log-loss or loss)."""
+    training run's offset and a within-run residual drawn at random (`scatter`; all in the
+    law's fit space: log-loss or loss)."""
     law = result.law
     if len(held) == 0:
         return np.array([]), np.array([])
@@ -63,11 +89,8 @@ def prediction_intervals(result: FitResult, train: pd.DataFrame, held: pd.DataFr
     thetas = np.vstack([result.theta[None, :], thetas])
     with np.errstate(over="ignore", invalid="ignore"):
         predicted = law.predict(thetas, x_held)
-        fitted = law.predict(result.theta[None, :], law_inputs(law, train))[0]
-    observed = train["loss"].to_numpy(float)
-    residuals = (np.log(observed) if law.space == "log" else observed) - fitted
-    residuals = residuals[np.isfinite(residuals)]
-    draws = predicted + rng.choice(residuals, size=predicted.shape) if len(residuals) else predicted
+    offsets, within = scatter(result, train)
+    draws = predicted + rng.choice(offsets, size=predicted.shape) + rng.choice(within, size=predicted.shape)
     if law.space == "log":
         draws = np.exp(draws)
     tail = 100 * (1 - level) / 2

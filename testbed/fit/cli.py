@@ -261,10 +261,39 @@ def _fit(args) -> int:
             print(f"  {name}: {error}")
         print(f"  kept {selection['chosen']}: {selection['why']}")
     print(f"fitted ({summary.get('variant', 'free')}): {params}; objective {summary['objective']:.6e}")
+    if "line" in summary.get("rows", {}):
+        print(summary["rows"]["line"])
+    floor = floor_line(summary)
+    if floor:
+        print(floor)
     if "mean_abs_rel_error" in summary:
+        runs = len({str(row.get("run_id")) for row in summary["holdout"]})
         print(f"held-out ({args.holdout}): mean absolute relative error {summary['mean_abs_rel_error']:.3%} "
-              f"over {len(summary['holdout'])} points")
+              f"over {len(summary['holdout'])} points of {runs} run(s)")
+    if "prediction_interval" in summary:
+        print(coverage_line(summary["prediction_interval"]))
     for warning in summary.get("warnings", []):
         print(f"warning: {warning}")
     print(f"report: {out_dir / 'report.md'}; plots: {', '.join(str(out_dir / Path(p).name) for p in plots) or 'none'}")
     return 0
+
+
+def floor_line(summary: dict) -> str | None:
+    """Where the irreducible loss E came from: fixed (and why), or bounded below by the data's entropy."""
+    fixed = summary.get("fixed", {})
+    if "E" in fixed:
+        return f"E fixed to {fixed['E']:.4g}: {summary.get('E_source', '--fix')}"
+    entropy = summary.get("entropy")
+    if entropy:
+        return (f"{entropy['bounds']} bounded below by {entropy['value']:.4g}: {entropy['source']}; "
+                f"--variant fixed_E (or --fix {entropy['bounds']}={entropy['value']:.4g}) fixes it there")
+    return None
+
+
+def coverage_line(pi: dict) -> str:
+    """The held-out calibration of the prediction intervals, in one line."""
+    return (f"{pi['level']:.0%} prediction intervals hold {pi['inside']} of {pi['points']} held-out points "
+            f"({pi['coverage']:.0%}; at least {pi['coverage_floor']:.0%} expected: {pi['level']:.0%} less "
+            f"{pi['allowance_se']:g} binomial standard errors over {pi['runs']} run(s)); median half-width "
+            f"{pi['median_half_width']:.2%}, "
+            f"{pi['width_over_error']:.1f}x the mean held-out error")

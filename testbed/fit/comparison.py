@@ -6,12 +6,13 @@ import numpy as np
 import pandas as pd
 
 from testbed.errors import TestbedError
+from testbed.fit import guards
 from testbed.fit import holdout as holdout_mod
 from testbed.fit.bootstrap import resample_runs
 from testbed.fit.compare import compute_multiplier, crossings
 from testbed.fit.estimate import fit
 from testbed.fit.laws import Law, law_inputs
-from testbed.fit.options import Analysis, constraints_for, default_budgets, objective_settings
+from testbed.fit.options import Analysis, constraints_for, data_entropy, default_budgets, objective_settings
 
 
 def compare_groups(law: Law, frame: pd.DataFrame, options, summary: dict):
@@ -27,12 +28,19 @@ def compare_groups(law: Law, frame: pd.DataFrame, options, summary: dict):
     rng = np.random.default_rng(options.seed)
     labels = frame[options.by].astype(str)
     results, per_group = {}, {}
+    # Every group's E stays above the data's entropy, as in a single fit (guards.py).
+    entropy, _ = data_entropy(frame, options.columns)
+    floor = entropy if law.floor is not None else None
+    bounds = guards.floor_bounds(law, options.bounds, floor)
     for value in values:
         part = frame[labels == value]
         train = part[~part["held_out"]]
-        fixed = constraints_for(law, train, options.variant, options.fix)
+        fixed = constraints_for(law, train, options.variant, options.fix, options.columns)
+        problem = guards.fixed_floor_problem(law, fixed, bounds, floor)
+        if problem:
+            raise TestbedError(f"--variant {options.variant} ({options.by}={value}): {problem}.")
         result = fit(law, law_inputs(law, train), train["loss"].to_numpy(float), delta=options.delta,
-                     variant=options.variant, fixed=fixed, **objective_settings(options, train))
+                     variant=options.variant, fixed=fixed, bounds=bounds, **objective_settings(options, train))
         results[value] = (result, train)
         entry = {"params": result.params, "objective": result.objective, "converged": result.converged,
                  "n_points": result.n_points, "at_bound": result.at_bound}
@@ -54,10 +62,10 @@ def compare_groups(law: Law, frame: pd.DataFrame, options, summary: dict):
                 b_sample, v_sample = resample_runs(base_train, rng), resample_runs(train, rng)
                 b_fit = fit(law, law_inputs(law, b_sample), b_sample["loss"].to_numpy(float), delta=options.delta,
                             variant=base_result.variant, fixed=base_result.fixed, starts=base_result.candidates[:3],
-                            **objective_settings(options, b_sample))
+                            bounds=bounds, **objective_settings(options, b_sample))
                 v_fit = fit(law, law_inputs(law, v_sample), v_sample["loss"].to_numpy(float), delta=options.delta,
                             variant=result.variant, fixed=result.fixed, starts=result.candidates[:3],
-                            **objective_settings(options, v_sample))
+                            bounds=bounds, **objective_settings(options, v_sample))
             except TestbedError:
                 continue
             samples.append(compute_multiplier(law, b_fit.theta, v_fit.theta, budgets))
@@ -72,6 +80,9 @@ def compare_groups(law: Law, frame: pd.DataFrame, options, summary: dict):
             "multiplier": rows,
             "crossings_C": crossings(law, base_result.theta, result.theta, c_low / 100, max(budgets) * 100),
         }
+    # The multipliers are predictions at the budgets: name any far beyond the fitted compute.
+    summary["warnings"] += guards.extrapolation(frame[~frame["held_out"]], {"C": np.asarray(budgets, float)},
+                                                "the budget", "give --budgets within the data")
     summary.update({"by": options.by, "baseline": baseline, "groups": per_group, "comparisons": comparisons,
                     "budgets": budgets, "variant": options.variant, "params": base_result.params,
                     "objective": base_result.objective})

@@ -72,6 +72,7 @@ DATA_CONSTRAINED = register(Law(
     variants=(Variant("free"), Variant("tied", tied={"beta": "alpha"})),
     has_compute_frontier=False,
     terms={"N": "A / N'^alpha", "D": "B / D'^beta"},
+    floor="E",
 ))
 
 

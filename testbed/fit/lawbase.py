@@ -82,6 +82,9 @@ class Law:
     # batched Levenberg-Marquardt iterations for the best starts before L-BFGS-B polishes them: a
     # law with many correlated parameters (farseer) needs more, or L-BFGS-B crawls along its ridges
     refine_iterations: int = 60
+    # the public parameter that is the loss approached with unlimited N and D (E): the data's
+    # entropy bounds it from below, since no model's loss falls under its data's entropy
+    floor: str | None = None
 
     @property
     def names(self) -> tuple[str, ...]:

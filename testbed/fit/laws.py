@@ -60,6 +60,7 @@ CHINCHILLA = Law(
     variants=(Variant("free"), Variant("tied", tied={"beta": "alpha"}), Variant("fixed_E", fixed=("E",))),
     has_compute_frontier=True,
     terms={"N": "A / N^alpha", "D": "B / D^beta"},
+    floor="E",
 )
 
 
@@ -134,6 +135,7 @@ POWER = Law(
     jacobian=_power_jacobian,
     variants=(Variant("free"), Variant("fixed_E", fixed=("E",))),
     terms={"X": "A / X^alpha"},
+    floor="E",
 )
 
 

@@ -47,13 +47,34 @@ class Analysis:
     groups: dict = field(default_factory=dict)  # comparison: label value -> FitResult
 
 
-def constraints_for(law: Law, frame: pd.DataFrame, variant: str, fix: dict) -> dict:
+ENTROPY_COLUMN = "data_entropy"  # the training data's entropy per token (nats), from `testbed fit collect`
+
+
+def data_entropy(frame: pd.DataFrame, columns: str | None = None) -> tuple[float | None, str]:
+    """(the data's entropy per token, where it comes from) or (None, why not). It is in the units
+    of the table's own `loss` column (nats per token), so a loss mapped from another column
+    (`--columns loss=bpb`) is not compared with it."""
+    if ENTROPY_COLUMN not in frame.columns:
+        return None, f"no {ENTROPY_COLUMN} column"
+    from testbed.fit.table import parse_columns
+
+    mapped = parse_columns(columns).get("loss", "loss") if isinstance(columns, (str, type(None))) else "loss"
+    if mapped != "loss":
+        return None, f"the loss is mapped from {mapped!r}, whose units the {ENTROPY_COLUMN} column may not share"
+    entropy = pd.to_numeric(frame[ENTROPY_COLUMN], errors="coerce").dropna().unique()
+    if len(entropy) != 1:
+        return None, (f"the {ENTROPY_COLUMN} column holds {len(entropy)} values" if len(entropy) else
+                      f"the {ENTROPY_COLUMN} column is empty")
+    return float(entropy[0]), f"the data's entropy ({ENTROPY_COLUMN} column)"
+
+
+def constraints_for(law: Law, frame: pd.DataFrame, variant: str, fix: dict, columns: str | None = None) -> dict:
     """Fixed values for a variant: the user's, else E from the data's known entropy."""
     fixed = dict(fix)
-    if "E" in law.variant(variant).fixed and "E" not in fixed and "data_entropy" in frame:
-        entropy = pd.to_numeric(frame["data_entropy"], errors="coerce").dropna().unique()
-        if len(entropy) == 1:
-            fixed["E"] = float(entropy[0])
+    if "E" in law.variant(variant).fixed and "E" not in fixed:
+        entropy, _ = data_entropy(frame, columns)
+        if entropy is not None:
+            fixed["E"] = entropy
     return fixed
 
 

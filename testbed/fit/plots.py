@@ -28,7 +28,7 @@ def write_plots(analysis, out_dir: Path) -> list[str]:
 
     plt = _pyplot()
     law, frame, result = analysis.law, analysis.frame, analysis.result
-    written = []
+    written: list[str] = []
     if analysis.groups:
         return written + _comparison_plot(analysis, out_dir, plt)
     observed = frame["loss"].to_numpy(float)
@@ -61,24 +61,40 @@ def write_plots(analysis, out_dir: Path) -> list[str]:
     return written
 
 
+def _within(values: np.ndarray, fitted) -> np.ndarray:
+    """True where `values` lie inside the range of the fitted column `fitted`."""
+    fitted = np.asarray(fitted, float)
+    return (values >= fitted.min() * (1 - 1e-6)) & (values <= fitted.max() * (1 + 1e-6))
+
+
 def _frontier_plots(analysis, out_dir, plt) -> list[str]:
     from testbed.fit.allocation import optimal_allocation
     from testbed.fit.approaches import isoflop_groups
     from testbed.fit.laws import features
 
     law, frame, result = analysis.law, analysis.frame, analysis.result
+    train = frame[~frame["held_out"]]
     compute = frame["C"].to_numpy(float)
     budgets = np.exp(np.linspace(np.log(compute.min()), np.log(max(compute.max(), *analysis.summary.get("budgets", [0]))), 60))
     alloc = optimal_allocation(law, result.theta, budgets)
+    # Solid where the optimum lies among the fitted runs' sizes and token counts, dashed beyond.
+    sampled = _within(alloc["N_opt"], train["N"]) & _within(alloc["D_opt"], train["D"]) & _within(budgets, train["C"])
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter(compute, frame["loss"], s=10, c=np.log10(frame["N"]), cmap="viridis")
-    ax.plot(budgets, alloc["loss"], "r-", label="fitted compute-optimal frontier")
+    if sampled.any():
+        ax.plot(np.where(sampled, budgets, np.nan), alloc["loss"], "r-", label="fitted compute-optimal frontier")
+    ax.plot(np.where(sampled, np.nan, budgets), alloc["loss"], "r--", lw=1,
+            label="frontier outside the sampled sizes (extrapolated)")
+    entropy = analysis.summary.get("entropy", {}).get("value")
+    if entropy is not None:
+        ax.axhline(entropy, color="k", ls=":", lw=1, label="data entropy")
     ax.set(xscale="log", xlabel="compute C = 6ND", ylabel="loss", title="loss against compute")
-    ax.legend()
+    ax.legend(fontsize=7)
     paths = [_save(fig, out_dir / "loss_vs_compute.png", plt)]
 
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = isoflop_groups(compute)
+    hidden = 0
     for label in np.unique(labels):
         group = frame[labels == label]
         if len(group) < 3:
@@ -89,8 +105,14 @@ def _frontier_plots(analysis, out_dir, plt) -> list[str]:
         fitted = law.predict_loss(result.theta, features(law, {"N": n_grid, "D": c / (6 * n_grid)}))
         ax.plot(n_grid, fitted, color=line.get_facecolor()[0], lw=1)
         best = optimal_allocation(law, result.theta, [c])
-        ax.plot(best["N_opt"], best["loss"], "k*", ms=8)
-    ax.set(xscale="log", xlabel="parameters N", ylabel="loss", title="IsoFLOP curves (fitted law, minima ★)")
+        if _within(best["N_opt"], group["N"]).all():
+            ax.plot(best["N_opt"], best["loss"], "k*", ms=8)
+        else:  # a minimum beyond the budget's sizes is not drawn where no run was trained
+            hidden += 1
+    title = "IsoFLOP curves (fitted law, minima ★)"
+    if hidden:
+        title += f"\n{hidden} minima outside the sampled sizes, not drawn"
+    ax.set(xscale="log", xlabel="parameters N", ylabel="loss", title=title)
     paths.append(_save(fig, out_dir / "isoflop.png", plt))
     return paths
 

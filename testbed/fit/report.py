@@ -39,6 +39,8 @@ def write_json(summary: dict, out_dir: Path) -> Path:
 def markdown(summary: dict, plots: list[str]) -> str:
     lines = [f"# Fit of the {summary['law']} law", "", f"`{summary['formula']}`", ""]
     lines.append(f"{summary['n_points']} points from {summary['n_runs']} runs.")
+    if "line" in summary.get("rows", {}):
+        lines.append(summary["rows"]["line"][0].upper() + summary["rows"]["line"][1:] + ".")
     if summary.get("dropped"):
         lines.append("Rows dropped: " + "; ".join(f"{k}: {v}" for k, v in summary["dropped"].items()) + ".")
     for warning in summary.get("warnings", []):
@@ -77,6 +79,9 @@ def markdown(summary: dict, plots: list[str]) -> str:
                   f"parameters the objective is flat in: {', '.join(summary.get('flat', [])) or 'none'}."]
         if "E_source" in summary:
             lines.append(f"E fixed to {_fmt(summary['fixed'].get('E'))}: {summary['E_source']}.")
+        elif "entropy" in summary:
+            entropy = summary["entropy"]
+            lines.append(f"{entropy['bounds']} bounded below by {_fmt(entropy['value'])}: {entropy['source']}.")
         if "bootstrap" in summary:
             b = summary["bootstrap"]
             lines.append(f"Intervals: percentile bootstrap over {b['resamples']} resamples of whole runs ({b['failed']} failed).")
@@ -99,6 +104,12 @@ def markdown(summary: dict, plots: list[str]) -> str:
                 iv = intervals.get(name)
                 cell = f"[{_fmt(iv['low'])}, {_fmt(iv['high'])}]" if iv else "-"
                 lines.append(f"| {name} | {_fmt(value)} | {cell} |")
+        seen = set()
+        for name, entry in summary.get("derived_outside", {}).items():
+            budget = name.partition("@")[2]
+            if budget not in seen:  # one row per budget: its N_opt, D_opt, ratio and loss share the reason
+                seen.add(budget)
+                lines.append(f"| allocation at {budget} | not reported: {entry['why']} | - |")
         if "allocation_skipped" in summary:
             lines += ["", f"Compute-optimal allocation not reported: {summary['allocation_skipped']}."]
         if "derived" in summary:
@@ -117,7 +128,11 @@ def markdown(summary: dict, plots: list[str]) -> str:
         if "prediction_interval" in summary:
             pi = summary["prediction_interval"]
             lines.append(f"Prediction intervals: {pi['method']}, {pi['resamples']} resamples; "
-                         f"{pi['coverage']:.0%} of the held-out points lie inside.")
+                         f"{pi['coverage']:.0%} of the held-out points lie inside"
+                         + (f" (at least {pi['coverage_floor']:.0%} expected: {pi['level']:.0%} less "
+                            f"{pi['allowance_se']:g} binomial standard errors over {pi['runs']} held-out run(s)); their median half-width is "
+                            f"{pi['median_half_width']:.2%}, {pi['width_over_error']:.1f}x the mean error."
+                            if "coverage_floor" in pi else "."))
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"

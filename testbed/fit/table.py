@@ -21,6 +21,9 @@ class Points:
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> number of rows
     warnings: list[str] = field(default_factory=list)
     run_column: str | None = None  # the table column that named the runs (None: one run per row)
+    # rows in the table, and the rows each --points choice would keep (printed beside the fit,
+    # so a choice that drops most of a table is seen where the fit is read)
+    rows: dict = field(default_factory=dict)
 
 
 RUN_COLUMNS = ("run_id", "run", "model", "name")  # detected in this order on outside tables
@@ -283,4 +286,39 @@ def load_points(
     run_column = frame.attrs.get("run_column")
     points = clean(frame, needed, positive)
     points = Points(add_run_fraction(points.frame), points.dropped, points.warnings, run_column)
-    return select_points(points, which, skip_fraction)
+    chosen = select_points(points, which, skip_fraction)
+    chosen.rows = {"table": int(len(frame)), "points": which, "skip_fraction": skip_fraction,
+                   "kept": points_kept(points, which, len(chosen.frame), skip_fraction)}
+    return chosen
+
+
+def points_kept(points: Points, which: str, kept: int, skip_fraction: float) -> dict[str, int]:
+    """The rows each --points choice keeps of the clean rows (`which` keeps `kept`); the
+    averaged kinds only where the table has such points."""
+    counts = {which: kept}
+    kinds = set(points.frame["point_kind"]) if "point_kind" in points.frame.columns else set()
+    for other in POINT_CHOICES:
+        if other == which or (other in AVERAGED_KINDS and other not in kinds):
+            continue
+        try:
+            counts[other] = len(select_points(points, other, skip_fraction).frame)
+        except TestbedError:
+            continue
+    return counts
+
+
+def points_line(rows: dict, fitted: int, held_out: int, run_column: str | None, has_kinds: bool) -> str:
+    """One line: how many of the table's rows the fit used, and what the other --points choices keep."""
+    which, kept = rows["points"], rows["kept"]
+    if which == "final":
+        means = ("keeps final and cooldown points" if has_kinds else
+                 "keeps the last row of each run" if run_column else "keeps every row, each its own run")
+    elif which == "all":
+        means = (f"keeps checkpoints past the first {rows['skip_fraction']:.0%} of each run" if rows["skip_fraction"]
+                 else "keeps every checkpoint")
+    else:
+        means = f"keeps the {which} points"
+    others = "; ".join(f"--points {k} keeps {v:,}" for k, v in kept.items() if k != which)
+    held = f" ({held_out:,} more held out)" if held_out else ""
+    return (f"fitted {fitted:,} of {rows['table']:,} rows{held}: --points {which} {means} ({kept[which]:,} rows)"
+            + (f"; {others}" if others else ""))
