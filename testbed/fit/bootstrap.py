@@ -1,8 +1,11 @@
-"""Bootstrap intervals that resample whole runs.
+"""Bootstrap intervals for a fitted law: a wild cluster bootstrap by run.
 
-Checkpoints of one run share its noise and are not independent, so the resampling unit is the
-run id: each replicate draws runs with replacement and keeps all their rows. Each replicate is
-refitted from the full-data optima (no grid), which is what makes hundreds of refits cheap.
+Checkpoints of one run share its noise and are not independent, so the unit is the run: each
+replicate keeps every run and every point (the design as it was run) and flips the sign of each
+run's residuals at random (testbed.stats.curves.wild_cluster_targets). Resampling the runs
+themselves would refit on duplicated design points and leave some replicates without a size.
+Each replicate is refitted from the full-data optimum (no grid), which makes hundreds of refits
+cheap.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import pandas as pd
 
 from testbed.fit.estimate import FitResult, fit_replicates, one_blas_thread
 from testbed.fit.laws import law_inputs
+from testbed.stats.curves import percentile, wild_cluster_targets
 
 PI_RESAMPLES = 100  # replicates for held-out prediction intervals when --bootstrap is not given
 
@@ -31,24 +35,28 @@ class Interval:
         return {"estimate": self.estimate, "low": self.low, "high": self.high, "se": self.se, "sd": self.sd}
 
 
-def run_weights(frame: pd.DataFrame, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """(K, n) point weights: each run weighted by how often a resample of the runs drew it."""
-    run_index = pd.factorize(frame["run_id"])[0]
-    n_runs = run_index.max() + 1
-    counts = rng.multinomial(n_runs, np.full(n_runs, 1.0 / n_runs), size=n_resamples)
-    return counts[:, run_index].astype(float)
+def replicate_targets(result: FitResult, frame: pd.DataFrame, n_resamples: int, seed: int = 0) -> np.ndarray:
+    """(K, n) responses in the law's fit space for a wild cluster bootstrap by run
+    (testbed.stats.curves.wild_cluster_targets): the fitted law plus each run's residuals with one
+    random sign per run. The design stays as it was run: no run is duplicated or dropped, which a
+    resample of a dozen runs (a dozen design points) would do."""
+    law = result.law
+    with np.errstate(over="ignore", invalid="ignore"):
+        fitted = law.predict(result.theta[None, :], law_inputs(law, frame))[0]
+    observed = frame["loss"].to_numpy(float)
+    residuals = (np.log(observed) if law.space == "log" else observed) - fitted
+    residuals = np.where(np.isfinite(residuals), residuals, 0.0)
+    return wild_cluster_targets(fitted, residuals, frame["run_id"].to_numpy(), n_resamples, result.n_free, seed)
 
 
 def replicate_thetas(result: FitResult, frame: pd.DataFrame, n_resamples: int, *, delta: float = 1e-3,
                      seed: int = 0, point_weights: np.ndarray | None = None) -> np.ndarray:
-    """Refits on `n_resamples` resamples of whole runs: (K, P), failed replicates dropped.
+    """Refits on `n_resamples` wild cluster bootstrap replicates: (K, P), failed replicates nan.
     `point_weights`: the original fit's per-point weights (`--weight`), kept in every replicate."""
-    weights = run_weights(frame, n_resamples, np.random.default_rng(seed))
-    if point_weights is not None:
-        weights = weights * point_weights[None, :]
+    weights = np.ones((n_resamples, len(frame))) * (1.0 if point_weights is None else point_weights[None, :])
     law = result.law
-    thetas = fit_replicates(result, law_inputs(law, frame), frame["loss"].to_numpy(float), weights, delta=delta)
-    return thetas[np.all(np.isfinite(thetas), axis=1)]
+    return fit_replicates(result, law_inputs(law, frame), frame["loss"].to_numpy(float), weights, delta=delta,
+                          targets=replicate_targets(result, frame, n_resamples, seed))
 
 
 def scatter(result: FitResult, train: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -98,19 +106,6 @@ def prediction_intervals(result: FitResult, train: pd.DataFrame, held: pd.DataFr
     return low, high
 
 
-def resample_runs(frame: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
-    groups = frame.groupby("run_id", sort=False).indices
-    runs = list(groups)
-    drawn = rng.integers(0, len(runs), size=len(runs))
-    rows = np.concatenate([groups[runs[i]] for i in drawn])
-    # Each drawn copy becomes its own run, so laws that integrate along a run (the annealing
-    # law) never merge two copies into one curve.
-    copy_ids = np.concatenate([[f"{runs[i]}#{k}"] * len(groups[runs[i]]) for k, i in enumerate(drawn)])
-    sample = frame.iloc[rows].copy()
-    sample["run_id"] = copy_ids
-    return sample
-
-
 @one_blas_thread
 def bootstrap(
     result: FitResult,
@@ -123,36 +118,36 @@ def bootstrap(
     derived: Callable[[np.ndarray], dict[str, float]] | None = None,
     point_weights: np.ndarray | None = None,
 ) -> tuple[dict[str, Interval], pd.DataFrame]:
-    """Percentile intervals for every parameter (and derived quantity) of `result`."""
+    """Percentile intervals for every parameter (and derived quantity) of `result`, from a wild
+    cluster bootstrap by run (`replicate_thetas`). A failed replicate is counted beyond either
+    end of each interval (testbed.stats.curves.percentile), never dropped."""
     law = result.law
-    # Drawing runs with replacement = weighting each run by how often it was drawn.
-    weights = run_weights(frame, n_resamples, np.random.default_rng(seed))
-    if point_weights is not None:
-        weights = weights * point_weights[None, :]
-    thetas = fit_replicates(result, law_inputs(law, frame), frame["loss"].to_numpy(float), weights, delta=delta)
+    thetas = replicate_thetas(result, frame, n_resamples, delta=delta, seed=seed, point_weights=point_weights)
+    point = dict(result.params)
+    if derived is not None:
+        point.update(derived(result.theta))
     samples = []
     for theta in thetas:
         if not np.all(np.isfinite(theta)):
-            continue  # a degenerate replicate is skipped, and counted below
+            samples.append({name: np.nan for name in point})  # a degenerate replicate, counted
+            continue
         row = law.public(theta)
         if derived is not None:
             row.update(derived(theta))
         samples.append(row)
     table = pd.DataFrame(samples)
-    point = dict(result.params)
-    if derived is not None:
-        point.update(derived(result.theta))
-    tail = 100 * (1 - level) / 2
     intervals = {}
     for name, estimate in point.items():
-        values = table[name].to_numpy(float) if name in table else np.array([])
-        values = values[np.isfinite(values)]
-        if len(values) < 2:
+        values = table[name].to_numpy(float) if name in table else np.full(len(table), np.nan)
+        finite = values[np.isfinite(values)]
+        if len(finite) < 2:
             intervals[name] = Interval(estimate, float("nan"), float("nan"), float("nan"))
             continue
-        low, high, p16, p84 = np.percentile(values, [tail, 100 - tail, 15.865, 84.135])
-        intervals[name] = Interval(float(estimate), float(low), float(high), float((p84 - p16) / 2),
-                                   float(values.std(ddof=1)))
-    table.attrs["failed"] = n_resamples - len(samples)
-    table.attrs["thetas"] = thetas[np.all(np.isfinite(thetas), axis=1)]
+        low, high = percentile(values, level)
+        p16, p84 = np.percentile(finite, [15.865, 84.135])
+        intervals[name] = Interval(float(estimate), low, high, float((p84 - p16) / 2), float(finite.std(ddof=1)))
+    ok = np.all(np.isfinite(thetas), axis=1)
+    table = table[ok].reset_index(drop=True)
+    table.attrs["failed"] = int((~ok).sum())
+    table.attrs["thetas"] = thetas[ok]
     return intervals, table

@@ -8,11 +8,12 @@ import pandas as pd
 from testbed.errors import TestbedError
 from testbed.fit import guards
 from testbed.fit import holdout as holdout_mod
-from testbed.fit.bootstrap import resample_runs
+from testbed.fit.bootstrap import replicate_thetas
 from testbed.fit.compare import compute_multiplier, crossings
 from testbed.fit.estimate import fit
 from testbed.fit.laws import Law, law_inputs
 from testbed.fit.options import Analysis, constraints_for, data_entropy, default_budgets, objective_settings
+from testbed.stats.curves import percentile
 
 
 def compare_groups(law: Law, frame: pd.DataFrame, options, summary: dict):
@@ -25,7 +26,6 @@ def compare_groups(law: Law, frame: pd.DataFrame, options, summary: dict):
     if baseline not in values:
         raise TestbedError(f"--baseline {baseline!r} is not a value of {options.by}; use one of {', '.join(values)}.")
     budgets = options.budgets or default_budgets(frame)
-    rng = np.random.default_rng(options.seed)
     labels = frame[options.by].astype(str)
     results, per_group = {}, {}
     # Every group's E stays above the data's entropy, as in a single fit (guards.py).
@@ -56,25 +56,18 @@ def compare_groups(law: Law, frame: pd.DataFrame, options, summary: dict):
             continue
         result, train = results[value]
         point = compute_multiplier(law, base_result.theta, result.theta, budgets)
-        samples = []
-        for _ in range(options.bootstrap):
-            try:
-                b_sample, v_sample = resample_runs(base_train, rng), resample_runs(train, rng)
-                b_fit = fit(law, law_inputs(law, b_sample), b_sample["loss"].to_numpy(float), delta=options.delta,
-                            variant=base_result.variant, fixed=base_result.fixed, starts=base_result.candidates[:3],
-                            bounds=bounds, **objective_settings(options, b_sample))
-                v_fit = fit(law, law_inputs(law, v_sample), v_sample["loss"].to_numpy(float), delta=options.delta,
-                            variant=result.variant, fixed=result.fixed, starts=result.candidates[:3],
-                            bounds=bounds, **objective_settings(options, v_sample))
-            except TestbedError:
-                continue
-            samples.append(compute_multiplier(law, b_fit.theta, v_fit.theta, budgets))
+        # Each arm's wild cluster bootstrap by run (fit.bootstrap), the two arms drawn independently:
+        # their runs are different runs. A failed refit counts beyond either end of the interval.
+        base_thetas = replicate_thetas(base_result, base_train, options.bootstrap, delta=options.delta,
+                                       seed=options.seed)
+        variant_thetas = replicate_thetas(result, train, options.bootstrap, delta=options.delta, seed=options.seed + 1)
+        samples = [compute_multiplier(law, b, v, budgets) if np.all(np.isfinite(b)) and np.all(np.isfinite(v))
+                   else np.full(len(budgets), np.nan) for b, v in zip(base_thetas, variant_thetas)]
         rows = []
         for i, c in enumerate(budgets):
             row = {"C": c, "multiplier": float(point[i])}
             if samples:
-                column = np.array([s[i] for s in samples])
-                row["low"], row["high"] = (float(q) for q in np.percentile(column, [2.5, 97.5]))
+                row["low"], row["high"] = percentile(np.array([s[i] for s in samples]))
             rows.append(row)
         comparisons[value] = {
             "multiplier": rows,

@@ -388,14 +388,18 @@ def fit(
 
 
 def fit_replicates(result: FitResult, x: dict, y: np.ndarray, weights: np.ndarray, *,
-                   delta: float = 1e-3, iterations: int = 200) -> np.ndarray:
+                   delta: float = 1e-3, iterations: int = 200, targets: np.ndarray | None = None) -> np.ndarray:
     """Refit `result`'s law for many point weightings at once, from its optimum: (K, P) thetas.
-    `weights` (K, n) include any point weights of the original fit; its asymmetry is kept."""
+    `weights` (K, n) include any point weights of the original fit; its asymmetry is kept.
+    `targets` (K, n): each replicate's own responses in the law's fit space (log-loss or loss),
+    for a bootstrap that redraws the responses instead of reweighting the points."""
     law = result.law
     internal_fixed = {law.param(k).name: law.param(k).to_internal(v) for k, v in result.fixed.items()}
     tied = {law.param(k).name: law.param(v).name for k, v in result.tied.items()}
     problem = _Problem(law, x, np.asarray(y, float), delta, internal_fixed, tied, result.bounds,
                        asymmetry=result.asymmetry)
+    if targets is not None:
+        problem.target = np.asarray(targets, float)
     start = np.repeat(result.theta[None, problem.free], len(weights), axis=0)
     thetas, objs = _lm_batch(problem, start, iterations, weights=weights)
     full = problem.full(thetas)

@@ -2,8 +2,8 @@
 
 - `intervals`: seed intervals (t intervals on the seed-to-seed variance pooled across a study's
   cells), paired and unpaired relative gaps, the spread of several means.
-- `curves`: intervals for fitted curves by a parametric bootstrap of the residuals (never by
-  resampling design points), the joint IsoFLOP fit, and the paired compute multiplier.
+- `curves`: intervals for fitted curves by a parametric or wild cluster bootstrap of the residuals
+  (never by resampling design points), the joint IsoFLOP fit, and the paired compute multiplier.
 - `choice`: the learning rate chosen per cell without the winner's curse, and grid edges.
 
 Every method has a coverage test on simulated data with a known answer (tests/test_stats.py).

@@ -47,6 +47,20 @@ def parametric_bootstrap(fit: Callable[[np.ndarray], np.ndarray | None], fitted:
     return out
 
 
+def wild_cluster_targets(fitted: np.ndarray, residuals: np.ndarray, clusters: np.ndarray, draws: int,
+                         n_params: int, seed: int = 0) -> np.ndarray:
+    """(draws, n) responses for a wild cluster bootstrap: the fit plus each cluster's residuals
+    with one random sign per cluster (Rademacher). A cluster is a run: its checkpoints share its
+    noise, so they keep their residuals together; the design (each run's N, D, steps) stays as it
+    was run, and no run is duplicated or dropped. The residuals are widened by sqrt(G / (G − p))
+    for G clusters and p parameters, since the fit leans towards the points it was fitted on."""
+    index = np.unique(np.asarray(clusters), return_inverse=True)[1]
+    groups = int(index.max()) + 1 if len(index) else 0
+    widen = math.sqrt(groups / (groups - n_params)) if groups > n_params else 1.0
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(draws, groups))
+    return fitted[None, :] + signs[:, index] * (widen * residuals)[None, :]
+
+
 # --------------------------------------------------------------------------------- IsoFLOP
 
 
