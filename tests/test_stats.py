@@ -173,4 +173,5 @@ def test_lr_at_the_edge_of_its_grid_is_named():
     choice = choose_lr(frame, ["cell"])
     assert choice.method.startswith(IN_SAMPLE)
     assert choice.cells.set_index("cell")["edge"].to_dict() == {"inside": "", "top": "highest"}
-    assert choice.edges() == ["LR 0.004 is the highest of its grid [0.001, 0.002, 0.004] (cell top)"]
+    assert choice.edges() == ["LR at the edge of its grid [0.001, 0.002, 0.004] in 1 of 2 cells (top: 0.004 (highest))"]
+    assert choice.edges({"cell": "inside"}) == []

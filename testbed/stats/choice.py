@@ -28,13 +28,18 @@ class LrChoice:
     method: str
 
     def edges(self, where: dict | None = None) -> list[str]:
-        """Descriptions of the grid-edge cells (those matching `where`, a column -> value map)."""
+        """One line naming the cells (those matching `where`, a column -> value map) whose LR sits
+        at the edge of its grid, or an empty list when none does."""
         cells = self.cells
         for column, value in (where or {}).items():
             cells = cells[cells[column] == value]
-        return [f"LR {r['lr']:g} is the {r['edge']} of its grid {sorted(r['grid'])} ("
-                + ", ".join(f"{k} {r[k]}" for k in self.by) + ")"
-                for _, r in cells.iterrows() if r["edge"]]
+        edged = cells[cells["edge"] != ""]
+        if edged.empty:
+            return []
+        named = ", ".join(" ".join(_short(r[k]) for k in self.by) + f": {r['lr']:g} ({r['edge']})"
+                          for _, r in edged.iterrows())
+        grids = sorted({str([float(f"{v:g}") for v in g]) for g in edged["grid"]})
+        return [f"LR at the edge of its grid {' / '.join(grids)} in {len(edged)} of {len(cells)} cells ({named})"]
 
     @property
     def by(self) -> list[str]:
@@ -67,3 +72,7 @@ def choose_lr(frame: pd.DataFrame, by: list[str], lr: str = "peak_lr", loss: str
         method += "; some cells have one LR (not tuned)"
     measured = pd.concat(rows, ignore_index=True) if rows else frame.iloc[:0]
     return LrChoice(measured, pd.DataFrame(cells), method)
+
+
+def _short(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)

@@ -152,9 +152,9 @@ def report(out: str | Path, imports: list[str] | tuple[str, ...] = ()) -> dict[s
     context = Context(out, size, sweep_dirs(out))
     analysis: Analysis = study.analyse(context)
     verdict, why = study.verdict(analysis)
-    caveats = [f"{m.name}: {m.caveat}" for m in [analysis.headline, *analysis.more] if m.caveat]
+    caveats = sum(1 for m in [analysis.headline, *analysis.more] if m.caveat)
     if caveats:
-        why += "; no rule may decide on " + "; ".join(caveats)
+        why += f"; {caveats} figure(s) carry a caveat (named beside each), and no rule decides on them"
     headline = verdict
     if size == "tiny":
         headline = "inconclusive (tiny)"
