@@ -94,7 +94,7 @@ def test_the_example_isoflop_sweep_plans_every_run_within_half_a_step_of_its_bud
     assert len(s.runs) == len(budgets) * len(depths) >= 6
     for run in s.runs:
         m, q = run.config.model, run.quantities
-        assert (m.n_layers, m.d_model, m.n_heads) == (m.depth, 32 * m.depth, m.depth)
+        assert (m.n_layers, m.d_model, m.n_heads) == (m.depth, m.depth_aspect * m.depth, m.depth)
         fpt = by_hand_flops_per_token(m.d_model, m.n_layers, 32, 16)
         budget = int(run.config.train.flops)
         assert q["planned_steps"] == by_hand_steps(budget, fpt, 1024)

@@ -6,6 +6,7 @@ Imports nothing heavy at module level so `testbed --help` stays instant.
 from __future__ import annotations
 
 import argparse
+import math
 
 DESCRIPTION = """Three forms:
   testbed fit collect SWEEP_DIR [--out table.csv|table.parquet]
@@ -263,6 +264,11 @@ def _fit(args) -> int:
     print(f"fitted ({summary.get('variant', 'free')}): {params}; objective {summary['objective']:.6e}")
     if "line" in summary.get("rows", {}):
         print(summary["rows"]["line"])
+    intervals = {name: i for name, i in (summary.get("intervals") or {}).items()
+                 if name not in summary.get("fixed", {}) and math.isfinite(i.get("low", math.nan))}
+    if intervals:  # the estimates a reader quotes, each with its 95% interval
+        print("95% intervals (wild bootstrap by run): " + ", ".join(
+            f"{name} {i['estimate']:.4g} [{i['low']:.4g}, {i['high']:.4g}]" for name, i in intervals.items()))
     floor = floor_line(summary)
     if floor:
         print(floor)
