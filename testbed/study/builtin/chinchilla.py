@@ -103,7 +103,7 @@ def _approach3(frame) -> tuple[Measurement, Measurement, dict[str, float]]:
         return missing, Measurement(f"b in D_opt ∝ C^b, {name}", None, how=missing.how), {}
     summary = fitted.summary
     intervals = summary.get("intervals") or {}
-    how = "the fitter's bootstrap (200 refits)"
+    how = "the fitter's wild bootstrap by run (200 refits)"
     if fitted.result.at_bound:
         # Exponents at a bound are not estimates: Approach 3 then informs but does not decide.
         name += f", supplementary: at a bound ({', '.join(fitted.result.at_bound)})"
