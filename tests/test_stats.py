@@ -175,3 +175,27 @@ def test_lr_at_the_edge_of_its_grid_is_named():
     assert choice.cells.set_index("cell")["edge"].to_dict() == {"inside": "", "top": "highest"}
     assert choice.edges() == ["LR at the edge of its grid [0.001, 0.002, 0.004] in 1 of 2 cells (top: 0.004 (highest))"]
     assert choice.edges({"cell": "inside"}) == []
+
+
+def test_parametric_bootstrap_of_a_parabolas_vertex_covers():
+    """The V_opt case: a parabola through seven design points fixed as run, its vertex's interval
+    from new responses drawn around the fit (the design never resampled)."""
+    from testbed.stats.curves import parametric_bootstrap
+
+    rng = np.random.default_rng(10)
+    x = np.log([512, 768, 1024, 2048, 4096, 6144, 8192])
+    vertex, results = math.log(2000.0), []
+    for _ in range(400):
+        y = 1.2 + 0.02 * (x - vertex) ** 2 + 0.004 * rng.standard_normal(len(x))
+        coef = np.polyfit(x, y, 2)
+        fitted, sd = np.polyval(coef, x), math.sqrt(np.sum((y - np.polyval(coef, x)) ** 2) / (len(x) - 3))
+
+        def refit(draw):
+            a, b, _ = np.polyfit(x, draw, 2)
+            return -b / (2 * a) if a > 0 else None
+
+        values = np.array([np.nan if v is None else v for v in parametric_bootstrap(
+            refit, fitted, sd, len(x) - 3, draws=300, seed=int(rng.integers(1 << 30)))])
+        low, high = percentile(values)
+        results.append(type("E", (), {"low": low, "high": high}))
+    assert 0.92 <= covered(results, vertex) <= 0.98
