@@ -462,7 +462,7 @@ def analyse(source, options: FitOptions) -> Analysis:
         checked, calibration_warnings = guards.calibration(summary["holdout"], held, level)
         summary["prediction_interval"] = {
             "level": level, "resamples": int(len(thetas)),
-            "method": "refits on bootstrap resamples of whole training runs, plus a training run's offset "
+            "method": "refits on wild bootstrap replicates by run, plus a training run's offset "
                       "from the law (inflated for the parameters fitted) and a residual within a run, "
                       "both drawn at random (fit space); percentile interval",
             **checked,

@@ -78,7 +78,7 @@ def register(subparsers) -> None:
     parser.add_argument("--columns", help="map table columns to the law's names, e.g. N=params,D=tokens,C=flops,loss=val_loss (D = C/(6N) when only C is given)")
     parser.add_argument("--holdout", help="validate on held-out runs: largest (top 10%% by compute), largest:K, largest-N or largest-D "
                         "(the runs of the largest model sizes / token counts), or a rule like 'N>1e8' ('run_fraction>0.8': late checkpoints)")
-    parser.add_argument("--bootstrap", type=int, default=0, help="number of bootstrap resamples of whole runs for intervals (default 0: none)")
+    parser.add_argument("--bootstrap", type=int, default=0, help="number of bootstrap replicates for intervals (a wild bootstrap by run; default 0: none)")
     parser.add_argument("--variant", default="free", help="law variant: free, tied (alpha=beta), fixed_E (with --fix E=... or the data's entropy), or auto (every variant the data allow, "
                         "validated on the training runs that are largest along the --holdout axis; the lowest error wins, the simpler within 5%%)")
     parser.add_argument("--fix", action="append", metavar="NAME=VALUE", help="fix a parameter for a fixed_* variant, e.g. --fix E=1.69 (repeatable)")

@@ -84,7 +84,7 @@ def markdown(summary: dict, plots: list[str]) -> str:
             lines.append(f"{entropy['bounds']} bounded below by {_fmt(entropy['value'])}: {entropy['source']}.")
         if "bootstrap" in summary:
             b = summary["bootstrap"]
-            lines.append(f"Intervals: percentile bootstrap over {b['resamples']} resamples of whole runs ({b['failed']} failed).")
+            lines.append(f"Intervals: percentile, over {b['resamples']} wild bootstrap replicates by run ({b['failed']} failed, counted beyond the ends).")
         if "variant_selection" in summary:
             sel = summary["variant_selection"]
             lines += ["", f"## Variant selection ({sel['rule']})", "",

@@ -89,7 +89,7 @@ def _joint_prediction(frame, joint: IsoflopFit) -> np.ndarray:
 
 def _approach3(frame) -> tuple[Measurement, Measurement, dict[str, float]]:
     """a = beta / (alpha + beta) of L = E + A/N^alpha + B/D^beta fitted to every tuned run
-    (testbed's fitter), with its bootstrap over runs."""
+    (testbed's fitter), with its wild bootstrap by run."""
     from testbed.errors import TestbedError
     from testbed.fit.analysis import analyse as fit_analyse
     from testbed.fit.options import FitOptions
