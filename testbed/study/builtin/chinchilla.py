@@ -166,7 +166,7 @@ def _plot(ctx: Context, rows: list[dict], joint: IsoflopFit | None) -> str:
     with figure(ctx.out / "isoflop.png", "parameters N") as ax:
         for j, budget in enumerate(sorted({r["budget"] for r in rows})):
             pts = [r for r in rows if r["budget"] == budget]
-            line = ax.plot([r["N"] for r in pts], [r["loss"] for r in pts], "o", label=f"C = {budget:.0e}")[0]
+            line = ax.plot([r["N"] for r in pts], [r["loss"] for r in pts], "o", label=f"C = {budget:.2g}")[0]
             if joint is not None:  # the joint fit's parabola over the sampled sizes, its vertex marked
                 log_n = np.linspace(np.log(pts[0]["N"]), np.log(pts[-1]["N"]), 50)
                 centred = joint.log_budgets[j] - joint.log_budgets.mean()
