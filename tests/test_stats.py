@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from testbed.stats import relative_gap, seed_noise, spread
+from testbed.stats import paired_noise, relative_gap, seed_noise, spread
 from testbed.stats.choice import CROSS_FIT, IN_SAMPLE, choose_lr
 from testbed.stats.curves import compute_multiplier, isoflop_slope, percentile
 from testbed.stats.intervals import mean_interval
@@ -51,7 +51,7 @@ def test_paired_gap_cancels_shared_seed_noise_and_covers():
         shared = 0.02 * rng.standard_normal((4, 2))
         base = 3.0 * np.exp(shared + 0.003 * rng.standard_normal((4, 2)))
         arm = 3.0 * (1 + gap) * np.exp(shared + 0.003 * rng.standard_normal((4, 2)))
-        noise = seed_noise([np.log(a) - np.log(b) for a, b in zip(arm, base)], log=False)
+        noise = paired_noise(zip(arm, base))
         paired.append(relative_gap(arm[0], base[0], noise, paired=True))
         unpaired.append(relative_gap(arm[0], base[0], seed_noise([*arm, *base])))
     assert 0.93 <= covered(paired, gap) <= 0.97

@@ -35,16 +35,21 @@ class Interval:
         return {"estimate": self.estimate, "low": self.low, "high": self.high, "se": self.se, "sd": self.sd}
 
 
+def fit_space_residuals(result: FitResult, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(fitted values, observed − fitted) at the fit, in the law's fit space (log-loss or loss)."""
+    law = result.law
+    with np.errstate(over="ignore", invalid="ignore"):
+        fitted = law.predict(result.theta[None, :], law_inputs(law, frame))[0]
+    observed = frame["loss"].to_numpy(float)
+    return fitted, (np.log(observed) if law.space == "log" else observed) - fitted
+
+
 def replicate_targets(result: FitResult, frame: pd.DataFrame, n_resamples: int, seed: int = 0) -> np.ndarray:
     """(K, n) responses in the law's fit space for a wild cluster bootstrap by run
     (testbed.stats.curves.wild_cluster_targets): the fitted law plus each run's residuals with one
     random sign per run. The design stays as it was run: no run is duplicated or dropped, which a
     resample of a dozen runs (a dozen design points) would do."""
-    law = result.law
-    with np.errstate(over="ignore", invalid="ignore"):
-        fitted = law.predict(result.theta[None, :], law_inputs(law, frame))[0]
-    observed = frame["loss"].to_numpy(float)
-    residuals = (np.log(observed) if law.space == "log" else observed) - fitted
+    fitted, residuals = fit_space_residuals(result, frame)
     residuals = np.where(np.isfinite(residuals), residuals, 0.0)
     return wild_cluster_targets(fitted, residuals, frame["run_id"].to_numpy(), n_resamples, result.n_free, seed)
 
@@ -67,11 +72,7 @@ def scatter(result: FitResult, train: pd.DataFrame) -> tuple[np.ndarray, np.ndar
     the fit pulled the law towards those runs, so the offsets are widened by sqrt(R / (R - p))
     for R runs and p free parameters (where R > p). With one point per run the within-run
     residuals are all zero and the offsets are the residuals."""
-    law = result.law
-    with np.errstate(over="ignore", invalid="ignore"):
-        fitted = law.predict(result.theta[None, :], law_inputs(law, train))[0]
-    observed = train["loss"].to_numpy(float)
-    residuals = pd.Series((np.log(observed) if law.space == "log" else observed) - fitted)
+    residuals = pd.Series(fit_space_residuals(result, train)[1])
     ok = np.isfinite(residuals.to_numpy())
     residuals, runs = residuals[ok], train["run_id"].to_numpy()[ok]
     if not len(residuals):

@@ -9,6 +9,15 @@
 Every method has a coverage test on simulated data with a known answer (tests/test_stats.py).
 """
 
-from testbed.stats.intervals import LEVEL, Estimate, SeedNoise, mean_interval, relative_gap, seed_noise, spread
+from testbed.stats.intervals import (
+    LEVEL,
+    Estimate,
+    SeedNoise,
+    mean_interval,
+    paired_noise,
+    relative_gap,
+    seed_noise,
+    spread,
+)
 
-__all__ = ["LEVEL", "Estimate", "SeedNoise", "mean_interval", "relative_gap", "seed_noise", "spread"]
+__all__ = ["LEVEL", "Estimate", "SeedNoise", "mean_interval", "paired_noise", "relative_gap", "seed_noise", "spread"]

@@ -81,6 +81,11 @@ class IsoflopFit:
     def __post_init__(self) -> None:
         self.vertices = self.v0 + self.a * (self.log_budgets - self.log_budgets.mean())
 
+    def predict(self, log_n: np.ndarray, budget: np.ndarray) -> np.ndarray:
+        """The fitted loss at log N on budget index `budget` (into `log_budgets`)."""
+        budget = np.asarray(budget, int)
+        return self.heights[budget] + self.curvatures[budget] * (np.asarray(log_n, float) - self.vertices[budget]) ** 2
+
 
 def _isoflop_model(theta: np.ndarray, log_n: np.ndarray, budget: np.ndarray, centred_c: np.ndarray) -> np.ndarray:
     b = len(centred_c)

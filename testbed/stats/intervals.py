@@ -72,6 +72,12 @@ def seed_noise(groups: Iterable[ArrayLike], log: bool = True) -> SeedNoise | Non
     return SeedNoise(total / df, df, cells, log) if df else None
 
 
+def paired_noise(pairs: Iterable[tuple[ArrayLike, ArrayLike]]) -> SeedNoise | None:
+    """The pooled variance of per-pair log ratios log(a / b), one (a, b) per cell: the noise a
+    paired `relative_gap` needs."""
+    return seed_noise([_scale(a, True) - _scale(b, True) for a, b in pairs], log=False)
+
+
 def t_bounds(center: float, se: float, df: float, level: float = LEVEL) -> tuple[float, float]:
     half = float(sps.t.ppf(0.5 + level / 2, df)) * se
     return center - half, center + half

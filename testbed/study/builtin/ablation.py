@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from testbed.stats import relative_gap, seed_noise
+from testbed.stats import paired_noise, relative_gap
 from testbed.stats.curves import compute_multiplier
 from testbed.study.base import Analysis, Context, Study, choose, decidable, figure, measured, paired_by_seed, register
 from testbed.study.recipes import BATCH, base, tiny_text
@@ -54,7 +52,7 @@ def analyse(ctx: Context) -> Analysis:
     trend = measured(f"trend of the log-loss offset {VARIANT} − {BASELINE} per unit log C", result.trend)
     pairs = {b: paired_by_seed(best[(best[arm] == VARIANT) & (best["label_budget"] == b)],
                                best[(best[arm] == BASELINE) & (best["label_budget"] == b)]) for b in budgets}
-    noise = seed_noise([[x - y for x, y in zip(*map(_logs, pair))] for pair in pairs.values()], log=False)
+    noise = paired_noise(pairs.values())
     more = [trend]
     for b in budgets:
         gap = relative_gap(*pairs[b], noise, paired=True)
@@ -70,10 +68,6 @@ def analyse(ctx: Context) -> Analysis:
     notes = [f"agree: the multiplier's interval lies above 1 ({VARIANT} needs less compute)",
              f"learning rates: {choice.method}"]
     return Analysis(multiplier, more, {"frontiers": rows, "spikes": _spikes(finals, arm)}, [_plot(ctx, rows)], notes)
-
-
-def _logs(values) -> np.ndarray:
-    return np.log(np.asarray(values, float))
 
 
 def _spikes(finals, arm: str) -> list[dict[str, Any]]:

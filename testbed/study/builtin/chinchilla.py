@@ -79,12 +79,8 @@ def _approach1(frame, joint: IsoflopFit | None, draws: int = 400) -> tuple[Measu
 
 
 def _joint_prediction(frame, joint: IsoflopFit) -> np.ndarray:
-    budgets = np.log(frame["label_budget"].to_numpy(float))
-    index = np.searchsorted(joint.log_budgets, budgets - 1e-9)
-    centred = joint.log_budgets - joint.log_budgets.mean()
-    log_n = np.log(frame["N"].to_numpy(float))
-    return (joint.heights[index] + joint.curvatures[index]
-            * (log_n - joint.v0 - joint.a * centred[index]) ** 2)
+    index = np.searchsorted(joint.log_budgets, np.log(frame["label_budget"].to_numpy(float)) - 1e-9)
+    return joint.predict(np.log(frame["N"].to_numpy(float)), index)
 
 
 def _approach3(frame) -> tuple[Measurement, Measurement, dict[str, float]]:
@@ -169,8 +165,7 @@ def _plot(ctx: Context, rows: list[dict], joint: IsoflopFit | None) -> str:
             line = ax.plot([r["N"] for r in pts], [r["loss"] for r in pts], "o", label=f"C = {budget:.2g}")[0]
             if joint is not None:  # the joint fit's parabola over the sampled sizes, its vertex marked
                 log_n = np.linspace(np.log(pts[0]["N"]), np.log(pts[-1]["N"]), 50)
-                centred = joint.log_budgets[j] - joint.log_budgets.mean()
-                curve = joint.heights[j] + joint.curvatures[j] * (log_n - joint.v0 - joint.a * centred) ** 2
+                curve = joint.predict(log_n, np.full(len(log_n), j))
                 ax.plot(np.exp(log_n), curve, "-", color=line.get_color(), linewidth=1)
                 ax.axvline(np.exp(joint.vertices[j]), color=line.get_color(), linestyle=":", linewidth=1)
     return "isoflop.png"

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from testbed.stats import relative_gap, seed_noise
+from testbed.stats import paired_noise, relative_gap
 from testbed.study.base import Analysis, Context, Study, choose, figure, measured, paired_by_seed, register
 from testbed.study.recipes import BATCH, base, seeds
 
@@ -63,7 +63,7 @@ def analyse(ctx: Context) -> Analysis:
     for (batch, tokens), arm in pw.groupby(cells):
         ref = cos.loc[(cos["batch_tokens"] == batch) & (cos["planned_tokens"] == tokens)]
         pairs[(batch, tokens)] = paired_by_seed(arm, ref)
-    noise = seed_noise([np.log(a) - np.log(b) for a, b in pairs.values()], log=False)
+    noise = paired_noise(pairs.values())
     gaps, rows = [], []
     for (batch, tokens), (a, b) in pairs.items():
         gap = measured(f"power − tuned cosine at batch {int(batch)} tokens, D={tokens:.3g}",

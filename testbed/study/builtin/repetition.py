@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from testbed.stats import relative_gap, seed_noise
+from testbed.stats import paired_noise, relative_gap
 from testbed.stats.curves import parametric_bootstrap, percentile
 from testbed.study.base import (
     Analysis,
@@ -59,7 +59,7 @@ def analyse(ctx: Context) -> Analysis:
     # Both arms at one seed share its initialisation: paired by seed, the noise pooled over epochs.
     pairs = {tokens: paired_by_seed(rep[rep["planned_tokens"] == tokens], ctl[ctl["planned_tokens"] == tokens])
              for tokens in sorted(set(ctl["planned_tokens"]))}
-    noise = seed_noise([np.log(a) - np.log(b) for a, b in pairs.values()], log=False)
+    noise = paired_noise(pairs.values())
     for tokens, (a, b) in pairs.items():
         e = round(tokens / u)
         gap = measured(f"repeated − unique at {e} epochs", relative_gap(a, b, noise, paired=True))

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from testbed.stats import relative_gap, seed_noise
+from testbed.stats import paired_noise, relative_gap
 from testbed.study.base import (
     Analysis,
     Context,
@@ -94,10 +94,6 @@ def extra(ctx: Context, options: dict[str, Any]) -> None:
                 branch(parent, step, DECAY, shape)
 
 
-def _log_ratios(pairs) -> list[np.ndarray]:
-    return [np.log(np.asarray(a, float)) - np.log(np.asarray(b, float)) for a, b in pairs]
-
-
 def analyse(ctx: Context) -> Analysis:
     import pandas as pd
 
@@ -108,7 +104,7 @@ def analyse(ctx: Context) -> Analysis:
     # Both arms at one seed share its initialisation and data order: the gap is paired by seed,
     # and the variance of the per-seed log ratio is pooled over the durations.
     pairs = {t: paired_by_seed(wsd[wsd["planned_tokens"] == t], cos[cos["planned_tokens"] == t]) for t in durations}
-    noise = seed_noise(_log_ratios(pairs.values()), log=False)
+    noise = paired_noise(pairs.values())
     rows, gaps = [], []
     for tokens in durations:
         edges = cos_choice.edges({"planned_tokens": tokens}) + wsd_choice.edges({"planned_tokens": tokens})
@@ -140,7 +136,7 @@ def analyse(ctx: Context) -> Analysis:
             b = every[linear & (every["D"] == tokens)].set_index("parent")["loss"]
             shared = sorted(set(a.index) & set(b.index))
             shape_pairs[tokens] = ([float(a[p]) for p in shared], [float(b[p]) for p in shared])
-        shape_noise = seed_noise(_log_ratios(shape_pairs.values()), log=False)
+        shape_noise = paired_noise(shape_pairs.values())
         for tokens, (a, b) in shape_pairs.items():
             gap = measured(f"1-sqrt vs linear cooldown branch at D={tokens:.3g}",
                            relative_gap(a, b, shape_noise, paired=True))
@@ -152,7 +148,7 @@ def analyse(ctx: Context) -> Analysis:
             arm = wsd.loc[(wsd["planned_tokens"] - tokens).abs() <= BATCH[ctx.size]]
             if not arm.empty:
                 branch_pairs[tokens] = (paired_by_seed(sqrt[sqrt["D"] == tokens], arm), arm)
-        branch_noise = seed_noise(_log_ratios(p for p, _ in branch_pairs.values()), log=False)
+        branch_noise = paired_noise(p for p, _ in branch_pairs.values())
         for tokens, ((a, b), arm) in branch_pairs.items():
             gap = measured(f"branch vs separate WSD run at D={tokens:.3g}", relative_gap(a, b, branch_noise, paired=True),
                            caveats=wsd_choice.edges({"planned_tokens": arm["planned_tokens"].iloc[0]}))
