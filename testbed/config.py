@@ -151,6 +151,9 @@ class TrainConfig:
     log_every: int = 10
     activation_checkpointing: bool = False
     parallel: str = "ddp"  # with several processes: ddp (replicated) | fsdp (FSDP2, sharded)
+    # With several processes: a collective that waits this long for a rank (hung, stopped, on a
+    # lost node) fails, and the run stops resumable instead of hanging (docs/distributed.md).
+    collective_timeout_s: float = 600.0
     deterministic: bool = False  # CUDA: force deterministic kernels (slower); CPU runs are always bit-reproducible
     # Stop as failed when the training loss (a logging window's mean) climbs this many nats
     # above its lowest value since warmup ended; None disables the guard.
@@ -214,7 +217,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass the path of a YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(decode_text(path.read_bytes(), path))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -226,6 +229,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, "
                           f"not a {type(data).__name__}")
     return data
+
+
+def decode_text(data: bytes, path: str | Path) -> str:
+    """The UTF-8 text of a user's file (a byte-order mark dropped); any other encoding, or binary
+    bytes, is one error naming the file and the fix."""
+    why = None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        why = "it is UTF-16: it starts with a byte-order mark"
+    elif b"\0" in data:
+        why = "it holds NUL bytes: a binary file, or UTF-16 without a byte-order mark"
+    else:
+        try:
+            return data.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            why = f"byte {err.start} is 0x{data[err.start]:02x}"
+    raise ConfigError(f"{str(path)!r} is not UTF-8 text ({why}); save it as UTF-8")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -550,6 +569,7 @@ def validate(c: Config) -> None:
             "(a folder written by `testbed data prepare`)")
     check_choice("train.precision", t.precision, CHOICES["train.precision"])
     check_choice("train.parallel", t.parallel, ("ddp", "fsdp"))
+    _positive("train.collective_timeout_s", t.collective_timeout_s)
     check_choice("logging.wandb_mode", c.logging.wandb_mode, CHOICES["logging.wandb_mode"])
     given = [k for k in DURATION_KEYS if getattr(t, k) is not None]
     require(len(given) <= 1, f"train.{given[0]} and train.{given[1]} both set; give only one "

@@ -38,6 +38,14 @@ def slurm_missing_reason() -> str | None:
     return None
 
 
+def multinode_missing_reason() -> str | None:
+    reason = slurm_missing_reason()
+    for tool in ("ip", "nsenter", "unshare"):
+        if reason is None and shutil.which(tool) is None:
+            reason = f"{tool} not found (install with: apt-get install -y iproute2 util-linux)"
+    return reason
+
+
 def cluster_answers(conf: str) -> bool:
     env = {**os.environ, "SLURM_CONF": conf}
     result = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True,
@@ -80,3 +88,24 @@ def slurm_cluster():
             os.environ["SLURM_CONF"] = previous
         if not already:
             subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop", state_dir], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes():
+    """SLURM_CONF of a two-node cluster (scripts/slurm_cluster.sh with NODES=2: each slurmd in
+    its own network namespace, own address and hostname), started here and stopped after. The
+    tests set SLURM_CONF to it themselves (monkeypatch), beside the one-node cluster's."""
+    reason = multinode_missing_reason()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but no two-node SLURM cluster can be started: {reason}")
+        pytest.skip(reason)
+    state_dir = os.environ.get("TESTBED_SLURM2_STATE", "/tmp/testbed-slurm-2nodes")
+    result = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start", state_dir, "2"],
+                            capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        pytest.fail(f"scripts/slurm_cluster.sh start {state_dir} 2 failed: {result.stderr}")
+    try:
+        yield str(Path(state_dir) / "slurm.conf")
+    finally:
+        subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop", state_dir], capture_output=True)

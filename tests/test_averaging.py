@@ -118,6 +118,20 @@ def test_averaging_more_checkpoints_than_saved_is_one_error(ema_run, capsys):
     assert RunDir(run_dir).averages() == before  # nothing recorded
 
 
+def test_averaging_a_file_instead_of_a_run_directory_is_one_error(ema_run, tmp_path, capsys):
+    _, run_dir = ema_run
+    before = (RunDir(run_dir).averages(), (run_dir / "run.json").read_bytes())
+    stray = tmp_path / "notes.txt"
+    stray.write_text("x")
+    for path in (run_dir / "run.json", stray, run_dir / "checkpoints" / "index.jsonl"):
+        assert testbed_cli.main(["average", str(path), "--last", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "Traceback" not in err and str(path) in err and "is a file" in err, err
+        assert "run directory" in err, err
+    assert (RunDir(run_dir).averages(), (run_dir / "run.json").read_bytes()) == before
+    assert stray.read_text() == "x"
+
+
 def test_a_checkpoint_removed_while_averaging_is_named_as_removed_not_damaged(ema_run, tmp_path, monkeypatch):
     """A trainer still running deletes rolling checkpoints as it saves: one that vanishes between
     the index and the read gives one error that says so, and nothing is recorded."""

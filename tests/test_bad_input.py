@@ -241,6 +241,52 @@ def test_fit_refuses_unreadable_tables(content, words, tmp_path, capsys):
     assert not (tmp_path / "fit").exists()
 
 
+# ----------------------------------------------------------------------------- YAML files not UTF-8
+
+NOT_UTF8 = {
+    "binary": b"\x00\x01\x02PK\x03\x04\xff\xfe\x89PNG" * 20,
+    "utf-16": "name: s\ngrid:\n  optim.lr: [0.001]\n".encode("utf-16"),  # with its byte-order mark
+    "utf-16-le": "name: s\n".encode("utf-16-le"),  # no byte-order mark: NUL bytes between letters
+    "latin-1": "name: s\ndescription: caf\xe9\n".encode("latin-1"),
+}
+
+
+def assert_not_utf8_error(code, err, path):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert str(path) in err and "not UTF-8 text" in err and "save it as UTF-8" in err, err
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_UTF8))
+def test_config_sweep_and_profile_files_that_are_not_utf8_are_one_error(kind, tmp_path, capsys):
+    bad = tmp_path / f"bad-{kind}.yaml"
+    bad.write_bytes(NOT_UTF8[kind])
+    good_sweep = tmp_path / "sweep.yaml"
+    good_sweep.write_text("name: s\nbase:\n  train: {steps: 2}\ngrid:\n  optim.lr: [0.001]\n")
+    based = tmp_path / "based.yaml"  # a good sweep whose base config is the bad file
+    based.write_text(f"name: s\nbase: {bad.name}\ngrid:\n  optim.lr: [0.001]\n")
+    commands = [
+        ["train", str(bad), "--run-dir", str(tmp_path / "run")],
+        ["sweep", "plan", str(bad)],
+        ["sweep", "run", str(bad), "--sweep-dir", str(tmp_path / "sweep")],
+        ["sweep", "plan", str(based)],
+        ["sweep", "run", str(good_sweep), "--sweep-dir", str(tmp_path / "sweep"), "--executor", "slurm",
+         "--profile", str(bad)],
+    ]
+    for argv in commands:
+        assert_not_utf8_error(main(argv), capsys.readouterr().err, bad)
+    assert bad.read_bytes() == NOT_UTF8[kind]  # the file is left as it was
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_utf16_file_is_named_as_utf16(tmp_path, capsys):
+    bad = tmp_path / "c.yaml"
+    bad.write_bytes(NOT_UTF8["utf-16"])
+    assert main(["train", str(bad)]) == 2
+    assert "UTF-16" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- training runs
 
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=64",

@@ -320,6 +320,168 @@ def test_full_tmpfs_stops_with_one_line_and_resumes_exactly(reference, config_pa
     assert train_lines == reference["train"] and [v for v in val if v[0] % 2 == 0] == reference["val"]
 
 
+def _fill(folder: Path) -> None:
+    """Write a filler file in `folder` until its file system is full (a real ENOSPC)."""
+    with open(folder / "filler", "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+        except OSError as err:
+            assert err.errno == errno.ENOSPC, err
+
+
+NO_CHECKPOINTS = {"every": None, "log_spaced": 0, "at_tokens": [], "rolling_every": None, "final": False}
+
+
+def test_full_tmpfs_during_metrics_appends_fails_the_run_in_one_line(root, tmp_path, capsys):
+    """The disk fills at step 3 (a real tmpfs, no checkpoint to blame): the metrics appends that
+    no longer fit stop the run with one line, no partial line is left, and status.json says
+    failed with that line although there is no room for a new copy of it."""
+    disk = tmp_path / "disk"
+    reason = _mount_tmpfs(disk, "1m")
+    if reason:
+        pytest.skip(reason)
+    config = tmp_path / "nockpt.yaml"
+    config.write_text(yaml.safe_dump({**BASE, "checkpoint": NO_CHECKPOINTS,
+                                      "train": {**BASE["train"], "steps": 60}}))
+    original = data_loader.BatchPlan.batch_tokens
+
+    def batch_tokens(self, step, rank=0, world=1):
+        if step == 3 and not (disk / "filler").exists():
+            _fill(disk)
+        return original(self, step, rank, world)
+
+    run_dir = disk / "run"
+    try:
+        data_loader.BatchPlan.batch_tokens = batch_tokens
+        try:
+            code = run_cli("train", config, "--run-dir", run_dir)
+        finally:
+            data_loader.BatchPlan.batch_tokens = original
+        assert code == 2
+        err = one_line_error(capsys, "metrics.jsonl", "no space left", "Free space")
+        status = json.loads((run_dir / "status.json").read_text())
+        assert status["state"] == "failed" and status["message"] == err.removeprefix("error: ")
+        assert (run_dir / "metrics.jsonl").read_bytes().endswith(b"\n")  # no partial line left
+        steps = [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl") if "train_loss" in m]
+        assert 3 <= len(steps) < 60 and steps == list(range(1, len(steps) + 1))
+        (disk / "filler").unlink()
+        assert run_cli("train", config, "--run-dir", run_dir) == 0  # no checkpoint: it starts again
+        assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.parametrize(("name", "code", "names"), [("metrics.jsonl", errno.EDQUOT, "metrics.jsonl"),
+                                                     ("train.log", errno.EROFS, "train.log"),
+                                                     ("index.jsonl", errno.ENOSPC, "its index line")])
+def test_storage_errors_on_run_files_are_one_line_and_a_failed_status(preempted, config_path, tmp_path,
+                                                                      monkeypatch, capsys, name, code, names):
+    """An append the storage refuses (injected at the write: over quota, read-only, full) is the
+    one line a checkpoint's full disk gives (an index line's is the checkpoint's), and the run
+    ends failed with it."""
+    run_dir = copy(preempted, tmp_path)
+    real_write = os.write
+
+    def write(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/" + name):
+            raise OSError(code, os.strerror(code))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    assert run_cli("train", config_path, "--run-dir", run_dir) == 2
+    monkeypatch.undo()
+    reason = {errno.EDQUOT: "quota", errno.EROFS: "read-only", errno.ENOSPC: "no space left"}[code]
+    err = one_line_error(capsys, names, reason, "Free space")
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and status["message"] == err.removeprefix("error: ")
+    assert all(ckpt.verify(p) is None for p in ckpt.list_checkpoints(run_dir))
+
+
+# ----------------------------------------------------------------------------- damaged records
+
+
+def make_sweep(reference: Path, root: Path) -> Path:
+    """A sweep directory whose one run is a copy of the finished reference run."""
+    from testbed.sweep.registry import Registry
+    from testbed.sweep.spec import load_sweep
+
+    registry = Registry(root / "sweep")
+    (run_id,) = registry.add_runs(load_sweep({"name": "faults", "base": BASE, "grid": {"train.seed": [0]}}))
+    shutil.rmtree(registry.run_dir(run_id), ignore_errors=True)
+    shutil.copytree(reference, registry.run_dir(run_id))
+    with registry.locked():
+        record = registry.read(run_id)
+        registry.set_state(record, "done")
+        registry.write(record)
+    return registry.root
+
+
+# (command, file damaged, the line appended): lines that parse but are not a record of that file
+@pytest.mark.parametrize(("command", "name", "line"), [
+    ("resume", "checkpoints/index.jsonl", '{"kind": "rolling"}'),
+    ("resume", "checkpoints/index.jsonl", "[1, 2]"),
+    ("resume", "metrics.jsonl", "3"),
+    ("average", "checkpoints/index.jsonl", '{"kind": "rolling"}'),
+    ("fit collect", "checkpoints/index.jsonl", "[]"),
+    ("fit collect", "averages.jsonl", '{"val_loss": 1.0}'),
+    ("fit", "metrics.jsonl", '"x"'),
+    ("fit", "checkpoints/index.jsonl", '{"step": 4, "kind": "rolling"}'),
+    ("sweep status", "metrics.jsonl", "[]"),
+])
+def test_lines_that_are_not_records_are_damage_for_every_reader(preempted, reference, config_path, tmp_path,
+                                                                capsys, command, name, line):
+    if command == "resume":
+        run_dir = copy(preempted, tmp_path)
+        args: tuple = ("train", config_path, "--run-dir", run_dir, "--resume")
+    else:
+        top = make_sweep(reference["dir"], tmp_path)
+        (run_dir,) = (top / "runs").iterdir()
+        args = {"average": ("average", run_dir, "--last", 1),
+                "fit collect": ("fit", "collect", top, "--out", tmp_path / "points.csv"),
+                "fit": ("fit", top, "--no-plots", "--out", tmp_path / "fit"),
+                "sweep status": ("sweep", "status", top)}[command]
+    path = run_dir / name
+    with open(path, "a") as handle:
+        handle.write(line + "\n")
+    lines = len(path.read_text().splitlines())
+    before = snapshot(run_dir)
+    assert run_cli(*args) == 2
+    one_line_error(capsys, f"{path.name} line {lines}", "damaged", "repair or delete")
+    assert snapshot(run_dir) == before
+
+
+# ----------------------------------------------------------------------------- links in a run directory
+
+
+@pytest.mark.parametrize("where", [("lock", "metrics.jsonl"), ("metrics.jsonl",), ("status.json",),
+                                   ("train.log",), ("run.json",)])
+def test_a_link_where_a_run_file_belongs_is_refused_and_its_target_kept(preempted, config_path, tmp_path,
+                                                                        capsys, where):
+    run_dir = copy(preempted, tmp_path)
+    outside = tmp_path / "precious.txt"
+    outside.write_bytes(b"precious, not the testbed's\n")
+    for name in where:
+        (run_dir / name).unlink(missing_ok=True)
+        (run_dir / name).symlink_to(outside)
+    before = snapshot(run_dir)
+    assert run_cli("train", config_path, "--run-dir", run_dir) == 2
+    one_line_error(capsys, str(run_dir / where[0]), "symbolic link", "remove the link")
+    assert outside.read_bytes() == b"precious, not the testbed's\n"
+    assert snapshot(run_dir) == before and all((run_dir / name).is_symlink() for name in where)
+
+
+@pytest.mark.parametrize("name", ["lock", "metrics.jsonl", "checkpoints/index.jsonl"])
+def test_a_directory_where_a_run_file_belongs_is_one_line(preempted, config_path, tmp_path, capsys, name):
+    run_dir = copy(preempted, tmp_path)
+    (run_dir / name).unlink(missing_ok=True)
+    (run_dir / name).mkdir()
+    before = snapshot(run_dir)
+    assert run_cli("train", config_path, "--run-dir", run_dir) == 2
+    one_line_error(capsys, str(run_dir / name), "directory")
+    assert snapshot(run_dir) == before
+
+
 # ----------------------------------------------------------------------------- damaged checkpoints
 
 

@@ -114,3 +114,48 @@ def test_the_lr_batch_template_trains_and_fits_from_its_sweep_directory(tmp_path
     for _, run in best.iterrows():
         lr, _ = steplaw.predict(rules, run["N_non_embedding"], run["planned_tokens"])
         assert float(lr) == pytest.approx(run["peak_lr"], rel=1e-6)
+
+
+def one_axis_swept(fixed: str) -> pd.DataFrame:
+    """The sweep with `fixed` ('lr' or 'batch') held at one value in every row: only the other
+    axis is searched."""
+    table = sweep().assign(batch=lambda t: t["bs"] * 2048).drop(columns="bs")
+    middle = table.groupby(["N", "D"])[fixed].transform(lambda s: np.sort(s.unique())[s.nunique() // 2])
+    table = table[np.isclose(table[fixed], middle)].copy()  # one value of `fixed` per cell
+    table[fixed] = 3e-3 if fixed == "lr" else 2.0**19
+    return table.reset_index(drop=True)
+
+
+@pytest.mark.parametrize("fixed,fitted", [("batch", "lr"), ("lr", "batch")])
+def test_a_rule_for_an_axis_that_never_varies_is_skipped_with_a_warning(fixed, fitted, tmp_path, capsys):
+    # A constant axis used to get a rule with exponent 0 (the fit of a constant), reported as fitted.
+    table = tmp_path / "sweep.csv"
+    one_axis_swept(fixed).to_csv(table, index=False)
+    out = tmp_path / "hp"
+    assert main(["fit", "hparams", str(table), "--at", "N=1e9,D=1e11", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    warnings = [line for line in printed.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and f"{fixed} never varies" in warnings[0] and "not fitted" in warnings[0], printed
+    saved = json.loads((out / "hparams.json").read_text())
+    rules, prediction = saved["rules"], saved["predictions"][0]
+    skipped = ("lr_coef", "lr_N_exp", "lr_D_exp") if fixed == "lr" else ("bs_coef", "bs_D_exp")
+    assert all(rules[key] is None for key in skipped) and fixed in rules["skipped"]
+    assert prediction["lr" if fixed == "lr" else "batch_tokens"] is None
+    if fitted == "lr":
+        assert rules["lr_N_exp"] == pytest.approx(-0.6, abs=0.05) and prediction["lr"] > 0
+    else:
+        assert rules["bs_D_exp"] == pytest.approx(0.6, abs=0.05) and prediction["batch_tokens"] > 0
+    assert saved["warnings"] == [w.removeprefix("warning: ") for w in warnings]
+
+
+def test_a_table_where_neither_lr_nor_batch_varies_is_refused(tmp_path, capsys):
+    table = tmp_path / "sweep.csv"
+    frame = one_axis_swept("lr").assign(batch=2.0**19).drop_duplicates(subset=["N", "D"])
+    frame.to_csv(table, index=False)
+    out = tmp_path / "hp"
+    assert main(["fit", "hparams", str(table), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "lr" in err and "batch" in err and "never vary" in err, err
+    assert not out.exists()
+    with pytest.raises(TestbedError, match="never vary"):
+        steplaw.fit_rules(frame)

@@ -154,3 +154,26 @@ def test_step_and_wsd_curves_identify_every_parameter_and_predict_cosine():
     predicted = predict_curve(result.theta, s, lrs["cosine"], at_steps=logged)
     exact = predict_curve(TRUE, s, lrs["cosine"], at_steps=logged, groups=None)
     assert np.max(np.abs(predicted / exact - 1)) < 2e-4
+
+
+def test_rows_with_zero_or_negative_learning_rates_are_refused_with_a_count(tmp_path, capsys):
+    # A learning rate of 0 (or below) has no log and no LR area: the law's eta^(-gamma) term blows up,
+    # and the fit used to report converged nonsense. The rows are counted and refused, never dropped
+    # (dropping them would change the run's LR area).
+    data = simulate(0.0)
+    data = data[data.run_id.isin(["constant", "cosine"]) & ((data.step % 320 == 0) | (data.step == 1))]
+    data = data.drop(columns="clean").reset_index(drop=True)
+    bad = data.index[data.run_id == "cosine"][-3:]
+    data.loc[bad, "lr"] = [0.0, -1e-4, 0.0]
+    table = tmp_path / "curves.csv"
+    data.to_csv(table, index=False)
+    out = tmp_path / "fit"
+    assert main(["fit", str(table), "--law", "multipower", "--points", "all", "--skip-fraction", "0",
+                 "--no-plots", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert "3 rows have lr <= 0" in err and "cosine" in err, err
+    assert not out.exists()
+    # The same rows on a run that --where leaves out are no obstacle.
+    assert main(["fit", str(table), "--law", "multipower", "--points", "all", "--skip-fraction", "0",
+                 "--where", "run_id=='constant'", "--no-plots", "--out", str(out)]) == 0, capsys.readouterr().err

@@ -4,8 +4,10 @@ sweep reach the fit."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 
 import pandas as pd
 import pytest
@@ -14,7 +16,17 @@ import yaml
 from testbed import exits
 from testbed.cli import main
 from testbed.errors import TestbedError
-from testbed.rundir import RunDir, append_jsonl, config_hash, find_runs, read_jsonl, run_id
+from testbed.rundir import (
+    STORAGE_ERRORS,
+    RunDir,
+    StorageError,
+    append_jsonl,
+    config_hash,
+    find_runs,
+    read_jsonl,
+    run_id,
+    storage_error,
+)
 
 
 def test_only_a_cut_last_line_is_forgiven(tmp_path):
@@ -37,6 +49,67 @@ def test_only_a_cut_last_line_is_forgiven(tmp_path):
     damaged.write_text('{"step": 1}\n{"step": 2, "lo\n')
     with pytest.raises(TestbedError, match="line 2"):
         read_jsonl(damaged)
+
+
+@pytest.mark.parametrize("line", ["[1, 2]", "[]", "3", '"x"', "null", '{"kind": "rolling"}',
+                                  '{"step": "4", "kind": "rolling", "path": "p"}',
+                                  '{"step": 4, "kind": "weekly", "path": "p"}'])
+def test_lines_that_parse_but_are_not_records_are_damage(tmp_path, line):
+    run = RunDir(tmp_path)
+    run.append_index({"step": 2, "kind": "rolling", "path": "checkpoints/step_00000002"})
+    with open(run.index_path, "a") as handle:
+        handle.write(line + "\n")
+    run.append_index({"step": 4, "kind": "science", "path": "checkpoints/step_00000004"})
+    with pytest.raises(TestbedError, match=r"index.jsonl line 2 is (a JSON|an object whose).*damaged.*delete"):
+        run.index()
+    if line.startswith("{"):
+        assert len(read_jsonl(run.index_path)) == 3  # to the reader that requires no key, a line
+    else:  # cut (no newline) and last: a write a kill interrupted, as an unparseable cut line is
+        run.index_path.write_text('{"step": 2, "kind": "rolling", "path": "p"}\n' + line)
+        assert [r["step"] for r in run.index()] == [2]
+
+
+def test_run_files_are_never_written_through_a_link(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"keep me\n")
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    writes = {run.metrics_path: lambda: run.append_metrics({"step": 1}),
+              run.log_path: lambda: run.log("hello"),
+              run.status_json: lambda: run.write_status("running", step=0),
+              run.run_json: lambda: run.write_run({"run_id": "x"}),
+              run.lock_path: run.acquire}
+    for path, write in writes.items():
+        path.symlink_to(outside)
+        with pytest.raises(TestbedError, match=rf"{path.name}' is a symbolic link.*remove the link"):
+            write()
+        assert outside.read_bytes() == b"keep me\n" and path.is_symlink()
+        path.unlink()
+    with pytest.raises(TestbedError, match="symbolic link"):
+        run.metrics_path.symlink_to(outside)
+        run.metrics()
+    assert run.lock_holder() is None  # a link is no lock anybody holds
+    # The hidden temporary file of an atomic write is created anew, never opened through a link.
+    run.metrics_path.unlink()
+    tmp = run.path / f".status.json.{os.getpid()}.tmp"
+    tmp.symlink_to(outside)
+    run.write_status("running", step=0)
+    assert outside.read_bytes() == b"keep me\n" and run.read_status()["state"] == "running"
+    assert not tmp.exists() and not tmp.is_symlink()
+    run.log_path.mkdir()
+    with pytest.raises(TestbedError, match="train.log' is a directory"):
+        run.log("hello")
+
+
+def test_storage_errors_have_one_owner(tmp_path):
+    from testbed.train import checkpoint as ckpt
+
+    err = storage_error(OSError(errno.EDQUOT, "quota"), tmp_path / "metrics.jsonl")
+    assert isinstance(err, StorageError) and isinstance(err, TestbedError) and isinstance(err, OSError)
+    assert err.errno == errno.EDQUOT and "\n" not in str(err) and str(err).startswith(f"'{tmp_path}/metrics.jsonl'")
+    assert "quota" in str(err) and "MB free there" in str(err)
+    assert storage_error(OSError(errno.EACCES, "no"), tmp_path).errno == errno.EACCES  # not a storage error
+    assert not hasattr(ckpt, "STORAGE_ERRORS") and set(STORAGE_ERRORS) == {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 def test_damaged_json_file_is_an_error_naming_it(tmp_path):

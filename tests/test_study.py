@@ -204,6 +204,62 @@ def test_user_study_from_import(tmp_path, monkeypatch):
     assert "the last `study run` was interrupted" in published  # the report body: the latest alone
 
 
+def test_two_study_runs_on_one_out_keep_both_invocations(tmp_path, monkeypatch):
+    """Two `study run` on one --out at once (two shells): both invocations stay in study.json,
+    each with its own end. Here A starts, B starts, A finishes, then B finishes; study.json used to
+    be read once and written whole, so A's end dropped B and B's end recorded A as interrupted."""
+    import threading
+
+    import user_study  # noqa: F401  (registers user-demo in this process)
+
+    from testbed.study import corpus, runner
+
+    out = tmp_path / "out"
+    both_started = threading.Barrier(2, timeout=30)
+    a_started, a_finished = threading.Event(), threading.Event()
+    waited: set[str] = set()
+    seen_by_b: list[list[dict]] = []  # study.json once A has finished, B still running
+
+    def sweep(out_, spec, **kwargs):
+        name = threading.current_thread().name
+        if name not in waited:  # each invocation's first sweep: both have recorded their start
+            waited.add(name)
+            if name == "A":
+                a_started.set()
+            both_started.wait()
+            if name == "B":
+                assert a_finished.wait(30)
+                seen_by_b.append(json.loads((out / "study.json").read_text())["invocations"])
+        return out_ / "sweep" / spec["name"]
+
+    monkeypatch.setattr(corpus, "ensure_for", lambda specs: None)
+    monkeypatch.setattr(runner, "run_sweep", sweep)
+    monkeypatch.setattr(runner, "report", lambda out_: {})
+    errors = []
+
+    def invoke():
+        try:
+            runner.run("user-demo", "tiny", out, log=lambda message: None)
+        except BaseException as err:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(err)
+            both_started.abort()
+        finally:
+            if threading.current_thread().name == "A":
+                a_finished.set()
+
+    threads = [threading.Thread(target=invoke, name=name) for name in "AB"]
+    threads[0].start()
+    assert a_started.wait(30)  # one write at a time: only the read-modify-write interleaves
+    threads[1].start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    assert len(seen_by_b[0]) == 2, seen_by_b  # A's end kept B's start
+    calls = json.loads((out / "study.json").read_text())["invocations"]
+    assert len(calls) == 2 and all(c["wall_s"] is not None for c in calls), calls
+    assert "interrupted" not in runner.invocations_text(calls)
+
+
 def test_unknown_study_and_foreign_folder(tmp_path):
     result = cli("study", "run", "wds", "--out", str(tmp_path / "x"))
     assert result.returncode == 2 and "did you mean 'wsd'" in result.stderr

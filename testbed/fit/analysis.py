@@ -313,10 +313,13 @@ def analyse(source, options: FitOptions) -> Analysis:
     if law.curves and not isinstance(source, pd.DataFrame) and Path(source).is_dir():
         source = curves_table(source)  # whole loss curves from metrics.jsonl, not checkpoints
     points = load_points(source, needed, positive, options.columns, options.points, options.skip_fraction)
+    every = points
     if law.curves:
-        points = attach_schedules(points, load_points(source, needed, positive, options.columns, "all", 0.0))
+        every = load_points(source, needed, positive, options.columns, "all", 0.0)
+        points = attach_schedules(points, every)
     points = apply_where(points, options.where)
     frame = points.frame
+    guards.refuse_nonpositive(law, every.frame, frame)
     for column in extra:
         if column not in frame.columns:
             raise TestbedError(f"--by {column!r} is not a column of the table; use one of {', '.join(map(str, frame.columns))}.")

@@ -190,17 +190,24 @@ def _hparams(args) -> int:
         rules = dict(steplaw.PUBLISHED)
         source = "published Step Law rules (Li et al. 2025)"
     print(source)
-    print(f"lr_opt = {rules['lr_coef']:.4g} * N^{rules['lr_N_exp']:.4f} * D^{rules['lr_D_exp']:.4f}")
-    print(f"batch_opt (tokens) = {rules['bs_coef']:.4g} * D^{rules['bs_D_exp']:.4f}")
+    warnings = list((rules.get("skipped") or {}).values())  # a rule whose axis never varies
+    for warning in warnings:
+        print(f"warning: {warning}")
+    print(f"lr_opt = {rules['lr_coef']:.4g} * N^{rules['lr_N_exp']:.4f} * D^{rules['lr_D_exp']:.4f}"
+          if rules["lr_coef"] is not None else "lr_opt: not fitted (lr never varies)")
+    print(f"batch_opt (tokens) = {rules['bs_coef']:.4g} * D^{rules['bs_D_exp']:.4f}"
+          if rules["bs_coef"] is not None else "batch_opt: not fitted (batch never varies)")
     predictions = []
     for n, d in at:
         lr, batch = steplaw.predict(rules, n, d)
-        predictions.append({"N": n, "D": d, "lr": float(lr), "batch_tokens": float(batch)})
-        print(f"N={n:.4g}, D={d:.4g}: lr {float(lr):.4g}, batch {float(batch):.4g} tokens")
+        predictions.append({"N": n, "D": d, "lr": None if lr is None else float(lr),
+                            "batch_tokens": None if batch is None else float(batch)})
+        print(f"N={n:.4g}, D={d:.4g}: lr {'not fitted' if lr is None else f'{float(lr):.4g}'}, batch "
+              f"{'not fitted' if batch is None else f'{float(batch):.4g} tokens'}")
     if args.out:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "hparams.json").write_text(json.dumps({"source": source, "rules": rules,
+        (out_dir / "hparams.json").write_text(json.dumps({"source": source, "rules": rules, "warnings": warnings,
                                                            "predictions": predictions}, indent=2))
         print(f"written: {out_dir / 'hparams.json'}")
     return 0

@@ -37,6 +37,29 @@ def short(value: float) -> str:
     return f"{value:.3g}"
 
 
+# ---------------------------------------------------------------- inputs the law cannot take
+def refuse_nonpositive(law: Law, rows: pd.DataFrame, fitted: pd.DataFrame) -> None:
+    """Refuse, with a count, the rows <= 0 in the law's `refuse_nonpositive` inputs among `rows`
+    (a curve law: every logged row, its LR schedule) of the runs left in `fitted` (after --where)."""
+    if not law.refuse_nonpositive or rows.empty:
+        return
+    if "run_id" in rows.columns and "run_id" in fitted.columns:
+        rows = rows[rows["run_id"].isin(set(fitted["run_id"]))]
+    for name in law.refuse_nonpositive:
+        values = pd.to_numeric(rows[name], errors="coerce").to_numpy(float)
+        bad = rows[values <= 0]
+        if bad.empty:
+            continue
+        runs = sorted(map(str, bad["run_id"].unique())) if "run_id" in bad.columns else []
+        shown = ", ".join(f"{v:g}" for v in sorted(set(values[values <= 0]))[:3])
+        where = (f" in run(s) {', '.join(runs[:5])}{' and more' if len(runs) > 5 else ''}" if runs else "")
+        leave = (f", or leave those runs out with --where \"run_id!='{runs[0]}'\"" if len(runs) == 1 else
+                 ", or leave those runs out with --where" if runs else "")
+        raise TestbedError(f"{len(bad)} rows have {name} <= 0 ({name}={shown}){where}; the {law.name} law "
+                           f"needs {name} > 0 at every logged step (it raises the learning rate to a power and "
+                           f"sums its area): fix the {name} column{leave}.")
+
+
 # ---------------------------------------------------------------- the irreducible loss
 def public_bounds(law: Law, name: str, bounds: dict[str, tuple[float, float]]) -> tuple[float, float]:
     """A parameter's bounds in reported units: --bounds where given, else the law's."""

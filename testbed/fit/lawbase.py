@@ -75,6 +75,9 @@ class Law:
     # frame -> predict's inputs, for laws whose inputs are not plain columns (e.g. LR areas)
     prepare: Callable | None = None
     positive: tuple[str, ...] | None = None  # columns that must be > 0 (default: inputs + loss)
+    # inputs whose rows <= 0 are refused with a count rather than dropped: dropping a row would
+    # change what the rows around it mean (a learning rate sums into its curve's LR area)
+    refuse_nonpositive: tuple[str, ...] = ()
     # input -> the term that input identifies: the fit needs two or more distinct values of it
     terms: dict[str, str] = field(default_factory=dict)
     # fitted to whole loss curves (run_id, step, lr, loss): a sweep directory is read per step

@@ -159,6 +159,7 @@ MULTIPOWER = register(Law(
     jacobian=_jacobian,
     prepare=_prepare,
     positive=("step", "loss"),
+    refuse_nonpositive=("lr",),  # lr^(-gamma) and the LR area: a zero or negative LR has no meaning
     curves=True,
 ))
 

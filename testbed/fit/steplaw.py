@@ -14,6 +14,8 @@ weighs the same in the least-squares fit however many runs fall in its band.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -53,11 +55,28 @@ def near_optimal(table: pd.DataFrame, band: float, loss: str = "loss") -> pd.Dat
     return kept
 
 
-def fit_rules(table: pd.DataFrame, band: float = 0.0, loss: str = "loss") -> dict[str, float]:
+RULES = {"lr": ("the LR rule", "learning rates", ("lr_coef", "lr_N_exp", "lr_D_exp")),
+         "batch": ("the batch rule", "batch sizes", ("bs_coef", "bs_D_exp"))}
+
+
+def never_varies(table: pd.DataFrame, axis: str) -> str | None:
+    """Why `axis` (lr or batch) cannot be fitted: it takes one value in every (N, D) cell, so each
+    cell's "optimum" is that value and not a searched one; None when some cell varies it."""
+    if table.groupby(["N", "D"])[axis].nunique().max() >= 2:
+        return None
+    values = np.sort(table[axis].unique())
+    if len(values) == 1:
+        return f"{axis}={values[0]:.4g} in every row"
+    return f"one {axis} per cell, {len(values)} values from {values[0]:.4g} to {values[-1]:.4g}"
+
+
+def fit_rules(table: pd.DataFrame, band: float = 0.0, loss: str = "loss") -> dict[str, Any]:
     """lr_opt = lr_coef·N^lr_N_exp·D^lr_D_exp and bs_opt (tokens) = bs_coef·D^bs_D_exp by
     weighted least squares in log space on the near-optimal runs of each (N, D) cell.
 
-    `table` holds N, D, lr, batch (tokens per step) and the loss column."""
+    `table` holds N, D, lr, batch (tokens per step) and the loss column. A rule whose axis never
+    varies within a cell is not fitted (its exponents would be 0 whatever the optimum): its
+    coefficients are None and `skipped` says why; when neither varies, nothing can be fitted."""
     for column in ("N", "D", "lr", "batch", loss):
         if column not in table.columns:
             raise TestbedError(f"the LR x batch sweep table has no column {column!r}; provide N, D, lr, batch "
@@ -70,23 +89,42 @@ def fit_rules(table: pd.DataFrame, band: float = 0.0, loss: str = "loss") -> dic
     if cells < 3 or table["N"].nunique() < 2 or table["D"].nunique() < 2:
         raise TestbedError(f"the hyperparameter rules need at least 3 (N, D) cells with two or more N and D values, "
                            f"got {cells} cells; add runs at other sizes.")
+    constant = {axis: why for axis in RULES if (why := never_varies(table, axis)) is not None}
+    if len(constant) == len(RULES):
+        raise TestbedError(f"lr and batch never vary within an (N, D) cell ({constant['lr']}; {constant['batch']}): "
+                           f"no rule can be fitted; sweep two or more learning rates and batch sizes per cell "
+                           f"(e.g. configs/sweeps/lr_batch.yaml).")
+    skipped = {}
+    for axis, why in constant.items():
+        rule, plural, _ = RULES[axis]
+        other = RULES["batch" if axis == "lr" else "lr"][0]
+        skipped[axis] = (f"{axis} never varies within an (N, D) cell ({why}): {rule} is not fitted (its exponents "
+                         f"would be 0 whatever the optimum), and {other} holds at that {axis} only; sweep two or "
+                         f"more {plural} per cell to fit it.")
     kept = near_optimal(table, band, loss)
     root_w = np.sqrt(kept["weight"].to_numpy(float))
     log_n, log_d = np.log(kept["N"].to_numpy(float)), np.log(kept["D"].to_numpy(float))
-    design = np.column_stack([np.ones(len(kept)), log_n, log_d]) * root_w[:, None]
-    lr_coef = np.linalg.lstsq(design, np.log(kept["lr"].to_numpy(float)) * root_w, rcond=None)[0]
-    bs_design = np.column_stack([np.ones(len(kept)), log_d]) * root_w[:, None]
-    bs_coef = np.linalg.lstsq(bs_design, np.log(kept["batch"].to_numpy(float)) * root_w, rcond=None)[0]
-    return {"lr_coef": float(np.exp(lr_coef[0])), "lr_N_exp": float(lr_coef[1]), "lr_D_exp": float(lr_coef[2]),
-            "bs_coef": float(np.exp(bs_coef[0])), "bs_D_exp": float(bs_coef[1]), "cells": int(cells),
-            "runs_in_band": int(len(kept)), "band": float(band)}
+    rules: dict[str, Any] = {}
+    if "lr" not in skipped:
+        design = np.column_stack([np.ones(len(kept)), log_n, log_d]) * root_w[:, None]
+        lr_coef = np.linalg.lstsq(design, np.log(kept["lr"].to_numpy(float)) * root_w, rcond=None)[0]
+        rules.update(lr_coef=float(np.exp(lr_coef[0])), lr_N_exp=float(lr_coef[1]), lr_D_exp=float(lr_coef[2]))
+    if "batch" not in skipped:
+        bs_design = np.column_stack([np.ones(len(kept)), log_d]) * root_w[:, None]
+        bs_coef = np.linalg.lstsq(bs_design, np.log(kept["batch"].to_numpy(float)) * root_w, rcond=None)[0]
+        rules.update(bs_coef=float(np.exp(bs_coef[0])), bs_D_exp=float(bs_coef[1]))
+    for axis in skipped:
+        rules.update(dict.fromkeys(RULES[axis][2]))
+    return {**rules, "cells": int(cells), "runs_in_band": int(len(kept)), "band": float(band), "skipped": skipped}
 
 
-def predict(rules: dict[str, float], n_params, tokens) -> tuple[np.ndarray, np.ndarray]:
-    """(lr_opt, batch tokens) at N, D under fitted `rules` (the published ones: `PUBLISHED`)."""
+def predict(rules: dict[str, Any], n_params, tokens) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(lr_opt, batch tokens) at N, D under fitted `rules` (the published ones: `PUBLISHED`);
+    None for a rule that was not fitted (fit_rules' `skipped`)."""
     n, d = _positive("N", n_params), _positive("D", tokens)
-    return (rules["lr_coef"] * n ** rules["lr_N_exp"] * d ** rules["lr_D_exp"],
-            rules["bs_coef"] * d ** rules["bs_D_exp"])
+    lr = None if rules["lr_coef"] is None else rules["lr_coef"] * n ** rules["lr_N_exp"] * d ** rules["lr_D_exp"]
+    batch = None if rules["bs_coef"] is None else rules["bs_coef"] * d ** rules["bs_D_exp"]
+    return lr, batch
 
 
 PUBLISHED = {"lr_coef": LR_COEF, "lr_N_exp": LR_N_EXP, "lr_D_exp": LR_D_EXP, "bs_coef": BS_COEF, "bs_D_exp": BS_D_EXP}

@@ -1,6 +1,7 @@
 """Run a study's sweeps through the sweep registry, then analyse them into a report.
 
 OUT/study.json    which study, version and size this folder holds, and each invocation's start and time (none: interrupted)
+OUT/study.lock    fcntl lock held while study.json is read-modified-written (two `study run` at once keep both)
 OUT/sweep/NAME/   one sweep directory per sweep of the study (docs/sweep.md)
 OUT/report.md     claim, measurement with interval, verdict, caveat, wall time of the runs
 OUT/figures.json  the same as data
@@ -9,8 +10,12 @@ OUT/*.png         the study's plots
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,20 +53,23 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
         raise TestbedError(f"--size {size!r} is not defined for study {name!r}; choose one of "
                            f"{', '.join(study.sizes)}")
     out = Path(out)
-    meta = _claim_folder(out, study, size)
+    _claim_folder(out, study, size)  # a folder holding another study is refused before anything is written
     specs = study.sweeps(size)
     # Recorded before anything slow: an invocation killed midway stays listed, its time unknown.
+    # Another `study run` on this --out may record its own meanwhile: each change re-reads
+    # study.json under the lock and touches this invocation's record only (found by its id).
     started = time.time()
-    invocation: dict[str, Any] = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": None}
-    meta.setdefault("invocations", []).append(invocation)
-    write_json_atomic(out / "study.json", meta)
+    invocation: dict[str, Any] = {"id": uuid.uuid4().hex[:12], "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                  "wall_s": None}
+    with _study_json(out, study, size) as meta:
+        meta.setdefault("invocations", []).append(invocation)
     try:
         corpus.ensure_for(specs)
         for spec in specs:
             load_sweep(spec)  # every run of every sweep is validated before any is trained
     except TestbedError:  # refused before training: not an interrupted invocation
-        meta["invocations"].remove(invocation)
-        write_json_atomic(out / "study.json", meta)
+        with _study_json(out, study, size) as meta:
+            meta["invocations"] = [c for c in meta.get("invocations", []) if c.get("id") != invocation["id"]]
         raise
     dirs = {}
     servers = ForkServers(out / "logs")  # each slot imports torch once for the whole study
@@ -74,7 +82,13 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
     finally:
         servers.close()
     invocation.update(wall_s=round(time.time() - started, 2), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    write_json_atomic(out / "study.json", meta)
+    with _study_json(out, study, size) as meta:
+        calls = meta.setdefault("invocations", [])
+        mine = [n for n, c in enumerate(calls) if c.get("id") == invocation["id"]]
+        if mine:
+            calls[mine[0]] = invocation
+        else:  # removed by hand meanwhile: recorded again rather than lost
+            calls.append(invocation)
     return report(out)
 
 
@@ -123,6 +137,23 @@ def plan(name: str, size: str, rate: float | None = None) -> dict[str, Any]:
             "unprepared": [path for path, (_, prepared) in held_by_path.items() if not prepared]}
 
 
+@contextlib.contextmanager
+def _study_json(out: Path, study: Study, size: str) -> Iterator[dict[str, Any]]:
+    """OUT/study.json, read afresh under OUT/study.lock (the way the sweep registry locks its
+    records) and written back when the block ends without an error: two `study run` on one --out
+    never write over each other's invocations. A folder holding another study is refused; a new
+    one is claimed for this study."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "study.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            meta = _claim_folder(out, study, size)
+            yield meta
+            write_json_atomic(out / "study.json", meta)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _claim_folder(out: Path, study: Study, size: str) -> dict[str, Any]:
     path = out / "study.json"
     meta = read_json(path) if path.is_file() else None
@@ -133,10 +164,7 @@ def _claim_folder(out: Path, study: Study, size: str) -> dict[str, Any]:
                                f"{held[2]!r}, not {study.name!r} v{study.version} at {size!r}; "
                                f"choose another --out")
         return meta
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"study": study.name, "version": study.version, "size": size, "module": study.module}
-    write_json_atomic(path, meta)
-    return meta
+    return {"study": study.name, "version": study.version, "size": size, "module": study.module}
 
 
 def report(out: str | Path, imports: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:

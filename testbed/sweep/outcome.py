@@ -10,7 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from testbed import exits
+from testbed.rundir import RunDir
 from testbed.sweep.registry import Registry, now
+
+# A run whose processes are lost (killed without a word, or a peer rank gone) is started again
+# from its last checkpoint this many times; after that it fails: something in it kills them.
+MAX_LOST = 3
 
 
 def tail(path: Path, lines: int = 10) -> list[str]:
@@ -21,10 +26,22 @@ def tail(path: Path, lines: int = 10) -> list[str]:
         return []
 
 
-def record_exit(registry: Registry, run_id: str, exit_code: int) -> dict[str, Any]:
-    """Store the outcome of one trainer process; returns the updated record."""
-    status = registry.run_status(run_id)
+def record_exit(registry: Registry, run_id: str, exit_code: int,
+                status_before: Any = None) -> dict[str, Any]:
+    """Store the outcome of one trainer process; returns the updated record.
+
+    status_before: the stamp of status.json when the trainer started (RunDir.status_stamp, as a
+    list; "none" when there was none), where the caller knows it: a status.json this trainer did
+    not write is an earlier attempt's word and says nothing about this one."""
+    run = RunDir(registry.run_dir(run_id))
+    status = run.read_status() or {}
+    if status_before is not None and list(run.status_stamp() or ["none"]) == list(status_before):
+        status = {}
     holder = registry.lock_holder(run_id)
+    # Lost: rank 0 said a peer rank died or hung (lost_peer), or the trainer died without a word
+    # (status still "running", its lock let go: SIGKILL, the out-of-memory killer, a lost node).
+    lost = exit_code not in (exits.DONE, exits.BAD_INPUT, exits.BUSY) and holder is None and (
+        bool(status.get("lost_peer")) or (status.get("state") == "running" and exit_code != exits.PREEMPTED))
     # Under torchrun the exit status of a preempted rank is not passed through unchanged, so
     # the run directory's own word counts as well; and a trainer that failed while another
     # process holds the run directory was turned away by it (torchrun reports BUSY as 1).
@@ -35,7 +52,19 @@ def record_exit(registry: Registry, run_id: str, exit_code: int) -> dict[str, An
     with registry.locked():
         record = registry.read(run_id) or {"run_id": run_id}
         record["last_exit_code"] = exit_code
-        if exit_code == exits.BUSY and holder is not None:
+        if lost:
+            record["lost"] = record.get("lost", 0) + 1
+            if record["lost"] <= MAX_LOST:
+                exit_code = record["last_exit_code"] = exits.PREEMPTED
+                what = status.get("message") if status.get("lost_peer") else (
+                    f"a process was killed without a word at step {status.get('step', '?')} (out of memory? "
+                    f"a lost node?); it resumes from its last checkpoint")
+                registry.set_state(record, "preempted", f"{what} (restart {record['lost']} of at most {MAX_LOST})")
+            else:
+                record["failures"] = record.get("failures", 0) + 1
+                registry.set_state(record, "failed", f"its processes were lost {record['lost']} times "
+                                   f"(last at step {status.get('step', '?')}); see {registry.log_path(run_id)}")
+        elif exit_code == exits.BUSY and holder is not None:
             # Not a failure and not to be started again now: the run trains elsewhere (a
             # trainer that outlived its executor, a double launch). Whoever holds it runs it.
             registry.adopt(record, holder)

@@ -77,6 +77,10 @@ def average_checkpoints(run_dir: str | Path, last: int, out: str | Path | None =
     RUN_DIR/averages.jsonl and return it; `out`: also write the averaged model as a Hugging Face
     Llama folder (as `testbed export` does)."""
     rd = RunDir(run_dir)
+    if not rd.path.is_dir():
+        what = "is a file, not a run directory" if rd.path.exists() else "does not exist"
+        raise TestbedError(f"{str(rd.path)!r} {what}; pass the run directory (the folder given to "
+                           f"`testbed train --run-dir`, holding run.json and checkpoints/)")
     config = load_run_config(rd.path)
     chosen = last_checkpoints(rd, last)
     if out is not None:

@@ -16,7 +16,6 @@ damaged newest checkpoint is skipped, with a warning, for the one before it.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -30,15 +29,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from testbed.errors import TestbedError
-from testbed.rundir import RunDir, fsync_dir
+from testbed.rundir import CHECKPOINT_KINDS, RunDir, fsync_dir, storage_error
 
-KIND_RANK = {"rolling": 0, "science": 1, "final": 2}
+KIND_RANK = {kind: rank for rank, kind in enumerate(CHECKPOINT_KINDS)}  # rolling < science < final
 FILES = ("model.safetensors", "optim.safetensors", "state.json")
 EMA_FILE = "ema.safetensors"  # only with train.ema_decay on; listed in SHA256SUMS when present
 FOLDER = re.compile(r"step_(\d+)")
-# A save that fails with one of these cannot succeed by retrying: one clear error, not a traceback.
-STORAGE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
-                  errno.EROFS: "the file system is read-only"}
 
 
 def folder_name(step: int) -> str:
@@ -117,19 +113,12 @@ def save(run_dir: Path, step: int, kind: str, model_state: dict[str, torch.Tenso
     return final
 
 
-def _storage_error(err: OSError, final: Path, needed: int, written: str) -> Exception:
-    """A full, over-quota or read-only disk as one TestbedError; any other OSError as it is."""
-    if err.errno not in STORAGE_ERRORS:
-        return err
-    try:
-        free = f", {shutil.disk_usage(final.parent).free / 1e6:.1f} MB free there"
-    except OSError:
-        free = ""
-    size = f" (about {needed / 1e6:.1f} MB needed{free})" if needed else ""
-    return TestbedError(f"checkpoint {str(final)!r} could not be written: {STORAGE_ERRORS[err.errno]}"
-                        f"{size}; {written}, and the earlier checkpoints are intact. Free space (or raise "
-                        f"the quota, or move the run directory to writable storage), then run the same "
-                        f"command with --resume")
+def _storage_error(err: OSError, final: Path, needed: int, written: str) -> OSError:
+    """A full, over-quota or read-only disk as one error (rundir.storage_error); any other
+    OSError as it is."""
+    return storage_error(err, final, what=f"checkpoint {str(final)!r}", needed=needed,
+                         state=f"{written}, and the earlier checkpoints are intact",
+                         again="run the same command with --resume")
 
 
 def _untied(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

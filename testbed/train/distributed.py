@@ -8,11 +8,15 @@ block, and checkpoints always hold the full, unsharded state keyed by parameter 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
+import re
+import socket
 from typing import Any
 
 import torch
 
+from testbed import exits
 from testbed.config import Config
 from testbed.errors import TestbedError
 
@@ -22,13 +26,23 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    hosts: list[str] = dataclasses.field(default_factory=lambda: [socket.gethostname()])  # by rank
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed(device_name: str) -> Dist:
+class PeerLost(TestbedError):
+    """A collective failed: another rank died (killed, out of memory, its node lost) or stopped
+    answering for train.collective_timeout_s. Nothing of this process is at fault and the run
+    resumes exactly from its last checkpoint, so it exits PREEMPTED (run it again), and the
+    registry bounds how often (testbed/sweep/outcome.py)."""
+
+    exit_code = exits.PREEMPTED
+
+
+def init_distributed(device_name: str, timeout_s: float) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
         return Dist()
@@ -36,9 +50,45 @@ def init_distributed(device_name: str) -> Dist:
 
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and device_name != "cpu" else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    hosts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(),
-                local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+                local_rank=int(os.environ.get("LOCAL_RANK", 0)), hosts=hosts)
+
+
+def any_rank(flag: bool, d: Dist) -> bool:
+    """Whether `flag` holds on any rank. A stop (SIGTERM, SIGUSR1) reaches the ranks of a
+    multi-node run at different steps; they must agree on the step they save at, or one waits in
+    a checkpoint barrier while the others wait in the next step's gradient all-reduce."""
+    if d.world == 1:
+        return flag
+    import torch.distributed as dist
+
+    box = torch.tensor([int(flag)], device=torch.device("cuda", d.local_rank)
+                       if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
+
+
+def brief(err: BaseException) -> str:
+    """A collective's error in a few words: gloo's first sentence, without its source location."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)
+    return text.split(". ")[0][:160]
+
+
+def is_peer_failure(err: BaseException, d: Dist) -> bool:
+    """A failed collective, as opposed to a fault of this rank. torch raises DistError (and its
+    subclasses) for NCCL and store failures; gloo raises a plain RuntimeError whose message
+    names its transport (a reset connection, or a timeout waiting for a peer)."""
+    if d.world == 1:
+        return False
+    import torch.distributed as dist
+
+    if isinstance(err, dist.DistError):
+        return True
+    return isinstance(err, RuntimeError) and "gloo/transport" in str(err)
 
 
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:

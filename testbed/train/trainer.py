@@ -16,7 +16,7 @@ import math
 import os
 import socket
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -31,17 +31,21 @@ from testbed.model.counting import flops_per_token
 from testbed.model.transformer import Transformer
 from testbed.optim import build_optimizer
 from testbed.plan import describe, resolved_model, run_schedule
-from testbed.rundir import RunDir, RunDirBusy, RunLock, run_id
+from testbed.rundir import RunDir, RunDirBusy, RunLock, StorageError, run_id
 from testbed.train import checkpoint as ckpt
 from testbed.train import device as dev
 from testbed.train.distributed import (
     Dist,
+    PeerLost,
     all_reduce_sum,
+    any_rank,
     barrier,
+    brief,
     broadcast_object,
     full_model_state,
     full_optim_state,
     init_distributed,
+    is_peer_failure,
     load_model_state,
     load_optim_state,
     wrap_model,
@@ -187,13 +191,15 @@ class Trainer:
         self.build()
         mode = self.restore(mode)
         self.parallelize()
-        self.open_run_dir(mode)
+        with self.failing_on_storage():
+            self.open_run_dir(mode)
         self.train_loop()
-        return self.finish()
+        with self.failing_on_storage():
+            return self.finish()
 
     def set_up(self) -> str:
         """Device, process group, precision, and what the run directory asks for."""
-        self.d = init_distributed(self.config.train.device)
+        self.d = init_distributed(self.config.train.device, self.config.train.collective_timeout_s)
         self.device = dev.resolve_device(self.config.train.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -364,7 +370,7 @@ class Trainer:
                       "data_fingerprint": self.source.fingerprint(), "parent": self.parent,
                       "world_size": self.d.world, "device": str(self.device),
                       "precision": str(self.dtype).replace("torch.", ""), "peak_flops": self.peak,
-                      "peak_flops_source": self.peak_name, "host": socket.gethostname()})
+                      "peak_flops_source": self.peak_name, "host": socket.gethostname(), "hosts": self.d.hosts})
         started = f"resumed from {self.resumed_from}" if self.resumed_from else "started"
         rd.write_status("running", step=self.start_step, message=started)
         self.log_line(f"{'resume from ' + self.resumed_from if self.resumed_from else 'start'} at step "
@@ -426,6 +432,11 @@ class Trainer:
             else:
                 self.end_of_run()
         except BaseException as err:
+            if is_peer_failure(err, self.d):
+                lost = PeerLost(f"lost a peer process at step {self.done} ({brief(err)}); started again, "
+                                f"the run resumes from its last checkpoint")
+                self.fail(lost)
+                raise lost from err
             self.fail(err)
             raise
         finally:
@@ -542,13 +553,14 @@ class Trainer:
             self.save(done, "science")
         elif rolling_due and not final:
             self.save(done, "rolling")
-        if self.preempt.requested and not final:
+        if any_rank(self.preempt.requested is not None, self.d) and not final:
             if not rolling_due and done not in self.science:
                 # Not validated: an uninterrupted run has no validation line at this step, and
                 # the resumed run's log must read like it.
                 self.save(done, "rolling", validate=False)
             self.exit_code = exits.PREEMPTED
-            self.state_msg = ("preempted", f"{self.preempt.requested} at step {done}; resume checkpoint saved")
+            signal = self.preempt.requested or "a stop signal to another rank"
+            self.state_msg = ("preempted", f"{signal} at step {done}; resume checkpoint saved")
             return True
         if self.window.steps == 0:
             self.window.restart()
@@ -663,12 +675,26 @@ class Trainer:
     def fail(self, err: BaseException) -> None:
         if self.d.main:
             message = str(err) if isinstance(err, TestbedError) else f"{type(err).__name__}: {err}"
+            # A lost peer is no fault of the run: the status says it may be started again.
+            state, extra = ("preempted", {"lost_peer": True}) if isinstance(err, PeerLost) else ("failed", {})
             try:
-                self.run_dir.write_status("failed", step=self.done, message=message)
-                self.log_line(f"failed at step {self.done}: {message}")
+                self.run_dir.write_status(state, step=self.done, message=message, **extra)
+                self.log_line(f"{'stopped' if state == 'preempted' else 'failed'} at step {self.done}: {message}")
             except OSError:  # a full disk: the error itself is what the user needs to see
                 pass
             self.metrics.finish(exit_code=1)
+
+    @contextmanager
+    def failing_on_storage(self):
+        """Run-directory writes outside the training loop (announcing the run, its summary): a
+        disk that refuses them fails the run as an error in the loop does, instead of leaving it
+        "running" (write_status reuses the old file's blocks on a full disk)."""
+        try:
+            yield
+        except StorageError as err:
+            if self.owner is not None:  # the run directory is this process's to write
+                self.fail(err)
+            raise
 
     # ------------------------------------------------------------------ small helpers
 
