@@ -3,7 +3,9 @@
     0   DONE        the run is done (status.json says "done")
     1   FAILURE     anything else went wrong: worth retrying within the sweep's limit
     2   BAD_INPUT   the config or data is wrong (a TestbedError): retrying cannot help
-    75  PREEMPTED   a resume checkpoint was saved on SIGTERM/SIGUSR1 (EX_TEMPFAIL): run it again
+    75  PREEMPTED   stopped by something outside the run (EX_TEMPFAIL): run it again. A resume
+                    checkpoint was saved on SIGTERM/SIGUSR1; or a peer rank was lost (status.json
+                    says lost_peer) and it resumes from its last checkpoint
     73  BUSY        another live process owns the run directory (its lock, RunDir.acquire): this
                     trainer touched nothing; not a failure, and starting it again now would only
                     collide again (the run is running elsewhere)

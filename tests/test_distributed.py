@@ -8,9 +8,11 @@ world sizes in both directions.
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,57 @@ def test_checkpoints_resume_across_world_sizes(setup, first, second, parallel):
     assert losses(resumed) == pytest.approx(losses(root / "single"), rel=1e-5)
     assert val_losses(resumed)[-1] == pytest.approx(val_losses(root / "single")[-1], rel=1e-5)
 
+
+
+def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The pid of one trainer rank among the launcher's children (by its RANK variable)."""
+    for child in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
+        try:
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    return None
+
+
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_rank_that_dies_or_hangs_ends_the_run_resumable(tmp_path, fault):
+    """Rank 1 SIGKILLed (out of memory, a crash) or SIGSTOPped (hung, a frozen node) after the
+    first rolling checkpoint: rank 0's next collective fails at once or after
+    train.collective_timeout_s, and the run stops in bounded time, resumable, saying why."""
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG.replace("steps: 8", "steps: 3000").replace("checkpoint: {every: 4}",
+                                                                         "checkpoint: {rolling_every: 20}"))
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "testbed", "train",
+           str(config), "--run-dir", str(run_dir), "train.collective_timeout_s=5"]
+    launcher = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        index = run_dir / "checkpoints" / "index.jsonl"
+        deadline = time.time() + 120
+        while not (index.exists() and index.read_text().strip()) and time.time() < deadline:
+            time.sleep(0.2)
+        victim = rank_pid(launcher, 1)
+        assert victim is not None and launcher.poll() is None, "the run ended before the fault"
+        os.kill(victim, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        faulted = time.time()
+        output = launcher.communicate(timeout=90)[0]  # never a silent hang
+        took = time.time() - faulted
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        subprocess.run(["pkill", "-KILL", "-f", str(run_dir)], capture_output=True)
+    assert launcher.returncode != 0
+    assert took < (20 if fault == "killed" else 5 + 40), took  # the timeout, then torchrun's shutdown
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "preempted" and status["lost_peer"], status
+    assert "lost a peer process" in status["message"]
+    assert ("Timed out" if fault == "hung" else "lost a peer") in status["message"]
+    assert output.count("error: lost a peer process") >= 1
+    # Started again, it resumes from the last checkpoint (here: as one process).
+    launch(config, run_dir, 1, "--resume")
+    assert "resume from" in (run_dir / "train.log").read_text()
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "done"

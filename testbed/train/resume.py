@@ -20,7 +20,7 @@ from testbed.train.distributed import Dist, barrier
 # Keys that may differ between an interrupted run and its resumption (they change no number).
 RESUME_FREE_KEYS = ("logging", "train.device", "train.compile", "train.micro_batch_size", "train.parallel",
                     "train.eval_every", "train.log_every", "train.divergence_nats", "train.tasks",
-                    "checkpoint")
+                    "train.collective_timeout_s", "checkpoint")
 
 
 def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
