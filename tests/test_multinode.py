@@ -13,11 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from slurm_jobs import read_jsonl, release, squeue_state, wait_for
 
 from testbed.cli import main
 from testbed.sweep import slurm
@@ -37,30 +37,12 @@ CONFIG = {
 }
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def squeue_state(job: str) -> str:
-    out = subprocess.run(["squeue", "-h", "-r", "-j", job, "-o", "%T"], capture_output=True, text=True)
-    return out.stdout.strip()
 
 
-def release(job: str) -> None:
-    """Start a requeued job now instead of after SLURM's hold (a little later than at once:
-    the previous instance may still be cleaning up)."""
-    time.sleep(3)
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
 
 
 def trainer_pids(namespace: str) -> list[int]:

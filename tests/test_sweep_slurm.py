@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from slurm_jobs import read_jsonl, release, squeue_state, wait_for
 
 from testbed.cli import main
 from testbed.errors import ConfigError
@@ -90,8 +89,6 @@ def write_sweep(path: Path, **fields) -> Path:
     return path
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_array_sweep_runs_every_run(slurm_cluster, tmp_path, capsys):
@@ -119,30 +116,10 @@ def test_array_sweep_runs_every_run(slurm_cluster, tmp_path, capsys):
     assert "submitted 0 of 4 runs" in capsys.readouterr().out
 
 
-def squeue_state(job: str) -> str:
-    out = subprocess.run(["squeue", "-h", "-r", "-j", job, "-o", "%T"], capture_output=True,
-                         text=True)
-    return out.stdout.strip()
 
 
-def release(job: str) -> None:
-    """Start a requeued task now instead of after SLURM's hold (BeginTime).
-
-    The hold lets the previous instance finish its cleanup; releasing within milliseconds can
-    race with it (the old instance's exit is then booked to the new one), so wait a little.
-    """
-    time.sleep(3)
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def test_requeued_run_resumes_and_matches_an_uninterrupted_run(slurm_cluster, tmp_path):
