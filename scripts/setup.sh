@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install testbed with its dependencies.
+# Create .venv (if missing) and install testbed with its dependencies and the test and eval extras
+# (lm-eval, for `testbed eval harness`).
 #
 # Where $PYTHON (default python3) already imports torch (a GPU machine, a cluster's module or
 # conda environment), that torch is kept: .venv sees the site's packages (system site packages,
 # plus a .pth for a parent virtual or conda environment), testbed is installed without its
 # dependencies and without network, and any missing dependency is then asked for once; the
-# optional ones (wandb, datasets) may stay missing. Elsewhere the CPU build of torch is
-# installed first, so nothing pulls a multi-GB CUDA build.
+# optional ones (wandb, datasets) may stay missing, and lm-eval is left to `pip install -e '.[eval]'`.
+# Elsewhere the CPU build of torch is installed first, so nothing pulls a multi-GB CUDA build.
 #   PYTHON=/path/to/python   the interpreter to build on     VENV=DIR   where (default .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +48,6 @@ else
   if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q "torch==${TESTBED_TORCH_VERSION:-2.13.0}"
   fi
-  python -m pip install -q -e ".[test]"
+  python -m pip install -q -e ".[test,eval]"
 fi
 python -c "import testbed, torch; print(f'testbed {testbed.__version__} with torch {torch.__version__} ({torch.__file__}) in $VENV')"

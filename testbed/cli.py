@@ -42,6 +42,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def report_error(err: TestbedError) -> None:
+    """Our error, once: on stderr from rank 0 (or the only process). Under torchrun (and
+    `accelerate launch`, torchrun underneath) every rank also writes it to the launcher's error
+    file, so the launcher's failure table names it instead of a hint to enable tracebacks; a
+    non-zero rank prints it only where no launcher collects it."""
+    import json
+    import os
+    import time
+
+    line = f"error: {err}"
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        record = {"message": {"message": f"{type(err).__name__}: {err}",
+                              "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+        try:
+            with open(error_file, "w") as f:
+                json.dump(record, f)
+        except OSError:
+            error_file = None
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        print(line, file=sys.stderr)
+    elif not error_file:
+        print(f"error (rank {rank}): {err}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -60,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except TestbedError as err:
         from testbed import exits
 
-        print(f"error: {err}", file=sys.stderr)
+        report_error(err)
         # Bad input, or an error with a code of its own (a busy run directory: exits.BUSY).
         return int(getattr(err, "exit_code", exits.BAD_INPUT))
     except KeyboardInterrupt:

@@ -6,8 +6,10 @@ Every mistake becomes one `ConfigError` naming the key, the value and the fix, w
 valid key when a key is unknown.
 
 `model.preset` names a rung of the model ladder (testbed/presets/models/<name>.yaml, shipped
-inside the package); keys given explicitly in the config or on the command line win over the
-preset's.
+inside the package). A preset named in the file yields to the keys the file or the command line
+give (a saved config holds the preset and its resolved shape). A preset named on the command
+line replaces the file's shape (PRESET_REPLACES: d_model, n_layers, n_heads, depth), and
+load_config says so in `notes`; shape keys given on the command line still win over it.
 """
 
 from __future__ import annotations
@@ -182,8 +184,10 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     wandb: bool = True
-    wandb_mode: str = "offline"  # offline writes a real run folder without network
-    wandb_project: str = "testbed"
+    # None: the WANDB_MODE / WANDB_PROJECT environment variables, else offline (a real run folder
+    # without network) and "testbed" (testbed/train/metrics.py)
+    wandb_mode: str | None = None
+    wandb_project: str | None = None
     progress: bool = True
 
 
@@ -205,6 +209,12 @@ class Config:
         tree = dataclasses.asdict(self)
         tree["schedule"] = self.schedule.to_dict()  # asdict drops the name, which is no field
         return tree
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML that load_config reads back (RUN_DIR/config.yaml)."""
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -305,8 +315,11 @@ def model_preset(name: str) -> dict[str, Any]:
 
 
 def load_config(source: str | Path | dict[str, Any] | None = None,
-                overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Build a validated Config from a YAML path (or a dict) plus dotted overrides."""
+                overrides: list[str] | dict[str, Any] | None = None,
+                notes: list[str] | None = None) -> Config:
+    """Build a validated Config from a YAML path (or a dict) plus dotted overrides. `notes`, when
+    given, receives a line for each file value an override replaced beyond its own key (a preset
+    on the command line replacing the file's shape)."""
     if source is None:
         tree: dict[str, Any] = {}
     elif isinstance(source, dict):
@@ -314,16 +327,21 @@ def load_config(source: str | Path | dict[str, Any] | None = None,
     else:
         tree = read_yaml(source)
     pairs: list[Any] = list(overrides.items()) if isinstance(overrides, dict) else list(overrides or [])
+    parsed = [item if isinstance(item, tuple) else parse_override(item) for item in pairs]
     duration = tuple(f"train.{k}" for k in DURATION_KEYS)
     given: set[str] = set()
-    for item in pairs:
-        key, value = item if isinstance(item, tuple) else parse_override(item)
+    for key, value in parsed:
         if key in duration and isinstance(tree.get("train"), dict):
             # A run length given on the command line replaces the file's, whichever form it took
             # (two lengths on the command line are still an error).
             for other in duration:
                 if other not in given:
                     tree["train"].pop(other.split(".")[1], None)
+        if key == "model.preset" and value is not None and isinstance(tree.get("model"), dict):
+            # The preset a user names on the command line is the model they ask for.
+            note = replace_shape(tree["model"], value, {k for k, _ in parsed})
+            if note and notes is not None:
+                notes.append(note)
         given.add(key)
         set_dotted(tree, key, value)
     return from_dict(tree)
@@ -331,6 +349,25 @@ def load_config(source: str | Path | dict[str, Any] | None = None,
 
 DURATION_KEYS = ("tokens", "steps", "tokens_per_param", "flops")
 SHAPE_KEYS = ("d_model", "n_layers", "n_heads")
+# What a preset named on the command line replaces in the file: the keys that decide the rung's
+# size (max_seq_len and the rest stay the file's: they go with its data).
+PRESET_REPLACES = (*SHAPE_KEYS, "depth")
+
+
+def replace_shape(model: dict[str, Any], preset: Any, cli_keys: set[str]) -> str | None:
+    """Drop the file's shape keys from `model` (in place) for a preset named on the command line,
+    except those the command line itself gives; a note naming the values that change, or None."""
+    rung = model_preset(str(preset))
+    changed = []
+    for key in PRESET_REPLACES:
+        if f"model.{key}" in cli_keys or model.get(key) is None:
+            continue
+        old = model.pop(key)
+        if key not in rung or rung[key] != old:
+            changed.append(f"model.{key}={old!r}" + (f" -> {rung[key]!r}" if key in rung else ""))
+    if not changed:
+        return None
+    return f"model.preset={preset} on the command line replaces the file's {', '.join(changed)}"
 
 
 def depth_shape(depth: int, aspect: int, head_dim: int) -> dict[str, int]:
@@ -570,7 +607,8 @@ def validate(c: Config) -> None:
     check_choice("train.precision", t.precision, CHOICES["train.precision"])
     check_choice("train.parallel", t.parallel, ("ddp", "fsdp"))
     _positive("train.collective_timeout_s", t.collective_timeout_s)
-    check_choice("logging.wandb_mode", c.logging.wandb_mode, CHOICES["logging.wandb_mode"])
+    if c.logging.wandb_mode is not None:
+        check_choice("logging.wandb_mode", c.logging.wandb_mode, CHOICES["logging.wandb_mode"])
     given = [k for k in DURATION_KEYS if getattr(t, k) is not None]
     require(len(given) <= 1, f"train.{given[0]} and train.{given[1]} both set; give only one "
             f"of train.tokens, train.steps, train.tokens_per_param, train.flops" if len(given) > 1 else "")

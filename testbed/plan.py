@@ -143,3 +143,37 @@ def describe(config: Config) -> dict:
         "schedule": config.schedule.name,
         "peak_lr": config.optim.lr,
     }
+
+
+def short(x: float) -> str:
+    """A count in three significant figures with a k/M/B/T suffix: 1.23M."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
+def sci(x: float) -> str:
+    """FLOPs the way papers write them: 7.13e12."""
+    return f"{x:.3g}".replace("e+", "e")
+
+
+def headline(info: dict) -> str:
+    """What a run is, in one line: N (total and non-embedding), D, steps and batch, C."""
+    return (f"N {short(info['n_params'])} ({short(info['n_params_non_embedding'])} non-embedding), "
+            f"D {short(info['planned_tokens'])} tokens = {info['planned_steps']:,} steps x "
+            f"{info['global_batch_tokens']:,}, C {sci(info['planned_flops'])} FLOPs")
+
+
+def plan_lines(config: Config, info: dict | None = None) -> list[str]:
+    """The plan `testbed train --dry-run` prints: size, length, batch and the resolved schedule."""
+    info = info or describe(config)
+    steps, seq = info["planned_steps"], info["seq_len"]
+    schedule = run_schedule(config, steps).to_dict()
+    shape = ", ".join(f"{k} {v}" for k, v in schedule.items() if k != "name" and v is not None)
+    return [headline(info),
+            f"model d_model {info['d_model']}, n_layers {info['n_layers']}, n_heads {info['n_heads']}, "
+            f"vocab {info['vocab_size']}; {short(info['flops_per_token'])} FLOPs per token",
+            f"batch {info['global_batch_tokens']:,} tokens = {info['global_batch_tokens'] // seq} sequences "
+            f"of {seq}; epochs {info['epochs']:.3g}",
+            f"schedule {schedule['name']}, peak lr {info['peak_lr']:g}" + (f" ({shape})" if shape else "")]

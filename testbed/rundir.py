@@ -53,7 +53,7 @@ CHECKPOINTS = "checkpoints"
 INDEX = "index.jsonl"
 AVERAGES = "averages.jsonl"
 BRANCHES = "branches"
-CONFIG_YAML = "config.yaml"  # written by a sweep before the trainer starts
+CONFIG_YAML = "config.yaml"  # the resolved config: by a sweep before the trainer starts, by the trainer at start
 LOCK = "lock"  # flock of the process that writes the run; holds {"host", "pid", "since"}
 
 # status.json states (the registry of a sweep has states of its own).

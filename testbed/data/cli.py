@@ -32,6 +32,9 @@ def _add_sample_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-bytes", type=int, default=None,
                    help="bytes of training text sampled to train BPE (default: 100000000)")
     p.add_argument("--seed", type=int, default=0, help="seed choosing the tokenizer sample (default: 0)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress on stderr (by default: bars on a terminal, else a line every 30 s of a "
+                        "long step; TESTBED_PROGRESS_INTERVAL=SECONDS)")
 
 
 def register(subparsers) -> None:
@@ -114,24 +117,28 @@ def _open(args):
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    from testbed.progress import say
+
+    say(msg)
 
 
 def _prepare(args) -> int:
+    from testbed import progress
     from testbed.data.shards import DEFAULT_SHARD_TOKENS, prepare
     from testbed.data.tokenizer import DEFAULT_SAMPLE_BYTES
 
     source = _open(args)
     try:
-        manifest = prepare(
-            source, args.out,
-            vocab_size=args.vocab_size, tokenizer=args.tokenizer, nested_in=args.nested_in,
-            workers=args.workers,
-            shard_tokens=DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens,
-            sample_bytes=DEFAULT_SAMPLE_BYTES if args.sample_bytes is None else args.sample_bytes,
-            seed=args.seed,
-            cache_dir=args.cache_dir, log=_log, **_split_kwargs(args),
-        )
+        with progress.enabled(not args.quiet):
+            manifest = prepare(
+                source, args.out,
+                vocab_size=args.vocab_size, tokenizer=args.tokenizer, nested_in=args.nested_in,
+                workers=args.workers,
+                shard_tokens=DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens,
+                sample_bytes=DEFAULT_SAMPLE_BYTES if args.sample_bytes is None else args.sample_bytes,
+                seed=args.seed,
+                cache_dir=args.cache_dir, log=None if args.quiet else _log, **_split_kwargs(args),
+            )
     finally:
         source.close()
     _print_summary(args.out, manifest)
@@ -141,14 +148,16 @@ def _prepare(args) -> int:
 def _train_tokenizer(args) -> int:
     from pathlib import Path
 
+    from testbed import progress
     from testbed.data.tokenizer import DEFAULT_SAMPLE_BYTES, train_tokenizers
 
     source = _open(args)
     try:
         sample_bytes = DEFAULT_SAMPLE_BYTES if args.sample_bytes is None else args.sample_bytes
-        toks = train_tokenizers(source, args.vocab_size, sample_bytes=sample_bytes,
-                                seed=args.seed, cache_dir=args.cache_dir, nested=not args.per_size,
-                                **_split_kwargs(args))
+        with progress.enabled(not args.quiet):
+            toks = train_tokenizers(source, args.vocab_size, sample_bytes=sample_bytes,
+                                    seed=args.seed, cache_dir=args.cache_dir, nested=not args.per_size,
+                                    **_split_kwargs(args))
     finally:
         source.close()
     for size, tok in toks.items():

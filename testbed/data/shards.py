@@ -29,14 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
+from testbed import progress
 from testbed.data.sources import (
     DEFAULT_MIN_VAL_DOCS,
     DEFAULT_VAL_FRACTION,
     Source,
     SplitPlan,
+    SplitScanner,
     check_val_fraction,
     open_source,
-    scan_split,
 )
 from testbed.data.tokenizer import (
     DEFAULT_SAMPLE_BYTES,
@@ -202,7 +203,12 @@ def _split_plan(source: Source, val_fraction: float, min_val_docs: int, cache_di
     path = cache_root(cache_dir) / "splits" / f"{_key('split', source.fingerprint, val_fraction, min_val_docs)}.json"
     if path.exists():
         return SplitPlan.from_dict(json.loads(path.read_text()))
-    plan = scan_split(source, val_fraction, min_val_docs)
+    scanner = SplitScanner(val_fraction, min_val_docs)  # scan_split, with progress
+    with progress.Progress("split: reading the source", unit="B", unit_scale=True) as bar:
+        for doc in source.iter_documents():
+            scanner.add(doc)
+            bar.update(doc.utf8_bytes)
+    plan = scanner.plan(source.spec)
     write_text_atomic(path, json.dumps(plan.to_dict()))
     return plan
 
@@ -383,12 +389,14 @@ def _tokenise(source, plan, tok: TextTokenizer, dtype, workers, writers, done_do
     """Read documents once, tokenise those not already in finished shards, feed the writers."""
     seen = {s: 0 for s in SPLITS}
     tokenised = 0
+    bar = progress.Progress("tokenising", total=plan.documents, unit="doc")
 
     def batches():
         nonlocal tokenised
         open_batch = {s: ([], []) for s in SPLITS}
         held = {s: 0 for s in SPLITS}
         for doc in source.iter_documents():
+            bar.update()
             split = "validation" if plan.is_validation(doc.hash) else "train"
             seen[split] += 1
             if seen[split] <= done_docs[split]:
@@ -419,6 +427,7 @@ def _tokenise(source, plan, tok: TextTokenizer, dtype, workers, writers, done_do
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
             else:
                 os.environ["TOKENIZERS_PARALLELISM"] = saved
+        bar.close()
         return tokenised
 
     import multiprocessing
@@ -445,6 +454,7 @@ def _tokenise(source, plan, tok: TextTokenizer, dtype, workers, writers, done_do
             f"workers={workers}: a tokenising process died ({err}); finished shards are kept, so "
             "run the same command again, with fewer --workers if memory is short."
         ) from err
+    bar.close()
     return tokenised
 
 

@@ -16,12 +16,14 @@ import hashlib
 import heapq
 import json
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from testbed import progress
 from testbed.data.sources import (
     DEFAULT_MIN_VAL_DOCS,
     DEFAULT_VAL_FRACTION,
@@ -104,7 +106,9 @@ def draw_sample(
     surely_validation = int(val_fraction * HASH_SPACE)  # the floor can only add validation docs
     heap: list[tuple[int, int, str, int]] = []  # (-priority, hash, text, bytes): drop worst first
     held = 0
+    bar = progress.Progress("tokenizer sample: reading the source", unit="B", unit_scale=True)
     for doc in source.iter_documents():
+        bar.update(doc.utf8_bytes)
         scanner.add(doc)
         if doc.hash < surely_validation:
             continue
@@ -115,6 +119,7 @@ def draw_sample(
         held += doc.utf8_bytes
         while held - heap[0][3] >= sample_bytes and len(heap) > 1:
             held -= heapq.heappop(heap)[3]
+    bar.close()
     plan = scanner.plan(source.spec)
     chosen = sorted((-p, h, t, b) for p, h, t, b in heap if not plan.is_validation(h))
     lines = "".join(json.dumps(t, ensure_ascii=False) + "\n" for _, _, t, _ in chosen)
@@ -162,7 +167,7 @@ class TextTokenizer:
         fast.save_pretrained(str(directory))
 
 
-def _new_bpe(vocab_size: int):
+def _new_bpe(vocab_size: int, show_progress: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -172,9 +177,15 @@ def _new_bpe(vocab_size: int):
         vocab_size=vocab_size,
         special_tokens=[EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=show_progress,
     )
     return tok, trainer
+
+
+def _counted(texts: Iterable[str], bar: progress.Progress) -> Iterator[str]:
+    for text in texts:
+        bar.update(len(text.encode("utf-8")))
+        yield text
 
 
 def train_bpe(sample: Sample, vocab_size: int, cache_dir: str | os.PathLike | None = None) -> TextTokenizer:
@@ -193,8 +204,25 @@ def train_bpe(sample: Sample, vocab_size: int, cache_dir: str | os.PathLike | No
     if path.exists():
         backend = Tokenizer.from_file(str(path))
     else:
-        backend, trainer = _new_bpe(vocab_size)
-        backend.train_from_iterator(sample.texts(), trainer=trainer)
+        # Progress: on a terminal the tokenizers library's own bars; in a log, lines while the
+        # sample is read (the merges that follow report nothing until they are done).
+        interactive = progress.is_on() and progress.interactive()
+        backend, trainer = _new_bpe(vocab_size, show_progress=interactive)
+        if progress.is_on():
+            progress.say(f"training a {vocab_size}-token BPE on the tokenizer sample ({sample.documents:,} "
+                         f"documents, {sample.bytes / 1e6:.1f} MB)")
+        started = time.monotonic()
+        texts: Iterable[str] = sample.texts()
+        bar = None
+        if progress.is_on() and not interactive:
+            bar = progress.Progress(f"BPE {vocab_size}: reading the sample", total=sample.bytes, unit="B",
+                                    unit_scale=True)
+            texts = _counted(texts, bar)
+        backend.train_from_iterator(texts, trainer=trainer, length=sample.documents)
+        if bar is not None:
+            bar.close()
+        if progress.is_on():
+            progress.say(f"trained the {vocab_size}-token BPE in {time.monotonic() - started:.1f} s")
         got = backend.get_vocab_size(with_added_tokens=True)
         if got < vocab_size:
             raise TestbedError(

@@ -18,6 +18,7 @@ import pandas as pd
 
 from testbed.fit.estimate import FitResult, fit_replicates, one_blas_thread
 from testbed.fit.laws import law_inputs
+from testbed.progress import Progress
 from testbed.stats.curves import percentile, wild_cluster_targets
 
 PI_RESAMPLES = 100  # replicates for held-out prediction intervals when --bootstrap is not given
@@ -128,14 +129,17 @@ def bootstrap(
     if derived is not None:
         point.update(derived(result.theta))
     samples = []
-    for theta in thetas:
-        if not np.all(np.isfinite(theta)):
-            samples.append({name: np.nan for name in point})  # a degenerate replicate, counted
-            continue
-        row = law.public(theta)
-        if derived is not None:
-            row.update(derived(theta))
-        samples.append(row)
+    # The derived quantities (allocations at each budget) are solved replicate by replicate.
+    with Progress("bootstrap: parameters and derived quantities", total=len(thetas), unit="replicate") as progress:
+        for theta in thetas:
+            progress.update()
+            if not np.all(np.isfinite(theta)):
+                samples.append({name: np.nan for name in point})  # a degenerate replicate, counted
+                continue
+            row = law.public(theta)
+            if derived is not None:
+                row.update(derived(theta))
+            samples.append(row)
     table = pd.DataFrame(samples)
     intervals = {}
     for name, estimate in point.items():

@@ -108,6 +108,9 @@ def register(subparsers) -> None:
     parser.add_argument("--baseline", help="with --by: the baseline value (default: the first in sort order)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the bootstrap (default 0)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress on stderr (by default: a bar on a terminal, else a line every 30 s "
+                             "of a long fit or bootstrap; TESTBED_PROGRESS_INTERVAL=SECONDS)")
     parser.add_argument("--band", type=float, default=0.005,
                         help="hparams: keep the runs within this relative loss of each (N, D) cell's best (default 0.005; 0: the best run only)")
     parser.add_argument("--seq-len", type=int, default=1,
@@ -233,6 +236,7 @@ def _fit(args) -> int:
     from testbed.registry import import_modules
 
     import_modules(args.imports, "--import")
+    from testbed import progress
     from testbed.fit.analysis import FitOptions, analyse
     from testbed.fit.report import write_json, write_report
 
@@ -244,7 +248,8 @@ def _fit(args) -> int:
         score_after=args.score_after, bounds=_bounds(args.bounds), allocation=args.allocation,
         objective=args.objective, weight=args.weight,
     )
-    analysis = analyse(args.source, options)
+    with progress.enabled(not args.quiet):
+        analysis = analyse(args.source, options)
     out_dir = Path(args.out or "fit_out")
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = []

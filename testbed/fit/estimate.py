@@ -26,6 +26,7 @@ from scipy.optimize import minimize
 
 from testbed.errors import TestbedError
 from testbed.fit.laws import Law
+from testbed.progress import Progress
 
 _CHUNK_ELEMENTS = 4_000_000  # starts x points x params per batch, to bound memory
 AT_BOUND_TOL = 1e-3  # a parameter within this fraction of its range from a bound is "at bound"
@@ -151,12 +152,12 @@ class _Problem:
 
 
 def _lm_batch(problem: _Problem, starts: np.ndarray, iterations: int,
-              weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+              weights: np.ndarray | None = None, progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Batched Levenberg-Marquardt on the Huber (IRLS) majoriser; returns (thetas, objectives).
 
     `weights` (S, n) gives each start its own point weights: a bootstrap replicate is the
     original data with each run weighted by how often it was drawn, so all replicates are
-    fitted together in the same array operations.
+    fitted together in the same array operations. `progress` advances by one per iteration.
     """
     delta = problem.delta
     theta = problem.clip(starts.copy())
@@ -198,6 +199,8 @@ def _lm_batch(problem: _Problem, starts: np.ndarray, iterations: int,
         r = np.where(changed[:, None], trial_r, r)
         obj = np.where(changed, trial_obj, obj)
         damping = np.clip(np.where(changed, damping / 3.0, damping * 4.0), 1e-12, 1e12)
+        if progress is not None:
+            progress.update()
     return theta, obj
 
 
@@ -321,24 +324,33 @@ def fit(
             f"law {law.name!r} ({variant}) has {n_free} free parameters but only {y.size} points "
             f"remain; give at least {n_free + 1} points or fix parameters."
         )
+    # Progress in starts: the grid's screened, then the candidates polished.
+    progress = Progress(f"fit {law.name} ({variant})", unit="start", leave=False)
     if starts is None:
         grid = _grid(problem)
         n_starts = len(grid)
+        progress.set_total(n_starts + n_polish)
+        progress.set_postfix("screening the grid")
         chunk = max(1, _CHUNK_ELEMENTS // max(1, y.size * max(n_free, 1)))
         thetas, objs = [], []
         for lo in range(0, len(grid), chunk):
             t, o = _lm_batch(problem, grid[lo : lo + chunk], screen_iterations)
             thetas.append(t)
             objs.append(o)
+            progress.update(len(t))
         thetas, objs = np.concatenate(thetas), np.concatenate(objs)
         keep = np.argsort(objs)[: max(32, len(grid) // 20)]
+        progress.set_postfix(f"refining the best {len(keep)}")
         thetas, objs = _lm_batch(problem, thetas[keep], refine_iterations)
         candidates = thetas[_distinct(thetas, objs, n_polish)]
     else:
         starts = np.atleast_2d(np.asarray(starts, dtype=float))
         n_starts = len(starts)
         candidates = problem.clip(starts[:, problem.free])
+    progress.set_total(progress.n + len(candidates))
+    progress.set_postfix("polishing")
     if len(candidates) == 0:
+        progress.close()
         raise TestbedError(
             f"law {law.name!r} could not be evaluated at any start on these points; check that "
             "the inputs are positive and finite."
@@ -354,6 +366,8 @@ def fit(
         polished.append((res.fun, res.x))
         if best is None or res.fun < best.fun:
             best = res
+        progress.update()
+    progress.close()
     theta_free = best.x
     at_bound = [
         law.params[i].public
@@ -401,7 +415,8 @@ def fit_replicates(result: FitResult, x: dict, y: np.ndarray, weights: np.ndarra
     if targets is not None:
         problem.target = np.asarray(targets, float)
     start = np.repeat(result.theta[None, problem.free], len(weights), axis=0)
-    thetas, objs = _lm_batch(problem, start, iterations, weights=weights)
+    with Progress(f"bootstrap {law.name}: {len(weights)} replicates", total=iterations, unit="iteration") as progress:
+        thetas, objs = _lm_batch(problem, start, iterations, weights=weights, progress=progress)
     full = problem.full(thetas)
     full[~np.isfinite(objs)] = np.nan
     return full

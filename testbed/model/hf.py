@@ -14,6 +14,10 @@ other norms. Qwen3 is otherwise Llama: no biases, SiLU-gated MLP, explicit head_
 tied embeddings; its sliding window stays off.
 
 What no transformers class holds is refused, all reasons in one message (EXPORTABLE).
+
+Given the EOS id of the run's tokenizer, config.json names it as BOS and EOS and
+generation_config.json is written too; the tokenizer files themselves are the exporter's
+(testbed/train/export.py).
 """
 
 from __future__ import annotations
@@ -60,8 +64,10 @@ def architecture(cfg: ModelConfig) -> str:
     return "Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"
 
 
-def hf_config(cfg: ModelConfig) -> dict:
-    """config.json for the exported class."""
+def hf_config(cfg: ModelConfig, eos_token_id: int | None = None) -> dict:
+    """config.json for the exported class. `eos_token_id`: the token that separated documents in
+    training (a prepared folder's EOS), written as both BOS and EOS: every document the model saw
+    followed one, so it is also what a text starts after. None (synthetic data): both null."""
     qwen3 = cfg.qk_norm
     config = {
         "architectures": [architecture(cfg)],
@@ -83,8 +89,8 @@ def hf_config(cfg: ModelConfig) -> dict:
         "hidden_act": "silu",
         "attention_bias": False,
         "torch_dtype": "float32",
-        "bos_token_id": None,
-        "eos_token_id": None,
+        "bos_token_id": eos_token_id,
+        "eos_token_id": eos_token_id,
     }
     if qwen3:
         config.update({"use_sliding_window": False, "sliding_window": None})
@@ -116,13 +122,23 @@ def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path) -> Path:
-    """Write config.json + model.safetensors for the model's transformers class."""
+def generation_config(eos_token_id: int) -> dict:
+    """generation_config.json: decoding stops at EOS, which also pads a batch (there is no pad
+    token); everything else is transformers' default (greedy)."""
+    return {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id, "pad_token_id": eos_token_id}
+
+
+def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path,
+            eos_token_id: int | None = None) -> Path:
+    """Write config.json + model.safetensors for the model's transformers class, and
+    generation_config.json when the EOS token is known (see hf_config)."""
     from safetensors.torch import save_file
 
     check_exportable(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(to_hf_state(state, cfg), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf_config(cfg), indent=1))
+    (out_dir / "config.json").write_text(json.dumps(hf_config(cfg, eos_token_id), indent=1))
+    if eos_token_id is not None:
+        (out_dir / "generation_config.json").write_text(json.dumps(generation_config(eos_token_id), indent=1))
     return out_dir

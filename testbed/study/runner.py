@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -75,10 +76,12 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
     servers = ForkServers(out / "logs")  # each slot imports torch once for the whole study
     try:
         for spec in specs:
-            dirs[spec["name"]] = run_sweep(out, spec, workers=workers, progress=progress, log=log,
-                                           servers=servers)
+            with wandb_tags(f"study:{study.name}", f"arm:{spec['name']}"):
+                dirs[spec["name"]] = run_sweep(out, spec, workers=workers, progress=progress, log=log,
+                                               servers=servers)
         if study.extra is not None:
-            study.extra(Context(out, size, dirs), {"workers": workers, "servers": servers})
+            with wandb_tags(f"study:{study.name}"):
+                study.extra(Context(out, size, dirs), {"workers": workers, "servers": servers})
     finally:
         servers.close()
     invocation.update(wall_s=round(time.time() - started, 2), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -90,6 +93,22 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
         else:  # removed by hand meanwhile: recorded again rather than lost
             calls.append(invocation)
     return report(out)
+
+
+@contextlib.contextmanager
+def wandb_tags(*tags: str) -> Iterator[None]:
+    """WANDB_TAGS (comma-separated, testbed/train/metrics.py) with `tags` added, for the trainers
+    started inside the block; as it was after it."""
+    before = os.environ.get("WANDB_TAGS")
+    have = [t.strip() for t in (before or "").split(",") if t.strip()]
+    os.environ["WANDB_TAGS"] = ",".join(dict.fromkeys([*have, *tags]))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("WANDB_TAGS", None)
+        else:
+            os.environ["WANDB_TAGS"] = before
 
 
 def plan(name: str, size: str, rate: float | None = None) -> dict[str, Any]:

@@ -23,6 +23,10 @@ same output. If a server dies, its slot goes on with fresh processes. GPU slots 
 trainer commands always use fresh processes; `fork_server=False` (`--no-fork-server`) makes
 every slot do so. A caller that runs several sweeps one after another (a study) passes one
 ForkServers to each executor, so each slot imports torch once, not once per sweep.
+
+Each trainer gets WANDB_RUN_GROUP set to the sweep's name (unless the executor's own environment
+sets it), so its wandb run lands in the sweep's group. Fork servers are matched without the
+wandb run keys (RUN_KEYS): runs of different sweeps or study arms share one.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from typing import Any
 
 from testbed import exits
 from testbed.errors import TestbedError
-from testbed.rundir import RunDir
+from testbed.rundir import RunDir, read_json
 from testbed.sweep.forkserver import ForkServer, ServerGone
 from testbed.sweep.outcome import record_exit
 from testbed.sweep.registry import Registry
@@ -49,6 +53,9 @@ MAX_PREEMPTIONS_PER_INVOCATION = 50
 HELD_POLL_S = 0.5
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PR_SET_PDEATHSIG = 1
+# Environment variables naming a trainer's wandb run (testbed/train/metrics.py): set per run,
+# so they do not decide which fork server may fork it.
+RUN_KEYS = ("WANDB_RUN_GROUP", "WANDB_TAGS", "WANDB_NAME")
 
 
 def _die_with_parent() -> Any:
@@ -71,6 +78,21 @@ def _die_with_parent() -> Any:
             os._exit(exits.NOT_STARTED)
 
     return preexec
+
+
+def sweep_name(registry: Registry) -> str:
+    """The sweep's name (SWEEP_DIR/sweep.json, which `sweep run` and studies write), else the
+    folder's name."""
+    try:
+        name = (read_json(registry.root / "sweep.json") or {}).get("name")
+    except (OSError, TestbedError):
+        name = None
+    return str(name or registry.root.name)
+
+
+def run_environment(registry: Registry) -> dict[str, str]:
+    """What a trainer of this sweep adds to the executor's environment: its wandb group."""
+    return {} if os.environ.get("WANDB_RUN_GROUP") else {"WANDB_RUN_GROUP": sweep_name(registry)}
 
 
 def trainer_command(registry: Registry, run_id: str, trainer: list[str] | None = None) -> list[str]:
@@ -218,9 +240,9 @@ class LocalExecutor:
         return False
 
     def _run_trainer(self, run_id: str, env_overrides: dict[str, str], slot: int = 0) -> int:
-        env = {**os.environ, **env_overrides}
+        env = {**os.environ, **env_overrides, **run_environment(self.registry)}
         command = trainer_command(self.registry, run_id, self.trainer)
-        server = self._server(slot, env)
+        server = self._server(slot, {k: v for k, v in env.items() if k not in RUN_KEYS})
         if server is not None:
             exit_code = self._run_forked(server, slot, run_id, command, env)
             if exit_code is not None:

@@ -125,6 +125,7 @@ def render_script(sweep_name: str, sweep_dir: Path, tasks: list[list[str]],
         "signal_seconds": str(profile["signal_seconds"]),
         "sbatch_options": "\n".join(f"#SBATCH {o}" for o in options),
         "sweep_dir": shlex.quote(str(sweep_dir)),
+        "sweep_name": shlex.quote(sweep_name),  # the trainers' WANDB_RUN_GROUP
         "python": shlex.quote(str(python)),
         "setup": "\n".join(profile["setup"]),
         "task_cases": cases,

@@ -1,24 +1,33 @@
-"""Subcommands: train, branch, schedule plot, mup check, export, average, eval harness. Heavy
+"""Subcommands: train, branch, schedule plot, mup check, export, sample, average, eval harness. Heavy
 imports happen inside handlers."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one model",
                        description="Train one model from a YAML config plus dotted overrides, e.g. "
-                                   "`testbed train configs/smoke.yaml optim.lr=3e-3 model.preset=1m`.")
-    p.add_argument("config", help="YAML config file (see configs/ and docs/config.md)")
+                                   "`testbed train configs/smoke.yaml optim.lr=3e-3 model.preset=1m`; "
+                                   "`testbed train --run-dir RUN --resume` continues RUN with its own "
+                                   "config (RUN/config.yaml).")
+    p.add_argument("config", nargs="?",
+                   help="YAML config file (see configs/ and docs/config.md), or a run's run.json; "
+                        "omitted: the config of the run in --run-dir")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted config overrides, e.g. optim.lr=3e-3 train.tokens=2e6")
+                   help="dotted config overrides, e.g. optim.lr=3e-3 train.tokens=2e6 (a model.preset "
+                        "here replaces the file's d_model, n_layers and n_heads, with a note)")
     p.add_argument("--run-dir", help="run directory (default: runs/<name or config hash>)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its newest valid checkpoint (an unfinished "
                         "run directory is resumed automatically; a finished one is left alone)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete a finished or unfinished run in --run-dir and start again")
+    p.add_argument("--dry-run", "--print-config", dest="dry_run", action="store_true",
+                   help="print the resolved config (YAML) and the plan (N, D, steps, FLOPs, batch, "
+                        "schedule), then exit without training or writing anything")
     p.set_defaults(func=cmd_train)
 
     b = sub.add_parser("branch", help="start a cooldown branch from a stable-phase checkpoint",
@@ -65,10 +74,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("export", help="export a checkpoint as a Hugging Face transformers folder",
                        description="Write config.json and model.safetensors that "
                                    "transformers.AutoModelForCausalLM.from_pretrained loads: "
-                                   "LlamaForCausalLM, or Qwen3ForCausalLM with model.qk_norm.")
+                                   "LlamaForCausalLM, or Qwen3ForCausalLM with model.qk_norm; with the "
+                                   "run's tokenizer (its data folder's) also tokenizer.json, "
+                                   "tokenizer_config.json and generation_config.json, for AutoTokenizer "
+                                   "and generate.")
     e.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_XXXXXXXX")
     e.add_argument("out", help="output folder")
+    e.add_argument("--tokenizer", help="tokenizer folder or hub name, when the run's data folder has none")
     e.set_defaults(func=cmd_export)
+
+    g = sub.add_parser("sample", help="generate text from a run's checkpoint",
+                       description="Load a checkpoint (a run's newest valid one, or --step) with the run's "
+                                   "tokenizer and print PROMPT followed by the text the model writes after "
+                                   "it: greedy at --temperature 0 (the default), else sampled. Runs on a CPU.")
+    g.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory or RUN_DIR/checkpoints/step_XXXXXXXX")
+    g.add_argument("--prompt", required=True, help="the text to continue ('' starts a new document)")
+    g.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate at most (default 50)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; else sample at this temperature")
+    g.add_argument("--top-k", type=int, help="sample from the K likeliest tokens only")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--step", type=int, help="checkpoint step of the run (default: the newest valid one)")
+    g.add_argument("--device", default="cpu", help="cpu (default), cuda:0, auto")
+    g.add_argument("--tokenizer", help="tokenizer folder or hub name, when the run's data folder has none")
+    g.set_defaults(func=cmd_sample)
 
     a = sub.add_parser("average", help="average a run's last checkpoints and evaluate the average",
                        description="Average the weights of the last K saved checkpoints of a run (an "
@@ -88,7 +116,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "run's tokenizer to a temporary folder and run `python -m lm_eval "
                                     "--model hf` on it; needs `pip install lm-eval`.")
     h.add_argument("run", help="the run directory")
-    h.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated, e.g. hellaswag,arc_easy")
+    h.add_argument("--tasks", help="lm-eval task names (or task .yaml files), comma-separated, e.g. hellaswag,arc_easy")
+    h.add_argument("--train-tasks", action="store_true",
+                   help="also score the run's own train.tasks through lm-eval (as testbed_<name>) and print "
+                        "them beside the in-loop scores of the same step")
+    h.add_argument("--include-path", help="lm-eval's --include_path: a folder of local task YAML files")
+    h.add_argument("--offline", action="store_true",
+                   help="set HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 for lm-eval (no network: local tasks only)")
     h.add_argument("--step", type=int, help="checkpoint step (default: the newest valid checkpoint)")
     h.add_argument("--device", default="cpu", help="lm-eval's --device, e.g. cuda:0 (default cpu)")
     h.add_argument("--batch-size", type=int, default=8, help="lm-eval's --batch_size (default 8)")
@@ -105,14 +139,81 @@ def default_run_dir(config) -> str:
     return f"runs/{run_id(config.to_dict())}"
 
 
-def cmd_train(args) -> int:
-    from testbed.config import load_config
+def rank_zero() -> bool:
+    """Whether this process speaks for the run (rank 0 under torchrun, or the only process)."""
+    import os
 
-    config = load_config(args.config, args.overrides)
+    return os.environ.get("RANK", "0") == "0"
+
+
+def load_train_config(config_path: str | None, overrides: list[str], run_dir: str | None = None):
+    """The config a command asked for: CONFIG (a YAML file, or a run's run.json) plus overrides;
+    without CONFIG, the config of the run in RUN_DIR plus overrides. Notes (a preset on the
+    command line replacing the file's shape) go to stderr, from rank 0."""
+    import sys
+
+    from testbed.config import load_config, read_yaml, saved_config
+    from testbed.errors import ConfigError
+
+    notes: list[str] = []
+    if config_path is None:
+        if run_dir is None:
+            raise ConfigError("give a CONFIG file, or --run-dir of a run to continue with its own config "
+                              "(`testbed train --run-dir RUN --resume`)")
+        source = run_config(run_dir)
+    elif Path(config_path).is_dir():
+        raise ConfigError(f"CONFIG {config_path!r} is a folder; to continue the run in it: `testbed train "
+                          f"--run-dir {config_path} --resume`; to start a new run from its config: "
+                          f"`testbed train {Path(config_path) / 'config.yaml'} --run-dir NEW`")
+    else:
+        source = read_yaml(config_path)
+        if isinstance(source.get("config"), dict) and "run_id" in source:  # a run's run.json
+            source = saved_config(source["config"]).to_dict()
+    config = load_config(source, overrides, notes=notes)
+    if rank_zero():
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+    return config
+
+
+def run_config(run_dir: str) -> dict:
+    """The resolved config of the run in RUN_DIR, as a tree: its run.json's, else (through the
+    trainer's reader, which imports torch) its newest checkpoint's or its config.yaml's."""
+    from testbed.config import saved_config
+    from testbed.errors import ConfigError, TestbedError
+    from testbed.rundir import RunDir
+
+    rd = RunDir(run_dir)
+    if not rd.path.is_dir():
+        raise ConfigError(f"--run-dir {run_dir!r} does not exist, and no CONFIG was given; give a CONFIG "
+                          f"file to start a run there")
+    try:
+        run = rd.read_run()
+    except TestbedError:
+        run = None  # damaged: the checkpoints may still hold the config
+    if run is not None and isinstance(run.get("config"), dict):
+        return saved_config(run["config"]).to_dict()
+    from testbed.train.resume import load_run_config
+
+    return load_run_config(rd.path).to_dict()
+
+
+def split_config_arg(args) -> None:
+    """`testbed train --run-dir RUN key=value`: argparse takes the first override for CONFIG."""
+    if args.config and "=" in args.config and not Path(args.config).exists():
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+
+
+def cmd_train(args) -> int:
+    split_config_arg(args)
+    config = load_train_config(args.config, args.overrides, args.run_dir)
+    run_dir = args.run_dir or default_run_dir(config)
+    if args.dry_run:
+        return dry_run(config, run_dir)
     from testbed.train.distributed import teardown
     from testbed.train.trainer import train
 
-    run_dir = args.run_dir or default_run_dir(config)
     try:
         summary = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)
     except BaseException:
@@ -120,9 +221,7 @@ def cmd_train(args) -> int:
         raise
     teardown()
     code = summary.get("exit_code", 0)
-    import os
-
-    if os.environ.get("RANK", "0") != "0":
+    if not rank_zero():
         return code
     if summary and code == 0 and summary.get("val_loss") is not None:
         extra = f", optimum {summary['val_opt_loss']:.4f}" if summary.get("val_opt_loss") is not None else ""
@@ -134,6 +233,26 @@ def cmd_train(args) -> int:
     return code
 
 
+def dry_run(config, run_dir: str) -> int:
+    """The resolved config, then the plan as YAML comments (the output is a config file `testbed
+    train` accepts); no torch, nothing written."""
+    from testbed.errors import TestbedError
+    from testbed.plan import plan_lines
+    from testbed.rundir import RunDir
+
+    lines = plan_lines(config)
+    rd = RunDir(run_dir)
+    try:
+        state = rd.read_status().get("state") if rd.exists() else None
+    except TestbedError as err:
+        state = f"unreadable status: {err}"
+    where = f"holds a {state} run" if state else "new" if not rd.path.exists() else "exists, no run in it"
+    if rank_zero():
+        print(config.to_yaml(), end="")
+        print("\n".join(f"# {line}" for line in [*lines, f"run dir {run_dir} ({where})"]))
+    return 0
+
+
 def cmd_branch(args) -> int:
     from testbed.train.branch import branch, optim_overrides
 
@@ -143,11 +262,10 @@ def cmd_branch(args) -> int:
 
 
 def cmd_schedule_plot(args) -> int:
-    from testbed.config import load_config
     from testbed.plan import describe, run_schedule
     from testbed.schedules import plot_schedule
 
-    config = load_config(args.config, args.overrides)
+    config = load_train_config(args.config, args.overrides)
     steps = describe(config)["planned_steps"]
     plot_schedule(args.out, steps, config.optim.lr, run_schedule(config, steps),
                   batch_tokens=config.train.global_batch_tokens,
@@ -157,10 +275,9 @@ def cmd_schedule_plot(args) -> int:
 
 
 def cmd_mup_check(args) -> int:
-    from testbed.config import load_config
     from testbed.errors import ConfigError
 
-    config = load_config(args.config, args.overrides)
+    config = load_train_config(args.config, args.overrides)
     try:
         widths = [int(w) for w in args.widths.split(",")]
     except ValueError:
@@ -181,10 +298,21 @@ def cmd_mup_check(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from testbed.train.export import export_checkpoint
+    from testbed.train.export import export
 
-    out = export_checkpoint(args.checkpoint, args.out)
-    print(f"wrote {out}/config.json and {out}/model.safetensors")
+    print(export(args.checkpoint, args.out, args.tokenizer).summary())
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import sys
+
+    from testbed.train.load import load
+
+    loaded = load(args.run, step=args.step, device=args.device, tokenizer=args.tokenizer)
+    text = loaded.sample(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    print(f"{loaded.checkpoint} (step {loaded.step}), tokenizer from {loaded.tokenizer_from}", file=sys.stderr)
+    print(args.prompt + text)
     return 0
 
 
@@ -202,4 +330,5 @@ def cmd_eval_harness(args) -> int:
     from testbed.train.harness import run_harness
 
     return run_harness(args.run, args.tasks, step=args.step, device=args.device, batch_size=args.batch_size,
-                       limit=args.limit, out=args.out, tokenizer=args.tokenizer)
+                       limit=args.limit, out=args.out, tokenizer=args.tokenizer, include_path=args.include_path,
+                       train_tasks=args.train_tasks, offline=args.offline)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from testbed.config import Config, saved_config
+from testbed.config import Config, read_yaml, saved_config
 from testbed.errors import TestbedError
-from testbed.rundir import RunDir
+from testbed.plan import headline
+from testbed.rundir import RunDir, write_text_atomic
 from testbed.train import checkpoint as ckpt
 from testbed.train.distributed import Dist, barrier
 
@@ -75,8 +76,8 @@ def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool
             if diffs:
                 raise TestbedError(f"run directory {str(run_dir)!r} holds a finished run with a different "
                                    f"config ({'; '.join(diffs[:3])}); --resume accepts it only with its own "
-                                   f"config (RUN_DIR/run.json); pass --overwrite to train it again, or "
-                                   f"choose another --run-dir")
+                                   f"config: `testbed train --run-dir {run_dir} --resume` (no CONFIG) "
+                                   f"takes it; pass --overwrite to train it again, or choose another --run-dir")
             return "done"
         raise TestbedError(f"run directory {str(run_dir)!r} already holds a finished run; pass "
                            f"--overwrite to replace it, --resume to accept it, or choose another --run-dir")
@@ -97,9 +98,9 @@ def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool
     diffs = config_differences(saved_config(saved).to_dict(), config.to_dict())
     if diffs:
         raise TestbedError(f"run directory {str(run_dir)!r} holds an unfinished run with a different "
-                           f"config ({'; '.join(diffs[:3])}); resume it with its own config "
-                           f"(in {where}), pass --overwrite to discard it and start again, or choose "
-                           f"another --run-dir")
+                           f"config ({'; '.join(diffs[:3])}); resume it with its own config (in {where}): "
+                           f"`testbed train --run-dir {run_dir} --resume` (no CONFIG), pass --overwrite "
+                           f"to discard it and start again, or choose another --run-dir")
     _check_logs(rd)
     if d.main:
         for line in ckpt.clear_interrupted(rd.path):
@@ -136,7 +137,7 @@ def _check_logs(rd: RunDir) -> None:
 
 def load_run_config(run_dir: Path) -> Config:
     """The config of the run in RUN_DIR: its run.json's, else (run.json missing or damaged) its
-    newest checkpoint's."""
+    newest checkpoint's, else its config.yaml's (a sweep's run that never started)."""
     rd = RunDir(run_dir)
     try:
         run = rd.read_run()
@@ -149,8 +150,36 @@ def load_run_config(run_dir: Path) -> Config:
         if state and isinstance(state.get("config"), dict):
             return saved_config(state["config"])
     rd.read_run()  # damaged: its error names the file
+    if rd.config_yaml.is_file():
+        return saved_config(read_yaml(rd.config_yaml))
     raise TestbedError(f"{str(run_dir)!r} is not a run directory (no run.json); pass "
                        f"the folder given to `testbed train --run-dir`")
+
+
+def announce(rd: RunDir, config: Config, info: dict, start_step: int, resumed: bool,
+             device: torch.device, dtype: torch.dtype, world: int) -> None:
+    """Rank 0, once the run directory is open: keep the resolved config in RUN_DIR/config.yaml
+    (as a sweep writes it; `testbed train --run-dir RUN_DIR` reads it back) and print what is
+    about to train, in two lines."""
+    text = config.to_yaml()
+    try:
+        current = rd.config_yaml.read_text()
+    except (OSError, UnicodeDecodeError):
+        current = None
+    if current != text:  # a sweep wrote the same text already
+        write_text_atomic(rd.config_yaml, text)
+    where = f"resumed at step {start_step}" if resumed else f"from step {start_step}" if start_step else "new"
+    wandb = "wandb off"
+    if config.logging.wandb:
+        from testbed.train.metrics import wandb_settings  # where and how metrics.py starts it
+
+        settings = wandb_settings(config.logging.wandb_project, config.logging.wandb_mode, rd.path)
+        if settings["mode"] != "disabled":
+            wandb = f"wandb {Path(settings['dir']) / 'wandb'} ({settings['mode']})"
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype).replace("torch.", ""))
+    print(f"testbed train: {headline(info)}; {precision} on {device}"
+          f"{f' x {world} processes' if world > 1 else ''}\n"
+          f"  run dir {rd.path} ({where}), config {rd.config_yaml}, {wandb}", flush=True)
 
 
 class Preemption:

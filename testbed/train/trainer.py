@@ -54,7 +54,7 @@ from testbed.train.ema import WeightEMA
 from testbed.train.metrics import MetricsLog
 from testbed.train.monitor import LossWatch, Window, significant, squared_norms
 from testbed.train.prefetch import Prefetcher
-from testbed.train.resume import Preemption, load_run_config, prepare_run_dir, restore_rng, rng_state
+from testbed.train.resume import Preemption, announce, load_run_config, prepare_run_dir, restore_rng, rng_state
 from testbed.train.tasks import evaluate_tasks, summary_line
 
 __all__ = ["NonFiniteLoss", "Trainer", "load_run_config", "train"]
@@ -376,9 +376,10 @@ class Trainer:
         self.log_line(f"{'resume from ' + self.resumed_from if self.resumed_from else 'start'} at step "
                       f"{self.start_step}/{self.total_steps} on {self.device} ({self.d.world} process(es), "
                       f"{self.dtype})")
+        announce(rd, config, self.info, self.start_step, bool(self.resumed_from), self.device, self.dtype, self.d.world)
         if config.logging.wandb:
-            self.metrics.start_wandb(config.logging.wandb_project, config.logging.wandb_mode, self.run_id,
-                                     config.to_dict(), rd.path)
+            self.metrics.start_wandb(config.logging.wandb_project, config.logging.wandb_mode, config.to_dict(),
+                                     rd.path)
 
     def rewind_run_dir(self) -> None:
         """On resume: forget what was written after the restored checkpoint."""
