@@ -184,3 +184,91 @@ def test_fit_collect_lists_ema_and_average_points(ema_run, tmp_path, capsys):
     assert select_points(points, "ema", skip_fraction=0.6).frame["step"].tolist() == [3, 4]
     assert len(select_points(points, "average").frame) == 3
     assert "ema" not in set(select_points(points, "all").frame["point_kind"])
+
+
+# ----------------------------------------------------------------------------- phases of a WSD run
+# 10 steps: warmup 1-2, stable 3-7, decay 8-10 (a checkpoint at step S has the phase of step S - 1).
+# Saved: 1 (science, at_tokens), 4 and 8 (science), 6, 7 and 9 (rolling, the newest 3 kept), 10 (final).
+WSD = [o for o in TINY if not o.startswith(("schedule.", "train.steps", "checkpoint.every"))] + [
+    "schedule.name=wsd", "schedule.warmup_steps=2", "schedule.decay_fraction=0.3", "train.steps=10",
+    "checkpoint.every=4", "checkpoint.at_tokens=[256]", "checkpoint.rolling_every=1", "checkpoint.keep_rolling=3"]
+
+
+@pytest.fixture(scope="module")
+def wsd_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("wsd") / "run"
+    assert train(load_config(None, WSD), run_dir)["exit_code"] == 0
+    saved = {line["step"]: (line["phase"], line["kind"]) for line in RunDir(run_dir).index()
+             if (run_dir / line["path"]).is_dir() and not line.get("deleted")}
+    assert saved == {1: ("warmup", "science"), 4: ("stable", "science"), 6: ("stable", "rolling"),
+                     7: ("stable", "rolling"), 8: ("decay", "science"), 9: ("decay", "rolling"),
+                     10: ("decay", "final")}
+    return run_dir
+
+
+def branch_error(run_dir, step, capsys) -> str:
+    assert testbed_cli.main(["branch", str(run_dir), "--step", str(step), "--decay", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert not (run_dir / "branches").exists()
+    return err
+
+
+def test_branching_past_the_run_names_its_length_and_stable_checkpoints(wsd_run, capsys):
+    err = branch_error(wsd_run, 400, capsys)
+    assert "--step 400 is beyond the end of the parent run" in err and "decay phase" not in err, err
+    assert "its 10 steps: warmup 1-2, stable 3-7, decay 8-10" in err, err
+    assert "stable-phase checkpoints: --step 4, 6, 7" in err, err
+
+
+def test_branching_in_the_decay_or_warmup_names_the_stable_checkpoints(wsd_run, capsys):
+    for step, phase in ((9, "decay"), (2, "warmup")):
+        err = branch_error(wsd_run, step, capsys)
+        assert f"--step {step} is in the parent's {phase} phase" in err, err
+        assert "stable 3-7" in err and "--step 4, 6, 7" in err, err
+
+
+def test_branching_at_a_stable_step_without_checkpoint_names_the_ones_saved(wsd_run, capsys):
+    err = branch_error(wsd_run, 5, capsys)  # stable, but its rolling checkpoint was retired
+    assert "saved no checkpoint at that step" in err and "--step 4, 6, 7" in err, err
+
+
+def test_average_says_which_phases_it_mixes(wsd_run, capsys):
+    assert testbed_cli.main(["average", str(wsd_run), "--last", "7"]) == 0
+    first, second = capsys.readouterr().out.strip().splitlines()
+    assert first.startswith("averaging 7 checkpoints, steps 1-10, mixing the warmup, stable and decay phases"), first
+    assert "(warmup 1, stable 3, decay 3; kinds: science 3, rolling 3, final 1)" in first, first
+    assert "--phase stable" in first and "val_loss" in second
+    assert RunDir(wsd_run).averages()[-1]["steps"] == [1, 4, 6, 7, 8, 9, 10]
+
+
+def test_average_of_one_phase_takes_its_newest_checkpoints(wsd_run, capsys):
+    assert testbed_cli.main(["average", str(wsd_run), "--last", "3", "--phase", "stable"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == "averaging 3 checkpoint(s), steps 4-7, all in the stable phase (kinds: science 1, rolling 2)"
+    assert RunDir(wsd_run).averages()[-1]["steps"] == [4, 6, 7]
+    record = average_checkpoints(wsd_run, 2, phase="decay")
+    assert record["steps"] == [9, 10] and record["step"] == 10
+
+
+def test_average_of_a_phase_with_too_few_checkpoints_is_one_error(wsd_run, capsys):
+    before = RunDir(wsd_run).averages()
+    assert testbed_cli.main(["average", str(wsd_run), "--last", "2", "--phase", "warmup"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "1 saved checkpoint(s) in its warmup phase" in err and "between 1 and 1" in err, err
+    with pytest.raises(SystemExit):  # argparse's own error, naming the three phases
+        testbed_cli.main(["average", str(wsd_run), "--last", "1", "--phase", "cooldown"])
+    assert "invalid choice: 'cooldown'" in capsys.readouterr().err
+    with pytest.raises(TestbedError, match="--phase 'cooldown' is not a phase"):
+        average_checkpoints(wsd_run, 1, phase="cooldown")
+    assert RunDir(wsd_run).averages() == before
+
+
+def test_an_index_without_phases_gets_them_from_the_schedule(wsd_run):
+    from testbed.train.average import describe_choice, with_phases
+
+    lines = [{k: v for k, v in line.items() if k != "phase"} for line in RunDir(wsd_run).index()]
+    filled = with_phases(lines, load_config(None, WSD))
+    assert {line["step"]: line["phase"] for line in filled}[3] == "stable"
+    assert [line["phase"] for line in filled if line["step"] in (2, 8)] == ["warmup", "decay"]
+    assert describe_choice(lines[-2:]).startswith("averaging 2 checkpoint")  # unknown phases still read

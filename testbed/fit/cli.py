@@ -213,6 +213,10 @@ def _hparams(args) -> int:
         (out_dir / "hparams.json").write_text(json.dumps({"source": source, "rules": rules, "warnings": warnings,
                                                            "predictions": predictions}, indent=2))
         print(f"written: {out_dir / 'hparams.json'}")
+        if args.sweep_dir and not args.no_plots:  # loss against LR per (N, D) cell, the rule's lr_opt marked
+            from testbed.fit.plots import hparams_plot
+
+            print(f"written: {hparams_plot(frame, rules, out_dir / 'lr_sensitivity.png')}")
     return 0
 
 

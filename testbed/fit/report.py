@@ -134,7 +134,13 @@ def markdown(summary: dict, plots: list[str]) -> str:
                             f"{pi['median_half_width']:.2%}, {pi['width_over_error']:.1f}x the mean error."
                             if "coverage_floor" in pi else "."))
     if plots:
-        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+        from testbed.fit.plots import CAPTIONS
+
+        lines += ["", "## Plots", ""]
+        for plot in plots:
+            lines += [f"![{Path(plot).stem}]({Path(plot).name})", ""]
+            if Path(plot).stem in CAPTIONS:
+                lines += [f"*{CAPTIONS[Path(plot).stem]}*", ""]
     return "\n".join(lines) + "\n"
 
 

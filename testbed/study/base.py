@@ -198,7 +198,59 @@ def figure(path: Path, xlabel: str, ylabel: str = "final validation loss", log_b
         ax.set_ylabel(ylabel)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
+        from testbed.fit.plots import tidy_log_axes
+
+        tidy_log_axes(ax)  # at most ~6 labelled ticks on a log axis: no smear of minor labels
         fig.tight_layout()
         fig.savefig(path, dpi=100)
     finally:
         plt.close(fig)
+
+
+def lr_plot(ctx: Context, frame, choice: LrChoice, name: str = "lr_sensitivity.png", lr: str = "peak_lr",
+            loss: str = "loss") -> list[str]:
+    """Loss against learning rate in each cell of `choice` (the mean over seeds at each LR of
+    `frame`, the rows `choice` was made from), the LR the study chose marked: [name], or [] when
+    no cell tried two learning rates. Cells of two or more keys get one axes per value of the
+    first key (at most six, each with more than one cell), a line per value of the rest."""
+    from testbed.fit.plots import LrCurve, lr_sensitivity
+
+    cells = choice.cells[[len(g) > 1 for g in choice.cells["grid"]]]
+    if cells.empty:
+        return []
+    by = choice.by
+    panel_key = (by[0] if len(by) > 1 and 1 < cells[by[0]].nunique() <= 6
+                 and cells.groupby(by[0], dropna=False).size().max() > 1 else None)  # a panel of one line: none
+    curves = []
+    for _, cell in cells.iterrows():
+        mask = np.ones(len(frame), dtype=bool)
+        for column in by:
+            value = cell[column]
+            mask &= frame[column].isna().to_numpy() if _missing(value) else (frame[column] == value).to_numpy()
+        means = frame[mask].groupby(lr)[loss].mean().sort_index()
+        shown = [c for c in by if c != panel_key]
+        sizes = frame.loc[mask, "N"].unique() if "N" in frame.columns else []
+        curves.append(LrCurve(label=", ".join(f"{_name(c)} {_value(cell[c])}" for c in shown),
+                              lr=means.index.to_numpy(float), loss=means.to_numpy(float), chosen=float(cell["lr"]),
+                              size=float(sizes[0]) if len(sizes) == 1 else None,
+                              panel=f"{_name(panel_key)} {_value(cell[panel_key])}" if panel_key else ""))
+    seeds = int(choice.cells["seeds"].max())
+    lr_sensitivity(curves, ctx.out / name, "loss against learning rate" + (f" (mean over {seeds} seeds)" if seeds > 1 else ""),
+                   chosen_label="LR chosen (mean over seeds)" if seeds > 1 else "LR chosen")
+    return [name]
+
+
+def _missing(value: Any) -> bool:
+    return isinstance(value, float) and not np.isfinite(value)
+
+
+def _name(column: str) -> str:
+    return column.removeprefix("label_")
+
+
+def _value(value: Any) -> str:
+    from testbed.fit.guards import short
+
+    if not isinstance(value, (int, float, np.integer, np.floating)):
+        return str(value)
+    return f"{float(value):.2g}" if abs(value) >= 1e6 else short(float(value))  # budgets as 1e+10, widths as 64

@@ -38,16 +38,63 @@ def saved_checkpoints(rd: RunDir) -> list[dict]:
                    if not line.get("deleted") and (rd.path / line["path"]).is_dir()), key=lambda line: line["step"])
 
 
-def last_checkpoints(rd: RunDir, last: int) -> list[dict]:
+PHASES = ("warmup", "stable", "decay")
+
+
+def with_phases(lines: list[dict], config=None) -> list[dict]:
+    """The index lines with `phase` filled in where an older index lacks it (from the run's
+    schedule: a checkpoint at step S is in the phase of 0-based step S - 1)."""
+    if all(line.get("phase") for line in lines) or config is None:
+        return lines
+    from testbed.plan import describe, run_schedule
+
+    total = describe(config)["planned_steps"]
+    spec = run_schedule(config, total)
+    return [line if line.get("phase") else {**line, "phase": spec.phase(max(int(line["step"]) - 1, 0), total)}
+            for line in lines]
+
+
+def _counts(lines: list[dict], key: str) -> str:
+    counts: dict[str, int] = {}
+    for line in lines:
+        counts[str(line.get(key) or "unknown")] = counts.get(str(line.get(key) or "unknown"), 0) + 1
+    return ", ".join(f"{name} {n}" for name, n in counts.items())
+
+
+def last_checkpoints(rd: RunDir, last: int, phase: str | None = None, config=None) -> list[dict]:
+    """The newest `last` saved checkpoints; with `phase`, the newest of that phase only."""
+    if phase is not None and phase not in PHASES:
+        raise TestbedError(f"--phase {phase!r} is not a phase; choose one of {', '.join(PHASES)}")
     saved = saved_checkpoints(rd)
     if not saved:
         raise TestbedError(f"{str(rd.path)!r} has no saved checkpoint in {rd.index_path}; pass a run "
                            f"directory that saved some (checkpoint.every, checkpoint.final)")
-    steps = [line["step"] for line in saved]
-    if last < 1 or last > len(saved):
-        raise TestbedError(f"--last {last}: {str(rd.path)!r} has {len(saved)} saved checkpoint(s) (steps "
-                           f"{steps}); choose --last between 1 and {len(saved)}")
-    return saved[-last:]
+    saved = with_phases(saved, config)
+    pool = [line for line in saved if phase is None or line.get("phase") == phase]
+    steps = [line["step"] for line in pool]
+    if phase is not None and not pool:
+        raise TestbedError(f"--phase {phase}: {str(rd.path)!r} saved no checkpoint in its {phase} phase (its "
+                           f"{len(saved)} saved checkpoint(s) are: {_counts(saved, 'phase')}); choose another "
+                           f"--phase or leave it out")
+    if last < 1 or last > len(pool):
+        what = f"{len(pool)} saved checkpoint(s)" + (f" in its {phase} phase" if phase else "")
+        raise TestbedError(f"--last {last}: {str(rd.path)!r} has {what} (steps {steps}); choose --last between "
+                           f"1 and {len(pool)}")
+    return pool[-last:]
+
+
+def describe_choice(chosen: list[dict]) -> str:
+    """One line: which checkpoints are averaged, and the phases (and kinds) they mix."""
+    steps = [line["step"] for line in chosen]
+    span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
+    phases = list(dict.fromkeys(str(line.get("phase") or "unknown") for line in chosen))
+    kinds = f"kinds: {_counts(chosen, 'kind')}"
+    if len(phases) == 1:
+        return f"averaging {len(chosen)} checkpoint(s), {span}, all in the {phases[0]} phase ({kinds})"
+    named = ", ".join(phases[:-1]) + f" and {phases[-1]}"
+    return (f"averaging {len(chosen)} checkpoints, {span}, mixing the {named} phases "
+            f"({_counts(chosen, 'phase')}; {kinds}); --phase {'stable' if 'stable' in phases else phases[-1]} "
+            f"averages one phase only")
 
 
 def average_weights(folders: list[Path]) -> dict[str, torch.Tensor]:
@@ -72,17 +119,21 @@ def average_weights(folders: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def average_checkpoints(run_dir: str | Path, last: int, out: str | Path | None = None,
-                        device: str | None = None) -> dict:
-    """Average the last `last` checkpoints of a run, evaluate the average, append the record to
-    RUN_DIR/averages.jsonl and return it; `out`: also write the averaged model as a Hugging Face
-    Llama folder (as `testbed export` does)."""
+                        device: str | None = None, phase: str | None = None, say=None) -> dict:
+    """Average the last `last` checkpoints of a run (with `phase`: of that schedule phase only),
+    evaluate the average, append the record to RUN_DIR/averages.jsonl and return it; `out`: also
+    write the averaged model as a Hugging Face Llama folder (as `testbed export` does). `say`
+    (e.g. print) gets one line naming the checkpoints and the phases they mix, before the
+    evaluation."""
     rd = RunDir(run_dir)
     if not rd.path.is_dir():
         what = "is a file, not a run directory" if rd.path.exists() else "does not exist"
         raise TestbedError(f"{str(rd.path)!r} {what}; pass the run directory (the folder given to "
                            f"`testbed train --run-dir`, holding run.json and checkpoints/)")
     config = load_run_config(rd.path)
-    chosen = last_checkpoints(rd, last)
+    chosen = last_checkpoints(rd, last, phase, config)
+    if say is not None:
+        say(describe_choice(chosen))
     if out is not None:
         check_writable(Path(out), "--out")
     averaged = average_weights([rd.path / line["path"] for line in chosen])

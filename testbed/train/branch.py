@@ -60,8 +60,52 @@ def override_tag(overrides: dict[str, Any]) -> str:
     return "".join(f"_{key}{show(value)}" for key, value in overrides.items())
 
 
+def phase_spans(spec, total: int) -> str:
+    """The steps of each phase, as checkpoints name them (a checkpoint at step S is in the phase
+    of 0-based step S - 1): 'warmup 1-5, stable 6-39, decay 40-49'."""
+    warmup = min(max(int(spec.warmup_steps), 0), total)
+    start = spec.decay_start(total)
+    decay_from = start + 1 if start is not None and start < total else total + 1
+    decay_from = max(decay_from, warmup + 1)
+    spans = [("warmup", 1, warmup), ("stable", warmup + 1, decay_from - 1), ("decay", decay_from, total)]
+    return ", ".join(f"{p} {a}" if a == b else f"{p} {a}-{b}" for p, a, b in spans if a <= b)
+
+
+def stable_checkpoints(parent_dir: str | Path, spec, total: int) -> list[int]:
+    """The steps of the parent's saved checkpoints (index lines whose folder is still there) in
+    its stable phase: the index line's `phase`, else the schedule's."""
+    rd = RunDir(parent_dir)
+    steps = set()
+    try:
+        lines = rd.index()
+    except TestbedError:
+        lines = []
+    for line in lines:
+        step = int(line["step"])
+        if line.get("deleted") or not (rd.path / line["path"]).is_dir():
+            continue
+        phase = line.get("phase") or (spec.phase(step - 1, total) if 0 < step <= total else None)
+        if phase == "stable":
+            steps.add(step)
+    return sorted(steps)
+
+
+def stable_choices(parent_dir: str | Path | None, spec, total: int) -> str:
+    """What to branch from instead: the stable-phase checkpoints the parent saved."""
+    if parent_dir is None:
+        return "branch from a checkpoint in its stable phase"
+    steps = stable_checkpoints(parent_dir, spec, total)
+    if not steps:
+        return ("it saved no checkpoint in its stable phase to branch from (set checkpoint.every or "
+                "checkpoint.at_tokens in the parent's stable phase)")
+    shown = ", ".join(map(str, steps)) if len(steps) <= 12 else \
+        ", ".join(map(str, steps[:5])) + f", ... ({len(steps) - 10} more), " + ", ".join(map(str, steps[-5:]))
+    return f"branch from one of its stable-phase checkpoints: --step {shown}"
+
+
 def branch_config(parent_config, step: int, fraction: float, shape: str,
-                  optim: dict[str, Any] | None = None):
+                  optim: dict[str, Any] | None = None, parent_dir: str | Path | None = None):
+    """parent_dir: where the parent's checkpoints are, so an error can name the ones to branch from."""
     if not 0 < fraction < 1:
         raise TestbedError(f"--decay {fraction} must be a fraction in (0, 1), e.g. 0.2")
     if shape not in DECAY_SHAPES:
@@ -72,9 +116,14 @@ def branch_config(parent_config, step: int, fraction: float, shape: str,
                            f"(schedule.name wsd or constant)")
     parent_steps = describe(parent_config)["planned_steps"]
     spec = run_schedule(parent_config, parent_steps)
+    phases = f"its {parent_steps} steps: {phase_spans(spec, parent_steps)}"
+    if not 0 < step <= parent_steps:
+        where = "beyond the end of" if step > parent_steps else "not a step of"
+        raise TestbedError(f"--step {step} is {where} the parent run ({phases}); "
+                           f"{stable_choices(parent_dir, spec, parent_steps)}")
     if spec.phase(step - 1, parent_steps) != "stable":
-        raise TestbedError(f"--step {step} is in the parent's {spec.phase(step - 1, parent_steps)} "
-                           f"phase; branch from a checkpoint in its stable phase")
+        raise TestbedError(f"--step {step} is in the parent's {spec.phase(step - 1, parent_steps)} phase "
+                           f"({phases}); {stable_choices(parent_dir, spec, parent_steps)}")
     total = math.ceil(step / (1 - fraction))
     tree = parent_config.to_dict()
     tree["schedule"].update(name="wsd", decay_shape=shape, decay_start_step=step,
@@ -98,7 +147,11 @@ def branch(parent_dir: str | Path, step: int, fraction: float, shape: str = "1-s
     """optim: optimiser keys changed for the branch only (see optim_overrides)."""
     parent_dir = Path(parent_dir)
     parent_config = load_run_config(parent_dir)
-    config = branch_config(parent_config, step, fraction, shape, optim)
+    config = branch_config(parent_config, step, fraction, shape, optim, parent_dir)
+    if not (parent_dir / "checkpoints" / ckpt.folder_name(step)).is_dir():
+        total = describe(parent_config)["planned_steps"]
+        raise TestbedError(f"--step {step}: {parent_dir} saved no checkpoint at that step; "
+                           f"{stable_choices(parent_dir, run_schedule(parent_config, total), total)}")
     folder = ckpt.checkpoint_at(parent_dir, step)
     loaded = ckpt.load(folder)
     parent_run = RunDir(parent_dir)

@@ -107,6 +107,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--last", type=int, required=True, metavar="K", help="how many of the newest checkpoints")
     a.add_argument("--out", help="also write the averaged model as a Hugging Face folder here (as testbed export does)")
     a.add_argument("--device", help="evaluate on this device (default: the run's train.device)")
+    a.add_argument("--phase", choices=["warmup", "stable", "decay"],
+                   help="average the last K checkpoints of this schedule phase only (default: the last K, "
+                        "whatever their phases; the command names the phases it mixes)")
     a.set_defaults(func=cmd_average)
 
     v = sub.add_parser("eval", help="evaluate a run's checkpoint with outside tools")
@@ -319,7 +322,7 @@ def cmd_sample(args) -> int:
 def cmd_average(args) -> int:
     from testbed.train.average import average_checkpoints
 
-    record = average_checkpoints(args.run, args.last, args.out, args.device)
+    record = average_checkpoints(args.run, args.last, args.out, args.device, phase=args.phase, say=print)
     print(f"{args.run}: the mean of checkpoints {record['steps']}: val_loss {record['val_loss']:.4f} "
           f"nats/token, val_bpb {record['val_bpb']:.4f}; recorded in {args.run}/averages.jsonl"
           + (f"; model written to {args.out}" if args.out else ""))

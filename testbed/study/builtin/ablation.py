@@ -13,7 +13,18 @@ from typing import Any
 
 from testbed.stats import paired_noise, relative_gap
 from testbed.stats.curves import compute_multiplier
-from testbed.study.base import Analysis, Context, Study, choose, decidable, figure, measured, paired_by_seed, register
+from testbed.study.base import (
+    Analysis,
+    Context,
+    Study,
+    choose,
+    decidable,
+    figure,
+    lr_plot,
+    measured,
+    paired_by_seed,
+    register,
+)
 from testbed.study.recipes import BATCH, base, tiny_text
 
 KEY, BASELINE, VARIANT = "model.norm_placement", "pre", "peri"
@@ -67,7 +78,8 @@ def analyse(ctx: Context) -> Analysis:
         rows.append(row)
     notes = [f"agree: the multiplier's interval lies above 1 ({VARIANT} needs less compute)",
              f"learning rates: {choice.method}"]
-    return Analysis(multiplier, more, {"frontiers": rows, "spikes": _spikes(finals, arm)}, [_plot(ctx, rows)], notes)
+    return Analysis(multiplier, more, {"frontiers": rows, "spikes": _spikes(finals, arm)},
+                    [_plot(ctx, rows), *lr_plot(ctx, finals, choice)], notes)
 
 
 def _spikes(finals, arm: str) -> list[dict[str, Any]]:

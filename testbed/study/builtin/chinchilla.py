@@ -7,7 +7,18 @@ from typing import Any
 import numpy as np
 
 from testbed.stats.curves import IsoflopFit, isoflop_slope, parametric_bootstrap, percentile
-from testbed.study.base import Analysis, Context, Measurement, Study, choose, decidable, figure, measured, register
+from testbed.study.base import (
+    Analysis,
+    Context,
+    Measurement,
+    Study,
+    choose,
+    decidable,
+    figure,
+    lr_plot,
+    measured,
+    register,
+)
 from testbed.study.recipes import BATCH, base, ladder_corpus
 
 KAPLAN_A = 0.73
@@ -142,7 +153,8 @@ def analyse(ctx: Context) -> Analysis:
         notes.append("Approach 3's fitted law: " + ", ".join(f"{k} = {v:.4g}" for k, v in law.items()))
     # The headline is Approach 2 (the IsoFLOP design's own), else the first approach that measured a.
     headline, *others = sorted([a2, a1, a3], key=lambda m: m.value is None)
-    return Analysis(headline, [*others, b2, b1, b3], tables, [_plot(ctx, rows, joint)], notes)
+    return Analysis(headline, [*others, b2, b1, b3], tables, [_plot(ctx, rows, joint), *lr_plot(ctx, points, choice)],
+                    notes)
 
 
 def _minima(frame, info: dict) -> list[dict]:

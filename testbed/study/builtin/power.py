@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from testbed.stats import paired_noise, relative_gap
-from testbed.study.base import Analysis, Context, Study, choose, figure, measured, paired_by_seed, register
+from testbed.study.base import Analysis, Context, Study, choose, figure, lr_plot, measured, paired_by_seed, register
 from testbed.study.recipes import BATCH, base, seeds
 
 TOLERANCE = 0.01  # "near-optimal": at most 1% above cosine at its tuned LR, in every setting
@@ -55,7 +55,8 @@ def sweeps(size: str) -> list[dict[str, Any]]:
 
 def analyse(ctx: Context) -> Analysis:
     cells = ["batch_tokens", "planned_tokens"]
-    choice = choose(ctx.finals("power-cosine"), cells)
+    cosine = ctx.finals("power-cosine")
+    choice = choose(cosine, cells)
     cos = choice.rows
     pw = ctx.finals("power-power")
     # Power and cosine at one seed share its initialisation and data order: paired by seed.
@@ -79,7 +80,8 @@ def analyse(ctx: Context) -> Analysis:
              f"1-sqrt decay over the last {DECAY:.0%}; cosine tuned over {lrs(ctx.size)} per setting",
              f"tolerance: power at most {TOLERANCE:.0%} above tuned cosine in every setting",
              f"cosine's learning rates: {choice.method}"]
-    return Analysis(headline, [g for g in gaps if g is not headline], {"settings": rows}, [_plot(ctx, rows)], notes)
+    return Analysis(headline, [g for g in gaps if g is not headline], {"settings": rows},
+                    [_plot(ctx, rows), *lr_plot(ctx, cosine, choice, "cosine_lr_sensitivity.png")], notes)
 
 
 def _plot(ctx: Context, rows: list[dict]) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from testbed.stats import seed_noise, spread
-from testbed.study.base import Analysis, Context, Study, choose, figure, measured, register
+from testbed.study.base import Analysis, Context, Study, choose, figure, lr_plot, measured, register
 from testbed.study.recipes import BATCH, base, seeds, width_for
 
 TOLERANCE = 0.03  # Kaplan et al.: a few percent across aspect ratios spanning a wide band
@@ -55,7 +55,7 @@ def analyse(ctx: Context) -> Analysis:
                                                  "N_non_embedding"].iloc[0]),
              "lr": float(cells.loc[k, "lr"]), "lr_edge": cells.loc[k, "edge"] or "inside",
              "loss": float(np.exp(np.log(groups[k]).mean())), "seeds": len(groups[k])} for k in keys]
-    return Analysis(headline, [], {"shapes": rows}, [_plot(ctx, rows)],
+    return Analysis(headline, [], {"shapes": rows}, [_plot(ctx, rows), *lr_plot(ctx, finals, choice)],
                     [f"tolerance: spread at most {TOLERANCE:.0%}", f"learning rates: {choice.method}"])
 
 
