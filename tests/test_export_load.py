@@ -5,10 +5,10 @@ checkpoint's own val loss) and `testbed sample`."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
+from text_corpus import corpus_text
 
 from testbed.cli import main
 from testbed.config import load_config
@@ -22,19 +22,6 @@ TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_se
 PROMPT = "The brown cat"
 
 
-def corpus_text(documents: int = 400, seed: int = 0) -> str:
-    """Small English documents with regularities a tiny model picks up in a few steps."""
-    rng = random.Random(seed)
-    animals = {"cat": "drinks milk", "dog": "chases the ball", "bird": "sings a song", "horse": "eats hay"}
-    colours = ["brown", "black", "white", "small", "old"]
-    docs = []
-    for i in range(documents):
-        lines = []
-        for _ in range(rng.randint(2, 4)):
-            animal = rng.choice(list(animals))
-            lines.append(f"The {rng.choice(colours)} {animal} {animals[animal]} in the {rng.choice(['garden', 'barn', 'house'])}.")
-        docs.append(f"Story {i}: " + " ".join(lines))
-    return "\n\n".join(docs) + "\n"
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import importlib.util
 import json
 import math
 import os
-import random
 
 import pytest
+from text_corpus import corpus_text
 
 from testbed.cli import main
 from testbed.config import load_config
@@ -66,18 +66,6 @@ metric_list:
 """
 
 
-def corpus_text(documents: int = 400, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    animals = {"cat": "drinks milk", "dog": "chases the ball", "bird": "sings a song", "horse": "eats hay"}
-    colours = ["brown", "black", "white", "small", "old"]
-    docs = []
-    for i in range(documents):
-        lines = []
-        for _ in range(rng.randint(2, 4)):
-            animal = rng.choice(list(animals))
-            lines.append(f"The {rng.choice(colours)} {animal} {animals[animal]} in the {rng.choice(['garden', 'barn', 'house'])}.")
-        docs.append(f"Story {i}: " + " ".join(lines))
-    return "\n\n".join(docs) + "\n"
 
 
 def need_lm_eval() -> None:
