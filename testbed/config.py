@@ -28,11 +28,15 @@ from typing import Any
 
 from testbed.errors import ConfigError
 from testbed.registry import import_modules
-from testbed.schedules import DEFAULT_SCHEDULE, Schedule, schedule_class, split_section
+from testbed.rundir import HASH_AT_DEFAULT, hash_tree
+from testbed.schedules import DEFAULT_SCHEDULE, SCHEDULES, Schedule, schedule_class, split_section
 
 # The ladder ships as package data next to this module, so an installed wheel finds it without
 # a checkout.
 PRESETS_DIR = Path(__file__).resolve().parent / "presets" / "models"
+# The metadata of a field added after runs were first registered: the run id leaves it out while
+# it is at its default, so the ids of runs that do not use it stay as they were (config_hash).
+ADDED_LATER = {HASH_AT_DEFAULT: False}
 
 
 def presets_dir() -> Path:
@@ -72,11 +76,11 @@ class ModelConfig:
     dropout: float = 0.0
     # sp (standard) | mup (maximal update parametrization, see docs/mup.md): init, learning
     # rates, output logits and attention scale follow the width multiplier d_model / mup_base_width.
-    parametrization: str = "sp"
-    mup_base_width: int | None = None  # the d_model at which mup equals sp (where tuned values hold)
+    parametrization: str = field(default="sp", metadata=ADDED_LATER)
+    mup_base_width: int | None = field(default=None, metadata=ADDED_LATER)  # the d_model at which mup equals sp (where tuned values hold)
     # The head width at the base model; None: d_head / m, i.e. width grows at a fixed head count.
     # Widening by heads at a fixed head width (the depth dial) sets it to that head width.
-    mup_base_head_dim: int | None = None
+    mup_base_head_dim: int | None = field(default=None, metadata=ADDED_LATER)
 
     @property
     def head_dim(self) -> int:
@@ -118,7 +122,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    z_loss: float = 0.0  # PaLM's z-loss weight: adds z_loss * mean(logsumexp(logits)^2); 0 disables
+    z_loss: float = field(default=0.0, metadata=ADDED_LATER)  # PaLM's z-loss weight: adds z_loss * mean(logsumexp(logits)^2); 0 disables
 
 
 @dataclass
@@ -142,7 +146,7 @@ class TrainConfig:
     tokens: int | None = None  # total training tokens D (one of tokens / steps / tokens_per_param / flops)
     steps: int | None = None
     tokens_per_param: float | None = None  # D = ratio x N (total parameters)
-    flops: float | None = None  # compute budget C: steps = round(C / (flops_per_token x batch))
+    flops: float | None = field(default=None, metadata=ADDED_LATER)  # compute budget C: steps = round(C / (flops_per_token x batch))
     global_batch_tokens: int = 16384  # tokens per optimizer step, across all processes
     micro_batch_size: int | None = None  # sequences per forward pass per process; None: all on a CPU, the largest that fits on CUDA
     seed: int = 0  # model initialisation and dropout
@@ -165,7 +169,7 @@ class TrainConfig:
     spike_nats: float | None = 0.5
     # Keep an exponential moving average of the weights with this decay per step (e.g. 0.999),
     # evaluated beside the weights at every validation (val_loss_ema); None or 0 disables it.
-    ema_decay: float | None = None
+    ema_decay: float | None = field(default=None, metadata=ADDED_LATER)
     # Multiple-choice and completion tasks scored at every validation (docs/evals.md); they
     # need a text tokenizer, so a prepared data.path.
     tasks: list[TaskConfig] = field(default_factory=list)
@@ -215,6 +219,36 @@ class Config:
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- run ids
+
+
+def section_classes(tree: dict[str, Any]) -> dict[str, type]:
+    """Each section of a config tree -> the dataclass it is built into (the schedule's: the class
+    its `name` registers, when registered)."""
+    hints = typing.get_type_hints(Config)
+    out = {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
+    section = tree.get("schedule")
+    name = section.get("name", DEFAULT_SCHEDULE) if isinstance(section, dict) else DEFAULT_SCHEDULE
+    if name in SCHEDULES:
+        out["schedule"] = SCHEDULES.get(name)
+    else:
+        out.pop("schedule", None)
+    return out
+
+
+def config_hash(tree: dict[str, Any]) -> str:
+    """A short hash of what a config computes (testbed.rundir.hash_tree): its name, labels,
+    logging and the keys that change no number do not count, nor a field declared ADDED_LATER
+    (in its section's dataclass, or its schedule's) while at its default. The one hash of a
+    config: sweeps name runs by it, standalone runs use it as id."""
+    return hash_tree(tree, section_classes(tree))
+
+
+def run_id(tree: dict[str, Any]) -> str:
+    """A run's id: its config's name (a sweep names each run), else the config's hash."""
+    return tree.get("name") or config_hash(tree)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -25,12 +25,16 @@ def _definition(obj: Any) -> tuple[Any, Any]:
 
 class Registry:
     """Name -> object. `origin(obj)` says where an object is defined (default: its module and
-    qualified name), so that a module imported again may re-register its own definitions."""
+    qualified name), so that a module imported again may re-register its own definitions.
+    `check(name, obj)`, when given, raises ConfigError for an object that cannot be registered
+    (the schedules': one that does not declare its phases)."""
 
-    def __init__(self, kind: str, config_key: str, origin: Callable[[Any], Any] = _definition):
+    def __init__(self, kind: str, config_key: str, origin: Callable[[Any], Any] = _definition,
+                 check: Callable[[str, Any], None] | None = None):
         self.kind = kind
         self.config_key = config_key
         self._origin = origin
+        self._check = check
         self._items: dict[str, Any] = {}
 
     def register(self, name: str) -> Callable[[Any], Any]:
@@ -42,6 +46,8 @@ class Registry:
             if old is not None and old is not obj and self._origin(old) != self._origin(obj):
                 raise ConfigError(f"{self.kind} {name!r} is already registered by {self._origin(old)}; "
                                   f"register {self._origin(obj)} under another name")
+            if self._check is not None:
+                self._check(name, obj)
             self._items[name] = obj
             return obj
 
@@ -66,7 +72,7 @@ class Registry:
         """The name `obj` is registered under (None when it is not)."""
         return next((name for name, item in self._items.items() if item is obj), None)
 
-    def __contains__(self, name: str) -> bool:
+    def __contains__(self, name: object) -> bool:
         return name in self._items
 
 

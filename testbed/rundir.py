@@ -28,6 +28,7 @@ Standard library only: sweeps, the fitter and SLURM hooks read run directories w
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -388,30 +389,43 @@ def write_jsonl_atomic(path: Path, records: list[dict[str, Any]], links: str = "
 # filled in), and observers and guards of the loss (the tasks scored beside it included).
 UNCOUNTED_KEYS = {"model": ("preset", "depth", "depth_aspect", "depth_head_dim"),
                   "train": ("spike_nats", "divergence_nats", "tasks", "collective_timeout_s")}
-# Keys added after runs were first registered, left out while at their defaults, so the ids of
-# runs that do not use them stay as they were.
-LATER_DEFAULTS = {("train", "flops"): None, ("optim", "z_loss"): 0.0, ("train", "ema_decay"): None,
-                  ("model", "mup_base_head_dim"): None,
-                  ("model", "parametrization"): "sp", ("model", "mup_base_width"): None}
+# A section dataclass's field with this metadata key set to False (a field added after runs were
+# first registered) is left out of the hash while at its default, so the ids of runs that do not
+# use it stay as they were; every other field is hashed whatever its value. Adding a field is one
+# edit: `field(default=..., metadata={HASH_AT_DEFAULT: False})` in its section's dataclass.
+HASH_AT_DEFAULT = "hash_at_default"
 
 
-def config_hash(tree: dict[str, Any]) -> str:
-    """A short hash of what a config computes: its name, labels, logging and UNCOUNTED_KEYS do
-    not count. The one hash of a config: sweeps name runs by it, standalone runs use it as id."""
+def defaults_left_out(section: type) -> dict[str, Any]:
+    """The fields of the dataclass `section` that the hash leaves out while at their defaults:
+    name -> default (read from the fields' metadata)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(section):
+        if f.metadata.get(HASH_AT_DEFAULT, True):
+            continue
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def hash_tree(tree: dict[str, Any], sections: Mapping[str, type]) -> str:
+    """A short hash of what a config tree computes: its name, labels, logging and UNCOUNTED_KEYS
+    do not count, nor a field of a section's dataclass (`sections`: section name -> its class)
+    declared with HASH_AT_DEFAULT False while at its default. testbed.config.config_hash passes
+    the config's own dataclasses; this module stays below the config."""
     tree = {k: v for k, v in tree.items() if k not in COSMETIC_KEYS}
     for section, keys in UNCOUNTED_KEYS.items():
         if isinstance(tree.get(section), dict):
             tree[section] = {k: v for k, v in tree[section].items() if k not in keys}
-    for (section, key), default in LATER_DEFAULTS.items():
-        if isinstance(tree.get(section), dict) and tree[section].get(key, default) == default:
-            tree[section] = {k: v for k, v in tree[section].items() if k != key}
+    for section, cls in sections.items():
+        if not isinstance(tree.get(section), dict):
+            continue
+        left_out = defaults_left_out(cls)
+        tree[section] = {k: v for k, v in tree[section].items() if k not in left_out or v != left_out[k]}
     canonical = json.dumps(tree, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:HASH_CHARS]
-
-
-def run_id(tree: dict[str, Any]) -> str:
-    """A run's id: its config's name (a sweep names each run), else the config's hash."""
-    return tree.get("name") or config_hash(tree)
 
 
 # ----------------------------------------------------------------------------- ownership

@@ -47,7 +47,11 @@ zero floor, ``lr = peak · (1 - sqrt(p))``).
 
 Phases (`phase_at`) label each step ``warmup``, ``stable`` or ``decay``. Checkpoints record them
 and the scaling-law fitter relies on them: an intermediate point of a decaying schedule is *not*
-the final loss of a shorter run, whereas the end of a WSD cooldown branch is.
+the final loss of a shorter run, whereas the end of a WSD cooldown branch is. Every schedule
+declares its phases, none is assumed: the class attribute ``decays`` (True: every step after
+warmup is ``decay``; False: every one is ``stable``) or a ``decay_start`` method (a decay phase
+that starts later, e.g. wsd's). Registering a schedule that declares neither, in the class that
+defines its learning rate or below, is a `ConfigError` (`check_declares_phases`).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ from typing import Any, ClassVar
 from testbed.errors import ConfigError
 from testbed.registry import Registry
 
-SCHEDULES = Registry("schedule", "schedule.name")
+SCHEDULES = Registry("schedule", "schedule.name", check=lambda name, cls: check_declares_phases(name, cls))
 DEFAULT_SCHEDULE = "cosine"
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 PHASES = ("warmup", "stable", "decay")
@@ -117,9 +121,10 @@ def decay_shape(p: float, shape: str) -> float:
 class Schedule:
     """One schedule: the warmup every schedule shares plus, in a subclass, its own fields.
 
-    A subclass overrides `after_warmup` (its value ignoring warmup), `check` (its own fields) and,
-    when it has a separate decay phase, `decay_start`. `lr` and `phase` never validate: call
-    `validate` (or `check_run`) once when the run is built, then call them every step.
+    A subclass overrides `after_warmup` (its value ignoring warmup) and `check` (its own fields),
+    and declares its phases: ``decays = True`` or ``False``, or a `decay_start` method. `lr` and
+    `phase` never validate: call `validate` (or `check_run`) once when the run is built, then
+    call them every step.
     """
 
     warmup_steps: int = 0
@@ -128,6 +133,10 @@ class Schedule:
     warmup_fraction: float | None = None
 
     needs_batch_tokens: ClassVar[bool] = False  # lr() reads batch_tokens (power)
+    # The phases after warmup, declared by every schedule (or by a `decay_start` method): True,
+    # all `decay` (the curve depends on the run's length, so stopping early is not a shorter
+    # run); False, all `stable` (stopping at any step gives what a shorter run would have).
+    decays: ClassVar[bool | None] = None
 
     @property
     def name(self) -> str:
@@ -186,8 +195,11 @@ class Schedule:
         raise NotImplementedError
 
     def decay_start(self, total_steps: int) -> int | None:
-        """First step of a separate decay phase, or None when there is none."""
-        return None
+        """First step of the decay phase, or None when there is none: from `decays`, or
+        overridden by a schedule whose decay starts later (wsd, power)."""
+        if self.decays is None:  # registration refuses such a schedule (check_declares_phases)
+            raise NotImplementedError(f"schedule {self.name!r} declares no phases; {PHASES_FIX}")
+        return self.warmup_steps if self.decays else None
 
     def lr(self, step: int, total_steps: int, peak_lr: float, batch_tokens: int | None = None) -> float:
         w = self.warmup_steps
@@ -206,12 +218,65 @@ class Schedule:
         return "stable"
 
 
+# ----------------------------------------------------------------------------- phases
+
+
+PHASES_FIX = ("set `decays = True` in the class (every step after warmup decays: the curve depends on the run's "
+              "length), `decays = False` (every step after warmup is stable: stopping there gives what a shorter "
+              "run would), or define `decay_start(self, total_steps)` returning the first decay step (None: none)")
+
+
+def _first_defining(cls: type, names: tuple[str, ...]) -> int | None:
+    """The place in `cls`'s method resolution order of the first class below Schedule that sets
+    one of `names` (a `decays` of None sets nothing), or None."""
+    for place, klass in enumerate(cls.__mro__):
+        if klass is Schedule:
+            return None
+        if any(n in vars(klass) and not (n == "decays" and vars(klass)[n] is None) for n in names):
+            return place
+    return None
+
+
+def check_declares_phases(name: str, cls: Any) -> None:
+    """Registration refuses a schedule whose phases are not declared by the class that defines
+    its learning rate (or a subclass of it): its checkpoints would otherwise be labelled stable
+    whatever the curve does, and the fitter would take decayed points for clean ones."""
+    where = f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls)}"
+    if not (isinstance(cls, type) and issubclass(cls, Schedule)):
+        raise ConfigError(f"schedule {name!r} ({where}) is not a Schedule; register a frozen dataclass "
+                          f"subclassing testbed.schedules.Schedule")
+    declared = _first_defining(cls, ("decays", "decay_start", "phase"))
+    curve = _first_defining(cls, ("after_warmup", "lr"))
+    if declared is None:
+        raise ConfigError(f"schedule {name!r} ({where}) does not declare its phases; {PHASES_FIX}")
+    if curve is not None and declared > curve:
+        raise ConfigError(f"schedule {name!r} ({where}) does not declare its phases (it inherits "
+                          f"{cls.__mro__[declared].__qualname__}'s phases but {cls.__mro__[curve].__qualname__} "
+                          f"defines a learning rate of its own); {PHASES_FIX}")
+
+
+def checkpoint_phase(section: Mapping[str, Any], step: int, total_steps: int) -> str | None:
+    """The phase a run's checkpoint at `step` (steps done) is in, asked of the schedule its saved
+    ``schedule:`` section names (a checkpoint at step S is in the phase of 0-based step S - 1);
+    None when that schedule is not registered (its module not imported) or the section does not
+    build."""
+    try:
+        cls = schedule_class(section.get("name", DEFAULT_SCHEDULE))
+        accepted = {f.name for f in fields(cls)}  # older runs saved every schedule's fields
+        spec = cls(**{k: v for k, v in section.items() if k in accepted}).for_run(total_steps)
+        return spec.phase(max(int(step) - 1, 0), total_steps)
+    except (ConfigError, TypeError, ValueError):
+        return None
+
+
 # ----------------------------------------------------------------------------- the schedules
 
 
 @SCHEDULES.register("constant")
 @dataclass(frozen=True)
 class Constant(Schedule):
+    decays = False
+
     def after_warmup(self, step, total_steps, peak_lr, batch_tokens):
         return peak_lr
 
@@ -223,11 +288,10 @@ class _Annealed(Schedule):
 
     min_lr_ratio: float = 0.1
 
+    decays = True
+
     def check(self, total_steps):
         _check_fraction("min_lr_ratio", self.min_lr_ratio)
-
-    def decay_start(self, total_steps):
-        return self.warmup_steps
 
     def shape(self, p: float) -> float:
         raise NotImplementedError
@@ -255,6 +319,8 @@ class Linear(_Annealed):
 @dataclass(frozen=True)
 class InverseSqrt(Schedule):
     inv_sqrt_timescale: int | None = None  # t0; None: warmup_steps (1 without warmup)
+
+    decays = False  # the value at a step does not depend on the run's length
 
     def check(self, total_steps):
         t0 = self.inv_sqrt_timescale

@@ -116,6 +116,38 @@ def test_run_ids_of_sweeps_without_the_new_keys_are_unchanged():
     assert [r.run_id for r in watched.runs] == [r.run_id for r in s.runs]
 
 
+EVERY_SECTION = {
+    "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32, "n_kv_heads": 1, "qk_norm": True,
+              "tie_embeddings": True, "norm_eps": 1e-6},
+    "data": {"seq_len": 32, "seed": 3, "val_sequences": 16},
+    "optim": {"lr": 1e-3, "betas": [0.9, 0.99], "weight_decay": 0.05},
+    "schedule": {"name": "wsd", "warmup_steps": 5, "decay_fraction": 0.3, "decay_shape": "linear"},
+    "train": {"global_batch_tokens": 256, "tokens": 25600, "seed": 2, "eval_every": 50},
+    "checkpoint": {"every": 20, "log_spaced": 3, "at_tokens": [5120]},
+    "logging": {"wandb": False, "progress": False}}
+
+
+def test_run_ids_of_configs_setting_every_section_are_unchanged():
+    """Pinned ids (hashed before fields declared their hashing in the section dataclasses): every
+    section set; the later fields (hash_at_default False) at their defaults, set, and the power
+    schedule with a compute budget."""
+    from testbed.config import run_id
+
+    def ids(base):
+        return [r.run_id for r in load_sweep({"name": "t", "base": base, "grid": {"model.d_model": [32, 64]}}).runs]
+
+    assert ids(EVERY_SECTION) == ["d_model-32-e84dad3d44", "d_model-64-0d28f7ce30"]
+    later = {**EVERY_SECTION, "optim": {**EVERY_SECTION["optim"], "z_loss": 1e-4},
+             "model": {**EVERY_SECTION["model"], "parametrization": "mup", "mup_base_width": 32, "mup_base_head_dim": 16},
+             "train": {**EVERY_SECTION["train"], "ema_decay": 0.99}}
+    assert ids(later) == ["d_model-32-84a544a091", "d_model-64-2c6f641f57"]
+    power = {**EVERY_SECTION, "schedule": {"name": "power", "warmup_fraction": 0.1, "power_decay_fraction": 0.1},
+             "train": {"global_batch_tokens": 256, "flops": 3e12}}
+    assert ids(power) == ["d_model-32-16aeb7ab31", "d_model-64-2021469e68"]
+    assert run_id(load_config(None).to_dict()) == "a605dfbb57"
+    assert run_id(load_config(None, ["schedule.name=inverse_sqrt", "train.flops=1e12"]).to_dict()) == "5423ba4b68"
+
+
 def test_a_run_registered_under_an_older_hash_is_not_registered_again(tmp_path):
     """An upgrade that changes how configs hash must not train a registered run a second time:
     the registry matches runs by their saved config hashed as today."""

@@ -1,4 +1,4 @@
-"""Lint (ruff) and type checks (mypy on the shared contracts and lower layers) as part of the
+"""Lint (ruff) and type checks (mypy on the whole package) as part of the
 suite, with the settings in pyproject.toml; .pre-commit-config.yaml runs the same before a commit."""
 
 from __future__ import annotations

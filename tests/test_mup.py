@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from testbed import cli as testbed_cli
-from testbed.config import load_config
+from testbed.config import config_hash, load_config
 from testbed.data import loader as data_loader
 from testbed.errors import ConfigError, TestbedError
 from testbed.model.hf import check_exportable
 from testbed.model.transformer import Transformer, attention_scale
 from testbed.optim import build_optimizer, param_groups
-from testbed.rundir import config_hash
 from testbed.train import trainer as trainer_module
 from testbed.train.mup import best_lrs, lr_shift, slope, slopes, train_steps
 from testbed.train.trainer import train

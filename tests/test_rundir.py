@@ -15,16 +15,15 @@ import yaml
 
 from testbed import exits
 from testbed.cli import main
+from testbed.config import config_hash, run_id
 from testbed.errors import TestbedError
 from testbed.rundir import (
     STORAGE_ERRORS,
     RunDir,
     StorageError,
     append_jsonl,
-    config_hash,
     find_runs,
     read_jsonl,
-    run_id,
     storage_error,
 )
 
@@ -131,6 +130,40 @@ def test_run_ids_ignore_what_changes_no_number():
     assert config_hash(tree) == config_hash(other) == run_id(tree)
     assert config_hash(dict(tree, train={"steps": 4})) != config_hash(tree)
     assert run_id(dict(tree, name="sweep/a")) == "sweep/a"
+
+
+def test_a_field_added_later_is_left_out_of_the_id_at_its_default(monkeypatch):
+    """Fields declare it in their section's dataclass (a schedule's in its class): no table."""
+    from dataclasses import dataclass, field, fields
+
+    from testbed.config import ADDED_LATER, Config, load_config, section_classes
+    from testbed.rundir import HASH_AT_DEFAULT, hash_tree
+    from testbed.schedules import SCHEDULES, Constant
+
+    later = {(section, f.name): f.default for section, cls in section_classes(Config().to_dict()).items()
+             for f in fields(cls) if f.metadata.get(HASH_AT_DEFAULT, True) is False}
+    # the fields added after the first runs were registered; the rest are hashed at any value
+    assert later == {("train", "flops"): None, ("optim", "z_loss"): 0.0, ("train", "ema_decay"): None,
+                     ("model", "mup_base_head_dim"): None, ("model", "parametrization"): "sp",
+                     ("model", "mup_base_width"): None}
+    tree = load_config(None).to_dict()
+    without = {**tree, "optim": {k: v for k, v in tree["optim"].items() if k != "z_loss"}}
+    assert config_hash(tree) == config_hash(without)
+    assert config_hash({**tree, "optim": {**tree["optim"], "z_loss": 1e-4}}) != config_hash(tree)
+    assert config_hash({k: v for k, v in tree.items() if k != "optim"}) != config_hash(tree)  # eps is hashed
+
+    monkeypatch.setattr(SCHEDULES, "_items", dict(SCHEDULES._items))  # registered for this test only
+
+    @SCHEDULES.register("test_later_field")
+    @dataclass(frozen=True)
+    class WithLater(Constant):
+        bump: float = field(default=1.0, metadata=ADDED_LATER)
+
+    section = {"name": "test_later_field", "warmup_steps": 0, "warmup_fraction": None}
+    at_default = {**tree, "schedule": {**section, "bump": 1.0}}
+    assert config_hash(at_default) == config_hash({**tree, "schedule": section})
+    assert config_hash({**tree, "schedule": {**section, "bump": 2.0}}) != config_hash(at_default)
+    assert hash_tree(at_default, {}) != config_hash(at_default)  # the classes passed decide
 
 
 def test_exit_codes_are_the_ones_the_batch_script_is_rendered_with():

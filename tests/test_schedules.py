@@ -302,3 +302,107 @@ def test_plot_schedule_writes_png(tmp_path):
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 1000
+
+
+# --- phases: every schedule declares them -------------------------------------------------------
+
+
+HERE = __import__("pathlib").Path(__file__).resolve().parent
+TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32", "data.seq_len=32",
+        "train.global_batch_tokens=256", "train.log_every=1", "train.eval_every=2", "logging.wandb=false",
+        "logging.progress=false", "data.val_sequences=8", "checkpoint.every=2", "train.steps=6"]
+
+
+@pytest.fixture()
+def own_registry(monkeypatch):
+    """Schedules registered in a test are gone after it (tests/user_schedule.py registers again)."""
+    import sys
+
+    from testbed.schedules import SCHEDULES
+
+    monkeypatch.setattr(SCHEDULES, "_items", dict(SCHEDULES._items))
+    monkeypatch.delitem(sys.modules, "user_schedule", raising=False)
+    monkeypatch.syspath_prepend(str(HERE))
+    return SCHEDULES
+
+
+def test_a_user_schedule_without_phases_is_refused_with_one_line(own_registry, tmp_path, monkeypatch):
+    from dataclasses import dataclass
+
+    from testbed.config import load_config
+    from testbed.schedules import Constant, Schedule
+
+    @dataclass(frozen=True)
+    class Decaying(Schedule):
+        def after_warmup(self, step, total_steps, peak_lr, batch_tokens):
+            return peak_lr * (1 - step / total_steps)
+
+    with pytest.raises(ConfigError) as err:
+        own_registry.register("test_undeclared")(Decaying)
+    message = str(err.value)
+    assert "\n" not in message and "schedule 'test_undeclared'" in message and "Decaying" in message
+    assert "does not declare its phases" in message and "decays = True" in message and "decay_start" in message
+    assert "test_undeclared" not in own_registry
+
+    @dataclass(frozen=True)
+    class FromConstant(Constant):  # a new curve inherits no phases: Constant's are for its own
+        def after_warmup(self, step, total_steps, peak_lr, batch_tokens):
+            return peak_lr * (1 - step / total_steps)
+
+    with pytest.raises(ConfigError, match=r"'test_from_constant'.*it inherits Constant's phases but "
+                                          r".*FromConstant defines a learning rate of its own"):
+        own_registry.register("test_from_constant")(FromConstant)
+
+    # at config time: the module named in imports: is refused as it registers
+    (tmp_path / "undeclared_schedule.py").write_text(
+        "from dataclasses import dataclass\nfrom testbed.schedules import SCHEDULES, Schedule\n\n"
+        "@SCHEDULES.register('test_undeclared_module')\n@dataclass(frozen=True)\nclass Undeclared(Schedule):\n"
+        "    def after_warmup(self, step, total_steps, peak_lr, batch_tokens):\n        return peak_lr\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^schedule 'test_undeclared_module' \(undeclared_schedule.Undeclared\) "
+                                          r"does not declare its phases; set `decays = True`[^\n]*$"):
+        load_config(None, ["imports=[undeclared_schedule]", "schedule.name=test_undeclared_module"])
+
+
+def test_a_decaying_user_schedules_checkpoints_are_recorded_as_decay(own_registry, tmp_path):
+    import json
+
+    from testbed.config import load_config
+    from testbed.train.trainer import train
+
+    for name, phase in (("test_exp_decay", "decay"), ("test_halving", "stable")):
+        config = load_config(None, TINY + ["imports=[user_schedule]", f"schedule.name={name}"])
+        assert phase_at(3, 6, config.schedule) == phase
+        train(config, tmp_path / name)
+        index = [json.loads(line) for line in (tmp_path / name / "checkpoints" / "index.jsonl").read_text().splitlines()]
+        assert index and {line["phase"] for line in index} == {phase}
+
+
+def test_fit_tables_clean_points_follow_the_schedules_phases(own_registry, tmp_path):
+    """--points all reports the intermediate points in a decay phase as the schedule declares it
+    (recorded, or asked of the run's saved schedule), whatever the schedule's name says."""
+    import user_schedule  # noqa: F401  (registers test_exp_decay)
+
+    from testbed.fit.collect import collect_runs
+    from testbed.fit.table import Points, select_points
+    from testbed.rundir import RunDir
+
+    sections = {"inverse_sqrt": {"name": "inverse_sqrt", "warmup_steps": 0},  # stable: "inv" in its name
+                "test_exp_decay": {"name": "test_exp_decay", "warmup_steps": 0},  # decays: no telling name
+                "wsd": {"name": "wsd", "warmup_steps": 0, "decay_fraction": 0.5}}  # stable, then decay
+    for name, section in sections.items():
+        rd = RunDir(tmp_path / "sweep" / "runs" / name)
+        rd.write_run({"run_id": name, "schedule": name, "planned_steps": 10, "n_params": 1000,
+                      "global_batch_tokens": 100, "flops_per_token": 6000, "config": {"schedule": section}})
+        for step in (4, 8, 10):  # older index lines: no phase recorded
+            rd.append_index({"step": step, "kind": "final" if step == 10 else "science", "path": f"step{step}",
+                             "val_loss": 3.0 - step / 10})
+    table = collect_runs(tmp_path / "sweep")
+    phases = {(r.run_id, r.step): r.phase for r in table.itertuples()}
+    assert phases[("inverse_sqrt", 4)] == phases[("inverse_sqrt", 8)] == "stable"
+    assert phases[("test_exp_decay", 4)] == phases[("test_exp_decay", 8)] == "decay"
+    assert (phases[("wsd", 4)], phases[("wsd", 8)]) == ("stable", "decay")
+    chosen = select_points(Points(table.assign(N=1000.0)), "all", 0.0)
+    assert len(chosen.frame) == 9
+    (warning,) = chosen.warnings
+    assert "intermediate points in their schedule's decay phase (3 here)" in warning

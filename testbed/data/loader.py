@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from testbed.config import Config
-from testbed.errors import TestbedError
+from testbed.errors import ConfigError, TestbedError
 
 TRAIN, VALIDATION = "train", "validation"
 
@@ -121,11 +121,13 @@ class RandomSource:
 def make_source(config: Config):
     d = config.data
     if d.path or d.source == "shards":
-        if not Path(d.path).exists():
+        if not d.path or not Path(d.path).exists():
             raise TestbedError(f"data.path={d.path!r} does not exist; run `testbed data prepare` "
                                f"to write it, or fix the path")
         return ShardSource(d.path, d.seq_len)
     if d.source == "random":
+        if config.model.vocab_size is None:
+            raise ConfigError("data.source='random' needs model.vocab_size")
         return RandomSource(config.model.vocab_size, d.seq_len, d.seed)
     return SyntheticSource(d.synthetic, d.seq_len)
 

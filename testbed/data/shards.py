@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,7 +148,7 @@ class _SplitWriter:
     shard_tokens: int
     token_bytes: np.ndarray
     records: list[dict]
-    on_shard: callable
+    on_shard: Callable[[dict], None]  # told of each shard written (its record)
     pending: list[np.ndarray] = field(default_factory=list)
     pending_tokens: int = 0
     pending_docs: int = 0
@@ -192,7 +193,7 @@ class _SplitWriter:
             "documents": self.pending_docs,
             "bytes": self.pending_bytes,
             "token_bytes": int(self.token_bytes[data].sum()),
-            "sha256": hashlib.sha256(memoryview(data).cast("B")).hexdigest(),
+            "sha256": hashlib.sha256(data.data.cast("B")).hexdigest(),
         })
         self.pending, self.pending_tokens, self.pending_docs, self.pending_bytes = [], 0, 0, 0
         self.on_shard(self.records[-1])
@@ -301,6 +302,7 @@ def prepare(
         else:
             tok = train_bpe(sample, vocab_size, cache_dir)
     else:
+        assert tokenizer is not None  # exactly one of the two (checked above)
         tok = load_pretrained(tokenizer)
         plan = _split_plan(source, val_fraction, min_val_docs, cache_dir)
     dtype = dtype_for(tok.vocab_size)

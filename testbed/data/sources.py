@@ -210,7 +210,7 @@ def _json_lines_error(group: list[Path], originals: list[Path], err: Exception) 
 
 def _runs_by_builder(files: list[Path]) -> Iterator[tuple[str, list[Path]]]:
     run: list[Path] = []
-    builder = None
+    builder = ""  # the builder of `run` (set with its first file)
     for path in files:
         b = BUILDERS[_suffix(path)]
         if run and b != builder:
@@ -284,7 +284,9 @@ class _ReplacementCounter:
     def __init__(self) -> None:
         self.count = 0
 
-    def __call__(self, err: UnicodeDecodeError):
+    def __call__(self, err: UnicodeError) -> tuple[str, int]:
+        if not isinstance(err, UnicodeDecodeError):  # registered for decoding only
+            raise err
         self.count += 1
         return "\ufffd", err.end
 

@@ -28,6 +28,7 @@ import hashlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from scipy.special import entr
@@ -89,7 +90,9 @@ class SyntheticSpec:
                 )
 
     def support_sizes(self) -> tuple[int, int, int, int]:
-        return (self.support_order0, self.support_order1, self.support_order2, self.support_order3)
+        # Each None is replaced by its default in __post_init__.
+        return cast(tuple[int, int, int, int],
+                    (self.support_order0, self.support_order1, self.support_order2, self.support_order3))
 
 
 def _check_int(name, value, minimum, fix):
@@ -186,9 +189,10 @@ class SyntheticLanguage:
     def node_distributions(self) -> dict[tuple[int, ...], dict[int, float]]:
         """Every node as {context (oldest token first): {token: probability}}; for tests and docs."""
         V = self.vocab_size
-        contexts = [[()], [(a,) for a in range(V)], [(b, a) for b in range(V) for a in range(V)]]
+        contexts: list[list[tuple[int, ...]]] = [[()], [(a,) for a in range(V)],
+                                                 [(b, a) for b in range(V) for a in range(V)]]
         contexts.append([(int(k % V), int(k // V // V), int(k // V % V)) for k in self.keys3])
-        out = {}
+        out: dict[tuple[int, ...], dict[int, float]] = {}
         for order in range(MAX_ORDER + 1):
             for node, ctx in enumerate(contexts[order]):
                 toks, probs = self.tokens[order][node], self.probs[order][node]

@@ -67,7 +67,7 @@ def read_examples(task: TaskConfig, key: str) -> list[tuple[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"{key}.path={task.path!r} does not exist; give a JSONL file of examples "
                           f"(docs/evals.md) or hub:DATASET")
-    examples = []
+    examples: list[tuple[str, Any]] = []  # (where, the example's JSON)
     with open(path, encoding="utf-8", errors="replace") as fh:
         for number, line in enumerate(fh, start=1):
             if task.limit is not None and len(examples) >= task.limit:

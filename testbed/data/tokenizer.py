@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,6 +36,9 @@ from testbed.data.sources import (
 )
 from testbed.errors import TestbedError
 from testbed.rundir import write_text_atomic
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_SAMPLE_BYTES = 100_000_000
@@ -138,7 +142,7 @@ def draw_sample(
 class TextTokenizer:
     """A `tokenizers.Tokenizer` plus what the pipeline needs to know about it."""
 
-    backend: object  # tokenizers.Tokenizer
+    backend: Tokenizer
     eos_id: int
     describe_: dict
 
@@ -231,7 +235,10 @@ def train_bpe(sample: Sample, vocab_size: int, cache_dir: str | os.PathLike | No
                 "--sample-bytes / corpus."
             )
         write_text_atomic(path, backend.to_str())
-    return TextTokenizer(backend, backend.token_to_id(EOS_TOKEN), describe)
+    eos = backend.token_to_id(EOS_TOKEN)
+    if eos is None:  # not a tokenizer this module trained (its EOS is a special token)
+        raise TestbedError(f"{str(path)!r} has no {EOS_TOKEN} token; delete it to train the tokenizer again")
+    return TextTokenizer(backend, eos, describe)
 
 
 def _merge_pair(merge) -> tuple[str, str]:
@@ -350,7 +357,7 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-def _component_types(node) -> set[str]:
+def _component_types(node: object) -> set[str | None]:
     if not isinstance(node, dict):
         return set()
     types = {node.get("type")}

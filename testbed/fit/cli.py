@@ -74,7 +74,8 @@ def register(subparsers) -> None:
     parser.add_argument("--out", help="fit: output directory (default fit_out); collect: table path (.csv or .parquet, default SWEEP_DIR/points.csv)")
     parser.add_argument("--law", default="chinchilla", help="law to fit: chinchilla, kaplan, power, data_constrained, vocab, farseer, annealing, multipower (default chinchilla)")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                        help="import this module first, so the laws it registers can be named by --law (repeatable)")
+                        help="import this module first, so the laws it registers can be named by --law, and the schedules "
+                             "it registers can say the phases of checkpoints that did not record theirs (repeatable)")
     parser.add_argument("--columns", help="map table columns to the law's names, e.g. N=params,D=tokens,C=flops,loss=val_loss (D = C/(6N) when only C is given)")
     parser.add_argument("--holdout", help="validate on held-out runs: largest (top 10%% by compute), largest:K, largest-N or largest-D "
                         "(the runs of the largest model sizes / token counts), or a rule like 'N>1e8' ('run_fraction>0.8': late checkpoints)")
@@ -140,6 +141,9 @@ def _collect(args) -> int:
 
     if not args.sweep_dir:
         raise TestbedError("fit collect needs a sweep directory; run testbed fit collect SWEEP_DIR.")
+    from testbed.registry import import_modules
+
+    import_modules(args.imports, "--import")  # a user schedule asked for an older checkpoint's phase
     table = collect_runs(args.sweep_dir)
     out = write_table(table, args.out or Path(args.sweep_dir) / "points.csv")
     kinds = table["point_kind"].value_counts().to_dict()

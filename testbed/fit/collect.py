@@ -12,11 +12,13 @@ train.ema_decay) and `average` (averaged checkpoints, RUN_DIR/averages.jsonl).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from testbed.errors import TestbedError
 from testbed.rundir import RunDir, find_runs
+from testbed.schedules import checkpoint_phase
 
 # run.json key -> table column
 RUN_COLUMNS = {
@@ -71,6 +73,18 @@ def _point_kind(row: dict, run: dict, is_branch: bool) -> str:
     return "intermediate"
 
 
+def _phase(row: dict, run: dict) -> str | None:
+    """A checkpoint's schedule phase: as its index line recorded it, else asked of the run's
+    schedule (its saved config's section, through the registry); None when neither can say."""
+    if row.get("phase"):
+        return row["phase"]
+    section = (run.get("config") or {}).get("schedule")
+    planned = run.get("planned_steps")
+    if not isinstance(section, dict) or not planned:
+        return None
+    return checkpoint_phase(section, int(row.get("step", 0)), int(planned))
+
+
 def _averaged_rows(run_dir: RunDir, run: dict, base: dict) -> list[dict]:
     """The `ema` points (evaluation lines with val_loss_ema; a branch's own steps only, the
     shared prefix being its parent's) and the `average` points (the newest record per step and
@@ -97,10 +111,10 @@ def _averaged_rows(run_dir: RunDir, run: dict, base: dict) -> list[dict]:
 
 def collect_runs(root: str | Path) -> pd.DataFrame:
     """One row per evaluated checkpoint of every run under `root`."""
-    records = []
+    records: list[dict[str, Any]] = []
     for run_dir in find_run_dirs(root):
         run = run_dir.read_run() or {}
-        base = {"run_id": str(run.get("run_id") or run_dir.path.name), "run_dir": str(run_dir.path)}
+        base: dict[str, Any] = {"run_id": str(run.get("run_id") or run_dir.path.name), "run_dir": str(run_dir.path)}
         for key, value in (run.get("labels") or {}).items():
             base[f"label_{key}"] = value
         for key, column in RUN_COLUMNS.items():
@@ -129,7 +143,7 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
                 "loss": row.get("val_loss"),
                 "bpb": row.get("val_bpb"),
                 "lr": row.get("lr"),
-                "phase": row.get("phase"),
+                "phase": _phase(row, run),
                 "checkpoint_kind": row.get("kind"),
                 "deleted": bool(row.get("deleted", False)),
                 "point_kind": kind,

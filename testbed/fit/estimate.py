@@ -332,13 +332,14 @@ def fit(
         progress.set_total(n_starts + n_polish)
         progress.set_postfix("screening the grid")
         chunk = max(1, _CHUNK_ELEMENTS // max(1, y.size * max(n_free, 1)))
-        thetas, objs = [], []
+        theta_parts: list[np.ndarray] = []  # the screened starts, a chunk at a time
+        obj_parts: list[np.ndarray] = []  # and their objectives
         for lo in range(0, len(grid), chunk):
             t, o = _lm_batch(problem, grid[lo : lo + chunk], screen_iterations)
-            thetas.append(t)
-            objs.append(o)
+            theta_parts.append(t)
+            obj_parts.append(o)
             progress.update(len(t))
-        thetas, objs = np.concatenate(thetas), np.concatenate(objs)
+        thetas, objs = np.concatenate(theta_parts), np.concatenate(obj_parts)
         keep = np.argsort(objs)[: max(32, len(grid) // 20)]
         progress.set_postfix(f"refining the best {len(keep)}")
         thetas, objs = _lm_batch(problem, thetas[keep], refine_iterations)
@@ -355,12 +356,12 @@ def fit(
             f"law {law.name!r} could not be evaluated at any start on these points; check that "
             "the inputs are positive and finite."
         )
-    bounds = list(zip(problem.lower, problem.upper))
+    box = list(zip(problem.lower, problem.upper))  # L-BFGS-B's bounds on the free parameters
     best = None
     polished = []
     for start in candidates:
         res = minimize(
-            problem.value_and_grad, start, jac=True, method="L-BFGS-B", bounds=bounds,
+            problem.value_and_grad, start, jac=True, method="L-BFGS-B", bounds=box,
             options={"maxiter": 3000, "ftol": 1e-15, "gtol": 1e-12, "maxcor": 20},
         )
         polished.append((res.fun, res.x))
@@ -368,6 +369,7 @@ def fit(
             best = res
         progress.update()
     progress.close()
+    assert best is not None  # there was a candidate (checked above)
     theta_free = best.x
     at_bound = [
         law.params[i].public

@@ -92,8 +92,8 @@ def _prepare(frame) -> dict:
             terms[int(i)] = (drop[bounds[j]:bounds[j + 1]], eta[bounds[j]:bounds[j + 1]], since[bounds[j]:bounds[j + 1]])
     ordered = [terms[i] for i in range(len(at_steps))]
     empty = np.zeros(0)
-    flat = [np.concatenate([t[k] for t in ordered] + [empty]) for k in range(3)]
-    return _inputs(area, *flat, counts)
+    drop, eta, since = (np.concatenate([t[k] for t in ordered] + [empty]) for k in range(3))
+    return _inputs(area, drop, eta, since, counts)
 
 
 def _per_point(values: np.ndarray, ends: np.ndarray) -> np.ndarray:

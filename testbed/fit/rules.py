@@ -155,7 +155,7 @@ class _Parser:
             return np.asarray(_OPS[op](numeric, v), dtype=bool)
         text = series.astype(str).to_numpy()
         if kind == "num":  # a number against a text column: compare as written
-            v = str(value[1]) if not float(v).is_integer() else str(int(v))  # type: ignore[arg-type]
+            v = str(value[1]) if not float(v).is_integer() else str(int(v))
         if op in ("==", "=", "!=") and not (text == v).any():
             known = sorted(set(text))
             near = difflib.get_close_matches(str(v), known, n=1)

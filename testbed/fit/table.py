@@ -185,8 +185,10 @@ def select_points(points: Points, which: str = "final", skip_fraction: float = 0
     or, as the alternative to a cooldown, the EMA points (past the early cut) or the averaged
     checkpoints.
 
-    Cosine runs' intermediate points are not final losses of shorter runs (the schedule has not
-    decayed), while WSD cooldown branches are; mixing them is allowed but always reported.
+    An intermediate point in its schedule's decay phase (a cosine run's, say) is not the final
+    loss of a shorter run, while a WSD cooldown branch's end is; the phase is the one the schedule
+    declares (recorded with the checkpoint, or asked of the run's schedule by `testbed fit
+    collect`), never guessed from the schedule's name. Mixing them is allowed but always reported.
     """
     frame, dropped, warnings = points.frame, dict(points.dropped), list(points.warnings)
     if which not in POINT_CHOICES:
@@ -220,10 +222,10 @@ def select_points(points: Points, which: str = "final", skip_fraction: float = 0
         inter = frame[~frame["point_kind"].isin(["final", "cooldown"])]
         if len(inter) and (len(inter) < len(frame)):
             phases = inter["phase"].fillna("unknown").value_counts().to_dict() if "phase" in inter else {}
-            decaying = inter["schedule"].fillna("").str.contains("cos|linear|inv", case=False).sum() if "schedule" in inter else 0
+            decaying = int((inter["phase"] == "decay").sum()) if "phase" in inter else 0
             warnings.append(
                 f"fit mixes {len(frame) - len(inter)} final/cooldown points with {len(inter)} intermediate "
-                f"checkpoints (phases: {phases}); intermediate points of decaying schedules "
+                f"checkpoints (phases: {phases}); intermediate points in their schedule's decay phase "
                 f"({decaying} here) are not final losses of shorter runs and bias the data exponent."
             )
     return Points(frame.reset_index(drop=True), dropped, warnings, points.run_column)

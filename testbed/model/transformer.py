@@ -146,7 +146,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # both or neither (model.qk_norm)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.position(q, k)
         y = F.scaled_dot_product_attention(

@@ -9,10 +9,11 @@ Verdicts are reported as found: the thresholds are fixed in the study's code, be
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -76,6 +77,17 @@ class Measurement:
         return f"{self.name} = {self.value:.4g}{interval}{(' ' + self.unit) if self.unit else ''}{caveat}"
 
 
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
+
+    class Decided(Measurement):
+        """For the type checker: a Measurement that `decidable` passed (a value and an interval)."""
+
+        value: float
+        low: float
+        high: float
+
+
 @dataclass
 class Analysis:
     """What `analyse` returns: the headline measurement, further ones, tables and plots."""
@@ -128,10 +140,18 @@ def measured(name: str, estimate: Estimate, unit: str = "", caveats: Sequence[st
     return Measurement(name, estimate.value, estimate.low, estimate.high, unit, estimate.method, caveat)
 
 
-def decidable(m: Measurement) -> bool:
+def decidable(m: Measurement) -> TypeIs[Decided]:
     """Whether a rule may decide on `m`: a value, an interval, and no caveat (an optimum at the
     edge of its grid or outside the sampled range is not a result)."""
     return m.value is not None and m.low is not None and m.high is not None and not m.caveat
+
+
+def upper_end(m: Measurement) -> float:
+    """How large `m` may be: the top of its interval, else its value (-inf with neither); to
+    pick the worst of several measurements."""
+    if m.high is not None:
+        return m.high
+    return m.value if m.value is not None else -math.inf
 
 
 def choose(frame, by: list[str], lr: str = "peak_lr") -> LrChoice:

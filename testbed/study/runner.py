@@ -228,6 +228,8 @@ def publish(out: str | Path, dest: str | Path) -> Path:
 
     out, dest = Path(out), Path(dest)
     figures = read_json(out / "figures.json")
+    if figures is None:
+        raise TestbedError(f"{str(out)!r} holds no figures.json; run `testbed study report {out}` first")
     name, size = figures["study"], figures["size"]
     dest.mkdir(parents=True, exist_ok=True)
     body = (out / "report.md").read_text()

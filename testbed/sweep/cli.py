@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from testbed.errors import TestbedError
@@ -107,6 +108,7 @@ def run_handler(args: argparse.Namespace) -> int:
     else:
         from testbed.sweep import slurm
 
+        assert profile is not None  # loaded above for --executor slurm
         submitted = slurm.submit(registry, sweep.name, run_ids, profile, pack=args.pack,
                                  max_retries=args.max_retries)
         print(f"submitted {len(submitted)} of {len(run_ids)} runs "
@@ -120,7 +122,7 @@ def run_handler(args: argparse.Namespace) -> int:
     return 0 if counts.get("done", 0) == len(run_ids) else 1
 
 
-def print_changes():
+def print_changes() -> Callable[[list[dict]], None]:
     """A polling callback that prints the count of runs per state whenever it changes."""
     last: list[str] = []
 

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from testbed import exits
 
@@ -134,6 +134,9 @@ class ForkServer:
         self.proc = subprocess.Popen(command or [sys.executable, "-m", "testbed.sweep.forkserver"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
                                      env=self.env, start_new_session=True)
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both PIPE above
+        self.requests: IO[bytes] = self.proc.stdin  # run requests, one JSON line each
+        self.replies: IO[bytes] = self.proc.stdout  # events (ready, started, exit, error), one a line
         self.pid = self.proc.pid
         self.ready = False
         self.exits: dict[int, int] = {}
@@ -142,7 +145,7 @@ class ForkServer:
         return env == self.env and cwd == self.cwd
 
     def _read(self) -> dict:
-        line = self.proc.stdout.readline()
+        line = self.replies.readline()
         if not line:
             raise ServerGone(f"fork server {self.pid} exited")
         try:
@@ -168,8 +171,8 @@ class ForkServer:
         request = {"op": "run", "argv": list(argv), "log": str(log_path),
                    "env": dict(self.env if env is None else env), "cwd": cwd or self.cwd}
         try:
-            self.proc.stdin.write((json.dumps(request) + "\n").encode())
-            self.proc.stdin.flush()
+            self.requests.write((json.dumps(request) + "\n").encode())
+            self.requests.flush()
         except (BrokenPipeError, OSError) as err:
             raise ServerGone(f"fork server {self.pid} does not read its requests ({err})") from None
         while True:
@@ -189,7 +192,7 @@ class ForkServer:
     def close(self, timeout: float = 10.0) -> None:
         """End of input stops the server (children still running carry on)."""
         try:
-            self.proc.stdin.close()
+            self.requests.close()
         except OSError:
             pass
         try:
@@ -197,7 +200,7 @@ class ForkServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.proc.stdout.close()
+        self.replies.close()
 
 
 # ----------------------------------------------------------------------------- server side

@@ -42,7 +42,7 @@ from typing import Any
 from testbed import exits
 from testbed.errors import TestbedError
 from testbed.rundir import RunDir, read_json
-from testbed.sweep.forkserver import ForkServer, ServerGone
+from testbed.sweep.forkserver import ForkedChild, ForkServer, ServerGone
 from testbed.sweep.outcome import record_exit
 from testbed.sweep.registry import Registry
 
@@ -162,7 +162,7 @@ class LocalExecutor:
         self.progress = progress
         self.trainer = trainer
         self.stopping = threading.Event()
-        self.children: dict[int, subprocess.Popen] = {}
+        self.children: dict[int, subprocess.Popen | ForkedChild] = {}  # running trainers, by pid
         self.children_lock = threading.Lock()
         self.preempted_here: dict[str, int] = {}
         self.mine: set[str] = set()  # runs this executor's slots are running now
@@ -347,7 +347,7 @@ class LocalExecutor:
     def _install_signal_handlers(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
             return {}
-        previous = {}
+        previous: dict[int, Any] = {}
         for sig in STOP_SIGNALS:
             previous[sig] = signal.signal(sig, self._on_stop_signal)
         return previous

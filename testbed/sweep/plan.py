@@ -41,14 +41,14 @@ def peak_flops(device: str, given: float | None, precision: str) -> tuple[float,
             notes.append(f"this CPU has bf16 matrix units: bf16 matmuls measured {bf16 / peak:.1f}x "
                          f"fp32 here; train.precision=bf16 trades bit-exact fp32 for that speed")
         return peak, notes
-    peak = dev.named_peak(device)
-    if peak is None:
+    named = dev.named_peak(device)
+    if named is None:
         raise TestbedError(f"--device={device!r} has no known peak; choose one of "
                            f"{', '.join([*dev.device_names(), 'cpu'])} or give --peak-flops")
     if precision != "bf16":
         notes.append(f"runs train in {precision}, but GPU peaks are tabulated for bf16; the estimate "
                      f"is optimistic (give --peak-flops for {precision})")
-    return peak, notes
+    return named, notes
 
 
 def plan_rows(sweep: Sweep, peak: float, mfu: float) -> list[dict[str, Any]]:

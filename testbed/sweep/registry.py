@@ -130,7 +130,7 @@ class Registry:
             problem = f"names run {record.get('run_id')!r}, not {path.stem!r}"
         elif record.get("state") not in STATES:
             problem = f"has state {record.get('state')!r}, not one of {', '.join(STATES)}"
-        if problem:
+        if problem or not isinstance(record, dict):  # (not a dict: problem says so)
             raise TestbedError(f"registry record {str(path)!r} {problem}: it was damaged; {fix}")
         return record
 
@@ -327,8 +327,8 @@ class Registry:
         """A local run whose owning process (on this host) is no longer alive."""
         owner = record.get("owner") or {}
         pid = owner.get("pid")
-        return (record.get("executor") == "local" and owner.get("host") == host and bool(pid)
-                and not process_alive(pid))
+        return (record.get("executor") == "local" and owner.get("host") == host
+                and bool(pid and not process_alive(pid)))
 
 
 def eligible(record: dict[str, Any], max_retries: int,

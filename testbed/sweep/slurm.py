@@ -213,6 +213,7 @@ def submit(registry: Registry, sweep_name: str, run_ids: list[str], profile: dic
         for task, runs in enumerate(tasks):
             for run_id in runs:
                 record = registry.read(run_id)
+                assert record is not None  # chosen (read) above, under the same lock
                 registry.set_state(record, "submitted", None, executor="slurm",
                                    job_id=f"{array_job}_{task}", array_job=array_job,
                                    script=str(script_path), submitted_at=now())

@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.config import Config, from_dict, merge, read_yaml, set_dotted
+from testbed.config import Config, config_hash, from_dict, merge, read_yaml, set_dotted
 from testbed.errors import ConfigError
-from testbed.rundir import config_hash
 from testbed.sweep.expr import evaluate
 from testbed.sweep.quantities import describe, expression_names
 

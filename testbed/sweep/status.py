@@ -49,7 +49,8 @@ def collect(registry: Registry) -> dict[str, Any]:
         live = live_jobs
     damaged: list[dict[str, str]] = []
     records = registry.reconcile(live, damaged)
-    runs, done_flops, total_flops, starts = [], 0.0, 0.0, []
+    runs, done_flops, total_flops = [], 0.0, 0.0
+    starts: list[float] = []  # when each started run started (epoch seconds)
     for record in records:
         q = record.get("quantities") or {}
         planned = q.get("planned_steps")
@@ -59,8 +60,9 @@ def collect(registry: Registry) -> dict[str, Any]:
         flops = q.get("planned_flops") or 0
         total_flops += flops
         done_flops += fraction * flops
-        if parse_time(record.get("started_at")):
-            starts.append(parse_time(record.get("started_at")))
+        started = parse_time(record.get("started_at"))
+        if started:
+            starts.append(started)
         run = {"run_id": record["run_id"], "labels": record.get("labels", {}),
                "state": record["state"], "reason": record.get("reason"), "step": step,
                "planned_steps": planned, "train_loss": metrics.get("train_loss"),

@@ -137,7 +137,7 @@ def _untied(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _write_folder(tmp: Path, kind: str, step: int, model_state: dict[str, torch.Tensor], optim_state: dict,
                   rng: dict[str, torch.Tensor], state: dict, ema_state: dict[str, torch.Tensor] | None) -> None:
     _save_tensors(_untied(model_state), tmp / "model.safetensors")
-    files = FILES
+    files: tuple[str, ...] = FILES
     if ema_state is not None:
         _save_tensors(_untied(ema_state), tmp / EMA_FILE)
         files = (*FILES, EMA_FILE)

@@ -137,7 +137,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def default_run_dir(config) -> str:
-    from testbed.rundir import run_id
+    from testbed.config import run_id
 
     return f"runs/{run_id(config.to_dict())}"
 

@@ -8,6 +8,7 @@ import shutil
 import signal
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,6 +51,7 @@ def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool
     except TestbedError as err:
         _note(rd, d, f"{err}; taking the run's state as unknown: its checkpoints decide")
         status = {}
+    run_damage: str | None  # why run.json could not be read, if it could not
     try:
         run = rd.read_run()
         if run is not None and not isinstance(run.get("config"), dict):
@@ -186,11 +188,11 @@ class Preemption:
     """SIGTERM / SIGUSR1 set a flag; the trainer saves at the next step boundary and exits
     PREEMPTED (testbed/exits.py)."""
 
-    def __init__(self):
-        self.requested: str | None = None
-        self.previous = {}
+    def __init__(self) -> None:
+        self.requested: str | None = None  # the name of the signal received, once one is
+        self.previous: dict[int, Any] = {}  # the handlers replaced, restored on exit
 
-    def __enter__(self):
+    def __enter__(self) -> Preemption:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
                 self.previous[sig] = signal.signal(sig, self.handle)
@@ -198,10 +200,10 @@ class Preemption:
                 pass
         return self
 
-    def handle(self, signum, frame):
+    def handle(self, signum: int, frame: Any) -> None:
         self.requested = signal.Signals(signum).name
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 

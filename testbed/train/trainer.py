@@ -18,20 +18,22 @@ import socket
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from testbed import exits
-from testbed.config import Config
+from testbed.config import Config, ModelConfig, run_id
 from testbed.data import loader as data_loader
-from testbed.data.tasks import load_tasks
+from testbed.data.tasks import TaskRows, load_tasks
 from testbed.errors import TestbedError
 from testbed.model.counting import flops_per_token
 from testbed.model.transformer import Transformer
 from testbed.optim import build_optimizer
 from testbed.plan import describe, resolved_model, run_schedule
-from testbed.rundir import RunDir, RunDirBusy, RunLock, StorageError, run_id
+from testbed.rundir import RunDir, RunDirBusy, RunLock, StorageError
+from testbed.schedules import Schedule
 from testbed.train import checkpoint as ckpt
 from testbed.train import device as dev
 from testbed.train.distributed import (
@@ -157,6 +159,76 @@ def auto_micro_batch(config: Config, device: torch.device, local_seqs: int, d: D
 
 
 class Trainer:
+    """One run's training. Its state, declared here in one place: what __init__ sets, then what
+    each stage of `run` adds (set_up, build, restore, parallelize, open_run_dir, train_loop)."""
+
+    # --- from the caller (__init__)
+    t_start: float  # perf_counter at construction: the wall clock of the run starts here
+    config: Config
+    run_dir: RunDir
+    preempt: Preemption  # the stop-signal flag (SIGTERM / SIGUSR1)
+    resume: bool  # --resume: continue the run in run_dir
+    overwrite: bool  # --overwrite: restart the run in run_dir from scratch
+    loaded: dict[str, Any] | None  # the checkpoint restored from (a branch's start, or this run's newest)
+    parent: dict | None  # the parent run a branch records in run.json
+    prefix_metrics: list[dict] | None  # metric lines shared with the parent, written first
+    timing: dict[str, float]  # seconds spent training, evaluating, checkpointing, compiling
+    restore_s: float  # seconds spent restoring weights and optimiser state
+    last_eval: dict[str, float]  # the latest validation (and task) metrics
+    last_eval_step: int  # the step of last_eval; -1 before the first
+    watch: LossWatch  # loss spikes and divergence
+    log_stats: dict  # gradient and update norms of the last logging step
+    start_step: int  # the step training starts (or resumes) at
+    done: int  # steps completed so far
+    resumed_from: str | None  # the checkpoint folder resumed from
+    exit_code: int  # the process's exit status (testbed/exits.py)
+    state_msg: tuple[str, str]  # the final status and its message
+    owner: RunLock | None  # rank 0's hold on the run directory
+    owned: bool  # whether the ranks went through own_run_dir
+    ema: WeightEMA | None  # the moving average of the weights (train.ema_decay)
+
+    # --- set_up: the process
+    d: Dist  # rank, world size, hosts
+    device: torch.device
+    dtype: torch.dtype  # the autocast precision
+
+    # --- build: the plan, the data, the model
+    info: dict[str, Any]  # testbed.plan.describe: planned steps, parameters, tokens, ...
+    model_cfg: ModelConfig  # the model config with derived fields resolved
+    total_steps: int  # the planned number of optimiser steps
+    schedule: Schedule  # the learning-rate schedule
+    gbt: int  # global batch size in tokens
+    micro: int  # sequences per micro-batch (per process)
+    accum: int  # micro-batches per step (gradient accumulation)
+    source: Any  # the window source (data/loader.py: SyntheticSource, ShardSource, RandomSource)
+    plan: data_loader.BatchPlan  # which windows make up each step's batch
+    val_ids: np.ndarray  # the validation windows' indices
+    tasks: list[TaskRows]  # downstream tasks scored at each evaluation
+    optimum: float | None  # the data's optimal nats over the validation set (synthetic data only)
+    base_model: Transformer  # the unwrapped model
+    fpt: int  # training FLOPs per token
+
+    # --- parallelize: compiling, wrapping, the optimiser
+    compiled: bool  # whether the blocks are compiled
+    model: torch.nn.Module  # base_model wrapped for DDP / FSDP2 (itself on one process)
+    optimizer: torch.optim.Optimizer
+    layer_params: list[list[torch.nn.Parameter]]  # parameters grouped by block, for per-layer norms
+    peak: float | None  # the device's peak FLOP/s at dtype, for MFU
+    peak_name: str  # where `peak` comes from
+
+    # --- open_run_dir: the run directory's writers
+    run_id: str
+    metrics: MetricsLog  # metrics.jsonl (and wandb)
+    window: Window  # the train-loss and throughput window between log lines
+
+    # --- train_loop: the steps
+    science: set[int]  # the steps whose checkpoints are kept for fitting
+    progress: Any  # the tqdm progress bar (rank 0 with logging.progress), else None
+    t_startup: float  # seconds from construction to the first step
+    prefetch: Prefetcher  # the batches, loaded ahead
+    lr: float  # the learning rate of the current step
+    grad_norm: torch.Tensor  # the global gradient norm of the current step (before clipping)
+
     def __init__(self, config: Config, run_dir: str | Path, preempt: Preemption, *, resume: bool = False,
                  overwrite: bool = False, init_from: dict | None = None, parent: dict | None = None,
                  prefix_metrics: list[dict] | None = None):
@@ -169,16 +241,16 @@ class Trainer:
         self.parent, self.prefix_metrics = parent, prefix_metrics
         self.timing = {"train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "compile_s": 0.0}
         self.restore_s = 0.0
-        self.last_eval: dict[str, float] = {}
+        self.last_eval = {}
         self.last_eval_step = -1
         self.watch = LossWatch(config.train.spike_nats, config.train.divergence_nats)
-        self.log_stats: dict = {}  # gradient and update norms of the last logging step
+        self.log_stats = {}
         self.start_step = self.done = 0
-        self.resumed_from: str | None = None
+        self.resumed_from = None
         self.exit_code, self.state_msg = exits.DONE, ("done", "finished")
-        self.owner: RunLock | None = None  # rank 0's hold on the run directory
-        self.owned = False  # whether the ranks went through own_run_dir
-        self.ema: WeightEMA | None = None  # the moving average of the weights (train.ema_decay)
+        self.owner = None
+        self.owned = False
+        self.ema = None
 
     # ------------------------------------------------------------------ the run, step by step
 
@@ -549,7 +621,7 @@ class Trainer:
         if done % config.train.eval_every == 0 or final:
             self.evaluate(done)
         rolling_every = config.checkpoint.rolling_every
-        rolling_due = bool(rolling_every) and done % rolling_every == 0
+        rolling_due = bool(rolling_every and done % rolling_every == 0)
         if done in self.science:
             self.save(done, "science")
         elif rolling_due and not final:
@@ -664,6 +736,7 @@ class Trainer:
                               **self.timing, "other_s": wall - self.t_startup - sum(self.timing.values())}}
         if self.d.main:
             run_json = self.run_dir.read_run()
+            assert run_json is not None, "open_run_dir wrote run.json"
             run_json["summary"] = summary
             self.run_dir.write_run(run_json)
             self.run_dir.write_status(state, step=self.done, message=message)

@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 
+from testbed.errors import TestbedError
 from testbed.stats import mean_interval, seed_noise
-from testbed.study.base import Analysis, Context, Study, figure, measured, register
+from testbed.study.base import Analysis, Context, Study, figure, measured, register, upper_end
 from testbed.study.recipes import BATCH, base, seeds
 
 TOLERANCE = 0.01  # "closely": a mean relative error of at most 1% over the curve after warmup
@@ -71,7 +72,10 @@ def _curves(ctx: Context, arm: str) -> list[dict[str, Any]]:
         run_dir = run["run_dir"]
         rows = evaluated.loc[evaluated["run_id"] == run["run_id"]].drop_duplicates("step")
         # a finished run's run.json holds its config (reading it here keeps torch out of the report)
-        config = saved_config(RunDir(Path(run_dir)).read_run()["config"])
+        run_json = RunDir(Path(run_dir)).read_run()
+        if run_json is None:
+            raise TestbedError(f"{run_dir!r} has no run.json; the run did not start")
+        config = saved_config(run_json["config"])
         total = int(run["planned_steps"])
         schedule = run_schedule(config, total)
         lrs = [schedule.lr(i, total, config.optim.lr, config.train.global_batch_tokens) for i in range(total)]
@@ -95,7 +99,7 @@ def analyse(ctx: Context) -> Analysis:
     fitted = [c for arm in FITTED for c in _curves(ctx, arm)]
     result = fit(ANNEALING, *_join(fitted))
     errors: dict[str, list[float]] = {}
-    curves = {}
+    curves: dict[str, dict[str, Any]] = {}  # an example curve of each arm
     for arm in FITTED + PREDICTED:
         for c in fitted if arm in FITTED else _curves(ctx, arm):
             if c["arm"] != arm:
@@ -111,7 +115,7 @@ def analyse(ctx: Context) -> Analysis:
         kind = "fit" if arm in FITTED else "prediction"
         more.append(measured(f"{arm}: mean relative {kind} error", mean_interval(errors[arm], noise)))
     predicted = [m for m in more if "prediction" in m.name]
-    headline = max(predicted, key=lambda m: m.high if m.high is not None else m.value)
+    headline = max(predicted, key=upper_end)
     more = [m for m in more if m is not headline]
     params = {k: float(v) for k, v in result.params.items()}
     rows = [{"schedule": arm, "role": "fitted" if arm in FITTED else "predicted",

@@ -7,7 +7,18 @@ from typing import Any
 import numpy as np
 
 from testbed.stats import paired_noise, relative_gap
-from testbed.study.base import Analysis, Context, Study, choose, figure, lr_plot, measured, paired_by_seed, register
+from testbed.study.base import (
+    Analysis,
+    Context,
+    Study,
+    choose,
+    figure,
+    lr_plot,
+    measured,
+    paired_by_seed,
+    register,
+    upper_end,
+)
 from testbed.study.recipes import BATCH, base, seeds
 
 TOLERANCE = 0.01  # "near-optimal": at most 1% above cosine at its tuned LR, in every setting
@@ -75,7 +86,7 @@ def analyse(ctx: Context) -> Analysis:
         rows.append({"batch_tokens": int(batch), "tokens": int(tokens), "cosine_lr": float(lr.iloc[0]),
                      "cosine_loss": float(np.mean(b)), "power_loss": float(np.mean(a)),
                      "gap": gap.value, "gap_low": gap.low, "gap_high": gap.high})
-    headline = max(gaps, key=lambda m: m.high if m.high is not None else m.value)
+    headline = max(gaps, key=upper_end)
     notes = [f"power: a = {power_a(ctx.size):.4g}, b = {POWER_B}, cap {max(lrs(ctx.size)):g}, "
              f"1-sqrt decay over the last {DECAY:.0%}; cosine tuned over {lrs(ctx.size)} per setting",
              f"tolerance: power at most {TOLERANCE:.0%} above tuned cosine in every setting",

@@ -59,7 +59,7 @@ def v_opt(vocab, bpb) -> tuple[float | None, bool]:
 
 def _slope(frame) -> tuple[float | None, float | None, list[dict[str, Any]]]:
     """(b in V_opt ∝ N_nv^b, γ in V_opt·d ∝ N_nv^γ, the per-size optima)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for n_nv, g in frame.groupby("N_non_embedding"):
         best, inside = v_opt(g["vocab"], g["bpb"])
         if best is None:
@@ -96,7 +96,7 @@ def analyse(ctx: Context) -> Analysis:
     points = [{"N_nv": float(r["N_non_embedding"]), "vocab": int(r["vocab"]), "bpb": float(r["bpb"]),
                "C": float(r["C"])} for _, r in frame.iterrows()]
     notes = ["agree: the interval of b lies above 0 (V_opt grows with the model); disagree: below 0"]
-    if more and more[0].low is not None:
+    if more and more[0].low is not None and more[0].high is not None:
         holds = more[0].low <= PUBLISHED_GAMMA <= more[0].high
         notes.append(f"the paper's trend, N_v,opt ∝ N_nv^{PUBLISHED_GAMMA} (Approach 2 on its 1,200 runs), "
                      f"{'lies inside' if holds else 'lies outside'} the interval of γ")

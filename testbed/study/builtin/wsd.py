@@ -18,6 +18,7 @@ from testbed.study.base import (
     measured,
     paired_by_seed,
     register,
+    upper_end,
 )
 from testbed.study.recipes import BATCH, base, seeds, with_schedule
 
@@ -116,7 +117,7 @@ def analyse(ctx: Context) -> Analysis:
         rows.append({"tokens": int(tokens), "cosine_lr": lr["cosine"], "cosine_loss": float(np.mean(pairs[tokens][1])),
                      "wsd_lr": lr["wsd"], "wsd_loss": float(np.mean(pairs[tokens][0])), "gap": gap.value,
                      "gap_low": gap.low, "gap_high": gap.high})
-    worst = max(gaps, key=lambda m: m.high if m.high is not None else m.value)
+    worst = max(gaps, key=upper_end)
     headline = Measurement(f"largest relative loss gap WSD − cosine ({worst.name.split(' at ')[1]})",
                            worst.value, worst.low, worst.high, "", worst.how, worst.caveat)
     more = [g for g in gaps if g is not worst]
