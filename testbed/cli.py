@@ -20,7 +20,7 @@ SUBSYSTEMS = (
     "testbed.data.cli",
     "testbed.sweep.cli",
     "testbed.fit.cli",
-    "testbed.fit.plot_cli",  # testbed plot: loss curves of a run or a sweep
+    "testbed.fit.reporting.plot_cli",  # testbed plot: loss curves of a run or a sweep
     "testbed.study.cli",
 )
 

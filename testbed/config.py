@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import ConfigError
-from testbed.registry import import_modules
+from testbed.registry import defaults, import_modules, registry_for
 from testbed.rundir import HASH_AT_DEFAULT, hash_tree
 from testbed.schedules import DEFAULT_SCHEDULE, SCHEDULES, Schedule, schedule_class, split_section
 
@@ -67,9 +67,18 @@ class ModelConfig:
     norm_placement: str = "pre"  # pre | peri (norm before and after each sublayer)
     norm_eps: float = 1e-5
     qk_norm: bool = False
+    # The norm applied to each query and key head under qk_norm: any registered norm.
+    qk_norm_type: str = field(default="rmsnorm", metadata=ADDED_LATER)
     attention: str = "sdpa"
     mlp: str = "swiglu"
     position: str = "rope"
+    # The settings each part owns (the fields of the Options dataclass it registered, see
+    # PART_OPTIONS and docs/ablations.md), e.g. model.norm_options.alpha=0.5; empty: its defaults.
+    norm_options: dict[str, Any] = field(default_factory=dict, metadata=ADDED_LATER)
+    qk_norm_options: dict[str, Any] = field(default_factory=dict, metadata=ADDED_LATER)
+    attention_options: dict[str, Any] = field(default_factory=dict, metadata=ADDED_LATER)
+    mlp_options: dict[str, Any] = field(default_factory=dict, metadata=ADDED_LATER)
+    position_options: dict[str, Any] = field(default_factory=dict, metadata=ADDED_LATER)
     rope_theta: float = 10000.0
     init: str = "normal"
     init_std: float = 0.02
@@ -103,6 +112,20 @@ class ModelConfig:
         return m * -(-int(round(self.ffn_ratio * self.d_model)) // m)
 
 
+# A part's options key -> (its section, the key naming the part, the registry's config key).
+# The registries themselves (testbed.model.transformer, testbed.optim) sit above this module:
+# they are found by their config key (testbed.registry.registry_for) once registered, as a
+# user's part always is by the time its config is built (its module is imported first).
+PART_OPTIONS = {
+    "model.norm_options": ("model", "norm", "model.norm"),
+    "model.qk_norm_options": ("model", "qk_norm_type", "model.norm"),
+    "model.attention_options": ("model", "attention", "model.attention"),
+    "model.mlp_options": ("model", "mlp", "model.mlp"),
+    "model.position_options": ("model", "position", "model.position"),
+    "optim.options": ("optim", "name", "optim.name"),
+}
+
+
 @dataclass
 class DataConfig:
     source: str = "synthetic"  # synthetic | shards | random (uniform tokens, for benchmarks)
@@ -123,6 +146,9 @@ class OptimConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     z_loss: float = field(default=0.0, metadata=ADDED_LATER)  # PaLM's z-loss weight: adds z_loss * mean(logsumexp(logits)^2); 0 disables
+    # The settings the optimiser named by `name` owns (its registered Options), e.g.
+    # optim.options.momentum=0.9; empty: its defaults.
+    options: dict[str, Any] = field(default_factory=dict, metadata=ADDED_LATER)
 
 
 @dataclass
@@ -241,9 +267,48 @@ def section_classes(tree: dict[str, Any]) -> dict[str, type]:
 def config_hash(tree: dict[str, Any]) -> str:
     """A short hash of what a config computes (testbed.rundir.hash_tree): its name, labels,
     logging and the keys that change no number do not count, nor a field declared ADDED_LATER
-    (in its section's dataclass, or its schedule's) while at its default. The one hash of a
-    config: sweeps name runs by it, standalone runs use it as id."""
+    (in its section's dataclass, or its schedule's) while at its default, nor a part's option at
+    its default (part_options_changed). The one hash of a config: sweeps name runs by it,
+    standalone runs use it as id."""
+    for key in PART_OPTIONS:
+        section_name, field_name = key.split(".")
+        section = tree.get(section_name)
+        if isinstance(section, dict) and isinstance(section.get(field_name), dict) and section[field_name]:
+            tree = {**tree, section_name: {**section, field_name: part_options_changed(section, key)}}
     return hash_tree(tree, section_classes(tree))
+
+
+def part_options_changed(section: dict[str, Any], key: str) -> dict[str, Any]:
+    """A part's options (`key`, e.g. model.norm_options, in its config `section`) less the values
+    equal to the part's defaults, when the part is registered (a user's part is, in the process
+    that built its config)."""
+    section_name, name_key, registry_key = PART_OPTIONS[key]
+    values = section[key.split(".")[1]]
+    registry = registry_for(registry_key)
+    section_class = ModelConfig if section_name == "model" else OptimConfig
+    name = section.get(name_key, getattr(section_class(), name_key))
+    cls = registry.options_class(name) if registry is not None and isinstance(name, str) else None
+    if cls is None:
+        return dict(values)
+    default = defaults(cls)
+    return {k: v for k, v in values.items() if k not in default or default[k] != v}
+
+
+def resolve_part_options(config: Config) -> None:
+    """Check each part's options against the Options dataclass it registered (keys, types,
+    `check`); the run id leaves out those at their defaults (config_hash). A part whose registry
+    is not imported yet (a built-in, before torch is loaded) is checked when it is built."""
+    for key, (section_name, name_key, registry_key) in PART_OPTIONS.items():
+        registry = registry_for(registry_key)
+        section = getattr(config, section_name)
+        name = getattr(section, name_key)
+        if registry is None or name not in registry:
+            continue
+        field_name = key.split(".")[1]
+        given = getattr(section, field_name)
+        options = registry.make_options(name, given, key, convert=build_dataclass)
+        # As given (a sweep's labels read them), each converted to its field's type.
+        setattr(section, field_name, {k: getattr(options, k) for k in given} if options is not None else {})
 
 
 def run_id(tree: dict[str, Any]) -> str:
@@ -456,6 +521,7 @@ def from_dict(tree: dict[str, Any]) -> Config:
     elif isinstance(model, dict) and model.get("preset"):
         tree["model"] = merge(model_preset(model["preset"]), model)
     config = build_dataclass(Config, tree, "")
+    resolve_part_options(config)
     validate(config)
     return config
 

@@ -2,7 +2,8 @@
 
 `OPTIMIZERS` is the one list of valid `optim.name` values: the planner (`testbed.plan`)
 checks a config against it before any run starts. torch is imported inside the builders only,
-so that check (and `testbed sweep plan`) does not load torch.
+so that check (and `testbed sweep plan`) does not load torch. An optimiser may own settings, as a
+model part does: `OPTIMIZERS.register("sgd", options=SGDOptions)`, reached as optim.options.FIELD.
 """
 
 from __future__ import annotations
@@ -66,4 +67,6 @@ def adamw(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.opt
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    return OPTIMIZERS.get(cfg.name)(model, cfg, device)
+    """The optimiser `optim.name` names; one that registered `options=` (testbed.registry.Options)
+    is also given `options=` its settings from optim.options."""
+    return OPTIMIZERS.build(cfg.name, model, cfg, device, options=cfg.options, key="optim.options")

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from testbed import cli as testbed_cli
 from testbed.config import load_config
 from testbed.errors import ConfigError, TestbedError
-from testbed.fit.collect import collect_runs
-from testbed.fit.table import Points, select_points
+from testbed.fit.points.collect import collect_runs
+from testbed.fit.points.table import Points, select_points
 from testbed.model.transformer import Transformer
 from testbed.plan import resolved_model
 from testbed.rundir import RunDir

@@ -3,9 +3,9 @@
 import numpy as np
 import pandas as pd
 
-from testbed.fit.annealing import ANNEALING, lr_areas, predict_curve
-from testbed.fit.estimate import fit
+from testbed.fit.estimation.estimate import fit
 from testbed.fit.laws import law_inputs
+from testbed.fit.laws.annealing import ANNEALING, lr_areas, predict_curve
 
 TRUE = np.array([np.log(2.0), np.log(1.5), 0.5, np.log(0.8)])  # L0=2, A=1.5, alpha=0.5, C=0.8
 STEPS = 4000

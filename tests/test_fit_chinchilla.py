@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from testbed.fit.approaches import approach2
-from testbed.fit.bootstrap import bootstrap
-from testbed.fit.estimate import fit
+from testbed.fit.estimation.bootstrap import bootstrap
+from testbed.fit.estimation.estimate import fit
 from testbed.fit.laws import CHINCHILLA, features
+from testbed.fit.protocols.approaches import approach2
 
 DATA = Path(__file__).parent / "data" / "epoch_chinchilla" / "svg_extracted_data.csv"
 GRID_OPTIMUM = {"A": 477.84, "B": 2143.86, "E": 1.8172, "alpha": 0.34731, "beta": 0.36718}

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from testbed.fit.analysis import FitOptions, analyse
-from testbed.fit.compare import compute_multiplier, crossings
 from testbed.fit.laws import CHINCHILLA, features
+from testbed.fit.protocols.variants import compute_multiplier, crossings
 
 BASE = np.array([np.log(400.0), np.log(1500.0), np.log(1.8), 0.34, 0.36])
 
@@ -32,6 +32,6 @@ def test_by_label_fits_each_variant_and_reports_the_multiplier():
                 loss = CHINCHILLA.predict_loss(theta, features(CHINCHILLA, {"N": [n], "D": [d]}))[0]
                 rows.append({"N": n, "D": d, "loss": loss * np.exp(0.001 * rng.standard_normal()), "label_norm": label})
     analysis = analyse(pd.DataFrame(rows), FitOptions(by="label_norm", baseline="base", bootstrap=10, budgets=[1e19]))
-    row = analysis.summary["comparisons"]["better"]["multiplier"][0]
+    row = analysis.summary.comparisons["better"]["multiplier"][0]
     assert row["multiplier"] == pytest.approx(2.25, rel=0.15)
     assert row["low"] <= row["multiplier"] <= row["high"]

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from testbed.fit.analysis import FitOptions, analyse
-from testbed.fit.estimate import fit
-from testbed.fit.farseer import FARSEER, data_exponent
+from testbed.fit.estimation.estimate import fit
 from testbed.fit.laws import features
+from testbed.fit.laws.farseer import FARSEER, data_exponent
 
 TRUE = dict(a1=0.05, b1=-1.3, gamma1=0.1, a2=1.0, b2=5.4, gamma2=0.05, a3=12.0, b3=0.6, gamma3=-0.2)
 THETA = np.array([TRUE[p.public] for p in FARSEER.params])
@@ -59,5 +59,5 @@ def test_farseer_beats_chinchilla_on_the_largest_model_held_out():
     n, d, loss = ladder(0.001)
     frame = pd.DataFrame({"run_id": [f"r{i}" for i in range(n.size)], "N": n, "D": d, "loss": loss})
     errors = {law: analyse(frame, FitOptions(law=law, holdout="largest-N", allocation="no"))
-              .summary["mean_abs_rel_error"] for law in ("farseer", "chinchilla")}
+              .summary.mean_abs_rel_error for law in ("farseer", "chinchilla")}
     assert errors["farseer"] < 0.5 * errors["chinchilla"]

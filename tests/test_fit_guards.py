@@ -11,10 +11,10 @@ import pytest
 from testbed.cli import main
 from testbed.errors import TestbedError
 from testbed.fit.analysis import FitOptions, analyse
-from testbed.fit.approaches import approach2
-from testbed.fit.bootstrap import bootstrap
-from testbed.fit.estimate import fit
+from testbed.fit.estimation.bootstrap import bootstrap
+from testbed.fit.estimation.estimate import fit
 from testbed.fit.laws import POWER, features
+from testbed.fit.protocols.approaches import approach2
 
 
 def grid(sizes=(1e7, 3e7, 1e8, 3e8), ratios=(10, 20, 40), noise=0.002, seed=0):
@@ -36,14 +36,14 @@ def test_d_below_u_is_clipped_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # numpy's divide/log warnings would fail here
         analysis = analyse(frame, FitOptions(law="data_constrained", allocation="no"))
-    assert [w for w in analysis.summary["warnings"] if "D < U" in w] == [
+    assert [w for w in analysis.summary.warnings if "D < U" in w] == [
         "3 rows have D < U (fewer tokens seen than unique tokens); U was clipped to D for them. "
         "Check the U column (--columns U=COLUMN)."]
     assert (analysis.frame["U"] <= analysis.frame["D"]).all()
 
 
 def test_published_data_constrained_loss_clips_u_with_one_warning():
-    from testbed.fit.datacon import published_loss
+    from testbed.fit.laws.datacon import published_loss
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -57,9 +57,9 @@ def test_published_data_constrained_loss_clips_u_with_one_warning():
 def test_bounds_option_and_at_bound_tolerance(tmp_path):
     frame = grid()
     analysis = analyse(frame, FitOptions(bounds={"alpha": (0.5, 1.0)}, allocation="no"))
-    assert analysis.summary["params"]["alpha"] == pytest.approx(0.5, abs=1e-3)
-    assert "alpha" in analysis.summary["at_bound"]
-    assert any("--bounds" in w for w in analysis.summary["warnings"])
+    assert analysis.summary.params["alpha"] == pytest.approx(0.5, abs=1e-3)
+    assert "alpha" in analysis.summary.at_bound
+    assert any("--bounds" in w for w in analysis.summary.warnings)
     with pytest.raises(TestbedError, match="--bounds alpha=1:0.5 is empty"):
         analyse(frame, FitOptions(bounds={"alpha": (1.0, 0.5)}))
     with pytest.raises(TestbedError, match="no parameter 'gamma'"):
@@ -78,7 +78,7 @@ def test_flat_parameters_are_reported():
     assert fit(POWER, features(POWER, {"X": x_values}), clean).flat == []
     frame = pd.DataFrame({"X": x_values, "loss": loss})
     analysis = analyse(frame, FitOptions(law="power"))
-    assert analysis.summary["flat"] and any("objective is flat in" in w for w in analysis.summary["warnings"])
+    assert analysis.summary.flat and any("objective is flat in" in w for w in analysis.summary.warnings)
 
 
 def test_prediction_intervals_for_every_held_out_point(tmp_path):
@@ -110,16 +110,16 @@ def test_robust_spread_ignores_a_few_wild_replicates():
 def test_allocation_only_for_isoflop_shaped_data(tmp_path):
     ladder = grid(sizes=(1e7, 2e7, 5e7, 1e8, 2e8), ratios=(5, 20, 80))
     plain = analyse(ladder, FitOptions())
-    assert "derived" not in plain.summary and "approach2" not in plain.summary
-    assert "not IsoFLOP-shaped" in plain.summary["allocation_skipped"]
+    assert plain.summary.derived is None and plain.summary.approach2 is None
+    assert "not IsoFLOP-shaped" in plain.summary.allocation_skipped
     asked = analyse(ladder, FitOptions(allocation="yes"))
-    assert "derived" in asked.summary
+    assert asked.summary.derived is not None
     rows = []
     for budget in (1e17, 1e18, 1e19):
         for n in np.exp(np.linspace(np.log(budget / 6) * 0.35, np.log(budget / 6) * 0.5, 5)):
             rows.append({"N": n, "D": budget / (6 * n), "C": budget})
     isoflop = pd.DataFrame(rows).assign(loss=lambda f: 1.8 + 400 / f["N"] ** 0.34 + 1500 / f["D"] ** 0.36)
-    assert "derived" in analyse(isoflop, FitOptions()).summary
+    assert analyse(isoflop, FitOptions()).summary.derived is not None
     # Two N values per budget: skipped without numpy's RankWarning.
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -9,7 +9,7 @@ import pytest
 
 from testbed.cli import main
 from testbed.errors import TestbedError
-from testbed.fit import steplaw
+from testbed.fit.laws import steplaw
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def test_the_lr_batch_template_trains_and_fits_from_its_sweep_directory(tmp_path
     peak LR, batch in tokens), keeping per cell exactly the runs within the band of its best."""
     import yaml
 
-    from testbed.fit.collect import collect_runs
+    from testbed.fit.points.collect import collect_runs
 
     spec = yaml.safe_load((ROOT / "configs" / "sweeps" / "lr_batch.yaml").read_text())
     spec["grid"]["optim.lr"] = [1.0e-2, 3.0e-2]

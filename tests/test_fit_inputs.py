@@ -6,7 +6,7 @@ import pytest
 
 from testbed.errors import TestbedError
 from testbed.fit.analysis import FitOptions, analyse
-from testbed.fit.holdout import holdout_mask
+from testbed.fit.protocols.holdout import holdout_mask
 
 
 def table(n=12):
@@ -34,9 +34,9 @@ def test_non_positive_and_nan_rows_are_counted():
     frame.loc[1, "val"] = np.nan
     frame.loc[2, "tokens"] = 0
     result = analyse(frame, FitOptions(columns="N=params,D=tokens,loss=val"))
-    dropped = result.summary["dropped"]
+    dropped = result.summary.dropped
     assert dropped == {"loss missing or not finite": 1, "N <= 0": 1, "D <= 0": 1}
-    assert result.summary["n_points"] == 11
+    assert result.summary.n_points == 11
 
 
 def test_bad_holdout_rule_and_unknown_law():

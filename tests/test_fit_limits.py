@@ -11,10 +11,10 @@ import pytest
 
 from testbed.cli import main
 from testbed.errors import TestbedError
-from testbed.fit import guards
 from testbed.fit.analysis import FitOptions, analyse
-from testbed.fit.bootstrap import scatter
-from testbed.fit.estimate import fit
+from testbed.fit.estimation import guards
+from testbed.fit.estimation.bootstrap import scatter
+from testbed.fit.estimation.estimate import fit
 from testbed.fit.laws import CHINCHILLA, law_inputs
 
 TRUTH = {"E": 1.8, "A": 400.0, "alpha": 0.34, "B": 1500.0, "beta": 0.36}
@@ -58,7 +58,7 @@ def test_auto_scores_inside_the_training_runs_as_the_outer_protocol_does():
     options = FitOptions(columns="N=params,D=tokens", points="all", skip_fraction=0.0, holdout="largest-N",
                          train_until=0.3, score_after=0.7, variant="auto", allocation="no")
     analysis = analyse(curves(), options)
-    selection = analysis.summary["variant_selection"]
+    selection = analysis.summary.variant_selection
     inner = selection["inner"]
     # The largest training size is held out inside the training runs; the others are fitted up to
     # 30% of their run, and the held-out one is scored past 70% of its run, as the target is: on
@@ -90,11 +90,11 @@ def test_auto_prints_the_inner_protocol_and_each_variants_error(tmp_path, capsys
 def test_the_data_entropy_bounds_e_from_below_and_the_console_says_so(tmp_path, capsys):
     frame = grid().assign(data_entropy=2.0)  # above the true E = 1.8: the fit wants E below it
     analysis = analyse(frame, FitOptions(allocation="no"))
-    assert analysis.summary["params"]["E"] >= 2.0 * (1 - 1e-9)
-    assert analysis.summary["entropy"] == {"value": 2.0, "source": "the data's entropy (data_entropy column)",
+    assert analysis.summary.params["E"] >= 2.0 * (1 - 1e-9)
+    assert analysis.summary.entropy == {"value": 2.0, "source": "the data's entropy (data_entropy column)",
                                            "bounds": "E"}
-    assert any(w.startswith("E ended at the data's entropy (2)") for w in analysis.summary["warnings"])
-    assert analyse(grid(), FitOptions(allocation="no")).summary["params"]["E"] < 2.0  # without the column
+    assert any(w.startswith("E ended at the data's entropy (2)") for w in analysis.summary.warnings)
+    assert analyse(grid(), FitOptions(allocation="no")).summary.params["E"] < 2.0  # without the column
     frame.to_csv(tmp_path / "t.csv", index=False)
     assert main(["fit", str(tmp_path / "t.csv"), "--no-plots", "--out", str(tmp_path / "o")]) == 0
     assert "E bounded below by 2: the data's entropy (data_entropy column)" in capsys.readouterr().out
@@ -104,7 +104,7 @@ def test_the_data_entropy_bounds_e_from_below_and_the_console_says_so(tmp_path, 
     # A loss mapped from another column need not share the entropy's units: no bound then.
     renamed = frame.rename(columns={"loss": "val"})
     free = analyse(renamed, FitOptions(columns="loss=val", allocation="no"))
-    assert "entropy" not in free.summary and free.summary["params"]["E"] < 2.0
+    assert free.summary.entropy is None and free.summary.params["E"] < 2.0
 
 
 def test_a_fixed_e_below_the_entropy_or_the_laws_bound_is_refused():
@@ -118,22 +118,22 @@ def test_auto_leaves_out_fixed_e_when_the_fitted_floor_is_below_the_laws_bound()
     frame = grid(noise=0.0)
     frame["loss"] = 30 * (6 * frame["N"] * frame["D"]) ** -0.05  # a pure power law in C: no floor
     analysis = analyse(frame, FitOptions(variant="auto", holdout="largest-N", allocation="no"))
-    skipped = analysis.summary["variant_selection"]["validation"]["fixed_E"]["skipped"]
+    skipped = analysis.summary.variant_selection["validation"]["fixed_E"]["skipped"]
     assert "is below the law's bound for E (0.006738)" in skipped and "fitted floor" in skipped
-    assert analysis.summary["variant"] != "fixed_E"
+    assert analysis.summary.variant != "fixed_E"
 
 
 # ---------------------------------------------------------------- extrapolation
 def test_predictions_far_beyond_the_fitted_sizes_are_named(tmp_path, capsys):
     frame = grid(sizes=(1e7, 2e7, 5e7, 1e8, 1e9))
     analysis = analyse(frame, FitOptions(holdout="largest-N", allocation="yes"))
-    warnings = analysis.summary["warnings"]
+    warnings = analysis.summary.warnings
     assert ("held-out N is 10.0x the largest fitted N (1e+09 vs 1e+08), more than 3x beyond the data: an "
             "extrapolation; add runs in between to check the law there.") in warnings
     # the default budgets, 1x, 10x and 100x the largest compute of the table, held-out runs included
     assert any(w.startswith("the budget C is 10000.0x the largest fitted C (2.4e+22 vs 2.4e+18)") for w in warnings)
     # within the limit: the next size up, 2x, is not named
-    near = analyse(grid(), FitOptions(holdout="largest-N", allocation="no")).summary["warnings"]
+    near = analyse(grid(), FitOptions(holdout="largest-N", allocation="no")).summary.warnings
     assert not any(w.startswith("held-out N") for w in near)
     assert guards.EXTRAPOLATION_LIMIT == 3.0
     frame.to_csv(tmp_path / "t.csv", index=False)
@@ -185,13 +185,13 @@ def test_intervals_far_wider_than_the_error_are_flagged():
     # Final points of a curve table: seven runs, five parameters; the refits on resampled runs
     # spread far more than the held-out run misses by.
     analysis = analyse(curves(), FitOptions(columns="N=params,D=tokens", holdout="largest-N", allocation="no"))
-    pi = analysis.summary["prediction_interval"]
+    pi = analysis.summary.prediction_interval
     assert pi["coverage"] == 1.0 and pi["width_over_error"] > guards.WIDTH_LIMIT
     assert any(w.startswith(f"the 95% prediction intervals are {pi['width_over_error']:.0f}x wider than the held-out error")
-               for w in analysis.summary["warnings"])
+               for w in analysis.summary.warnings)
     good = analyse(grid(seed=1), FitOptions(holdout="largest-N", allocation="no")).summary
-    assert good["prediction_interval"]["width_over_error"] < guards.WIDTH_LIMIT
-    assert not any("wider than the held-out error" in w or "prediction intervals hold" in w for w in good["warnings"])
+    assert good.prediction_interval["width_over_error"] < guards.WIDTH_LIMIT
+    assert not any("wider than the held-out error" in w or "prediction intervals hold" in w for w in good.warnings)
 
 
 # ---------------------------------------------------------------- optima outside the sampled sizes

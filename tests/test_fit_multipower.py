@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from testbed.cli import main
-from testbed.fit.estimate import fit
+from testbed.fit.estimation.estimate import fit
 from testbed.fit.laws import law_inputs
-from testbed.fit.multipower import MULTIPOWER, curve_inputs, predict_curve
+from testbed.fit.laws.multipower import MULTIPOWER, curve_inputs, predict_curve
 
 # L0=2, A=0.6, alpha=0.5, B=400, C=2, beta=0.6, gamma=0.6 (the size of the paper's fits)
 TRUE = np.array([np.log(2.0), np.log(0.6), 0.5, np.log(400.0), np.log(2.0), 0.6, 0.6])

@@ -7,7 +7,7 @@ import pytest
 from testbed.cli import main
 from testbed.errors import TestbedError
 from testbed.fit.analysis import FitOptions, analyse
-from testbed.fit.estimate import huber
+from testbed.fit.estimation.estimate import huber
 from testbed.fit.options import asymmetry, point_weights
 
 X = np.geomspace(1e15, 1e19, 40)
@@ -39,7 +39,7 @@ def test_asymmetric_fit_sits_below_the_symmetric_one_near_the_envelope():
     # The symmetric fit runs through the middle of the cloud; the asymmetric one hugs its floor.
     assert np.median(np.abs(envelope / exact - 1)) < 0.3 * np.median(np.abs(symmetric / exact - 1))
     assert np.mean(frame["loss"].to_numpy() >= envelope * (1 - 1e-3)) > 0.8
-    assert analysis.summary["objective_kind"] == "asymmetric:20"
+    assert analysis.summary.objective_kind == "asymmetric:20"
 
 
 def test_asymmetric_objective_weights_over_predictions():
@@ -70,7 +70,7 @@ def test_compute_weighting_follows_the_largest_runs():
     assert error_weighted < 0.5 * error_plain
     small = X < 1e16
     assert np.abs(weighted[small] / loss[small] - 1).mean() > np.abs(plain[small] / loss[small] - 1).mean()
-    assert analysis.summary["weight"] == "compute"
+    assert analysis.summary.weight == "compute"
 
 
 def test_cli_takes_both_options(tmp_path):

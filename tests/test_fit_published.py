@@ -6,11 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from testbed.fit import steplaw
-from testbed.fit.datacon import published_loss
-from testbed.fit.estimate import fit, huber
-from testbed.fit.laws import law_inputs
-from testbed.fit.vocab import PUBLISHED, VOCAB
+from testbed.fit.estimation.estimate import fit, huber
+from testbed.fit.laws import law_inputs, steplaw
+from testbed.fit.laws.datacon import published_loss
+from testbed.fit.laws.vocab import PUBLISHED, VOCAB
 
 DATA = Path(__file__).parent / "data"
 

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from testbed.fit.bootstrap import bootstrap
-from testbed.fit.estimate import fit
+from testbed.fit.estimation.bootstrap import bootstrap
+from testbed.fit.estimation.estimate import fit
 from testbed.fit.laws import CHINCHILLA, POWER, features
 
 TRUE_CHINCHILLA = {"A": 400.0, "B": 1500.0, "E": 1.8, "alpha": 0.34, "beta": 0.36}

@@ -7,7 +7,7 @@ import pytest
 
 from testbed.errors import TestbedError
 from testbed.fit.analysis import FitOptions, analyse
-from testbed.fit.rules import rule_mask
+from testbed.fit.points.rules import rule_mask
 
 FRAME = pd.DataFrame({"N": [1e7, 1e8, 1e9, 1e9], "label_norm": ["pre", "post", "pre", "peri"],
                       "label_lr": [1e-3, 3e-3, 1e-3, 1e-2]})
@@ -46,7 +46,7 @@ def test_several_where_combine_with_and():
     analysis = analyse(table(), FitOptions(where=["N>=2e6", "label_norm=='pre'"], allocation="no"))
     kept = analysis.frame
     assert (kept["label_norm"] == "pre").all() and (kept["N"] >= 2e6).all()
-    assert analysis.summary["dropped"] == {"not matching --where N>=2e6 and label_norm=='pre'": 14 - len(kept)}
+    assert analysis.summary.dropped == {"not matching --where N>=2e6 and label_norm=='pre'": 14 - len(kept)}
 
 
 LAW = {"A": 400.0, "B": 1500.0, "E": 1.8, "alpha": 0.34, "beta": 0.28}
@@ -71,15 +71,15 @@ def test_checkpoint_extrapolation_protocol():
                          train_until=0.3, where="D>=5e7", score_after=0.7, allocation="no")
     analysis = analyse(curves(), options)
     frame, summary = analysis.frame, analysis.summary
-    assert summary["run_column"] == "model"
+    assert summary.run_column == "model"
     train, held = frame[~frame["held_out"]], frame[frame["held_out"]]
     assert (train["run_fraction"] <= 0.3 + 1e-9).all() and (train["D"] >= 5e7).all()
     assert set(held["run_id"]) == {"m5e+08"} and (held["run_fraction"] >= 0.7 - 1e-9).all()
-    assert len(summary["holdout"]) == 7  # fractions 0.70, 0.75, ..., 1.0
-    assert summary["dropped"]["training checkpoints past 30% of their run (--train-until)"] > 0
-    assert summary["dropped"]["held-out checkpoints before 70% of their run (--score-after)"] > 0
-    assert summary["mean_abs_rel_error"] < 0.005
-    assert summary["params"]["alpha"] == pytest.approx(0.34, abs=0.05)
+    assert len(summary.holdout) == 7  # fractions 0.70, 0.75, ..., 1.0
+    assert summary.dropped["training checkpoints past 30% of their run (--train-until)"] > 0
+    assert summary.dropped["held-out checkpoints before 70% of their run (--score-after)"] > 0
+    assert summary.mean_abs_rel_error < 0.005
+    assert summary.params["alpha"] == pytest.approx(0.34, abs=0.05)
 
 
 def test_fractions_need_a_position_and_a_holdout():
@@ -92,14 +92,14 @@ def test_fractions_need_a_position_and_a_holdout():
 def test_outside_table_run_column_final_points_and_skip_fraction():
     frame = curves(points=10)
     final = analyse(frame, FitOptions(columns="N=params,D=tokens", allocation="no"))
-    assert final.summary["n_points"] == 6 and final.summary["n_runs"] == 6
-    assert final.summary["dropped"] == {"earlier checkpoints of each run (use --points all to include)": 54}
+    assert final.summary.n_points == 6 and final.summary.n_runs == 6
+    assert final.summary.dropped == {"earlier checkpoints of each run (use --points all to include)": 54}
     assert (final.frame["run_fraction"] == 1.0).all()
     every = analyse(frame, FitOptions(columns="N=params,D=tokens", points="all", skip_fraction=0.25, allocation="no"))
-    assert every.summary["n_points"] == 6 * 8  # fractions 0.1 and 0.2 dropped from each run
-    assert every.summary["dropped"] == {"checkpoints in the first 25% of their run (--skip-fraction)": 12}
+    assert every.summary.n_points == 6 * 8  # fractions 0.1 and 0.2 dropped from each run
+    assert every.summary.dropped == {"checkpoints in the first 25% of their run (--skip-fraction)": 12}
     # Without a run column every row is its own run: nothing to drop.
     alone = analyse(frame.drop(columns="model"), FitOptions(columns="N=params,D=tokens", allocation="no"))
-    assert alone.summary["n_points"] == 60 and alone.summary["run_column"] is None
+    assert alone.summary.n_points == 60 and alone.summary.run_column is None
     named = analyse(frame.rename(columns={"model": "cfg"}), FitOptions(columns="N=params,D=tokens,run_id=cfg", allocation="no"))
-    assert named.summary["n_runs"] == 6 and named.summary["run_column"] == "cfg"
+    assert named.summary.n_runs == 6 and named.summary.run_column == "cfg"

@@ -8,7 +8,7 @@ import pytest
 
 from testbed.cli import main
 from testbed.fit.analysis import FitOptions, analyse
-from testbed.fit.holdout import holdout_mask, rule_axis
+from testbed.fit.protocols.holdout import holdout_mask, rule_axis
 
 SIZES = [2e7, 5e7, 1e8, 2e8, 5e8, 1e9]
 
@@ -38,11 +38,11 @@ def test_holdout_axis_follows_the_rule():
 
 def test_auto_picks_tied_when_the_true_exponents_are_tied():
     analysis = analyse(ladder(0.34, 0.34), FitOptions(variant="auto", holdout="largest-N", allocation="no"))
-    selection = analysis.summary["variant_selection"]
+    selection = analysis.summary.variant_selection
     assert selection["axis"] == "N"
     # The inner check holds out the largest model size left in training, not the longest runs.
     assert all(run.startswith("n5e+08") for run in selection["inner_held_out_runs"])
-    assert selection["chosen"] == "tied" and analysis.summary["variant"] == "tied"
+    assert selection["chosen"] == "tied" and analysis.summary.variant == "tied"
     assert {"free", "tied"} <= {k for k, v in selection["validation"].items() if "mean_abs_rel_error" in v}
     # No E known: fixed_E is tried with a floor fitted on the inner training runs, and scored.
     fixed_e = selection["validation"]["fixed_E"]
@@ -53,7 +53,7 @@ def test_auto_picks_tied_when_the_true_exponents_are_tied():
 def test_auto_does_not_tie_untied_exponents_and_tries_fixed_e_with_the_entropy():
     frame = ladder(0.34, 0.28).assign(data_entropy=1.8)
     analysis = analyse(frame, FitOptions(variant="auto", holdout="N>=1e9", allocation="no"))
-    selection = analysis.summary["variant_selection"]
+    selection = analysis.summary.variant_selection
     assert selection["chosen"] != "tied"
     validation = selection["validation"]
     assert validation["tied"]["mean_abs_rel_error"] > validation["free"]["mean_abs_rel_error"]
@@ -77,9 +77,9 @@ def test_cli_prints_and_records_each_variant(tmp_path, capsys):
 
 
 def test_fitted_floor_is_a_power_law_in_compute_on_the_inner_training_runs():
-    from testbed.fit.analysis import fitted_floor
-    from testbed.fit.estimate import fit
+    from testbed.fit.estimation.estimate import fit
     from testbed.fit.laws import get_law
+    from testbed.fit.protocols.selection import fitted_floor
 
     frame = ladder(0.34, 0.34)
     floor, how = fitted_floor(get_law("chinchilla"), frame, FitOptions())
@@ -105,11 +105,11 @@ def curves(seed: int = 0) -> pd.DataFrame:
 
 
 def test_inner_validation_holds_out_late_checkpoints_of_the_same_runs():
-    from testbed.fit.holdout import inner_mask
+    from testbed.fit.protocols.holdout import inner_mask
 
     options = FitOptions(variant="auto", holdout="run_fraction>0.8", points="all", skip_fraction=0.0, allocation="no")
     analysis = analyse(curves(), options)
-    selection = analysis.summary["variant_selection"]
+    selection = analysis.summary.variant_selection
     assert selection["axis"] == "late" and "latest checkpoints" in selection["rule"]
     # The outer split holds out the last 20% of every run, checkpoints and not whole runs...
     frame = analysis.frame

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from testbed.cli import main
-from testbed.fit.collect import collect_runs
+from testbed.fit.points.collect import collect_runs
 from testbed.sweep.spec import load_sweep
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "isoflop.yaml"

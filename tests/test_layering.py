@@ -77,7 +77,7 @@ def imports_of(path: Path) -> set[str]:
             else:
                 module = node.module or ""
             found.add(module)
-            # `from testbed.fit import annealing` imports the submodule testbed.fit.annealing.
+            # `from testbed.fit.laws import annealing` imports the submodule testbed.fit.laws.annealing.
             found |= {f"{module}.{a.name}" for a in node.names
                       if (PACKAGE.parent / f"{module}.{a.name}".replace(".", "/")).with_suffix(".py").exists()}
     return {m for m in found if m == "testbed" or m.startswith("testbed.")}

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import testbed.fit.curves_plot as curves_plot
-import testbed.fit.plots as plots
+import testbed.fit.reporting.curves_plot as curves_plot
+import testbed.fit.reporting.plots as plots
 from testbed.cli import main
 
 LAW = {"A": 400.0, "B": 1500.0, "E": 1.8, "alpha": 0.34, "beta": 0.36}

@@ -61,8 +61,8 @@ def test_a_field_another_schedule_owns_is_an_error_naming_both():
 def test_a_taken_name_is_an_error():
     from dataclasses import dataclass, replace
 
-    from testbed.fit.lawbase import register
     from testbed.fit.laws import CHINCHILLA, POWER
+    from testbed.fit.laws.base import register
     from testbed.schedules import SCHEDULES, Schedule
 
     @dataclass(frozen=True)

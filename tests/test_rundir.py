@@ -140,12 +140,15 @@ def test_a_field_added_later_is_left_out_of_the_id_at_its_default(monkeypatch):
     from testbed.rundir import HASH_AT_DEFAULT, hash_tree
     from testbed.schedules import SCHEDULES, Constant
 
-    later = {(section, f.name): f.default for section, cls in section_classes(Config().to_dict()).items()
+    later = {(section, f.name): getattr(cls(), f.name) for section, cls in section_classes(Config().to_dict()).items()
              for f in fields(cls) if f.metadata.get(HASH_AT_DEFAULT, True) is False}
     # the fields added after the first runs were registered; the rest are hashed at any value
     assert later == {("train", "flops"): None, ("optim", "z_loss"): 0.0, ("train", "ema_decay"): None,
                      ("model", "mup_base_head_dim"): None, ("model", "parametrization"): "sp",
-                     ("model", "mup_base_width"): None}
+                     ("model", "mup_base_width"): None, ("model", "qk_norm_type"): "rmsnorm",
+                     **{("model", f"{part}_options"): {} for part in ("norm", "qk_norm", "attention", "mlp",
+                                                                       "position")},
+                     ("optim", "options"): {}}
     tree = load_config(None).to_dict()
     without = {**tree, "optim": {k: v for k, v in tree["optim"].items() if k != "z_loss"}}
     assert config_hash(tree) == config_hash(without)
@@ -189,7 +192,7 @@ def test_every_reader_agrees_on_a_run_killed_mid_write(tmp_path):
     """A kill can cut the last line of metrics.jsonl and of the checkpoint index: the trainer's
     resume, the checkpoint index, sweep status and the fitter all read the same complete lines."""
     from testbed.config import load_config
-    from testbed.fit.collect import collect_curves, collect_runs
+    from testbed.fit.points.collect import collect_curves, collect_runs
     from testbed.sweep.registry import Registry
     from testbed.sweep.status import last_metrics
     from testbed.train import checkpoint as ckpt

@@ -383,8 +383,8 @@ def test_fit_tables_clean_points_follow_the_schedules_phases(own_registry, tmp_p
     (recorded, or asked of the run's saved schedule), whatever the schedule's name says."""
     import user_schedule  # noqa: F401  (registers test_exp_decay)
 
-    from testbed.fit.collect import collect_runs
-    from testbed.fit.table import Points, select_points
+    from testbed.fit.points.collect import collect_runs
+    from testbed.fit.points.table import Points, select_points
     from testbed.rundir import RunDir
 
     sections = {"inverse_sqrt": {"name": "inverse_sqrt", "warmup_steps": 0},  # stable: "inv" in its name

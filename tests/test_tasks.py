@@ -228,7 +228,7 @@ def test_hub_tasks_fail_clearly_offline(monkeypatch, prepared):
 def test_training_logs_task_metrics_and_collect_has_them(tmp_path, prepared):
     from safetensors.torch import load_file
 
-    from testbed.fit.collect import collect_runs
+    from testbed.fit.points.collect import collect_runs
     from testbed.plan import resolved_model
     from testbed.train.trainer import train
 

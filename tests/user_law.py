@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from testbed.fit.lawbase import Law, Param, Variant, register
+from testbed.fit.laws import Law, Param, Variant, register
 
 
 def _predict(theta, x):

@@ -271,16 +271,7 @@ def prepare(
     `_run` (bytes tokenised by this call and seconds spent), which is not written to disk.
     """
     log = log or (lambda msg: None)
-    if (vocab_size is None) == (tokenizer is None):
-        raise TestbedError("pass exactly one of --vocab-size (train BPE) and --tokenizer (pretrained).")
-    if nested_in is not None and (vocab_size is None or nested_in < vocab_size):
-        raise TestbedError(f"--nested-in {nested_in} needs --vocab-size at most {nested_in}: the "
-                           f"tokenizer is cut from a BPE trained at the --nested-in size.")
-    if workers < 1:
-        raise TestbedError(f"workers={workers} must be at least 1; pass --workers 1 or more.")
-    if shard_tokens < 1:
-        raise TestbedError(f"shard_tokens={shard_tokens} must be positive; pass e.g. 50000000.")
-    check_val_fraction(val_fraction)
+    _check_arguments(vocab_size, tokenizer, nested_in, workers, shard_tokens, val_fraction)
     out = Path(out)
     _check_out_dir(out)
     if not isinstance(source, Source):
@@ -294,17 +285,9 @@ def prepare(
         finally:
             opened.close()
 
-    if vocab_size is not None:
-        sample = draw_sample(source, sample_bytes, seed, val_fraction, min_val_docs, cache_dir)
-        plan = sample.plan
-        if nested_in is not None and nested_in > vocab_size:
-            tok = truncate_bpe(train_bpe(sample, nested_in, cache_dir), vocab_size)
-        else:
-            tok = train_bpe(sample, vocab_size, cache_dir)
-    else:
-        assert tokenizer is not None  # exactly one of the two (checked above)
-        tok = load_pretrained(tokenizer)
-        plan = _split_plan(source, val_fraction, min_val_docs, cache_dir)
+    tok, plan = _tokenizer_and_plan(source, vocab_size, tokenizer, nested_in, val_fraction=val_fraction,
+                                    min_val_docs=min_val_docs, sample_bytes=sample_bytes, seed=seed,
+                                    cache_dir=cache_dir)
     dtype = dtype_for(tok.vocab_size)
     token_bytes, exact = token_byte_lengths_info(tok)
     settings = {
@@ -316,30 +299,11 @@ def prepare(
         "dtype": dtype,
     }
     settings_key = _key(json.dumps(settings, sort_keys=True))
-    clash = (f"out={str(out)!r} already holds shards prepared with other settings "
-             "(source, tokenizer, split or shard size); pass a new --out, or delete that folder "
-             "to rebuild it.")
 
     manifest_path, progress_path = out / "manifest.json", out / "progress.json"
     if manifest_path.exists():
-        existing = read_manifest(out)
-        if existing.get("settings_key") != settings_key:
-            raise TestbedError(clash)
-        TokenShards(out, verify="full")  # raises if a shard was damaged since
-        log(f"{out} is already prepared")
-        return existing
-
-    by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    if progress_path.exists():
-        try:
-            progress = json.loads(progress_path.read_bytes().decode("utf-8"))
-        except ValueError as err:
-            raise TestbedError(f"{progress_path} is damaged ({err}); delete it (the shards are then "
-                               f"written again) and run the same command again") from None
-        if progress.get("settings_key") != settings_key:
-            raise TestbedError(clash)
-        by_split = _verified_finished(out, progress["shards"], dtype)
-        log(f"resuming: {sum(map(len, by_split.values()))} finished shard(s) kept")
+        return _already_prepared(out, settings_key, log)
+    by_split = _finished_shards(out, progress_path, settings_key, dtype, log)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(out)
     np.save(out / "token_bytes.npy", token_bytes)
@@ -368,6 +332,80 @@ def prepare(
     seconds = time.perf_counter() - started
 
     manifest = _manifest(out, source, tok, plan, dtype, settings, settings_key, by_split, exact, shard_tokens)
+    _write_manifest(out, manifest, source, plan)
+    manifest_stats = {"tokenised_bytes": tokenised_bytes, "seconds": seconds}
+    log(f"prepared {manifest['tokens']} tokens in {len(manifest['shards'])} shard(s); "
+        f"tokenised {tokenised_bytes / 1e6:.1f} MB in {seconds:.1f} s")
+    manifest["_run"] = manifest_stats  # not written: how much this call tokenised, for benchmarks
+    return manifest
+
+
+def _check_arguments(vocab_size: int | None, tokenizer: str | None, nested_in: int | None, workers: int,
+                     shard_tokens: int, val_fraction: float) -> None:
+    """`prepare`'s arguments, checked before anything is read or written."""
+    if (vocab_size is None) == (tokenizer is None):
+        raise TestbedError("pass exactly one of --vocab-size (train BPE) and --tokenizer (pretrained).")
+    if nested_in is not None and (vocab_size is None or nested_in < vocab_size):
+        raise TestbedError(f"--nested-in {nested_in} needs --vocab-size at most {nested_in}: the "
+                           f"tokenizer is cut from a BPE trained at the --nested-in size.")
+    if workers < 1:
+        raise TestbedError(f"workers={workers} must be at least 1; pass --workers 1 or more.")
+    if shard_tokens < 1:
+        raise TestbedError(f"shard_tokens={shard_tokens} must be positive; pass e.g. 50000000.")
+    check_val_fraction(val_fraction)
+
+
+def _tokenizer_and_plan(source: Source, vocab_size: int | None, tokenizer: str | None, nested_in: int | None, *,
+                        val_fraction: float, min_val_docs: int, sample_bytes: int, seed: int,
+                        cache_dir) -> tuple[TextTokenizer, SplitPlan]:
+    """The tokenizer (BPE trained on a sample of the training split, possibly cut from a larger
+    one, or a pretrained one) and the train/validation split of `source`."""
+    if vocab_size is not None:
+        sample = draw_sample(source, sample_bytes, seed, val_fraction, min_val_docs, cache_dir)
+        if nested_in is not None and nested_in > vocab_size:
+            return truncate_bpe(train_bpe(sample, nested_in, cache_dir), vocab_size), sample.plan
+        return train_bpe(sample, vocab_size, cache_dir), sample.plan
+    assert tokenizer is not None  # exactly one of the two (checked by _check_arguments)
+    tok = load_pretrained(tokenizer)
+    return tok, _split_plan(source, val_fraction, min_val_docs, cache_dir)
+
+
+def _settings_clash(out: Path) -> TestbedError:
+    return TestbedError(f"out={str(out)!r} already holds shards prepared with other settings "
+                        "(source, tokenizer, split or shard size); pass a new --out, or delete that folder "
+                        "to rebuild it.")
+
+
+def _already_prepared(out: Path, settings_key: str, log) -> dict:
+    """The manifest of a folder finished with the same settings, its shards verified."""
+    existing = read_manifest(out)
+    if existing.get("settings_key") != settings_key:
+        raise _settings_clash(out)
+    TokenShards(out, verify="full")  # raises if a shard was damaged since
+    log(f"{out} is already prepared")
+    return existing
+
+
+def _finished_shards(out: Path, progress_path: Path, settings_key: str, dtype: str, log) -> dict[str, list[dict]]:
+    """Per split, the shards an interrupted run with the same settings finished (and that still
+    match their records); none without progress.json."""
+    if not progress_path.exists():
+        return {s: [] for s in SPLITS}
+    try:
+        progress = json.loads(progress_path.read_bytes().decode("utf-8"))
+    except ValueError as err:
+        raise TestbedError(f"{progress_path} is damaged ({err}); delete it (the shards are then "
+                           f"written again) and run the same command again") from None
+    if progress.get("settings_key") != settings_key:
+        raise _settings_clash(out)
+    by_split = _verified_finished(out, progress["shards"], dtype)
+    log(f"resuming: {sum(map(len, by_split.values()))} finished shard(s) kept")
+    return by_split
+
+
+def _write_manifest(out: Path, manifest: dict, source: Source, plan: SplitPlan) -> None:
+    """Check that the source did not change while it was read, then seal the manifest (token_bytes
+    hash, checksum), write it and remove progress.json and leftover temporary files."""
     counted = manifest["documents"]
     if counted != plan.documents:
         raise TestbedError(
@@ -376,15 +414,10 @@ def prepare(
         )
     manifest["token_bytes_sha256"] = _sha256_file(out / "token_bytes.npy")
     manifest["checksum"] = manifest_checksum(manifest)
-    write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
-    progress_path.unlink(missing_ok=True)
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
+    (out / "progress.json").unlink(missing_ok=True)
     for leftover in out.glob(".*.tmp-*"):
         leftover.unlink(missing_ok=True)
-    manifest_stats = {"tokenised_bytes": tokenised_bytes, "seconds": seconds}
-    log(f"prepared {manifest['tokens']} tokens in {len(manifest['shards'])} shard(s); "
-        f"tokenised {tokenised_bytes / 1e6:.1f} MB in {seconds:.1f} s")
-    manifest["_run"] = manifest_stats  # not written: how much this call tokenised, for benchmarks
-    return manifest
 
 
 def _tokenise(source, plan, tok: TextTokenizer, dtype, workers, writers, done_docs) -> int:

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from testbed.fit.options import FitSummary
 
 DESCRIPTION = """Three forms:
   testbed fit collect SWEEP_DIR [--out table.csv|table.parquet]
@@ -137,7 +141,7 @@ def _collect(args) -> int:
     from pathlib import Path
 
     from testbed.errors import TestbedError
-    from testbed.fit.collect import collect_runs, write_table
+    from testbed.fit.points.collect import collect_runs, write_table
 
     if not args.sweep_dir:
         raise TestbedError("fit collect needs a sweep directory; run testbed fit collect SWEEP_DIR.")
@@ -173,8 +177,8 @@ def _hparams(args) -> int:
 
     import pandas as pd
 
-    from testbed.fit import steplaw
-    from testbed.fit.table import apply_columns, parse_columns, read_source
+    from testbed.fit.laws import steplaw
+    from testbed.fit.points.table import apply_columns, parse_columns, read_source
 
     at = [_sizes(item) for item in args.at or []]
     if args.sweep_dir and Path(args.sweep_dir).is_dir():
@@ -218,7 +222,7 @@ def _hparams(args) -> int:
                                                            "predictions": predictions}, indent=2))
         print(f"written: {out_dir / 'hparams.json'}")
         if args.sweep_dir and not args.no_plots:  # loss against LR per (N, D) cell, the rule's lr_opt marked
-            from testbed.fit.plots import hparams_plot
+            from testbed.fit.reporting.plots import hparams_plot
 
             print(f"written: {hparams_plot(frame, rules, out_dir / 'lr_sensitivity.png')}")
     return 0
@@ -246,7 +250,7 @@ def _fit(args) -> int:
     import_modules(args.imports, "--import")
     from testbed import progress
     from testbed.fit.analysis import FitOptions, analyse
-    from testbed.fit.report import write_json, write_report
+    from testbed.fit.reporting.report import write_json, write_report
 
     options = FitOptions(
         law=args.law, columns=args.columns, holdout=args.holdout, bootstrap=args.bootstrap,
@@ -262,17 +266,17 @@ def _fit(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = []
     if not args.no_plots:
-        from testbed.fit.plots import write_plots
+        from testbed.fit.reporting.plots import write_plots
 
         plots = write_plots(analysis, out_dir)
     summary = analysis.summary
-    summary["plots"] = [Path(p).name for p in plots]
+    summary.plots = [Path(p).name for p in plots]
     write_json(summary, out_dir)
     write_report(summary, plots, out_dir)
-    params = ", ".join(f"{k}={v:.5g}" for k, v in summary["params"].items())
+    params = ", ".join(f"{k}={v:.5g}" for k, v in summary.params.items())
     print(f"{analysis.law.formula}")
-    if "variant_selection" in summary:
-        selection = summary["variant_selection"]
+    if summary.variant_selection is not None:
+        selection = summary.variant_selection
         print(f"variant selection ({selection['rule']}):")
         for name, entry in selection["validation"].items():
             error = f"{entry['mean_abs_rel_error']:.4%}" if "mean_abs_rel_error" in entry else f"skipped: {entry['skipped']}"
@@ -281,35 +285,35 @@ def _fit(args) -> int:
                     f"; {entry['E_source']}" if "E_source" in entry else "") + ")"
             print(f"  {name}: {error}")
         print(f"  kept {selection['chosen']}: {selection['why']}")
-    print(f"fitted ({summary.get('variant', 'free')}): {params}; objective {summary['objective']:.6e}")
-    if "line" in summary.get("rows", {}):
-        print(summary["rows"]["line"])
-    intervals = {name: i for name, i in (summary.get("intervals") or {}).items()
-                 if name not in summary.get("fixed", {}) and math.isfinite(i.get("low", math.nan))}
+    print(f"fitted ({summary.variant}): {params}; objective {summary.objective:.6e}")
+    if summary.rows and "line" in summary.rows:
+        print(summary.rows["line"])
+    intervals = {name: i for name, i in (summary.intervals or {}).items()
+                 if name not in (summary.fixed or {}) and math.isfinite(i.get("low", math.nan))}
     if intervals:  # the estimates a reader quotes, each with its 95% interval
         print("95% intervals (wild bootstrap by run): " + ", ".join(
             f"{name} {i['estimate']:.4g} [{i['low']:.4g}, {i['high']:.4g}]" for name, i in intervals.items()))
     floor = floor_line(summary)
     if floor:
         print(floor)
-    if "mean_abs_rel_error" in summary:
-        runs = len({str(row.get("run_id")) for row in summary["holdout"]})
-        print(f"held-out ({args.holdout}): mean absolute relative error {summary['mean_abs_rel_error']:.3%} "
-              f"over {len(summary['holdout'])} points of {runs} run(s)")
-    if "prediction_interval" in summary:
-        print(coverage_line(summary["prediction_interval"]))
-    for warning in summary.get("warnings", []):
+    if summary.mean_abs_rel_error is not None and summary.holdout is not None:
+        runs = len({str(row.get("run_id")) for row in summary.holdout})
+        print(f"held-out ({args.holdout}): mean absolute relative error {summary.mean_abs_rel_error:.3%} "
+              f"over {len(summary.holdout)} points of {runs} run(s)")
+    if summary.prediction_interval is not None:
+        print(coverage_line(summary.prediction_interval))
+    for warning in summary.warnings:
         print(f"warning: {warning}")
     print(f"report: {out_dir / 'report.md'}; plots: {', '.join(str(out_dir / Path(p).name) for p in plots) or 'none'}")
     return 0
 
 
-def floor_line(summary: dict) -> str | None:
+def floor_line(summary: FitSummary) -> str | None:
     """Where the irreducible loss E came from: fixed (and why), or bounded below by the data's entropy."""
-    fixed = summary.get("fixed", {})
+    fixed = summary.fixed or {}
     if "E" in fixed:
-        return f"E fixed to {fixed['E']:.4g}: {summary.get('E_source', '--fix')}"
-    entropy = summary.get("entropy")
+        return f"E fixed to {fixed['E']:.4g}: {summary.E_source or '--fix'}"
+    entropy = summary.entropy
     if entropy:
         return (f"{entropy['bounds']} bounded below by {entropy['value']:.4g}: {entropy['source']}; "
                 f"--variant fixed_E (or --fix {entropy['bounds']}={entropy['value']:.4g}) fixes it there")

@@ -1,16 +1,16 @@
 """What one fit is asked for (`FitOptions`), what it gives (`Analysis`), and the defaults both
-the single fit (analysis.py) and the per-variant comparison (comparison.py) take."""
+the single fit (analysis.py) and the per-variant comparison (protocols/variants.py) take."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pandas as pd
 
 from testbed.errors import TestbedError
-from testbed.fit.estimate import FitResult
-from testbed.fit.lawbase import Law
+from testbed.fit.estimation.estimate import FitResult
+from testbed.fit.laws.base import Law
 
 
 @dataclass
@@ -24,7 +24,7 @@ class FitOptions:
     delta: float = 1e-3
     points: str = "final"
     skip_fraction: float = 0.1
-    where: str | list[str] | None = None  # row rules (testbed/fit/rules.py), combined with `and`
+    where: str | list[str] | None = None  # row rules (testbed/fit/points/rules.py), combined with `and`
     train_until: float | None = None  # fit only training checkpoints up to this fraction of their run
     score_after: float | None = None  # score only held-out checkpoints past this fraction of their run
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)  # public name -> (low, high)
@@ -37,13 +37,76 @@ class FitOptions:
     seed: int = 0
 
 
+@dataclass(kw_only=True)
+class FitSummary:
+    """What a fit found, as report.md, the plots and fit.json read it. A field left None is not
+    written (`to_dict`: fit.json's keys are these names, in this order). Nested records (intervals,
+    holdout rows, variant selection...) are plain JSON-ready dictionaries."""
+
+    law: str
+    formula: str
+    n_points: int  # clean points, held-out ones included
+    n_runs: int
+    dropped: dict[str, int]  # why rows were dropped -> how many
+    run_column: str | None  # the column that named the runs (written even when None)
+    warnings: list[str]
+    rows: dict | None = None  # the table's points by kind, and `line` describing them
+    # --by COLUMN: one fit per variant of an ablation (protocols/variants.py)
+    by: str | None = None
+    baseline: str | None = None
+    groups: dict[str, dict] | None = None  # variant -> its fit
+    comparisons: dict[str, dict] | None = None  # variant -> compute multipliers and crossings
+    # the single fit
+    entropy: dict | None = None  # the data's entropy bounding the law's floor: value, source, bounds
+    variant_selection: dict | None = None  # --variant auto: the inner validation record
+    E_source: str | None = None  # where a fixed E came from
+    variant: str
+    fixed: dict[str, float] | None = None
+    tied: dict[str, str] | None = None
+    params: dict[str, float]  # the fitted law's public parameters (the baseline's with --by)
+    objective: float
+    converged: bool | None = None
+    message: str | None = None
+    at_bound: list[str] | None = None
+    flat: list[str] | None = None
+    n_fit_points: int | None = None
+    n_starts: int | None = None
+    fit_seconds: float | None = None
+    huber_delta: float | None = None
+    objective_kind: str | None = None
+    weight: str | None = None
+    bounds: dict[str, list[float]] | None = None  # --bounds as given
+    # --holdout: held-out rows (prediction intervals added to each), their mean error, the rule
+    holdout: list[dict] | None = None
+    mean_abs_rel_error: float | None = None
+    holdout_rule: str | None = None
+    # compute-optimal allocation
+    allocation_skipped: str | None = None
+    budgets: list[float] | None = None
+    derived: dict[str, float] | None = None  # "N_opt@C=1e+20", "a", ... -> value
+    approach1: dict | None = None
+    approach2: dict | None = None
+    allocation: bool | None = None
+    # --bootstrap
+    intervals: dict[str, dict] | None = None  # name -> estimate, low, high, se
+    bootstrap: dict | None = None
+    derived_outside: dict[str, dict] | None = None  # allocations set aside: value, why, interval
+    prediction_interval: dict | None = None
+    plots: list[str] | None = None  # the plot files written beside fit.json
+
+    def to_dict(self) -> dict:
+        """fit.json's dictionary: every field that is set, in declaration order."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None or f.name == "run_column"}
+
+
 @dataclass
 class Analysis:
     law: Law
     options: FitOptions
     frame: pd.DataFrame  # every clean point; `held_out` marks the validation rows
     result: FitResult
-    summary: dict
+    summary: FitSummary
     groups: dict = field(default_factory=dict)  # comparison: label value -> FitResult
 
 
@@ -56,7 +119,7 @@ def data_entropy(frame: pd.DataFrame, columns: str | None = None) -> tuple[float
     (`--columns loss=bpb`) is not compared with it."""
     if ENTROPY_COLUMN not in frame.columns:
         return None, f"no {ENTROPY_COLUMN} column"
-    from testbed.fit.table import parse_columns
+    from testbed.fit.points.table import parse_columns
 
     mapped = parse_columns(columns).get("loss", "loss") if isinstance(columns, (str, type(None))) else "loss"
     if mapped != "loss":

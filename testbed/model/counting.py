@@ -28,11 +28,15 @@ class ParamCounts:
 
 
 BUILTIN_PARTS = {"norm": ("rmsnorm", "layernorm"), "norm_placement": ("pre", "peri"),
-                 "attention": ("sdpa",), "mlp": ("swiglu",), "position": ("rope", "none")}
+                 "attention": ("sdpa",), "mlp": ("swiglu",), "position": ("rope", "none"),
+                 "qk_norm_type": ("rmsnorm",)}
+# A part given settings (model.*_options) is counted on the meta device like a user's part.
+PART_OPTIONS_KEYS = ("norm_options", "qk_norm_options", "attention_options", "mlp_options", "position_options")
 
 
 def is_builtin(cfg: ModelConfig) -> bool:
-    return all(getattr(cfg, key) in names for key, names in BUILTIN_PARTS.items())
+    return (all(getattr(cfg, key) in names for key, names in BUILTIN_PARTS.items())
+            and not any(getattr(cfg, key) for key in PART_OPTIONS_KEYS))
 
 
 def count_params(cfg: ModelConfig) -> ParamCounts:

@@ -47,6 +47,12 @@ def unexportable(cfg: ModelConfig) -> list[str]:
         value = getattr(cfg, key)
         if value != wanted:
             problems.append(f"model.{key}={value!r} (needs {wanted!r}: {why})")
+    if cfg.qk_norm and cfg.qk_norm_type != "rmsnorm":
+        problems.append(f"model.qk_norm_type={cfg.qk_norm_type!r} (needs 'rmsnorm': Qwen3 normalises queries "
+                        f"and keys with RMSNorm)")
+    for key in ("norm_options", "qk_norm_options", "attention_options", "mlp_options", "position_options"):
+        if getattr(cfg, key):
+            problems.append(f"model.{key}={getattr(cfg, key)!r} (the exported classes take no part settings)")
     if cfg.width_mult != 1.0:
         problems.append(f"model.parametrization='mup' at width multiplier {cfg.width_mult:g} (the classes "
                         f"have no output multiplier and scale attention by 1/sqrt(d_head))")

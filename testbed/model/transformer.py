@@ -6,11 +6,19 @@ in a registry by its config name, so an ablation registers one function and sets
 value (see docs/ablations.md):
 
     NORMS       model.norm          a normalisation layer factory (dim, eps) -> nn.Module
+                model.qk_norm_type  (the same registry) the norm of each query and key head
     PLACEMENTS  model.norm_placement how a block wires norms around its sublayers (pre, peri)
     ATTENTIONS  model.attention     the attention sublayer
     MLPS        model.mlp           the feed-forward sublayer
     POSITIONS   model.position      positional encoding applied to q and k
     INITS       model.init          weight initialisation of the whole model
+
+A part may own settings: a frozen `testbed.registry.Options` dataclass given at registration
+(`NORMS.register("dyt", options=DyTOptions)`); it is then built with `options=` that dataclass,
+filled from the config's model.norm_options (model.qk_norm_options, attention_options,
+mlp_options, position_options). A part re-initialises its own weights: `Transformer.reset_parameters`
+calls the `reset_parameters` of every module but the matrices the init draws (nn.Linear,
+nn.Embedding), so a user's norm with a gain needs no edit here.
 
 Parameter and FLOP arithmetic lives beside it in counting.py.
 
@@ -57,6 +65,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 like Llama: bf16 sums of squares lose precision.
@@ -133,9 +144,10 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.out.is_residual_output = True
-        self.position = POSITIONS.get(cfg.position)(cfg)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.position = POSITIONS.build(cfg.position, cfg, options=cfg.position_options,
+                                        key="model.position_options")
+        self.q_norm = qk_norm(cfg) if cfg.qk_norm else None
+        self.k_norm = qk_norm(cfg) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.scale = attention_scale(cfg)
 
@@ -153,6 +165,17 @@ class CausalSelfAttention(nn.Module):
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
             enable_gqa=self.kv_heads != self.n_heads)
         return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def norm(cfg: ModelConfig) -> nn.Module:
+    """The model's norm over d_model (model.norm with its model.norm_options)."""
+    return NORMS.build(cfg.norm, cfg.d_model, cfg.norm_eps, options=cfg.norm_options, key="model.norm_options")
+
+
+def qk_norm(cfg: ModelConfig) -> nn.Module:
+    """The norm of each query or key head (model.qk_norm_type with model.qk_norm_options)."""
+    return NORMS.build(cfg.qk_norm_type, cfg.head_dim, cfg.norm_eps, options=cfg.qk_norm_options,
+                       key="model.qk_norm_options", name_key="model.qk_norm_type")
 
 
 def attention_scale(cfg: ModelConfig) -> float | None:
@@ -190,9 +213,9 @@ class PreNormBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        norm = NORMS.get(cfg.norm)
-        self.attn_norm, self.mlp_norm = norm(cfg.d_model, cfg.norm_eps), norm(cfg.d_model, cfg.norm_eps)
-        self.attn, self.mlp = ATTENTIONS.get(cfg.attention)(cfg), MLPS.get(cfg.mlp)(cfg)
+        self.attn_norm, self.mlp_norm = norm(cfg), norm(cfg)
+        self.attn = ATTENTIONS.build(cfg.attention, cfg, options=cfg.attention_options, key="model.attention_options")
+        self.mlp = MLPS.build(cfg.mlp, cfg, options=cfg.mlp_options, key="model.mlp_options")
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,8 +230,7 @@ class PeriNormBlock(PreNormBlock):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        norm = NORMS.get(cfg.norm)
-        self.attn_out_norm, self.mlp_out_norm = norm(cfg.d_model, cfg.norm_eps), norm(cfg.d_model, cfg.norm_eps)
+        self.attn_out_norm, self.mlp_out_norm = norm(cfg), norm(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop(self.attn_out_norm(self.attn(self.attn_norm(x))))
@@ -248,7 +270,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         block = PLACEMENTS.get(cfg.norm_placement)
         self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.n_layers))
-        self.norm = NORMS.get(cfg.norm)(cfg.d_model, cfg.norm_eps)
+        self.norm = norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -265,19 +287,19 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         """(Re)initialise every weight; also after building on the meta device and `to_empty`."""
         INITS.get(self.cfg.init)(self, self.cfg)
+        # Every other part re-initialises itself (norm gains, rotary tables, a user's part): the
+        # matrices are the init's, whose draws a reset_parameters of their own would replace.
+        for module in self.modules():
+            if module is not self and not isinstance(module, (nn.Linear, nn.Embedding)):
+                reset = getattr(module, "reset_parameters", None)
+                if callable(reset):
+                    reset()
         if self.cfg.parametrization == "mup":
-            # µP: hidden matrices' std / sqrt(m), whatever the init drew (the embedding and the head
-            # keep init_std). Scaling the draw keeps the random stream, so m = 1 is SP's init.
+            # µP: hidden matrices' std / sqrt(m), whatever the init (or a part) drew (the embedding
+            # and the head keep init_std). Scaling the draw keeps the random stream, so m = 1 is SP's.
             for p in self.blocks.parameters():
                 if p.dim() >= 2:
                     p.mul_(self.cfg.width_mult ** -0.5)
-        for module in self.modules():
-            if isinstance(module, (RMSNorm, nn.LayerNorm)):
-                nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, Rotary):
-                module.reset_parameters()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 reduction: str = "mean", z_loss: float | None = None, logits_at: torch.Tensor | None = None):

@@ -41,8 +41,8 @@ class Context:
     sweep_dirs: dict[str, Path]
 
     def points(self, sweep: str | None = None):
-        """Every evaluated checkpoint of a sweep's runs (testbed.fit.collect.collect_runs)."""
-        from testbed.fit.collect import collect_runs
+        """Every evaluated checkpoint of a sweep's runs (testbed.fit.points.collect.collect_runs)."""
+        from testbed.fit.points.collect import collect_runs
 
         return collect_runs(self.sweep_dirs[sweep] if sweep else self.out / "sweep")
 
@@ -201,6 +201,28 @@ def combine(parts: Sequence[str], disagree: str, agree: str, inconclusive: str) 
     return "inconclusive", inconclusive
 
 
+def every_at_most(ms: Sequence[Measurement], tolerance: float, disagree: str, agree: str) -> tuple[str, str]:
+    """`at_most` on each measurement, combined: disagree when any interval lies all above
+    tolerance, agree when every one is at most tolerance, inconclusive (a straddling or missing
+    interval) otherwise; with the matching reason."""
+    return combine([at_most(m, tolerance) for m in ms], disagree=disagree, agree=agree,
+                   inconclusive=f"some interval straddles {tolerance:.0%} or is missing (one seed)")
+
+
+def above(m: Measurement, threshold: float, agree: str, disagree: str, holds: str,
+          undecided: str) -> tuple[str, str]:
+    """Two-sided on one measurement: agree when its whole interval lies above threshold, disagree
+    when it lies all below; inconclusive when the interval holds threshold (reason `holds`) or when
+    there is no interval or a caveat on it (reason `undecided`)."""
+    if not decidable(m):
+        return "inconclusive", undecided
+    if m.low > threshold:
+        return "agree", agree
+    if m.high < threshold:
+        return "disagree", disagree
+    return "inconclusive", holds
+
+
 @contextlib.contextmanager
 def figure(path: Path, xlabel: str, ylabel: str = "final validation loss", log_base: float = 10) -> Iterator[Any]:
     """The axes of one small report plot, saved to `path` on leaving (log x axis; a legend when
@@ -218,7 +240,7 @@ def figure(path: Path, xlabel: str, ylabel: str = "final validation loss", log_b
         ax.set_ylabel(ylabel)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-        from testbed.fit.plots import tidy_log_axes
+        from testbed.fit.reporting.plots import tidy_log_axes
 
         tidy_log_axes(ax)  # at most ~6 labelled ticks on a log axis: no smear of minor labels
         fig.tight_layout()
@@ -233,7 +255,7 @@ def lr_plot(ctx: Context, frame, choice: LrChoice, name: str = "lr_sensitivity.p
     `frame`, the rows `choice` was made from), the LR the study chose marked: [name], or [] when
     no cell tried two learning rates. Cells of two or more keys get one axes per value of the
     first key (at most six, each with more than one cell), a line per value of the rest."""
-    from testbed.fit.plots import LrCurve, lr_sensitivity
+    from testbed.fit.reporting.plots import LrCurve, lr_sensitivity
 
     cells = choice.cells[[len(g) > 1 for g in choice.cells["grid"]]]
     if cells.empty:
@@ -269,7 +291,7 @@ def _name(column: str) -> str:
 
 
 def _value(value: Any) -> str:
-    from testbed.fit.guards import short
+    from testbed.fit.estimation.guards import short
 
     if not isinstance(value, (int, float, np.integer, np.floating)):
         return str(value)

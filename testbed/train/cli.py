@@ -8,6 +8,22 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    for add in (_add_train, _add_branch, _add_schedule, _add_mup, _add_export, _add_sample, _add_average,
+                _add_eval):
+        add(sub)
+
+
+def _action_group(sub: argparse._SubParsersAction, name: str, help: str, dest: str) -> argparse._SubParsersAction:
+    """A command whose ACTIONs are subcommands (`testbed NAME ACTION`); without one it prints its
+    help and exits 2. Returns the parser the ACTIONs are added to."""
+    group = sub.add_parser(name, help=help)
+    actions = group.add_subparsers(dest=dest, metavar="ACTION")
+    group.set_defaults(func=lambda args: (group.print_help(), 2)[1])
+    return actions
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    """`testbed train CONFIG [key=value ...]`."""
     p = sub.add_parser("train", help="train one model",
                        description="Train one model from a YAML config plus dotted overrides, e.g. "
                                    "`testbed train configs/smoke.yaml optim.lr=3e-3 model.preset=1m`; "
@@ -30,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "schedule), then exit without training or writing anything")
     p.set_defaults(func=cmd_train)
 
+
+def _add_branch(sub: argparse._SubParsersAction) -> None:
+    """`testbed branch RUN --step S --decay F`."""
     b = sub.add_parser("branch", help="start a cooldown branch from a stable-phase checkpoint",
                        description="Start a new run from checkpoint STEP of a WSD or constant run and "
                                    "decay the LR over FRACTION of the branch's total length, so the "
@@ -48,17 +67,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(repeatable; the parent's optimiser state is kept)")
     b.set_defaults(func=cmd_branch)
 
-    s = sub.add_parser("schedule", help="learning-rate schedule tools")
-    ssub = s.add_subparsers(dest="schedule_command", metavar="ACTION")
+
+def _add_schedule(sub: argparse._SubParsersAction) -> None:
+    """`testbed schedule plot`."""
+    ssub = _action_group(sub, "schedule", help="learning-rate schedule tools", dest="schedule_command")
     sp = ssub.add_parser("plot", help="draw a config's learning-rate schedule to a PNG")
     sp.add_argument("config", help="YAML config file")
     sp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     sp.add_argument("--out", default="schedule.png", help="PNG path to write (default schedule.png)")
     sp.set_defaults(func=cmd_schedule_plot)
-    s.set_defaults(func=lambda args: (s.print_help(), 2)[1])
 
-    m = sub.add_parser("mup", help="µP tools (model.parametrization: mup)")
-    msub = m.add_subparsers(dest="mup_command", metavar="ACTION")
+
+def _add_mup(sub: argparse._SubParsersAction) -> None:
+    """`testbed mup check`."""
+    msub = _action_group(sub, "mup", help="µP tools (model.parametrization: mup)", dest="mup_command")
     mc = msub.add_parser("check", help="coordinate check: activation scales against width, SP and µP",
                          description="Train a few AdamW steps of CONFIG's model at each width (n_heads kept) "
                                      "under SP and µP and print the mean |activation| of the embedding, each "
@@ -69,8 +91,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     mc.add_argument("--steps", type=int, default=4, help="AdamW steps at the config's lr, constant (default 4)")
     mc.add_argument("--out", help="folder for coord_check.json and coord_check.png (default: none written)")
     mc.set_defaults(func=cmd_mup_check)
-    m.set_defaults(func=lambda args: (m.print_help(), 2)[1])
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    """`testbed export CHECKPOINT OUT`."""
     e = sub.add_parser("export", help="export a checkpoint as a Hugging Face transformers folder",
                        description="Write config.json and model.safetensors that "
                                    "transformers.AutoModelForCausalLM.from_pretrained loads: "
@@ -83,6 +107,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--tokenizer", help="tokenizer folder or hub name, when the run's data folder has none")
     e.set_defaults(func=cmd_export)
 
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    """`testbed sample RUN --prompt TEXT`."""
     g = sub.add_parser("sample", help="generate text from a run's checkpoint",
                        description="Load a checkpoint (a run's newest valid one, or --step) with the run's "
                                    "tokenizer and print PROMPT followed by the text the model writes after "
@@ -98,6 +125,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tokenizer", help="tokenizer folder or hub name, when the run's data folder has none")
     g.set_defaults(func=cmd_sample)
 
+
+def _add_average(sub: argparse._SubParsersAction) -> None:
+    """`testbed average RUN --last K`."""
     a = sub.add_parser("average", help="average a run's last checkpoints and evaluate the average",
                        description="Average the weights of the last K saved checkpoints of a run (an "
                                    "alternative to a cooldown), evaluate the average on the run's "
@@ -112,8 +142,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "whatever their phases; the command names the phases it mixes)")
     a.set_defaults(func=cmd_average)
 
-    v = sub.add_parser("eval", help="evaluate a run's checkpoint with outside tools")
-    vsub = v.add_subparsers(dest="eval_command", metavar="ACTION")
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    """`testbed eval harness RUN`."""
+    vsub = _action_group(sub, "eval", help="evaluate a run's checkpoint with outside tools", dest="eval_command")
     h = vsub.add_parser("harness", help="score a checkpoint with EleutherAI's lm-evaluation-harness",
                         description="Export a checkpoint (the newest valid one, or --step) with the "
                                     "run's tokenizer to a temporary folder and run `python -m lm_eval "
@@ -133,7 +165,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--out", help="lm-eval's --output_path for its results JSON")
     h.add_argument("--tokenizer", help="tokenizer folder or hub name, when the run's data folder has none")
     h.set_defaults(func=cmd_eval_harness)
-    v.set_defaults(func=lambda args: (v.print_help(), 2)[1])
 
 
 def default_run_dir(config) -> str:

@@ -17,8 +17,8 @@ from testbed.study.base import (
     Analysis,
     Context,
     Study,
+    above,
     choose,
-    decidable,
     figure,
     lr_plot,
     measured,
@@ -103,14 +103,11 @@ def _plot(ctx: Context, rows: list[dict]) -> str:
 
 
 def verdict(analysis: Analysis) -> tuple[str, str]:
-    m = analysis.headline
-    if not decidable(m):
-        return "inconclusive", "no interval for the multiplier, or a caveat on it"
-    if m.low > 1:
-        return "agree", f"{VARIANT} needs less compute across the whole interval"
-    if m.high < 1:
-        return "disagree", f"{VARIANT} needs more compute across the whole interval"
-    return "inconclusive", "the multiplier's interval holds 1"
+    return above(analysis.headline, 1,
+                 agree=f"{VARIANT} needs less compute across the whole interval",
+                 disagree=f"{VARIANT} needs more compute across the whole interval",
+                 holds="the multiplier's interval holds 1",
+                 undecided="no interval for the multiplier, or a caveat on it")
 
 
 register(Study(

@@ -59,8 +59,8 @@ def _curves(ctx: Context, arm: str) -> list[dict[str, Any]]:
     from pathlib import Path
 
     from testbed.config import saved_config
-    from testbed.fit.annealing import lr_areas
-    from testbed.fit.collect import collect_curves
+    from testbed.fit.laws.annealing import lr_areas
+    from testbed.fit.points.collect import collect_curves
     from testbed.plan import run_schedule
     from testbed.rundir import RunDir
 
@@ -93,8 +93,8 @@ def _join(curves: list[dict[str, Any]]) -> tuple[dict[str, np.ndarray], np.ndarr
 
 
 def analyse(ctx: Context) -> Analysis:
-    from testbed.fit.annealing import ANNEALING
-    from testbed.fit.estimate import fit
+    from testbed.fit.estimation.estimate import fit
+    from testbed.fit.laws.annealing import ANNEALING
 
     fitted = [c for arm in FITTED for c in _curves(ctx, arm)]
     result = fit(ANNEALING, *_join(fitted))
@@ -137,12 +137,12 @@ def _plot(ctx: Context, curves: dict[str, dict[str, Any]]) -> str:
 
 
 def verdict(analysis: Analysis) -> tuple[str, str]:
-    from testbed.study.base import at_most, combine
+    from testbed.study.base import every_at_most
 
-    parts = [at_most(m, TOLERANCE) for m in [analysis.headline] + analysis.more if "prediction" in m.name]
-    return combine(parts, disagree=f"some predicted curve is off by more than {TOLERANCE:.0%}, interval included",
-                   agree=f"every predicted curve is within {TOLERANCE:.0%}, interval included",
-                   inconclusive=f"some interval straddles {TOLERANCE:.0%} or is missing (one seed)")
+    predictions = [m for m in [analysis.headline] + analysis.more if "prediction" in m.name]
+    return every_at_most(predictions, TOLERANCE,
+                         disagree=f"some predicted curve is off by more than {TOLERANCE:.0%}, interval included",
+                         agree=f"every predicted curve is within {TOLERANCE:.0%}, interval included")
 
 
 register(Study(

@@ -61,7 +61,7 @@ def _approach1(frame, joint: IsoflopFit | None, draws: int = 400) -> tuple[Measu
     """a and b of Approach 1 (the lowest-loss run per budget, regressed on C), with a parametric
     bootstrap: new losses drawn around the joint IsoFLOP fit with its residual SD, the lowest run
     per budget picked again and the slope refitted (the design, each run's N and C, stays)."""
-    from testbed.fit.approaches import approach1
+    from testbed.fit.protocols.approaches import approach1
 
     name = "Approach 1 (lowest-loss run per budget)"
     n_bins = frame["label_budget"].nunique()
@@ -108,7 +108,7 @@ def _approach3(frame) -> tuple[Measurement, Measurement, dict[str, float]]:
     except TestbedError as err:
         missing = Measurement(f"a in N_opt ∝ C^a, {name}", None, how=f"the fit failed: {err}")
         return missing, Measurement(f"b in D_opt ∝ C^b, {name}", None, how=missing.how), {}
-    summary = fitted.summary
+    summary = fitted.summary.to_dict()
     intervals = summary.get("intervals") or {}
     how = "the fitter's wild bootstrap by run (200 refits)"
     if fitted.result.at_bound:

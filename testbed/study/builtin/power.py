@@ -107,12 +107,12 @@ def _plot(ctx: Context, rows: list[dict]) -> str:
 
 
 def verdict(analysis: Analysis) -> tuple[str, str]:
-    from testbed.study.base import at_most, combine
+    from testbed.study.base import every_at_most
 
-    return combine([at_most(m, TOLERANCE) for m in [analysis.headline] + analysis.more],
-                   disagree=f"in some setting power is more than {TOLERANCE:.0%} above tuned cosine, interval included",
-                   agree=f"in every setting power is within {TOLERANCE:.0%} of tuned cosine, interval included",
-                   inconclusive=f"some interval straddles {TOLERANCE:.0%} or is missing (one seed)")
+    return every_at_most([analysis.headline] + analysis.more, TOLERANCE,
+                         disagree=f"in some setting power is more than {TOLERANCE:.0%} above tuned cosine, "
+                                  "interval included",
+                         agree=f"in every setting power is within {TOLERANCE:.0%} of tuned cosine, interval included")
 
 
 register(Study(

@@ -22,7 +22,7 @@ from testbed.study.base import (
 from testbed.study.recipes import BATCH, base, seeds
 
 TOLERANCE = 0.01  # "negligible": repeated data within 1% of unique data up to 4 epochs
-PUBLISHED_R_STAR = 15.387756  # the paper's fitted R_D* (testbed/fit/datacon.py)
+PUBLISHED_R_STAR = 15.387756  # the paper's fitted R_D* (testbed/fit/laws/datacon.py)
 # R_D* counts as finite when its interval ends below this many times the largest repeat count run
 # (beyond that, repeated data would be worth its full count over every run of the study).
 FINITE_FACTOR = 10
@@ -81,7 +81,7 @@ def analyse(ctx: Context) -> Analysis:
 
 def _law(log_params, log_unique, repeats):
     """E + B / D'^beta at log-parameters (log E, log B, log beta, log R*)."""
-    from testbed.fit.datacon import _log_effective  # the fitter's own D' (one formula, one place)
+    from testbed.fit.laws.datacon import _log_effective  # the fitter's own D' (one formula, one place)
 
     e, b, beta, star = np.exp(log_params)
     return e + b * np.exp(-beta * _log_effective(log_unique, repeats, star))
@@ -90,7 +90,7 @@ def _law(log_params, log_unique, repeats):
 def _law_jacobian(log_params, log_unique, repeats):
     """d _law / d log-parameters, exact: a fit then needs five times fewer law evaluations than
     with finite differences."""
-    from testbed.fit.datacon import _log_effective
+    from testbed.fit.laws.datacon import _log_effective
 
     e, b, beta, star = np.exp(log_params)
     log_d = _log_effective(log_unique, repeats, star)

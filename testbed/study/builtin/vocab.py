@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from testbed.stats.curves import parametric_bootstrap, percentile
-from testbed.study.base import Analysis, Context, Measurement, Study, decidable, figure, register
+from testbed.study.base import Analysis, Context, Measurement, Study, above, figure, register
 from testbed.study.recipes import BATCH, VOCAB_LADDER, base, ladder_corpus, tiny_text
 
 # Tao et al.'s Approach 2 on their runs: N_v,opt ∝ N_nv^0.8354 (sail-sg/scaling-with-vocab).
@@ -145,14 +145,11 @@ def _plot(ctx: Context, points: list[dict]) -> str:
 
 
 def verdict(analysis: Analysis) -> tuple[str, str]:
-    m = analysis.headline
-    if not decidable(m):
-        return "inconclusive", "no interval for b (too few sizes or vocabularies), or a caveat on it"
-    if m.low > 0:
-        return "agree", "V_opt grows with N_nv across the whole interval"
-    if m.high < 0:
-        return "disagree", "V_opt shrinks with N_nv across the whole interval"
-    return "inconclusive", "the interval of b holds 0"
+    return above(analysis.headline, 0,
+                 agree="V_opt grows with N_nv across the whole interval",
+                 disagree="V_opt shrinks with N_nv across the whole interval",
+                 holds="the interval of b holds 0",
+                 undecided="no interval for b (too few sizes or vocabularies), or a caveat on it")
 
 
 register(Study(

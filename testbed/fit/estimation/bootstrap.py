@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from testbed.fit.estimate import FitResult, fit_replicates, one_blas_thread
+from testbed.fit.estimation.estimate import FitResult, fit_replicates, one_blas_thread
 from testbed.fit.laws import law_inputs
 from testbed.progress import Progress
 from testbed.stats.curves import percentile, wild_cluster_targets

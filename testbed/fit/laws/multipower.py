@@ -14,7 +14,7 @@ LD = 0 and the law reduces to a power law in the LR area.
 
 Rows are points of curves (run_id, step, lr, loss), as for the annealing law (annealing.py); the
 learning rate between logged rows is interpolated linearly, over the run's whole logged schedule
-(lawbase.curve_runs) even where the fit keeps only some of its rows. A point's sum over k runs
+(base.curve_runs) even where the fit keeps only some of its rows. A point's sum over k runs
 over every step since warmup at which the LR changed; to keep the batched fit cheap these steps
 are merged into at most `GROUPS` consecutive groups per point, each with its summed LR drop at
 its drop-weighted middle step (a single sharp drop keeps its own step; on cosine, WSD and step
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from testbed.fit.lawbase import Law, Param, curve_runs, register
+from testbed.fit.laws.base import Law, Param, curve_runs, register
 
 GROUPS = 48  # most LR-drop groups per point
 

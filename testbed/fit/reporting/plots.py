@@ -6,7 +6,7 @@
 - Log axes get at most about six labelled ticks (whole decades, or 1-2-5 steps within a decade,
   else plain numbers), so tick labels never run into each other; `save` applies them.
 
-`testbed.fit.curves_plot` (loss curves of runs, `testbed plot`) and the studies' LR-sensitivity
+`testbed.fit.reporting.curves_plot` (loss curves of runs, `testbed plot`) and the studies' LR-sensitivity
 plots (testbed.study.base.lr_plot) draw through the helpers here.
 """
 
@@ -110,7 +110,7 @@ _save = save
 
 
 def short(value: float) -> str:
-    from testbed.fit.guards import short as short_count
+    from testbed.fit.estimation.guards import short as short_count
 
     return short_count(value)
 
@@ -220,7 +220,7 @@ def write_plots(analysis, out_dir: Path, dpi: int = DPI) -> list[str]:
     written.append(_residuals_plot(analysis, observed, predicted, held, out_dir, plt, dpi))
     if law.has_compute_frontier and {"N", "D"} <= set(frame.columns):
         written.append(_frontier_plot(analysis, out_dir, plt, dpi))
-        if analysis.summary.get("allocation") and "C" in frame.columns:
+        if analysis.summary.allocation and "C" in frame.columns:
             written.append(_isoflop_plot(analysis, out_dir, plt, dpi))
     elif len(law.inputs) == 1 and not law.curves:
         written.append(_one_input_plot(analysis, out_dir, plt, dpi))
@@ -304,15 +304,15 @@ def _frontier_plot(analysis, out_dir, plt, dpi) -> str:
     """Loss against compute: every point coloured by N, the fitted law along each sampled size,
     and the compute-optimal frontier, solid where its optimum lies among the fitted runs'
     sizes, token counts and compute, dashed beyond; the fitted compute range shaded."""
-    from testbed.fit.allocation import optimal_allocation
     from testbed.fit.laws import features
+    from testbed.fit.protocols.allocation import optimal_allocation
 
     law, frame, result = analysis.law, analysis.frame, analysis.result
     compute = _compute(frame)
     held = frame["held_out"].to_numpy(bool)
     train = frame[~held]
     train_c = compute[~held]
-    top = max(compute.max(), 10 * train_c.max(), *analysis.summary.get("budgets", [0]))
+    top = max(compute.max(), 10 * train_c.max(), *(analysis.summary.budgets or [0]))
     budgets = np.exp(np.linspace(np.log(compute.min()), np.log(top), 80))
     alloc = optimal_allocation(law, result.theta, budgets)
     sampled = _within(alloc["N_opt"], train["N"]) & _within(alloc["D_opt"], train["D"]) & _within(budgets, train_c)
@@ -336,7 +336,7 @@ def _frontier_plot(analysis, out_dir, plt, dpi) -> str:
     dashed_beyond(ax, budgets, alloc["loss"], sampled, "red", "compute-optimal frontier (fitted law)",
                   "frontier extrapolated (optimum outside the fitted runs)", lw=1.8)
     ax.set_xscale("log")
-    _entropy_line(ax, analysis.summary.get("entropy", {}).get("value"))
+    _entropy_line(ax, (analysis.summary.entropy or {}).get("value"))
     ax.set(xlabel="compute C (FLOPs)", ylabel="validation loss",
            title=f"loss against compute, {law.name} law fitted")
     handles = ax.get_legend_handles_labels()[0] + point_handles(held.any())
@@ -354,9 +354,9 @@ def _isoflop_plot(analysis, out_dir, plt, dpi) -> str:
     (Approach 2; its vertex ▼ where the parabola opens upwards)."""
     from matplotlib.lines import Line2D
 
-    from testbed.fit.allocation import optimal_allocation
-    from testbed.fit.approaches import isoflop_groups
     from testbed.fit.laws import features
+    from testbed.fit.protocols.allocation import optimal_allocation
+    from testbed.fit.protocols.approaches import isoflop_groups
 
     law, frame, result = analysis.law, analysis.frame, analysis.result
     compute = _compute(frame)
@@ -428,7 +428,7 @@ def _one_input_plot(analysis, out_dir, plt, dpi) -> str:
         ax.scatter(x[held], frame["loss"].to_numpy(float)[held], s=30, marker="x", color="red", zorder=3, label="held out")
     dashed_beyond(ax, grid, curve, _within(grid, fitted_x), "k", f"{law.name} law", "extrapolated")
     ax.set_xscale("log")
-    _entropy_line(ax, analysis.summary.get("entropy", {}).get("value"))
+    _entropy_line(ax, (analysis.summary.entropy or {}).get("value"))
     ax.set(xlabel=name, ylabel="loss", title=f"loss against {name}, {law.name} law fitted")
     ax.legend(fontsize=7)
     return save(fig, out_dir / "law.png", plt, dpi)
@@ -461,13 +461,13 @@ def _curves_plot(analysis, out_dir, plt, dpi) -> str:
 
 
 def _comparison_plot(analysis, out_dir, plt, dpi) -> list[str]:
-    from testbed.fit.allocation import optimal_allocation
+    from testbed.fit.protocols.allocation import optimal_allocation
 
     frame = analysis.frame
     compute = _compute(frame)
     held = frame["held_out"].to_numpy(bool)
     train_c = compute[~held]
-    budgets = np.exp(np.linspace(np.log(compute.min()), np.log(max(analysis.summary["budgets"])), 60))
+    budgets = np.exp(np.linspace(np.log(compute.min()), np.log(max(analysis.summary.budgets or [0.0])), 60))
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ax.axvspan(train_c.min(), train_c.max(), **FITTED_RANGE, label="compute range of the fitted runs")
     by = analysis.options.by
@@ -570,7 +570,7 @@ def hparams_plot(frame, rules: dict, path: Path, dpi: int = DPI) -> str:
     """`testbed fit hparams`: loss against LR for each (N, D) cell of an LR x batch sweep, at the
     best batch size of each LR, with the fitted rule's lr_opt(N, D) marked (else the best run's
     LR). One axes when every N has one D; else one axes per N, a line per D."""
-    from testbed.fit import steplaw
+    from testbed.fit.laws import steplaw
 
     frame = frame.dropna(subset=["N", "D", "lr", "loss"])
     per_n = frame.groupby("N")["D"].nunique()

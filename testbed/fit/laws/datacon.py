@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 
-from testbed.fit.lawbase import Law, Param, Variant, register
+from testbed.fit.laws.base import Law, Param, Variant, register
 
 # a = log A, b = log B, e = log E, alpha, beta, R_D*, R_N* (the authors' unrounded fit)
 PUBLISHED_LOG = (6.255414, 7.3049974, 0.6254804, 0.3526596, 0.3526596, 15.387756, 5.309743)

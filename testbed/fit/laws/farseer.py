@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from testbed.fit.lawbase import Law, Param, _softmax_lse, register
+from testbed.fit.laws.base import Law, Param, _softmax_lse, register
 
 
 def _pieces(theta, x):

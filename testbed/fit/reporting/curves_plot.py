@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from testbed.fit.plots import DPI, SizeColours, count_axis, pyplot, save, short
+from testbed.fit.reporting.plots import DPI, SizeColours, count_axis, pyplot, save, short
 
 AXES = (("tokens", "tokens seen D", "loss_vs_tokens.png"), ("flops", "compute C (FLOPs)", "loss_vs_flops.png"))
 
@@ -83,7 +83,7 @@ def plot_curves(root: str | Path, out_dir: str | Path, dpi: int = DPI) -> list[s
     """Write loss_vs_tokens.png and loss_vs_flops.png for the runs under `root`."""
     from matplotlib.lines import Line2D
 
-    from testbed.fit.plots import _entropy_line
+    from testbed.fit.reporting.plots import _entropy_line
 
     curves = read_curves(root)
     out = Path(out_dir)

@@ -48,7 +48,7 @@ def read_source(source: str | Path) -> pd.DataFrame:
     """A table file, or a sweep directory collected on the fly."""
     path = Path(source)
     if path.is_dir():
-        from testbed.fit.collect import collect_runs
+        from testbed.fit.points.collect import collect_runs
 
         return collect_runs(path)
     if not path.is_file():

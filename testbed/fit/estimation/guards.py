@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from testbed.errors import TestbedError
-from testbed.fit.lawbase import Law
+from testbed.fit.laws.base import Law
 
 EXTRAPOLATION_LIMIT = 3.0  # a prediction this many times beyond the fitted N, D or C is named
 COVERAGE_ALLOWANCE_SE = 2.0  # binomial standard errors of coverage tolerated below the nominal level
@@ -195,7 +195,7 @@ def allocation_outside(train: pd.DataFrame, alloc: dict[str, np.ndarray], floor:
 def bracket_warnings(train: pd.DataFrame) -> list[str]:
     """IsoFLOP data whose lowest loss per budget sits at the smallest (or largest) model of the
     budget: the sampled sizes do not bracket the optimum, so no fit can place it from them."""
-    from testbed.fit.approaches import isoflop_groups
+    from testbed.fit.protocols.approaches import isoflop_groups
 
     if not {"N", "C", "loss"} <= set(train.columns):
         return []

@@ -8,14 +8,14 @@ and lambda = 0.999. Because the schedule enters only through S1 and S2, a fit on
 
 Rows are points of curves: run_id, step, lr, loss. The learning rate of the steps between
 logged rows is interpolated linearly, so logging every k steps is enough; a run's whole logged
-schedule (lawbase.curve_runs) is used even where the fit keeps only some of its rows.
+schedule (base.curve_runs) is used even where the fit keeps only some of its rows.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from testbed.fit.lawbase import Law, Param, curve_runs, register
+from testbed.fit.laws.base import Law, Param, curve_runs, register
 
 DECAY = 0.999
 

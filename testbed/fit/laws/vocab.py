@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from testbed.fit.lawbase import Law, Param, Variant, register
+from testbed.fit.laws.base import Law, Param, Variant, register
 
 PUBLISHED = {"A1": 1.8314, "A2": 0.19584, "B": 2.1241, "E": 5.5328, "beta": 0.44661, "alpha2": 0.67074}
 

@@ -1,27 +1,11 @@
-"""The built-in scaling laws: Chinchilla, Kaplan and the power law defined here, and the law
-modules imported below, each registering its own law in `testbed.fit.lawbase.LAWS`.
-
-Importing this module loads every built-in law once; the fitter's code imports the law types
-and helpers from here or from testbed.fit.lawbase, never the other way round.
-"""
+"""The classic scaling laws: Chinchilla (Hoffmann et al.), Kaplan et al. and a plain power law,
+each registered in `testbed.fit.laws.base.LAWS` on import."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from testbed.fit.lawbase import (  # noqa: F401  (re-exported: the fitter's one import point)
-    LAWS,
-    Law,
-    Param,
-    Variant,
-    _col,
-    _softmax_lse,
-    features,
-    get_law,
-    law_inputs,
-    needed_columns,
-    register,
-)
+from testbed.fit.laws.base import Law, Param, Variant, _col, _softmax_lse, register
 
 
 # ---------------------------------------------------------------- Chinchilla (Hoffmann et al.)
@@ -141,6 +125,3 @@ POWER = Law(
 
 for _law in (CHINCHILLA, KAPLAN, POWER):
     register(_law)
-
-# The laws defined in their own modules register themselves on import.
-from testbed.fit import annealing, datacon, farseer, multipower, vocab  # noqa: E402,F401

@@ -1,12 +1,13 @@
 """What a scaling law is, and the registry of them (`LAWS`).
 
-Each law module (testbed/fit/laws.py for Chinchilla, Kaplan and the power law; annealing.py,
-multipower.py, datacon.py, farseer.py, vocab.py; or a user's module passed to `testbed fit --import`) imports this module
-and registers its `Law`; testbed/fit/laws.py imports every built-in law module once.
+Each law module (classic.py for Chinchilla, Kaplan and the power law; annealing.py, multipower.py,
+datacon.py, farseer.py, vocab.py; or a user's module passed to `testbed fit --import`, through
+`testbed.fit.laws`) imports this module and registers its `Law`; the package's __init__ imports
+every built-in law module once.
 
 A law is one small definition: the table columns it reads, its parameters (with the space they
 are fitted in, bounds and a grid of starting values), and a vectorised `predict` that evaluates
-the law for many parameter vectors at once. The estimator (`testbed.fit.estimate`) knows
+the law for many parameter vectors at once. The estimator (`testbed.fit.estimation.estimate`) knows
 nothing about any particular law.
 
 `predict(theta, x)` takes `theta` of shape (S, P) (S candidate parameter vectors, columns in the

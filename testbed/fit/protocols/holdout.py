@@ -2,7 +2,7 @@
 
 Rules: `largest` holds out the top 10% of runs by compute (at least one run), `largest:K`
 the K largest runs; `largest-N` / `largest-D` (optionally `:K`) the runs of the largest model
-sizes / token counts; and a row rule (testbed/fit/rules.py) such as `N>1e8` the rows it
+sizes / token counts; and a row rule (testbed/fit/points/rules.py) such as `N>1e8` the rows it
 matches. Whole runs are held out together, so a run's checkpoints never sit on both sides of the
 split, except for rules on `run_fraction` or `step`, which hold out late checkpoints.
 
@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from testbed.errors import TestbedError
-from testbed.fit.rules import rule_columns
-from testbed.fit.rules import rule_mask as _rule_mask
+from testbed.fit.points.rules import rule_columns
+from testbed.fit.points.rules import rule_mask as _rule_mask
 
 ROW_COLUMNS = ("run_fraction", "step")  # rules on these hold out checkpoints, not whole runs
 _AXES = {"largest": "C", "largest-C": "C", "largest-N": "N", "largest-D": "D"}

@@ -1,5 +1,5 @@
 """`testbed plot RUN_OR_SWEEP [--out DIR]`: the loss curves of a run, or of every run of a sweep
-(testbed/fit/curves_plot.py draws them).
+(testbed/fit/reporting/curves_plot.py draws them).
 
 Imports nothing heavy at module level so `testbed --help` stays instant.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DPI = 110  # testbed.fit.plots.DPI, without importing numpy and matplotlib here
+DPI = 110  # testbed.fit.reporting.plots.DPI, without importing numpy and matplotlib here
 
 
 def register(sub) -> None:
@@ -25,7 +25,7 @@ def register(sub) -> None:
 
 def cmd_plot(args) -> int:
     from testbed.errors import TestbedError
-    from testbed.fit.curves_plot import plot_curves
+    from testbed.fit.reporting.curves_plot import plot_curves
 
     root = Path(args.path)
     if root.exists() and not root.is_dir():
