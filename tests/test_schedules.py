@@ -321,9 +321,14 @@ def own_registry(monkeypatch):
     from testbed.schedules import SCHEDULES
 
     monkeypatch.setattr(SCHEDULES, "_items", dict(SCHEDULES._items))
-    monkeypatch.delitem(sys.modules, "user_schedule", raising=False)
+    had = sys.modules.pop("user_schedule", None)
     monkeypatch.syspath_prepend(str(HERE))
-    return SCHEDULES
+    yield SCHEDULES
+    # The module imported here registered into the copy: forget it, so a later import registers
+    # its schedules again in the real registry.
+    sys.modules.pop("user_schedule", None)
+    if had is not None:
+        sys.modules["user_schedule"] = had
 
 
 def test_a_user_schedule_without_phases_is_refused_with_one_line(own_registry, tmp_path, monkeypatch):
