@@ -128,6 +128,18 @@ def test_checkpoints_resume_across_world_sizes(setup, first, second, parallel):
 
 
 
+def test_a_stop_inside_a_logging_window_resumes_bit_for_bit(setup):
+    """The step-4 checkpoint falls inside a 3-step logging window: resumed on two processes, each
+    continues its own share of the window, so the next logged mean is the uninterrupted one."""
+    root, config = setup
+    full, resumed = root / "window-full", root / "window-resumed"
+    launch(config, full, 2, "train.log_every=3")
+    interrupt_after_first_checkpoint(full, resumed)
+    launch(config, resumed, 2, "train.log_every=3", "--resume")
+    assert "resume from" in (resumed / "train.log").read_text()
+    assert losses(resumed) == losses(full)
+
+
 def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
     """The pid of one trainer rank among the launcher's children (by its RANK variable)."""
     for child in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():

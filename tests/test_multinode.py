@@ -157,10 +157,7 @@ def test_lost_rank_and_requeues_resume_to_the_same_losses(slurm_two_nodes, monke
     # Each step trained and logged once, and every figure as in the uninterrupted run.
     train = losses(run_dir, "train_loss")
     assert [s for s, _ in train] == list(range(5, 1501, 5))
-    # Validation losses bit for bit. A logged training loss is the mean of a window of steps;
-    # where a stop falls inside one, the resumed ranks continue its saved global sum, split
-    # evenly, so that one line's last bits may differ (the weights do not).
-    assert losses(run_dir, "val_loss") == losses(reference, "val_loss")
-    resumed, straight = losses(run_dir, "train_loss"), losses(reference, "train_loss")
-    assert [s for s, _ in resumed] == [s for s, _ in straight]
-    assert [v for _, v in resumed] == pytest.approx([v for _, v in straight], rel=1e-6, abs=0)
+    # Bit for bit, the logged means of training-loss windows that a stop split included: each
+    # rank continues its own share of the window (saved per rank in the checkpoint).
+    for key in ("train_loss", "val_loss"):
+        assert losses(run_dir, key) == losses(reference, key)

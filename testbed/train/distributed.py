@@ -57,6 +57,17 @@ def init_distributed(device_name: str, timeout_s: float) -> Dist:
                 local_rank=int(os.environ.get("LOCAL_RANK", 0)), hosts=hosts)
 
 
+def gather_floats(value: float, d: Dist) -> list[float]:
+    """Every rank's `value`, by rank."""
+    if d.world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    values: list[Any] = [None] * d.world
+    dist.all_gather_object(values, value)
+    return [float(v) for v in values]
+
+
 def any_rank(flag: bool, d: Dist) -> bool:
     """Whether `flag` holds on any rank. A stop (SIGTERM, SIGUSR1) reaches the ranks of a
     multi-node run at different steps; they must agree on the step they save at, or one waits in

@@ -46,6 +46,7 @@ from testbed.train.distributed import (
     broadcast_object,
     full_model_state,
     full_optim_state,
+    gather_floats,
     init_distributed,
     is_peer_failure,
     load_model_state,
@@ -480,8 +481,13 @@ class Trainer:
         line falls (train.log_every may change across a resume); each process takes its share."""
         window = (self.loaded or {}).get("state", {}).get("log_window")
         if window and window["steps"] and window["steps"] == self.start_step % self.config.train.log_every:
-            self.window.loss_sum.fill_(window["loss_sum"] / self.d.world)
-            self.window.z_sum.fill_((window.get("z_sum") or 0.0) / self.d.world)
+            shares, z_shares = window.get("rank_loss_sums"), window.get("rank_z_sums")
+            if shares is not None and len(shares) == self.d.world:  # as many ranks: each its own
+                self.window.loss_sum.fill_(shares[self.d.rank])
+                self.window.z_sum.fill_(z_shares[self.d.rank] if z_shares else 0.0)
+            else:
+                self.window.loss_sum.fill_(window["loss_sum"] / self.d.world)
+                self.window.z_sum.fill_((window.get("z_sum") or 0.0) / self.d.world)
             self.window.steps = int(window["steps"])
 
     def train_loop(self) -> None:
@@ -712,10 +718,14 @@ class Trainer:
         eval_inside = self.timing["eval_s"] - eval_before  # counted in eval_s, not again here
         model_state = full_model_state(self.model, config, d)
         optim_state = full_optim_state(self.model, self.optimizer, config, d)
-        window_sum = all_reduce_sum(self.window.loss_sum.clone(), d).item()
-        log_window = {"loss_sum": window_sum, "steps": self.window.steps}
+        # Each rank's share as well as the total: resumed on as many ranks, each continues its
+        # own, and the next logged mean sums the same numbers in the same order as without a stop.
+        shares = gather_floats(self.window.loss_sum.item(), d)
+        log_window: dict[str, Any] = {"loss_sum": math.fsum(shares), "steps": self.window.steps,
+                                      "rank_loss_sums": shares}
         if config.optim.z_loss:
-            log_window["z_sum"] = all_reduce_sum(self.window.z_sum.clone(), d).item()
+            z_shares = gather_floats(self.window.z_sum.item(), d)
+            log_window.update(z_sum=math.fsum(z_shares), rank_z_sums=z_shares)
         if d.main:
             state = {"tokens": step * self.gbt, "total_steps": self.total_steps, "run_id": self.run_id,
                      "config": config.to_dict(), "world_size": d.world, **self.watch.state(),
