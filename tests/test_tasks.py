@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from text_corpus import fox_text
 
 from testbed.config import ModelConfig, TaskConfig, load_config
 from testbed.data.tasks import TaskRows, load_task, load_tasks
@@ -36,8 +37,7 @@ def prepared(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tasks")
     corpus = root / "c.txt"
-    corpus.write_text("\n\n".join(f"Document {i}: the {'quick brown fox ' * (i % 7 + 3)}jumps over "
-                                  f"{i * 7} lazy dogs." for i in range(300)) + "\n")
+    corpus.write_text(fox_text(300))
     prepare(corpus, root / "data", vocab_size=300, cache_dir=root / "cache", val_fraction=0.2)
     return root / "data", ShardSource(str(root / "data"), 32).text_tokenizer()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from text_corpus import fox_text
 
 from testbed import progress
 from testbed.cli import main
@@ -138,8 +139,7 @@ def text_data(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("wandb_data")
     corpus = root / "c.txt"
-    corpus.write_text("\n\n".join(f"Document {i}: the {'quick brown fox ' * (i % 7 + 3)}jumps over "
-                                  f"{i * 7} lazy dogs." for i in range(200)) + "\n")
+    corpus.write_text(fox_text(200))
     prepare(corpus, root / "data", vocab_size=300, cache_dir=root / "cache", val_fraction=0.2)
     return root / "data"
 

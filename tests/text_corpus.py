@@ -18,3 +18,9 @@ def corpus_text(documents: int = 400, seed: int = 0) -> str:
             lines.append(f"The {rng.choice(colours)} {animal} {animals[animal]} in the {rng.choice(['garden', 'barn', 'house'])}.")
         docs.append(f"Story {i}: " + " ".join(lines))
     return "\n\n".join(docs) + "\n"
+
+
+def fox_text(documents: int) -> str:
+    """Documents about a quick brown fox: the task files of tests/test_tasks.py ask about it."""
+    return "\n\n".join(f"Document {i}: the {'quick brown fox ' * (i % 7 + 3)}jumps over "
+                       f"{i * 7} lazy dogs." for i in range(documents)) + "\n"
