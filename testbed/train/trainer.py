@@ -632,7 +632,8 @@ class Trainer:
             self.save(done, "science")
         elif rolling_due and not final:
             self.save(done, "rolling")
-        if any_rank(self.preempt.requested is not None, self.d) and not final:
+        if self.stop_agreed(done % config.train.log_every == 0 or rolling_due or done in self.science) \
+                and not final:
             if not rolling_due and done not in self.science:
                 # Not validated: an uninterrupted run has no validation line at this step, and
                 # the resumed run's log must read like it.
@@ -644,6 +645,15 @@ class Trainer:
         if self.window.steps == 0:
             self.window.restart()
         return False
+
+    def stop_agreed(self, due: bool) -> bool:
+        """Whether to stop here for a signal. One process: at once. Several: only at logging and
+        checkpoint steps, where the ranks already synchronise, so the step's hot path gains no
+        collective; all ranks agree on the same step (a signal reaches nodes at different steps),
+        at most train.log_every steps after it arrived."""
+        if self.d.world == 1:
+            return self.preempt.requested is not None
+        return due and any_rank(self.preempt.requested is not None, self.d)
 
     def log_train(self) -> None:
         done, window = self.done, self.window
