@@ -567,7 +567,7 @@ def test_cooldown_branches_follow_the_parent_then_the_decay(wsd_parent):
 
 def test_branching_outside_a_stable_phase_is_refused(wsd_parent, reference, capsys):
     cases = [(wsd_parent, 2, "warmup phase"), (wsd_parent, 40, "decay phase"),
-             (reference["dir"], 10, "schedule is 'cosine'")]
+             (reference["dir"], 10, "schedule ('cosine') has no stable phase")]
     for parent, s, message in cases:
         assert run_cli("branch", parent, "--step", s, "--decay", 0.5) == 2
         assert message in capsys.readouterr().err

@@ -411,3 +411,24 @@ def test_fit_tables_clean_points_follow_the_schedules_phases(own_registry, tmp_p
     assert len(chosen.frame) == 9
     (warning,) = chosen.warnings
     assert "intermediate points in their schedule's decay phase (3 here)" in warning
+
+
+def test_branches_ask_the_parents_schedule_not_its_name(own_registry):
+    """A branch continues any schedule whose stable phase holds the peak LR at the branch point,
+    named wsd or not, and refuses one whose stable LR has left the peak (it would jump back up)."""
+    from testbed.config import load_config
+    from testbed.errors import TestbedError
+    from testbed.train.branch import branch_config
+
+    def parent(*overrides):
+        return load_config(None, TINY + ["imports=[user_schedule]", "schedule.warmup_steps=1", *overrides])
+
+    # A user schedule (stable after warmup, halving every 100 steps): at the peak until step 100.
+    halving = parent("schedule.name=test_halving", "schedule.halve_every=100")
+    branched = branch_config(halving, 4, 0.5, "linear")
+    assert branched.schedule.name == "wsd" and branched.train.steps == 8
+    with pytest.raises(TestbedError, match=r"learning rate there is [\d.e-]+, not its peak optim.lr"):
+        branch_config(parent("schedule.name=test_halving", "schedule.halve_every=2"), 4, 0.5, "linear")
+    # A decaying user schedule has no stable phase at all.
+    with pytest.raises(TestbedError, match=r"schedule \('test_exp_decay'\) has no stable phase"):
+        branch_config(parent("schedule.name=test_exp_decay"), 4, 0.5, "linear")

@@ -1,5 +1,5 @@
-"""Cooldown branches (Hägele et al. 2024; OLMo-core's WSD-S): one WSD or constant run, many
-training durations.
+"""Cooldown branches (Hägele et al. 2024; OLMo-core's WSD-S): one run with a stable phase at
+the peak LR (wsd, constant, or any schedule that declares one), many training durations.
 
 A branch starts from checkpoint S of the parent's stable phase, keeps the parent's data order
 and optimiser state, and decays the LR over the last FRACTION of its own length
@@ -13,6 +13,7 @@ hyperparameters for the branch only, e.g. a higher beta2 during the cooldown (Dr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from testbed.config import from_dict, parse_override
 from testbed.errors import TestbedError
 from testbed.plan import describe, run_schedule
 from testbed.rundir import RunDir
-from testbed.schedules import DECAY_SHAPES
+from testbed.schedules import DECAY_SHAPES, SCHEDULES
 from testbed.train import checkpoint as ckpt
 from testbed.train.trainer import load_run_config, train
 
@@ -71,6 +72,11 @@ def phase_spans(spec, total: int) -> str:
     return ", ".join(f"{p} {a}" if a == b else f"{p} {a}-{b}" for p, a, b in spans if a <= b)
 
 
+def stable_steps(spec, total: int) -> bool:
+    """Whether the schedule has a stable phase in a run of `total` steps (asked of the schedule)."""
+    return any(spec.phase(step, total) == "stable" for step in range(total))
+
+
 def stable_checkpoints(parent_dir: str | Path, spec, total: int) -> list[int]:
     """The steps of the parent's saved checkpoints (index lines whose folder is still there) in
     its stable phase: the index line's `phase`, else the schedule's."""
@@ -110,12 +116,13 @@ def branch_config(parent_config, step: int, fraction: float, shape: str,
         raise TestbedError(f"--decay {fraction} must be a fraction in (0, 1), e.g. 0.2")
     if shape not in DECAY_SHAPES:
         raise TestbedError(f"--shape {shape!r} is not a decay shape; choose one of {', '.join(DECAY_SHAPES)}")
-    name = parent_config.schedule.name
-    if name not in ("wsd", "constant"):
-        raise TestbedError(f"the parent run's schedule is {name!r}; branches need a stable phase "
-                           f"(schedule.name wsd or constant)")
     parent_steps = describe(parent_config)["planned_steps"]
     spec = run_schedule(parent_config, parent_steps)
+    if not stable_steps(spec, parent_steps):
+        raise TestbedError(f"the parent run's schedule ({spec.name!r}) has no stable phase in its "
+                           f"{parent_steps} steps ({phase_spans(spec, parent_steps)}); branches start "
+                           f"from a stable phase (schedule.name wsd or constant, or a schedule that "
+                           f"declares one)")
     phases = f"its {parent_steps} steps: {phase_spans(spec, parent_steps)}"
     if not 0 < step <= parent_steps:
         where = "beyond the end of" if step > parent_steps else "not a step of"
@@ -124,8 +131,21 @@ def branch_config(parent_config, step: int, fraction: float, shape: str,
     if spec.phase(step - 1, parent_steps) != "stable":
         raise TestbedError(f"--step {step} is in the parent's {spec.phase(step - 1, parent_steps)} phase "
                            f"({phases}); {stable_choices(parent_dir, spec, parent_steps)}")
+    # The branch cools down from the peak LR (wsd's decay); a parent whose stable phase runs
+    # below its peak (an inverse square root, a power scheduler under its cap) would jump up at
+    # the branch point, so its branches would not be cooldowns of that run.
+    peak = parent_config.optim.lr
+    at_branch = spec.lr(step - 1, parent_steps, peak, parent_config.train.global_batch_tokens)
+    if not math.isclose(at_branch, peak, rel_tol=1e-9):
+        raise TestbedError(f"--step {step}: the parent's learning rate there is {at_branch:.4g}, not its "
+                           f"peak optim.lr={peak:g}; a branch decays from the peak, so it continues only a "
+                           f"schedule whose stable phase holds the peak (wsd, constant)")
     total = math.ceil(step / (1 - fraction))
     tree = parent_config.to_dict()
+    # The branch is a wsd run: the parent's fields wsd takes (warmup, floor) carry over, a user
+    # schedule's own fields do not.
+    wsd_fields = {f.name for f in dataclasses.fields(SCHEDULES.get("wsd"))}
+    tree["schedule"] = {k: v for k, v in tree["schedule"].items() if k in wsd_fields}
     tree["schedule"].update(name="wsd", decay_shape=shape, decay_start_step=step,
                             decay_fraction=(total - step) / total)
     if tree["schedule"].get("warmup_fraction") is not None:

@@ -50,7 +50,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _add_branch(sub: argparse._SubParsersAction) -> None:
     """`testbed branch RUN --step S --decay F`."""
     b = sub.add_parser("branch", help="start a cooldown branch from a stable-phase checkpoint",
-                       description="Start a new run from checkpoint STEP of a WSD or constant run and "
+                       description="Start a new run from checkpoint STEP of a run's stable phase (wsd, constant) and "
                                    "decay the LR over FRACTION of the branch's total length, so the "
                                    "branch ends at STEP / (1 - FRACTION) steps with the same data order.")
     b.add_argument("run", help="the parent run directory")
