@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 
 import testbed.fit.reporting.curves_plot as curves_plot
+import testbed.fit.reporting.lr_plots as lr_plots
 import testbed.fit.reporting.plots as plots
+import testbed.fit.reporting.style as style
 from testbed.cli import main
 
 LAW = {"A": 400.0, "B": 1500.0, "E": 1.8, "alpha": 0.34, "beta": 0.36}
@@ -99,17 +101,17 @@ def describe(fig) -> dict:
 def drawn(monkeypatch):
     """Every figure the plot code saves, described just before it is written: {file name: description}."""
     seen: dict[str, dict] = {}
-    real = plots.save
+    real = style.save
 
-    def spy(fig, path, plt=None, dpi=plots.DPI, rect=None):
+    def spy(fig, path, plt=None, dpi=style.DPI, rect=None):
         for ax in fig.axes:
-            plots.tidy_log_axes(ax)
+            style.tidy_log_axes(ax)
         fig.tight_layout(rect=rect)
         seen[Path(path).name] = describe(fig)
         return real(fig, path, plt, dpi, rect)
 
-    monkeypatch.setattr(plots, "save", spy)
-    monkeypatch.setattr(curves_plot, "save", spy)
+    for module in (plots, curves_plot, lr_plots):  # each draws through its own binding of save
+        monkeypatch.setattr(module, "save", spy)
     return seen
 
 
@@ -131,14 +133,14 @@ def lines_of(axes: dict, style: str) -> list[dict]:
 @pytest.mark.parametrize("low, high", [(6.5e10, 3.1e11), (1.8e17, 6.6e17), (1e3, 1e9), (1.8, 2.6),
                                        (1e-3, 0.1), (2.1e-4, 3e4), (7.1e10, 7.9e10)])
 def test_log_ticks_are_few_and_inside_the_range(low, high):
-    ticks = plots.log_ticks(low, high)
+    ticks = style.log_ticks(low, high)
     assert 2 <= len(ticks) <= 6, ticks
     assert all(low * (1 - 1e-9) <= t <= high * (1 + 1e-9) for t in ticks)
     assert ticks == sorted(ticks)
 
 
 def test_tick_labels_are_short():
-    assert [plots.tick_label(v) for v in (2.0, 0.003, 3e4, 1e11, 2e17)] == \
+    assert [style.tick_label(v) for v in (2.0, 0.003, 3e4, 1e11, 2e17)] == \
         ["2", "0.003", "30000", "$10^{11}$", "$2{\\times}10^{17}$"]
 
 
@@ -283,10 +285,10 @@ def test_fit_hparams_draws_loss_against_lr_per_size_with_the_rule_marked(tmp_pat
 
 def test_lr_sensitivity_marks_a_choice_at_the_edge_and_beyond_the_grid(tmp_path, drawn):
     lr = np.array([1e-3, 3e-3, 1e-2])
-    curves = [plots.LrCurve("inside", lr, np.array([2.2, 2.0, 2.1]), chosen=3e-3, size=1e6),
-              plots.LrCurve("edge", lr, np.array([2.3, 2.2, 2.1]), chosen=1e-2, size=2e6),
-              plots.LrCurve("beyond", lr, np.array([2.5, 2.4, 2.3]), chosen=5e-2, size=4e6)]
-    plots.lr_sensitivity(curves, tmp_path / "lr.png", "test")
+    curves = [lr_plots.LrCurve("inside", lr, np.array([2.2, 2.0, 2.1]), chosen=3e-3, size=1e6),
+              lr_plots.LrCurve("edge", lr, np.array([2.3, 2.2, 2.1]), chosen=1e-2, size=2e6),
+              lr_plots.LrCurve("beyond", lr, np.array([2.5, 2.4, 2.3]), chosen=5e-2, size=4e6)]
+    lr_plots.lr_sensitivity(curves, tmp_path / "lr.png", "test")
     assert is_png(tmp_path / "lr.png")
     figure = drawn["lr.png"]
     marks = {line["marker"]: line["face"] for line in figure["axes"][0]["lines"] if line["marker"] in ("*", ">")}

@@ -222,7 +222,7 @@ def _hparams(args) -> int:
                                                            "predictions": predictions}, indent=2))
         print(f"written: {out_dir / 'hparams.json'}")
         if args.sweep_dir and not args.no_plots:  # loss against LR per (N, D) cell, the rule's lr_opt marked
-            from testbed.fit.reporting.plots import hparams_plot
+            from testbed.fit.reporting.lr_plots import hparams_plot
 
             print(f"written: {hparams_plot(frame, rules, out_dir / 'lr_sensitivity.png')}")
     return 0

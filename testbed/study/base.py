@@ -240,7 +240,7 @@ def figure(path: Path, xlabel: str, ylabel: str = "final validation loss", log_b
         ax.set_ylabel(ylabel)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-        from testbed.fit.reporting.plots import tidy_log_axes
+        from testbed.fit.reporting.style import tidy_log_axes
 
         tidy_log_axes(ax)  # at most ~6 labelled ticks on a log axis: no smear of minor labels
         fig.tight_layout()
@@ -255,7 +255,7 @@ def lr_plot(ctx: Context, frame, choice: LrChoice, name: str = "lr_sensitivity.p
     `frame`, the rows `choice` was made from), the LR the study chose marked: [name], or [] when
     no cell tried two learning rates. Cells of two or more keys get one axes per value of the
     first key (at most six, each with more than one cell), a line per value of the rest."""
-    from testbed.fit.reporting.plots import LrCurve, lr_sensitivity
+    from testbed.fit.reporting.lr_plots import LrCurve, lr_sensitivity
 
     cells = choice.cells[[len(g) > 1 for g in choice.cells["grid"]]]
     if cells.empty:

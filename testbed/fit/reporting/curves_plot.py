@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from testbed.fit.reporting.plots import DPI, SizeColours, count_axis, pyplot, save, short
+from testbed.fit.reporting.style import DPI, SizeColours, count_axis, entropy_line, pyplot, save, short
 
 AXES = (("tokens", "tokens seen D", "loss_vs_tokens.png"), ("flops", "compute C (FLOPs)", "loss_vs_flops.png"))
 
@@ -83,8 +83,6 @@ def plot_curves(root: str | Path, out_dir: str | Path, dpi: int = DPI) -> list[s
     """Write loss_vs_tokens.png and loss_vs_flops.png for the runs under `root`."""
     from matplotlib.lines import Line2D
 
-    from testbed.fit.reporting.plots import _entropy_line
-
     curves = read_curves(root)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +106,7 @@ def plot_curves(root: str | Path, out_dir: str | Path, dpi: int = DPI) -> list[s
         ax.set_xscale("log")
         if key == "tokens":
             count_axis(ax.xaxis)
-        _entropy_line(ax, entropy)
+        entropy_line(ax, entropy)
         styles = [Line2D([], [], color="k", lw=1.3, label=f"training loss\n(mean within ±{SMOOTH:.0%} of the step)"),
                   Line2D([], [], color="k", marker="o", ls="", ms=4, mfc="0.6", mec="k", mew=0.4,
                          label="validation loss")]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DPI = 110  # testbed.fit.reporting.plots.DPI, without importing numpy and matplotlib here
+DPI = 110  # testbed.fit.reporting.style.DPI, without importing numpy and matplotlib here
 
 
 def register(sub) -> None:
