@@ -123,18 +123,35 @@ PART_OPTIONS = {
     "model.mlp_options": ("model", "mlp", "model.mlp"),
     "model.position_options": ("model", "position", "model.position"),
     "optim.options": ("optim", "name", "optim.name"),
+    "data.source_options": ("data", "source", "data.source"),
 }
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | shards | random (uniform tokens, for benchmarks)
+    # A registered data source (testbed.data.loader.DATA_SOURCES): synthetic | shards | random
+    # (uniform tokens, for benchmarks) | one a module in `imports` registers.
+    source: str = "synthetic"
     path: str | None = None  # folder written by `testbed data prepare` (implies source=shards)
     seq_len: int = 256
     unique_tokens: int | None = None  # U: repeat the first U training tokens; None: never repeat
     seed: int = 0  # data order (and the synthetic language's training stream)
     val_sequences: int = 64  # validation windows evaluated each time
     synthetic: dict[str, Any] = field(default_factory=dict)  # SyntheticSpec fields
+    # The settings the source named by `source` owns (its registered Options), e.g.
+    # data.source_options.period=7; empty: its defaults.
+    source_options: dict[str, Any] = field(default_factory=dict, metadata=ADDED_LATER)
+
+
+# The sources the package registers (testbed.data.loader): validation knows them before the
+# loader is imported; a user's source is known once its module (in `imports`) has registered it.
+BUILTIN_SOURCES = ("synthetic", "shards", "random")
+
+
+def source_name(data: DataConfig) -> str:
+    """The source a data section names: data.path implies shards, as it always has, unless
+    data.source names a source of a user's (which may read data.path itself)."""
+    return "shards" if data.path and data.source in BUILTIN_SOURCES else data.source
 
 
 @dataclass
@@ -285,7 +302,7 @@ def part_options_changed(section: dict[str, Any], key: str) -> dict[str, Any]:
     section_name, name_key, registry_key = PART_OPTIONS[key]
     values = section[key.split(".")[1]]
     registry = registry_for(registry_key)
-    section_class = ModelConfig if section_name == "model" else OptimConfig
+    section_class = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig}[section_name]
     name = section.get(name_key, getattr(section_class(), name_key))
     cls = registry.options_class(name) if registry is not None and isinstance(name, str) else None
     if cls is None:
@@ -625,7 +642,6 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
 # ----------------------------------------------------------------------------- validation
 
 CHOICES = {
-    "data.source": ("synthetic", "shards", "random"),
     "train.precision": ("auto", "fp32", "bf16"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
 }
@@ -637,6 +653,19 @@ def check_choice(key: str, value: str, choices: tuple[str, ...] | list[str]) -> 
         hint = f"did you mean {near[0]!r}? " if near else ""
         raise ConfigError(f"{key}={value!r} is not a valid choice; {hint}choose one of "
                           f"{', '.join(choices)}")
+
+
+def check_source(d: DataConfig) -> None:
+    """data.source names a registered source (the loader's registry, when a user's source or the
+    loader itself has imported it; else one of the built-in names)."""
+    registry = registry_for("data.source")
+    if registry is not None:
+        registry.get(source_name(d))  # the one error: key, value, near match, registered names
+    elif source_name(d) not in BUILTIN_SOURCES:
+        near = difflib.get_close_matches(str(d.source), BUILTIN_SOURCES, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ConfigError(f"data.source={d.source!r} is not a registered data source; {hint}choose one of "
+                          f"{', '.join(sorted(BUILTIN_SOURCES))}")
 
 
 def require(condition: Any, message: str) -> None:
@@ -700,7 +729,7 @@ def validate(c: Config) -> None:
     require(m.parametrization != "mup" or m.mup_base_width is not None,
             f"model.parametrization='mup' needs model.mup_base_width (the d_model the hyperparameters "
             f"were tuned at), e.g. model.mup_base_width={m.d_model}")
-    check_choice("data.source", "shards" if d.path else d.source, CHOICES["data.source"])
+    check_source(d)
     require(d.source != "random" or m.vocab_size, "data.source='random' needs model.vocab_size")
     require(d.source != "shards" or d.path, "data.source='shards' needs data.path=FOLDER "
             "(a folder written by `testbed data prepare`)")

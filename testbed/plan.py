@@ -13,28 +13,13 @@ from testbed.errors import ConfigError
 from testbed.model.counting import count_params, flops_per_token
 from testbed.schedules import Schedule, check_run
 
-DEFAULT_SYNTHETIC_VOCAB = 128
-
 
 def data_vocab_size(config: Config) -> int:
-    """The vocabulary the data speaks: the synthetic spec's, or the prepared shards' manifest."""
-    d = config.data
-    if d.path or d.source == "shards":
-        from pathlib import Path
+    """The vocabulary the data speaks, as the source `data.source` names reads it from the config
+    (the synthetic spec's, the prepared shards' manifest, a user source's own)."""
+    from testbed.data.loader import source_vocab_size
 
-        from testbed.data.shards import read_manifest
-
-        manifest = Path(d.path or "") / "manifest.json"
-        if not manifest.is_file() and config.model.vocab_size:
-            # A run can be planned before its data is prepared when the config states the
-            # vocabulary; training still needs the folder (the loader says how to make it).
-            return int(config.model.vocab_size)
-        if not manifest.is_file():
-            raise ConfigError(f"data.path={d.path!r} holds no manifest.json; run `testbed data prepare` first")
-        return int(read_manifest(manifest.parent)["vocab_size"])
-    if d.source == "random":
-        return int(config.model.vocab_size or 0)  # validation requires it for this source
-    return int(d.synthetic.get("vocab_size", DEFAULT_SYNTHETIC_VOCAB))
+    return source_vocab_size(config)
 
 
 def resolved_model(config: Config) -> ModelConfig:

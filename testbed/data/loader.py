@@ -1,8 +1,10 @@
 """Deterministic, resumable batches: the batch of step k is a pure function of (seed, k).
 
 A *source* cuts its token stream into windows of seq_len + 1 tokens (inputs are tokens 0..T-1,
-targets 1..T). Two sources exist: the built-in synthetic language (unlimited, every window an
-independent sequence from the fixed start) and prepared token shards (`testbed data prepare`).
+targets 1..T). Sources are registered in DATA_SOURCES and named by `data.source` (DataSource says
+what one answers): the built-in synthetic language (unlimited, every window an independent
+sequence from the fixed start), prepared token shards (`testbed data prepare`), uniform random
+tokens (speed benchmarks), and any a user registers (docs/data.md, "Your own data source").
 
 Order of training windows:
 - without repetition (data.unique_tokens unset), window j of the run is the j-th window of a
@@ -20,17 +22,86 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from testbed.config import Config
+from testbed.config import Config, build_dataclass, source_name
 from testbed.errors import ConfigError, TestbedError
+from testbed.registry import Options, Registry
 
 TRAIN, VALIDATION = "train", "validation"
 
 
-class SyntheticSource:
+class DataSource:
+    """What the loader reads windows from; register a subclass in DATA_SOURCES under the name
+    `data.source` gives (docs/data.md, "Your own data source"). The one description of the
+    interface the trainer, evaluation and planning rely on:
+
+    - `from_config(config, options)` (classmethod): the source of a resolved config. `options` is
+      the validated `Options` dataclass the source registered (`data.source_options.FIELD`), None
+      when it registered none. The default calls `cls(config)`, or `cls(config, options=options)`.
+    - `vocab_size(config, options)` (classmethod): the vocabulary the tokens are drawn from,
+      without building the source: the run is planned (model size, FLOPs) before any data are read.
+    - `seq_len`: tokens per training sequence; every window holds seq_len + 1 of them.
+    - `num_windows(split)`: how many windows the split ("train" or "validation") holds; None when
+      unlimited (then every index is valid).
+    - `windows(indices, split)`: integer array [len(indices), seq_len + 1], a pure function of
+      (index, split), so that a resumed run reads exactly what an uninterrupted one would.
+    - `window_bytes(indices, split)`: int64 [len(indices)], the UTF-8 bytes each window's targets
+      stand for (bits per byte); seq_len for tokens that are not text.
+    - `fingerprint()`: a short string naming the data exactly (run.json records it).
+    - optional: `has_optimum = True` with `optimal_nats(windows)`, the exact -ln p of each
+      window's targets under the true distribution (the loss floor); `text_tokenizer()`, the
+      tokenizer the tokens were made with (evaluation tasks need it; a source without the
+      method has none).
+    """
+
+    seq_len: int
+    has_optimum: bool = False
+
+    @classmethod
+    def from_config(cls, config: Config, options: Options | None = None) -> DataSource:
+        return cls(config) if options is None else cls(config, options=options)  # type: ignore[call-arg]
+
+    @classmethod
+    def vocab_size(cls, config: Config, options: Options | None = None) -> int:
+        raise NotImplementedError(f"{cls.__qualname__} does not say its vocabulary; define the "
+                                  f"classmethod vocab_size(config, options)")
+
+    def num_windows(self, split: str = TRAIN) -> int | None:
+        raise NotImplementedError
+
+    def windows(self, indices: np.ndarray, split: str = TRAIN) -> np.ndarray:
+        raise NotImplementedError
+
+    def window_bytes(self, indices: np.ndarray, split: str = TRAIN) -> np.ndarray:
+        return np.full(len(indices), self.seq_len, dtype=np.int64)
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def optimal_nats(self, windows: np.ndarray) -> np.ndarray:
+        # Read only where has_optimum is True, which a source sets when it defines this.
+        raise NotImplementedError(f"{type(self).__qualname__} has no known optimum (has_optimum is False)")
+
+
+def _check_source(name: str, obj: Any) -> None:
+    # The loader and the planner call these two; a source without them would fail only when a
+    # run starts, far from the line that registered it.
+    if not all(callable(getattr(obj, attr, None)) for attr in ("from_config", "vocab_size")):
+        raise ConfigError(f"data source {name!r}: {obj!r} has no from_config and vocab_size; register a "
+                          f"subclass of testbed.data.loader.DataSource")
+
+
+DATA_SOURCES = Registry("data source", "data.source", check=_check_source)
+
+
+@DATA_SOURCES.register("synthetic")
+class SyntheticSource(DataSource):
     """The built-in synthetic language; its tokens count as one byte each for bits per byte."""
+
+    has_optimum = True
 
     def __init__(self, spec_fields: dict, seq_len: int):
         from testbed.data.synthetic import SyntheticLanguage, SyntheticSpec
@@ -42,17 +113,22 @@ class SyntheticSource:
                                f"({err}); see docs/synthetic-data.md for the fields") from None
         self.language = SyntheticLanguage(spec)
         self.seq_len = seq_len
-        self.vocab_size = spec.vocab_size
-        self.has_optimum = True
+
+    @classmethod
+    def from_config(cls, config: Config, options: Options | None = None) -> SyntheticSource:
+        return cls(config.data.synthetic, config.data.seq_len)
+
+    @classmethod
+    def vocab_size(cls, config: Config, options: Options | None = None) -> int:
+        from testbed.data.synthetic import SyntheticSpec
+
+        return int(config.data.synthetic.get("vocab_size", SyntheticSpec.vocab_size))
 
     def num_windows(self, split: str = TRAIN) -> int | None:
         return None  # unlimited
 
     def windows(self, indices: np.ndarray, split: str = TRAIN) -> np.ndarray:
         return self.language.sequences(np.asarray(indices), self.seq_len + 1, stream=split)
-
-    def window_bytes(self, indices: np.ndarray, split: str = TRAIN) -> np.ndarray:
-        return np.full(len(indices), self.seq_len, dtype=np.int64)
 
     def optimal_nats(self, windows: np.ndarray) -> np.ndarray:
         """Exact -ln p of each window's targets under the true source, summed per window."""
@@ -62,7 +138,8 @@ class SyntheticSource:
         return self.language.fingerprint()
 
 
-class ShardSource:
+@DATA_SOURCES.register("shards")
+class ShardSource(DataSource):
     """Token shards written by `testbed data prepare`."""
 
     def __init__(self, path: str, seq_len: int):
@@ -70,8 +147,28 @@ class ShardSource:
 
         self.shards = TokenShards(path)
         self.seq_len = seq_len
-        self.vocab_size = self.shards.vocab_size
-        self.has_optimum = False
+
+    @classmethod
+    def from_config(cls, config: Config, options: Options | None = None) -> ShardSource:
+        d = config.data
+        if not d.path or not Path(d.path).exists():
+            raise TestbedError(f"data.path={d.path!r} does not exist; run `testbed data prepare` "
+                               f"to write it, or fix the path")
+        return cls(d.path, d.seq_len)
+
+    @classmethod
+    def vocab_size(cls, config: Config, options: Options | None = None) -> int:
+        from testbed.data.shards import read_manifest
+
+        path = config.data.path
+        manifest = Path(path or "") / "manifest.json"
+        if not manifest.is_file() and config.model.vocab_size:
+            # A run can be planned before its data is prepared when the config states the
+            # vocabulary; training still needs the folder (from_config says how to make it).
+            return int(config.model.vocab_size)
+        if not manifest.is_file():
+            raise ConfigError(f"data.path={path!r} holds no manifest.json; run `testbed data prepare` first")
+        return int(read_manifest(manifest.parent)["vocab_size"])
 
     def num_windows(self, split: str = TRAIN) -> int | None:
         return self.shards.num_windows(self.seq_len, split)
@@ -95,13 +192,22 @@ class ShardSource:
         return load_saved(self.shards.path, self.shards.eos_id)
 
 
-class RandomSource:
+@DATA_SOURCES.register("random")
+class RandomSource(DataSource):
     """Uniform random tokens at any vocabulary: for speed benchmarks only (nothing to learn)."""
 
-    has_optimum = False
-
     def __init__(self, vocab_size: int, seq_len: int, seed: int):
-        self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
+        self.vocab, self.seq_len, self.seed = vocab_size, seq_len, seed
+
+    @classmethod
+    def from_config(cls, config: Config, options: Options | None = None) -> RandomSource:
+        if config.model.vocab_size is None:
+            raise ConfigError("data.source='random' needs model.vocab_size")
+        return cls(config.model.vocab_size, config.data.seq_len, config.data.seed)
+
+    @classmethod
+    def vocab_size(cls, config: Config, options: Options | None = None) -> int:
+        return int(config.model.vocab_size or 0)  # validation requires it for this source
 
     def num_windows(self, split: str = TRAIN) -> int | None:
         return None
@@ -109,27 +215,32 @@ class RandomSource:
     def windows(self, indices: np.ndarray, split: str = TRAIN) -> np.ndarray:
         stream = 0 if split == TRAIN else 1
         return np.stack([np.random.default_rng([self.seed, stream, int(i)]).integers(
-            0, self.vocab_size, self.seq_len + 1) for i in indices])
-
-    def window_bytes(self, indices: np.ndarray, split: str = TRAIN) -> np.ndarray:
-        return np.full(len(indices), self.seq_len, dtype=np.int64)
+            0, self.vocab, self.seq_len + 1) for i in indices])
 
     def fingerprint(self) -> str:
-        return f"random-v{self.vocab_size}-s{self.seed}"
+        return f"random-v{self.vocab}-s{self.seed}"
 
 
-def make_source(config: Config):
+def source_class(config: Config) -> tuple[Any, Options | None]:
+    """The registered source `config` names (data.path implies shards, testbed.config.source_name)
+    and its validated options (None: it declares none)."""
     d = config.data
-    if d.path or d.source == "shards":
-        if not d.path or not Path(d.path).exists():
-            raise TestbedError(f"data.path={d.path!r} does not exist; run `testbed data prepare` "
-                               f"to write it, or fix the path")
-        return ShardSource(d.path, d.seq_len)
-    if d.source == "random":
-        if config.model.vocab_size is None:
-            raise ConfigError("data.source='random' needs model.vocab_size")
-        return RandomSource(config.model.vocab_size, d.seq_len, d.seed)
-    return SyntheticSource(d.synthetic, d.seq_len)
+    name = source_name(d)
+    cls = DATA_SOURCES.get(name)
+    options = DATA_SOURCES.make_options(name, getattr(d, "source_options", None), "data.source_options",
+                                        convert=build_dataclass)
+    return cls, options
+
+
+def make_source(config: Config) -> DataSource:
+    cls, options = source_class(config)
+    return cls.from_config(config) if options is None else cls.from_config(config, options=options)
+
+
+def source_vocab_size(config: Config) -> int:
+    """The vocabulary of the data `config` names, read without building its source."""
+    cls, options = source_class(config)
+    return int(cls.vocab_size(config) if options is None else cls.vocab_size(config, options=options))
 
 
 class BatchPlan:
