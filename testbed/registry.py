@@ -99,6 +99,12 @@ def registry_for(config_key: str) -> Registry | None:
     return _BY_KEY.get(config_key)
 
 
+def registries() -> list[Registry]:
+    """Every registry made so far (the first for each config key), in the order made: those of
+    the modules imported (`testbed parts` imports the built-in ones)."""
+    return list(_BY_KEY.values())
+
+
 class Registry:
     """Name -> object. `origin(obj)` says where an object is defined (default: its module and
     qualified name), so that a module imported again may re-register its own definitions.

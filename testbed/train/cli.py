@@ -1,5 +1,5 @@
-"""Subcommands: train, branch, schedule plot, mup check, export, sample, average, eval harness. Heavy
-imports happen inside handlers."""
+"""Subcommands: train, branch, schedule plot, mup check, export, sample, average, eval harness,
+parts. Heavy imports happen inside handlers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,19 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     for add in (_add_train, _add_branch, _add_schedule, _add_mup, _add_export, _add_sample, _add_average,
-                _add_eval):
+                _add_eval, _add_parts):
         add(sub)
+
+
+def train_epilog() -> str:
+    """The end of `testbed train --help`: where to see the parts and the keys of their settings
+    (testbed.config imports no torch)."""
+    from testbed.config import PART_OPTIONS
+
+    return ("Parts and their settings: `testbed parts [--import MODULE]` lists every registered part with "
+            "its settings and their defaults. A part's settings go under its options key: "
+            f"{', '.join(PART_OPTIONS)} (e.g. model.norm_options.alpha=0.25); a schedule's in its own "
+            "section (schedule.FIELD). --dry-run shows the chosen parts' settings resolved.")
 
 
 def _action_group(sub: argparse._SubParsersAction, name: str, help: str, dest: str) -> argparse._SubParsersAction:
@@ -28,7 +39,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        description="Train one model from a YAML config plus dotted overrides, e.g. "
                                    "`testbed train configs/smoke.yaml optim.lr=3e-3 model.preset=1m`; "
                                    "`testbed train --run-dir RUN --resume` continues RUN with its own "
-                                   "config (RUN/config.yaml).")
+                                   "config (RUN/config.yaml).",
+                       epilog=train_epilog())
     p.add_argument("config", nargs="?",
                    help="YAML config file (see configs/ and docs/config.md), or a run's run.json; "
                         "omitted: the config of the run in --run-dir")
@@ -167,6 +179,36 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     h.set_defaults(func=cmd_eval_harness)
 
 
+def _add_parts(sub: argparse._SubParsersAction) -> None:
+    """`testbed parts [--import MODULE ...]`."""
+    p = sub.add_parser("parts", help="list the registered parts and their settings",
+                       description="List every registry (norms, attention, MLPs, position encodings, "
+                                   "initialisations, optimisers, schedules, data sources, laws, studies) with each "
+                                   "registered name, its settings with their defaults and the config key "
+                                   "that sets each (e.g. model.norm_options.alpha).")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import this module (on PYTHONPATH) first, so the parts it registers are listed "
+                        "(repeatable; as a config's imports:)")
+    p.set_defaults(func=cmd_parts)
+
+
+def cmd_parts(args) -> int:
+    from testbed.registry import import_modules
+
+    import_modules(args.imports, "--import")
+    # The modules that make the built-in registries and register their parts.
+    import testbed.data.loader  # noqa: F401
+    import testbed.fit.laws  # noqa: F401
+    import testbed.model.transformer  # noqa: F401
+    import testbed.optim  # noqa: F401
+    import testbed.schedules  # noqa: F401
+    import testbed.study.builtin  # noqa: F401
+    from testbed.train.parts import parts_listing
+
+    print("\n".join(parts_listing()))
+    return 0
+
+
 def default_run_dir(config) -> str:
     from testbed.config import run_id
 
@@ -273,8 +315,9 @@ def dry_run(config, run_dir: str) -> int:
     from testbed.errors import TestbedError
     from testbed.plan import plan_lines
     from testbed.rundir import RunDir
+    from testbed.train.parts import chosen_lines
 
-    lines = plan_lines(config)
+    lines = plan_lines(config) + chosen_lines(config)
     rd = RunDir(run_dir)
     try:
         state = rd.read_status().get("state") if rd.exists() else None
