@@ -80,12 +80,21 @@ def _add_branch(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=cmd_branch)
 
 
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    """CONFIG and its dotted overrides, for the commands that read a config but train no run."""
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+
+def _tokenizer_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokenizer", help="tokenizer folder or hub name, when the run's data folder has none")
+
+
 def _add_schedule(sub: argparse._SubParsersAction) -> None:
     """`testbed schedule plot`."""
     ssub = _action_group(sub, "schedule", help="learning-rate schedule tools", dest="schedule_command")
     sp = ssub.add_parser("plot", help="draw a config's learning-rate schedule to a PNG")
-    sp.add_argument("config", help="YAML config file")
-    sp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    _config_arguments(sp)
     sp.add_argument("--out", default="schedule.png", help="PNG path to write (default schedule.png)")
     sp.set_defaults(func=cmd_schedule_plot)
 
@@ -97,8 +106,7 @@ def _add_mup(sub: argparse._SubParsersAction) -> None:
                          description="Train a few AdamW steps of CONFIG's model at each width (n_heads kept) "
                                      "under SP and µP and print the mean |activation| of the embedding, each "
                                      "block and the logits: flat across widths under µP, growing under SP.")
-    mc.add_argument("config", help="YAML config file")
-    mc.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    _config_arguments(mc)
     mc.add_argument("--widths", default="64,128,256,512", help="comma-separated d_model values (default 64,128,256,512)")
     mc.add_argument("--steps", type=int, default=4, help="AdamW steps at the config's lr, constant (default 4)")
     mc.add_argument("--out", help="folder for coord_check.json and coord_check.png (default: none written)")
@@ -116,7 +124,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                                    "and generate.")
     e.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_XXXXXXXX")
     e.add_argument("out", help="output folder")
-    e.add_argument("--tokenizer", help="tokenizer folder or hub name, when the run's data folder has none")
+    _tokenizer_argument(e)
     e.set_defaults(func=cmd_export)
 
 
@@ -134,7 +142,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--step", type=int, help="checkpoint step of the run (default: the newest valid one)")
     g.add_argument("--device", default="cpu", help="cpu (default), cuda:0, auto")
-    g.add_argument("--tokenizer", help="tokenizer folder or hub name, when the run's data folder has none")
+    _tokenizer_argument(g)
     g.set_defaults(func=cmd_sample)
 
 
@@ -175,7 +183,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--batch-size", type=int, default=8, help="lm-eval's --batch_size (default 8)")
     h.add_argument("--limit", type=float, help="lm-eval's --limit: examples per task (or a fraction)")
     h.add_argument("--out", help="lm-eval's --output_path for its results JSON")
-    h.add_argument("--tokenizer", help="tokenizer folder or hub name, when the run's data folder has none")
+    _tokenizer_argument(h)
     h.set_defaults(func=cmd_eval_harness)
 
 
