@@ -25,7 +25,11 @@ DESCRIPTION = """Three forms:
           [--holdout largest] [--bootstrap K] [--out DIR]
       fit a law (chinchilla, kaplan, power, data_constrained, vocab, farseer, annealing,
       multipower, or one that --import MODULE registers) and write DIR/fit.json, DIR/report.md
-      and PNG plots."""
+      and PNG plots.
+  testbed fit SWEEP_DIR_OR_TABLE --law task --task NAME [--at N=1e9,D=2e10] [--chance 0.25]
+          [--task-input ND|C] [--task-metric acc|acc_norm] [--bootstrap K] [--out DIR]
+      the task law (OLMo ladder): the task's bpb against (N, D) or C, its accuracy against that
+      bpb by a sigmoid, and the chained accuracy at each --at target (docs/fit.md)."""
 
 
 def _fixes(items: list[str] | None) -> dict[str, float]:
@@ -87,7 +91,8 @@ def register(subparsers) -> None:
     parser.add_argument("--variant", default="free", help="law variant: free, tied (alpha=beta), fixed_E (with --fix E=... or the data's entropy), or auto (every variant the data allow, "
                         "validated on the training runs that are largest along the --holdout axis; the lowest error wins, the simpler within 5%%)")
     parser.add_argument("--fix", action="append", metavar="NAME=VALUE", help="fix a parameter for a fixed_* variant, e.g. --fix E=1.69 (repeatable)")
-    parser.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log-loss residuals (default 1e-3)")
+    parser.add_argument("--delta", type=float, default=None,
+                        help="Huber delta on log-loss residuals (default 1e-3; with --law task 1.0: least squares)")
     parser.add_argument("--objective", default="huber",
                         help="huber (default), or asymmetric[:W]: an over-prediction counts W times (default 10), so the fit follows the lower envelope of the points")
     parser.add_argument("--weight", default="none", choices=["none", "compute"],
@@ -120,8 +125,16 @@ def register(subparsers) -> None:
                         help="hparams: keep the runs within this relative loss of each (N, D) cell's best (default 0.005; 0: the best run only)")
     parser.add_argument("--seq-len", type=int, default=1,
                         help="hparams: the batch column counts sequences of this many tokens (default 1: it counts tokens)")
-    parser.add_argument("--at", action="append", metavar="N=VALUE,D=VALUE",
-                        help="hparams: predict the optimal LR and batch at this model size and token count (repeatable)")
+    parser.add_argument("--at", "--predict", dest="at", action="append", metavar="N=VALUE,D=VALUE",
+                        help="hparams: predict the optimal LR and batch at this model size and token count; --law task: "
+                             "predict the task loss and accuracy there (C=VALUE with --task-input C) (repeatable)")
+    parser.add_argument("--task", help="--law task: the task whose task/NAME/bpb and task/NAME/acc columns are fitted")
+    parser.add_argument("--task-metric", default="acc", choices=["acc", "acc_norm"],
+                        help="--law task: the accuracy column, task/NAME/acc (default) or task/NAME/acc_norm")
+    parser.add_argument("--task-input", default="ND", choices=["ND", "C"],
+                        help="--law task: step 1 fits the task loss against N and D (default) or against compute C")
+    parser.add_argument("--chance", type=float,
+                        help="--law task: fix the sigmoid's floor b to this chance level (e.g. 0.25 for four choices)")
     parser.set_defaults(func=handler)
 
 
@@ -134,6 +147,8 @@ def handler(args) -> int:
 
     if args.sweep_dir:
         raise TestbedError(f"unexpected second argument {args.sweep_dir!r}; only 'collect' takes a sweep directory after it.")
+    if args.law == "task":
+        return _task_law(args)
     return _fit(args)
 
 
@@ -233,7 +248,7 @@ def _check_numbers(args) -> None:
 
     from testbed.errors import TestbedError
 
-    if not (math.isfinite(args.delta) and args.delta > 0):
+    if args.delta is not None and not (math.isfinite(args.delta) and args.delta > 0):
         raise TestbedError(f"--delta {args.delta} must be a positive number (the Huber threshold on "
                            f"log-loss residuals); leave it out for the default 1e-3.")
     if args.bootstrap < 0:
@@ -254,7 +269,7 @@ def _fit(args) -> int:
 
     options = FitOptions(
         law=args.law, columns=args.columns, holdout=args.holdout, bootstrap=args.bootstrap,
-        variant=args.variant, fix=_fixes(args.fix), delta=args.delta, points=args.points,
+        variant=args.variant, fix=_fixes(args.fix), delta=1e-3 if args.delta is None else args.delta, points=args.points,
         skip_fraction=args.skip_fraction, where=args.where, budgets=_budgets(args.budgets),
         by=args.by, baseline=args.baseline, seed=args.seed, train_until=args.train_until,
         score_after=args.score_after, bounds=_bounds(args.bounds), allocation=args.allocation,
@@ -305,6 +320,64 @@ def _fit(args) -> int:
     for warning in summary.warnings:
         print(f"warning: {warning}")
     print(f"report: {out_dir / 'report.md'}; plots: {', '.join(str(out_dir / Path(p).name) for p in plots) or 'none'}")
+    return 0
+
+
+def _target(item: str) -> dict[str, float]:
+    from testbed.errors import TestbedError
+
+    values = {}
+    for part in item.split(","):
+        name, _, value = part.partition("=")
+        try:
+            values[name.strip()] = float(value)
+        except ValueError:
+            values = {}
+            break
+    if set(values) not in ({"N", "D"}, {"C"}):
+        raise TestbedError(f"--at {item!r} is not N=VALUE,D=VALUE or C=VALUE; write e.g. --at N=1e9,D=2e10.")
+    return values
+
+
+def _task_law(args) -> int:
+    """`testbed fit SOURCE --law task --task NAME`: the two-step task law (testbed/fit/tasks.py)."""
+    import json
+    from pathlib import Path
+
+    from testbed.errors import TestbedError
+
+    _check_numbers(args)
+    if not args.task:
+        raise TestbedError("--law task needs --task NAME (the task whose task/NAME/bpb and task/NAME/acc columns "
+                           "are fitted).")
+    # Options of the other laws that the task law does not apply: refused, not silently ignored.
+    unused = {"--holdout": args.holdout, "--where": args.where, "--by": args.by, "--budgets": args.budgets,
+              "--weight": args.weight != "none", "--variant": args.variant != "free", "--fix": args.fix}
+    given = [flag for flag, value in unused.items() if value]
+    if given:
+        raise TestbedError(f"--law task does not take {', '.join(given)}; leave {'it' if len(given) == 1 else 'them'} "
+                           f"out (the task law fits both steps on every point; docs/fit.md)")
+    from testbed import progress
+    from testbed.fit import tasks
+    from testbed.fit.reporting.report import _plain
+
+    targets = [_target(item) for item in args.at or []]
+    points = tasks.load_task_points(args.source, args.task, metric=args.task_metric, inputs=args.task_input,
+                                    columns=args.columns, points=args.points, skip_fraction=args.skip_fraction)
+    with progress.enabled(not args.quiet):
+        fitted = tasks.fit_task(points.frame, args.task, metric=args.task_metric, inputs=args.task_input,
+                                chance=args.chance, delta=1.0 if args.delta is None else args.delta,
+                                bootstrap=args.bootstrap, seed=args.seed)
+    predictions = tasks.predict(fitted, targets)
+    lines = tasks.report_lines(fitted, predictions)
+    print("\n".join(line.removeprefix("# ") for line in lines))
+    out_dir = Path(args.out or "fit_out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = tasks.summary(fitted, predictions)
+    summary["dropped"] = points.dropped
+    (out_dir / "fit.json").write_text(json.dumps(_plain(summary), indent=2) + "\n")
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    print(f"report: {out_dir / 'report.md'}; fit: {out_dir / 'fit.json'}")
     return 0
 
 
