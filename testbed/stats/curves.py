@@ -248,3 +248,50 @@ def compute_multiplier(budgets: ArrayLike, baseline: ArrayLike, variant: ArrayLi
              "multiplier": float(math.exp(-(v - b) / alpha)) if alpha > 0 else float("nan")}
             for c, b, v in zip(x, yb, yv)]
     return Multiplier(Estimate(value, low, high, method, caveat), rows, trend, alpha)
+
+
+def budget_multipliers(budgets: ArrayLike, pairs: list[tuple[ArrayLike, ArrayLike]], draws: int = 4000,
+                       seed: int = 0, level: float = LEVEL) -> list[Estimate]:
+    """The compute multiplier at each budget (C_baseline / C for the variant's loss there, > 1: the
+    variant is ahead), each with its own interval: `pairs[j]` holds the baseline's and the
+    variant's final losses at budget j, one per seed and matched by seed.
+
+    The baseline's frontier log L = log A − alpha·log C is fitted to its mean log-loss per budget
+    (n − 2 df); the variant's offset at budget j is the mean over seeds of the paired log ratios,
+    whose variance is pooled over the budgets (sum of (seeds − 1) df). The multiplier there is
+    exp(−offset_j / alpha), and its interval draws both from their t distributions. Without two
+    seeds at some budget there is no pooled noise and no interval."""
+    x = np.log(np.asarray(budgets, float))
+    n = len(x)
+    if n < 3 or len(pairs) != n:
+        raise ValueError(f"per-budget multipliers need at least three budgets, one pair of arms each (got {n} "
+                         f"budgets, {len(pairs)} pairs)")
+    logs = [(np.log(np.asarray(b, float)), np.log(np.asarray(v, float))) for b, v in pairs]
+    yb = np.array([b.mean() for b, _ in logs])
+    xc = x - x.mean()
+    sxx = float(xc @ xc)
+    slope = float(xc @ (yb - yb.mean()) / sxx)
+    alpha = -slope
+    resid = yb - yb.mean() - slope * xc
+    se_alpha = math.sqrt(float(resid @ resid) / (n - 2) / sxx)
+    ratios = [v - b for b, v in logs]
+    df = sum(len(r) - 1 for r in ratios)
+    pooled = sum(float(((r - r.mean()) ** 2).sum()) for r in ratios) / df if df > 0 else None
+    rng = np.random.default_rng(seed)
+    alphas = alpha + se_alpha * rng.standard_t(n - 2, draws)
+    out = []
+    for r in ratios:
+        offset = float(r.mean())
+        value = math.exp(-offset / alpha) if alpha > 0 else float("nan")
+        caveat = "" if alpha > 0 else "the baseline's loss does not fall with compute"
+        if pooled is None:
+            out.append(Estimate(value, method="one seed per budget: no pooled seed noise, no interval", caveat=caveat))
+            continue
+        offsets = offset + math.sqrt(pooled / len(r)) * rng.standard_t(df, draws)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            values = np.where(alphas > 0, np.exp(-offsets / alphas), np.nan)
+        low, high = percentile(values, level)
+        out.append(Estimate(value, low, high, f"baseline frontier alpha = {alpha:.3g} ± {se_alpha:.2g} ({n - 2} df), "
+                                              f"offset paired by seed ({df} df pooled over budgets); t draws ({draws})",
+                            caveat))
+    return out
