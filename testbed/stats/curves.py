@@ -13,7 +13,7 @@ interval, the estimate carries a caveat and no verdict rests on it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -250,7 +250,7 @@ def compute_multiplier(budgets: ArrayLike, baseline: ArrayLike, variant: ArrayLi
     return Multiplier(Estimate(value, low, high, method, caveat), rows, trend, alpha)
 
 
-def budget_multipliers(budgets: ArrayLike, pairs: list[tuple[ArrayLike, ArrayLike]], draws: int = 4000,
+def budget_multipliers(budgets: ArrayLike, pairs: Sequence[tuple[ArrayLike, ArrayLike]], draws: int = 4000,
                        seed: int = 0, level: float = LEVEL) -> list[Estimate]:
     """The compute multiplier at each budget (C_baseline / C for the variant's loss there, > 1: the
     variant is ahead), each with its own interval: `pairs[j]` holds the baseline's and the
