@@ -171,18 +171,7 @@ def _collect(args) -> int:
 
 
 def _sizes(item: str) -> tuple[float, float]:
-    from testbed.errors import TestbedError
-
-    values = {}
-    for part in item.split(","):
-        name, _, value = part.partition("=")
-        try:
-            values[name.strip()] = float(value)
-        except ValueError:
-            values = {}
-            break
-    if set(values) != {"N", "D"}:
-        raise TestbedError(f"--at {item!r} is not N=VALUE,D=VALUE; write e.g. --at N=1e9,D=1e11.")
+    values = _target(item, ({"N", "D"},), "N=VALUE,D=VALUE; write e.g. --at N=1e9,D=1e11")
     return values["N"], values["D"]
 
 
@@ -323,7 +312,9 @@ def _fit(args) -> int:
     return 0
 
 
-def _target(item: str) -> dict[str, float]:
+def _target(item: str, accepted: tuple[set[str], ...] = ({"N", "D"}, {"C"}),
+            form: str = "N=VALUE,D=VALUE or C=VALUE; write e.g. --at N=1e9,D=2e10") -> dict[str, float]:
+    """One --at value as {name: number}, its names one of the `accepted` sets."""
     from testbed.errors import TestbedError
 
     values = {}
@@ -334,8 +325,8 @@ def _target(item: str) -> dict[str, float]:
         except ValueError:
             values = {}
             break
-    if set(values) not in ({"N", "D"}, {"C"}):
-        raise TestbedError(f"--at {item!r} is not N=VALUE,D=VALUE or C=VALUE; write e.g. --at N=1e9,D=2e10.")
+    if set(values) not in accepted:
+        raise TestbedError(f"--at {item!r} is not {form}.")
     return values
 
 
