@@ -194,6 +194,16 @@ class Multiplier:
     alpha: float
 
 
+def _frontier(log_c: np.ndarray, log_loss: np.ndarray) -> tuple[np.ndarray, float, float, float]:
+    """The baseline's frontier log L = log A − alpha·log C by least squares: the centred log C,
+    its sum of squares, alpha and alpha's standard error (n − 2 df)."""
+    xc = log_c - log_c.mean()
+    sxx = float(xc @ xc)
+    slope = float(xc @ (log_loss - log_loss.mean()) / sxx)
+    resid = log_loss - log_loss.mean() - slope * xc
+    return xc, sxx, -slope, math.sqrt(float(resid @ resid) / (len(log_c) - 2) / sxx)
+
+
 def compute_multiplier(budgets: ArrayLike, baseline: ArrayLike, variant: ArrayLike,
                        draws: int = 4000, seed: int = 0, level: float = LEVEL) -> Multiplier:
     """How much compute the baseline needs to reach the variant's loss, C_baseline / C (> 1: the
@@ -211,12 +221,7 @@ def compute_multiplier(budgets: ArrayLike, baseline: ArrayLike, variant: ArrayLi
     n = len(x)
     if n < 3:
         raise ValueError(f"a compute multiplier needs at least three budgets with both arms (got {n})")
-    xc = x - x.mean()
-    sxx = float(xc @ xc)
-    slope = float(xc @ (yb - yb.mean()) / sxx)
-    alpha = -slope
-    resid_b = yb - yb.mean() - slope * xc
-    se_alpha = math.sqrt(float(resid_b @ resid_b) / (n - 2) / sxx)
+    xc, sxx, alpha, se_alpha = _frontier(x, yb)
     d = yv - yb
     trend_slope = float(xc @ (d - d.mean()) / sxx)
     resid_d = d - d.mean() - trend_slope * xc
@@ -267,13 +272,7 @@ def budget_multipliers(budgets: ArrayLike, pairs: Sequence[tuple[ArrayLike, Arra
         raise ValueError(f"per-budget multipliers need at least three budgets, one pair of arms each (got {n} "
                          f"budgets, {len(pairs)} pairs)")
     logs = [(np.log(np.asarray(b, float)), np.log(np.asarray(v, float))) for b, v in pairs]
-    yb = np.array([b.mean() for b, _ in logs])
-    xc = x - x.mean()
-    sxx = float(xc @ xc)
-    slope = float(xc @ (yb - yb.mean()) / sxx)
-    alpha = -slope
-    resid = yb - yb.mean() - slope * xc
-    se_alpha = math.sqrt(float(resid @ resid) / (n - 2) / sxx)
+    _, _, alpha, se_alpha = _frontier(x, np.array([b.mean() for b, _ in logs]))
     ratios = [v - b for b, v in logs]
     df = sum(len(r) - 1 for r in ratios)
     pooled = sum(float(((r - r.mean()) ** 2).sum()) for r in ratios) / df if df > 0 else None
