@@ -135,6 +135,8 @@ def register(subparsers) -> None:
                         help="--law task: step 1 fits the task loss against N and D (default) or against compute C")
     parser.add_argument("--chance", type=float,
                         help="--law task: fix the sigmoid's floor b to this chance level (e.g. 0.25 for four choices)")
+    parser.add_argument("--target", help="--law mixing: the loss column to fit, e.g. source/web/val_loss "
+                        "(default: every source/<name>/val_loss column); its optimal mixture is reported")
     parser.set_defaults(func=handler)
 
 
@@ -149,6 +151,10 @@ def handler(args) -> int:
         raise TestbedError(f"unexpected second argument {args.sweep_dir!r}; only 'collect' takes a sweep directory after it.")
     if args.law == "task":
         return _task_law(args)
+    if args.law == "mixing":  # data mixing laws (testbed/fit/laws/mixing.py)
+        from testbed.fit.laws import mixing
+
+        return mixing.run_cli(args)
     return _fit(args)
 
 
