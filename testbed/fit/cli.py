@@ -29,7 +29,10 @@ DESCRIPTION = """Three forms:
   testbed fit SWEEP_DIR_OR_TABLE --law task --task NAME [--at N=1e9,D=2e10] [--chance 0.25]
           [--task-input ND|C] [--task-metric acc|acc_norm] [--bootstrap K] [--out DIR]
       the task law (OLMo ladder): the task's bpb against (N, D) or C, its accuracy against that
-      bpb by a sigmoid, and the chained accuracy at each --at target (docs/fit.md)."""
+      bpb by a sigmoid, and the chained accuracy at each --at target (docs/fit.md).
+  testbed fit SWEEP_DIR_OR_TABLE --law mixing [--target source/NAME/val_loss] [--variant regmix]
+      data mixing laws (Ye et al.): each source's loss against the mixture weights, held-out
+      mixtures predicted, the optimal mixture (docs/fit.md)."""
 
 
 def _fixes(items: list[str] | None) -> dict[str, float]:
