@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from testbed.fit.options import FitSummary
 
-DESCRIPTION = """Three forms:
+DESCRIPTION = """Its forms:
   testbed fit collect SWEEP_DIR [--out table.csv|table.parquet]
       turn a sweep's run directories (SWEEP_DIR/runs/<id>/, or any folder of run directories)
       into one tidy table of points: run, labels, N, D, U, compute, loss, point kind...
