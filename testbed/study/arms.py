@@ -36,27 +36,35 @@ class Arms:
         return "label_" + self.key.rsplit(".", 1)[1]
 
 
-def ladder_sweep(name: str, tree: dict[str, Any], arms: Arms, ladder: list[tuple[int, int, float]],
-                 lrs: list[float], batch: int, seeds: list[int] | None = None,
-                 heads: int | str = "max(1, d_model // 32)") -> dict[str, Any]:
-    """One sweep: both arms x the LR grid (x the seeds) at each (d_model, n_layers, FLOPs) rung,
-    each run's tokens set so its training FLOPs are the rung's budget."""
-    grid: dict[str, Any] = {arms.key: [arms.baseline, arms.variant], "optim.lr": lrs}
-    labels = [arms.key, "optim.lr", "labels.budget", "model.d_model"]
-    if seeds:
-        grid["train.seed"] = seeds
-        labels.append("train.seed")
-    return {"name": name, "base": tree, "grid": grid,
-            "zip": {"model.d_model": [d for d, _, _ in ladder], "model.n_layers": [n for _, n, _ in ladder],
-                    "labels.budget": [c for _, _, c in ladder]},
-            "derived": {"model.n_heads": heads,
-                        "train.tokens": f"max(4, round(labels.budget / flops_per_token / {batch})) * {batch}"},
-            "labels": labels}
+def ladder_sweeps(name: str, tree: dict[str, Any], arms: Arms, ladder: list[tuple[int, int, float]],
+                  lrs: dict[str, list[float]], batch: int, seeds: list[int] | None = None,
+                  heads: int | str = "max(1, d_model // 32)") -> list[dict[str, Any]]:
+    """One sweep per arm, NAME-ARM: the arm over its own LR grid `lrs[arm]` (x the seeds) at each
+    (d_model, n_layers, FLOPs) rung, each run's tokens set so its training FLOPs are the rung's
+    budget. Arms whose optima lie apart (Muon's LR above AdamW's) each get a grid around theirs."""
+    sweeps = []
+    for value in (arms.baseline, arms.variant):
+        grid: dict[str, Any] = {arms.key: [value], "optim.lr": lrs[value]}
+        labels = [arms.key, "optim.lr", "labels.budget", "model.d_model"]
+        if seeds:
+            grid["train.seed"] = seeds
+            labels.append("train.seed")
+        sweeps.append({"name": f"{name}-{value}", "base": tree, "grid": grid,
+                       "zip": {"model.d_model": [d for d, _, _ in ladder], "model.n_layers": [n for _, n, _ in ladder],
+                               "labels.budget": [c for _, _, c in ladder]},
+                       "derived": {"model.n_heads": heads,
+                                   "train.tokens": f"max(4, round(labels.budget / flops_per_token / {batch})) * {batch}"},
+                       "labels": labels})
+    return sweeps
 
 
-def compare_arms(ctx: Context, sweep: str, arms: Arms) -> Analysis:
-    """The multiplier analysis of the module docstring over the final points of `sweep`."""
-    finals = ctx.finals(sweep)
+def compare_arms(ctx: Context, name: str, arms: Arms) -> Analysis:
+    """The multiplier analysis of the module docstring over the final points of the arms' sweeps
+    (ladder_sweeps NAME)."""
+    import pandas as pd
+
+    finals = pd.concat([ctx.finals(f"{name}-{value}") for value in (arms.baseline, arms.variant)],
+                       ignore_index=True)
     arm, base, var = arms.column, arms.baseline, arms.variant
     choice = choose(finals, [arm, "label_budget"])  # each arm at each budget at its own LR
     best = choice.rows
@@ -87,12 +95,12 @@ def compare_arms(ctx: Context, sweep: str, arms: Arms) -> Analysis:
     notes = [f"learning rates: {choice.method}",
              "per-budget multipliers: the baseline's frontier across the budgets converts each budget's paired "
              "loss offset into compute"]
-    plots = [_plot(ctx, sweep, rows, arms), *lr_plot(ctx, finals, choice)]
+    plots = [_plot(ctx, name, rows, arms), *lr_plot(ctx, finals, choice)]
     return Analysis(headline, more, {"frontiers": rows}, plots, notes)
 
 
-def _plot(ctx: Context, sweep: str, rows: list[dict], arms: Arms) -> str:
-    name = f"{sweep}.png"
+def _plot(ctx: Context, name: str, rows: list[dict], arms: Arms) -> str:
+    name = f"{name}.png"
     with figure(ctx.out / name, "training FLOPs C") as ax:
         ax.plot([r["C"] for r in rows], [r["baseline_loss"] for r in rows], "o-", label=f"{arms.baseline} (tuned LR)")
         ax.plot([r["C"] for r in rows], [r["variant_loss"] for r in rows], "s-", label=f"{arms.variant} (tuned LR)")
