@@ -4,6 +4,9 @@ A source is either local files (plain text, JSONL or Parquet; a file, a folder, 
 a Hugging Face hub dataset streamed by name, config and split. Both are read through
 `datasets.load_dataset(..., streaming=True)` and turned into one ordered stream of document
 strings by the same function, so what the tests check on local files holds for the hub too.
+With `reader="plain"` local files are read without `datasets` (a GPU node without network
+lacks it) by a plain reader (`Source._plain_texts`: JSON Lines line by line, text by paragraph,
+Parquet through pyarrow) that yields the same documents.
 
 Plain-text files hold one document per blank-line-separated block (a paragraph): a folder of
 `.txt` books then gives many documents rather than a handful of huge ones.
@@ -86,6 +89,9 @@ class Source:
     fingerprint: str = ""
     # Invalid UTF-8 sequences replaced by U+FFFD while reading local files.
     non_utf8_replacements: int = 0
+    # Local files: "datasets" (its streaming readers) or "plain" (no `datasets` needed, the same
+    # documents). A hub dataset always needs `datasets`.
+    reader: str = "datasets"
     _readable: list[Path] = field(default_factory=list, repr=False)
     _tmpdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
@@ -106,12 +112,16 @@ class Source:
 
     def iter_texts(self) -> Iterator[str]:
         """Every non-empty document, in a fixed order (files sorted by path)."""
+        if not self.is_hub and self.reader == "plain":
+            yield from self._plain_texts()
+            return
         try:
             import datasets
         except ModuleNotFoundError:  # optional: a GPU node may train from prepared shards alone
             raise TestbedError("reading a text source needs the `datasets` package, which is not "
                                "installed here; `pip install datasets`, or prepare the shards on a "
-                               "machine that has it and copy the folder") from None
+                               "machine that has it and copy the folder (local .jsonl/.txt/.parquet "
+                               "files: open_source(..., reader='plain') reads them without it)") from None
 
         datasets.disable_progress_bars()
         # The JSON reader logs its parse error before raising it; the raise becomes one clear
@@ -150,6 +160,17 @@ class Source:
                 originals = [self.files[self._readable.index(p)] for p in group]
                 raise _json_lines_error(group, originals, err) from None
 
+    def _plain_texts(self) -> Iterator[str]:
+        """`iter_texts` for local files without `datasets`: the same documents in the same order."""
+        for builder, group in _runs_by_builder(self._readable):
+            for path in group:
+                original = self.files[self._readable.index(path)]
+                if builder == "text":
+                    yield from _paragraphs(path)
+                    continue
+                rows = _parquet_rows(path, self.text_field) if builder == "parquet" else _json_rows(path, original)
+                yield from _texts(rows, self.text_field, str(path))
+
     def iter_documents(self) -> Iterator[Document]:
         for text in self.iter_texts():
             try:
@@ -183,6 +204,50 @@ def _texts(stream, text_field: str, where: str) -> Iterator[str]:
             )
         if text:
             yield text
+
+
+def _paragraphs(path: Path) -> Iterator[str]:
+    """A text file's blank-line-separated blocks, as `datasets`' text reader (sample_by="paragraph")
+    and `iter_texts` make them: split at each empty line, newlines at either end stripped, empty
+    blocks dropped. (Files are read whole: a text source's files are books, not the corpus.)"""
+    text = path.read_text(encoding="utf-8")
+    for block in text.split("\n\n"):
+        block = block.strip("\n")
+        if block:
+            yield block
+
+
+def _json_rows(path: Path, original: Path) -> Iterator[dict]:
+    """The rows of a JSON Lines file, one JSON object a line (blank lines skipped); a bad line is
+    an error naming `original`:line, as with `datasets`."""
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as bad:
+                problem = f"is not valid JSON ({bad})"
+            else:
+                if isinstance(row, dict):
+                    yield row
+                    continue
+                problem = f"holds a JSON {type(row).__name__}, not an object"
+            raise TestbedError(f"{original}:{number} {problem}: {line[:60]!r}; fix or delete that line "
+                               f"(each line of a .jsonl file is one JSON object), then run the same "
+                               f"command again")
+
+
+def _parquet_rows(path: Path, text_field: str) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(path)
+    if text_field not in table.schema_arrow.names:
+        yield {name: None for name in table.schema_arrow.names}  # _texts names the columns
+        return
+    for batch in table.iter_batches(columns=[text_field]):
+        for value in batch.column(0).to_pylist():
+            yield {text_field: value}
 
 
 def _json_lines_error(group: list[Path], originals: list[Path], err: Exception) -> TestbedError:
@@ -324,8 +389,9 @@ def open_source(
     text_field: str = "text",
     hub_config: str | None = None,
     hub_split: str = "train",
+    reader: str = "datasets",
 ) -> Source:
-    """Open a local path/glob or a hub dataset name as a `Source`.
+    """Open a local path/glob or a hub dataset name as a `Source` (`reader`: see `Source.reader`).
 
     Local files with invalid UTF-8 are read through a replaced copy (U+FFFD for each bad
     sequence) in a temporary folder; the count is kept in `non_utf8_replacements`.
@@ -336,7 +402,10 @@ def open_source(
         fp = hashlib.sha256(f"hub\0{spec}\0{hub_config}\0{hub_split}\0{text_field}".encode())
         return Source(spec, text_field, hub_config, hub_split, fingerprint=fp.hexdigest()[:16])
     files = resolve_files(spec)
-    source = Source(spec, text_field, files=files, fingerprint=_files_fingerprint(files, text_field))
+    if reader not in ("plain", "datasets"):
+        raise TestbedError(f"reader={reader!r} is not one of plain, datasets")
+    source = Source(spec, text_field, files=files, fingerprint=_files_fingerprint(files, text_field),
+                    reader=reader)
     readable = []
     for index, path in enumerate(files):
         if BUILDERS[_suffix(path)] in DECODED_BUILDERS and not _is_valid_utf8(path):

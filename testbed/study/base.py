@@ -21,7 +21,10 @@ from testbed.registry import Registry
 from testbed.stats import Estimate
 from testbed.stats.choice import LrChoice, choose_lr
 
-SIZES = ("tiny", "cpu", "gpu")
+SIZES = ("tiny", "cpu", "gpu", "gpu-min")
+# gpu-min (8 minutes of one GPU, recipes.py) is defined by the studies that size their sweeps for
+# it (`sizes=SIZES`); a study names its sizes, and by default has the other three.
+DEFAULT_SIZES = ("tiny", "cpu", "gpu")
 VERDICTS = ("agree", "disagree", "inconclusive")
 
 
@@ -115,7 +118,7 @@ class Study:
     changes: str = ""
     # Sweeps standing in for what `extra` trains (at placeholder values), so `study plan` can cost it.
     extra_cost: Callable[[str], list[dict[str, Any]]] | None = None
-    sizes: Sequence[str] = SIZES
+    sizes: Sequence[str] = DEFAULT_SIZES
     module: str = ""
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+# testbed.study.base.SIZES, spelled out so that `testbed --help` imports nothing heavy (a test
+# keeps the two equal)
+SIZES = ("tiny", "cpu", "gpu", "gpu-min")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     study = subparsers.add_parser("study", help="reproduce published findings with the testbed's own runs",
@@ -21,9 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     run = sub.add_parser("run", help="train the study's runs (skipping done ones), then report")
     run.add_argument("name", help="a study name (testbed study list)")
-    run.add_argument("--size", choices=("tiny", "cpu", "gpu"), default="tiny",
+    run.add_argument("--size", choices=SIZES, default="tiny",
                      help="tiny: mechanics, < 1 min; cpu: a real result in <= 30 min on 2 cores; "
-                     "gpu: one H100 (cost the sweeps with testbed sweep plan) (default tiny)")
+                     "gpu-min: <= 8 min of one H100/H200 on the installed Python sources (made there); "
+                     "gpu: one H100 (cost the sweeps with testbed study plan) (default tiny)")
     run.add_argument("--out", required=True, help="folder for the sweeps and the report")
     run.add_argument("--workers", type=int, default=1, help="runs trained at once (default 1)")
     imports(run)
@@ -31,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     planning = sub.add_parser("plan", help="the study's runs, tokens, FLOPs and time, without training")
     planning.add_argument("name", help="a study name (testbed study list)")
-    planning.add_argument("--size", choices=("tiny", "cpu", "gpu"), default="cpu")
+    planning.add_argument("--size", choices=SIZES, default="cpu")
     planning.add_argument("--flops-per-s", type=float, default=None,
                           help="achieved training FLOP/s to estimate time with (default: the size's "
                           "measured rates by model width, see docs/studies.md#cost)")
@@ -81,14 +86,20 @@ def plan_handler(args: argparse.Namespace) -> int:
              human(r["largest_fresh_tokens"]), human(r["corpus_tokens"]) if r["corpus_tokens"] else "-",
              duration(r["seconds"])] for r in p["sweeps"]]
     at = f"{human(p['rate'])}FLOP/s" if p["rate"] else "the size's measured rates"
+    runs = sum(r["runs"] for r in p["sweeps"])
+    flops = sum(r["flops"] for r in p["sweeps"])
     print(f"study {p['study']} ({p['size']}) at {at}: "
-          f"{duration(p['seconds'])} of a {duration(p['budget_s'])} budget")
+          f"{duration(p['seconds'])} of a {duration(p['budget_s'])} budget "
+          f"({runs} runs, {human(flops)}FLOPs"
+          + (f", {duration(p['startup_s'])} start-up included" if p["startup_s"] else "") + ")")
     print(format_table(["sweep", "runs", "tokens", "FLOPs", "largest run", "corpus", "time"], rows))
     if p["unprepared"]:
-        each = ("hours each: the hub sample is streamed and tokenised" if p["size"] == "gpu"
-                else "about a minute each on 2 cores")
-        print(f"note: {len(p['unprepared'])} corpus folder(s) are prepared first ({each}; not in the "
-              f"time above); corpus sizes are lower estimates until then")
+        each = {"gpu": "hours each: the hub sample is streamed and tokenised",
+                "gpu-min": "a minute or two on 16 cores: the installed Python sources are read and tokenised"
+                }.get(p["size"], "about a minute each on 2 cores")
+        print(f"note: {len(p['unprepared'])} corpus folder(s) are prepared first by `study run` ({each}; "
+              f"not in the time above); corpus sizes are lower estimates until then: "
+              + ", ".join(p["unprepared"]))
     for problem in p["problems"]:
         print(f"problem: {problem}")
     return 0 if not p["problems"] else 1

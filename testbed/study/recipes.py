@@ -6,6 +6,9 @@ parameters; mechanics only, seconds per run. cpu: the Python standard library's 
 every study sized by `testbed study plan` to fit 30 min on 2 cores without repeating data it
 does not mean to repeat. gpu: FineWeb-Edu's 10B-token sample (8B+ training tokens), models of
 6M-100M non-embedding parameters on one H100; cost it with `testbed study plan NAME --size gpu`.
+gpu-min: the studies CPU scale limits, at 1e16-3e16 training FLOPs within 8 minutes of one
+H100/H200, on every Python source installed there (testbed/study/corpus.py, made on the machine
+in a minute or two), models of 1M-6M non-embedding parameters.
 """
 
 from __future__ import annotations
@@ -14,12 +17,18 @@ import copy
 import math
 from typing import Any
 
-BATCH = {"tiny": 512, "cpu": 2048, "gpu": 65536}
+BATCH = {"tiny": 512, "cpu": 2048, "gpu": 65536, "gpu-min": 32768}
 # What a size promises: its runs fit BUDGET_S seconds, each run costing its training FLOPs
 # (6N + attention per token, testbed.model.counting) at `rate` plus RUN_OVERHEAD_S (start-up,
 # the final validation and checkpoint). See docs/studies.md#cost.
-BUDGET_S = {"tiny": 60, "cpu": 1800, "gpu": 8 * 3600}
-RUN_OVERHEAD_S = {"tiny": 2.0, "cpu": 4.0, "gpu": 60.0}
+BUDGET_S = {"tiny": 60, "cpu": 1800, "gpu": 8 * 3600, "gpu-min": 8 * 60}
+# gpu-min: each run is a forked process that initialises CUDA, compiles its blocks
+# (train.compile's default on CUDA: 1.4-7.5 s measured for 124M-1B models on the H200, see
+# docs/gpu/), evaluates and checkpoints: 12 s assumed.
+RUN_OVERHEAD_S = {"tiny": 2.0, "cpu": 4.0, "gpu": 60.0, "gpu-min": 12.0}
+# Once per `study run`, before its first run: importing torch, starting the fork servers,
+# validating every sweep. Corpus preparation is stated separately (`study plan` names it).
+STARTUP_S = {"tiny": 0.0, "cpu": 0.0, "gpu": 0.0, "gpu-min": 30.0}
 # Achieved fp32 training FLOP/s per unit of d_model on 2 AVX2 cores, measured with `testbed train`
 # at seq 128, batch 2048 tokens, vocab 4096: d_model 32, 64, 96, 128 gave 18, 34, 46, 58 GFLOP/s
 # (small matrices leave the cores idle), so the rate grows about linearly with width.
@@ -27,13 +36,29 @@ CPU_FLOPS_PER_WIDTH = 0.45e9
 CPU_FLOPS_CAP = 60e9
 
 
+# gpu-min, an assumption until measured: models this small reach far below an H100's data-sheet
+# 989 TFLOP/s bf16 peak (the 124M rung reached 43% MFU on the H200 at seq 1024, docs/gpu/): 20%
+# from d_model 512, 15% from 256, and below 256 falling with the width (small matrices and
+# kernel launches leave the card idle), at seq 256 and 32k-token batches.
+H100_PEAK = 989e12
+
+
+def gpu_min_mfu(d_model: int) -> float:
+    if d_model >= 512:
+        return 0.20
+    return 0.15 * min(1.0, d_model / 256)
+
+
 def rate(size: str, d_model: int) -> float:
     """Achieved training FLOP/s of a study model of this width at this size: on the CPU the
-    measured width dependence above; one H100 at 40% MFU; tiny as 1 GFLOP/s."""
+    measured width dependence above; gpu-min the assumed MFU above; one H100 at 40% MFU; tiny
+    as 1 GFLOP/s."""
     if size == "cpu":
         return min(CPU_FLOPS_CAP, CPU_FLOPS_PER_WIDTH * d_model)
-    return {"tiny": 1.0e9, "gpu": 0.4 * 989e12}[size]
-SEQ = {"tiny": 16, "cpu": 128, "gpu": 256}
+    if size == "gpu-min":
+        return gpu_min_mfu(d_model) * H100_PEAK
+    return {"tiny": 1.0e9, "gpu": 0.4 * H100_PEAK}[size]
+SEQ = {"tiny": 16, "cpu": 128, "gpu": 256, "gpu-min": 256}
 
 
 def base(size: str) -> dict[str, Any]:
@@ -49,12 +74,14 @@ def base(size: str) -> dict[str, Any]:
         }
     from testbed.study.corpus import VOCAB_SIZE, path_for
 
-    # The gpu corpus is prepared on the GPU machine: stating its vocabulary lets `study plan`
-    # cost the runs before then (cpu configs leave it to the prepared folder, as they always have).
-    vocab = {"vocab_size": VOCAB_SIZE} if size == "gpu" else {}
+    # The gpu and gpu-min corpora are prepared on the GPU machine: stating their vocabulary lets
+    # `study plan` cost the runs before then (cpu configs leave it to the prepared folder, as they
+    # always have; `study plan` reads it from the folder's name until it is prepared).
+    vocab = {"vocab_size": VOCAB_SIZE} if size in ("gpu", "gpu-min") else {}
+    d_model, n_layers, n_heads = {"cpu": (64, 4, 2), "gpu-min": (256, 4, 4), "gpu": (512, 8, 8)}[size]
     return {
-        "model": {"d_model": 64 if size == "cpu" else 512, "n_layers": 4 if size == "cpu" else 8,
-                  "n_heads": 2 if size == "cpu" else 8, "max_seq_len": SEQ[size], **vocab},
+        "model": {"d_model": d_model, "n_layers": n_layers, "n_heads": n_heads, "max_seq_len": SEQ[size],
+                  **vocab},
         "data": {"source": "shards", "path": str(path_for(size)), "seq_len": SEQ[size],
                  "val_sequences": 256},
         "optim": {"lr": 3.0e-3},
@@ -97,8 +124,9 @@ def with_schedule(tree: dict[str, Any], **schedule: Any) -> dict[str, Any]:
 
 
 def seeds(size: str) -> list[int]:
-    """One seed for mechanics; two on the CPU; three on a GPU (the intervals come from them)."""
-    return {"tiny": [0], "cpu": [0, 1], "gpu": [0, 1, 2]}[size]
+    """One seed for mechanics; two on the CPU and in gpu-min's 8 minutes; three on a GPU (the
+    intervals come from them)."""
+    return {"tiny": [0], "cpu": [0, 1], "gpu-min": [0, 1], "gpu": [0, 1, 2]}[size]
 
 
 def width_for(n_non_embedding: float, layers: int, multiple: int) -> int:

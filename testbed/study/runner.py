@@ -1,6 +1,7 @@
 """Run a study's sweeps through the sweep registry, then analyse them into a report.
 
-OUT/study.json    which study, version and size this folder holds, and each invocation's start and time (none: interrupted)
+OUT/study.json    which study, version and size this folder holds, each invocation's start and time (none:
+                  interrupted) beside `study plan`'s estimate of it, and the study corpora it read
 OUT/study.lock    fcntl lock held while study.json is read-modified-written (two `study run` at once keep both)
 OUT/sweep/NAME/   one sweep directory per sweep of the study (docs/sweep.md)
 OUT/report.md     claim, measurement with interval, verdict, caveat, wall time of the runs
@@ -68,6 +69,14 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
         corpus.ensure_for(specs)
         for spec in specs:
             load_sweep(spec)  # every run of every sweep is validated before any is trained
+        # The plan's time for this invocation (every run, done or not, at the size's rates),
+        # recorded beside the measured wall time so the estimate is checked against the run.
+        estimate = plan(name, size)
+        invocation.update(estimate_s=round(estimate["seconds"], 1), estimate_flops=estimate["flops"],
+                          estimate_runs=estimate["runs"])
+        corpora = _corpora(specs)
+        with _study_json(out, study, size) as meta:
+            meta["corpora"] = corpora
     except TestbedError:  # refused before training: not an interrupted invocation
         with _study_json(out, study, size) as meta:
             meta["invocations"] = [c for c in meta.get("invocations", []) if c.get("id") != invocation["id"]]
@@ -93,6 +102,30 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
         else:  # removed by hand meanwhile: recorded again rather than lost
             calls.append(invocation)
     return report(out)
+
+
+def _corpora(specs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The prepared study corpora the sweeps read, by folder name: tokens, bytes, documents and
+    fingerprint from each manifest, with its `corpus` block (what was read, how many files, the
+    content hash) where it has one."""
+    from testbed.data.shards import read_manifest
+    from testbed.study import corpus
+
+    paths = []
+    for spec in specs:
+        paths.append(((spec.get("base") or {}).get("data") or {}).get("path"))
+        paths += list((spec.get("grid") or {}).get("data.path") or [])
+    found = {}
+    for path in dict.fromkeys(p for p in paths if p):
+        if corpus.parse(path) is None or not (Path(path) / "manifest.json").is_file():
+            continue
+        manifest = read_manifest(path)
+        found[Path(path).name] = {
+            "train_tokens": manifest["splits"]["train"]["tokens"],
+            "validation_tokens": manifest["splits"]["validation"]["tokens"],
+            "bytes": manifest["bytes"], "documents": manifest["documents"],
+            "fingerprint": manifest["fingerprint"], **({"corpus": manifest["corpus"]} if "corpus" in manifest else {})}
+    return found
 
 
 @contextlib.contextmanager
@@ -126,7 +159,7 @@ def plan(name: str, size: str, rate: float | None = None) -> dict[str, Any]:
     rows, problems = [], []
     held_by_path: dict[str, tuple[int, bool]] = {}  # each corpus is counted (or estimated) once
     for spec in specs:
-        sweep = load_sweep(spec)
+        sweep = load_sweep(_stated_vocabulary(spec))
         quantities = [run.quantities for run in sweep.runs]
         available = None
         for run, q in zip(sweep.runs, quantities):
@@ -148,12 +181,32 @@ def plan(name: str, size: str, rate: float | None = None) -> dict[str, Any]:
         rows.append({"sweep": sweep.name, "runs": len(quantities),
                      "tokens": sum(q["planned_tokens"] for q in quantities), "flops": flops,
                      "largest_fresh_tokens": fresh, "corpus_tokens": available, "seconds": seconds})
-    total = sum(r["seconds"] for r in rows)
+    startup = recipes.STARTUP_S[size]
+    total = startup + sum(r["seconds"] for r in rows)
     if total > recipes.BUDGET_S[size]:
         problems.append(f"{total:.0f} s exceeds the {size} budget of {recipes.BUDGET_S[size]} s")
     return {"study": name, "size": size, "rate": rate, "budget_s": recipes.BUDGET_S[size],
-            "sweeps": rows, "seconds": total, "problems": problems,
+            "sweeps": rows, "seconds": total, "startup_s": startup, "problems": problems,
+            "runs": sum(r["runs"] for r in rows), "flops": sum(r["flops"] for r in rows),
             "unprepared": [path for path, (_, prepared) in held_by_path.items() if not prepared]}
+
+
+def _stated_vocabulary(spec: dict[str, Any]) -> dict[str, Any]:
+    """For planning only: a sweep whose base reads a study corpus not yet prepared, with no
+    model.vocab_size of its own, gets the vocabulary the corpus folder's name gives, so `study
+    plan` works on a fresh clone (it names the corpus to prepare). The runs `study run` trains
+    keep their configs."""
+    from testbed.study import corpus
+
+    base = spec.get("base") or {}
+    path = (base.get("data") or {}).get("path")
+    model = base.get("model") or {}
+    if not path or model.get("vocab_size") or (Path(path) / "manifest.json").is_file():
+        return spec
+    args = corpus.parse(path)
+    if args is None:
+        return spec
+    return {**spec, "base": {**base, "model": {**model, "vocab_size": args["vocab_size"]}}}
 
 
 @contextlib.contextmanager
@@ -212,7 +265,7 @@ def report(out: str | Path, imports: list[str] | tuple[str, ...] = ()) -> dict[s
         "claim": study.claim, "changes": study.changes, "measured": analysis.headline.as_dict(),
         "more": [m.as_dict() for m in analysis.more], "verdict": headline, "rule_verdict": verdict,
         "why": why, "caveat": study.caveat, "runs": runs, "runs_wall_s": round(wall, 2),
-        "invocations": meta.get("invocations", []), "tables": analysis.tables,
+        "invocations": meta.get("invocations", []), "corpora": meta.get("corpora", {}), "tables": analysis.tables,
         "plots": analysis.plots, "notes": analysis.notes,
     }
     write_json_atomic(out / "figures.json", json.loads(json.dumps(figures, default=_plain)))
@@ -311,12 +364,30 @@ def invocations_text(calls: list[dict[str, Any]]) -> str:
 
 
 def _last_invocation(calls: list[dict[str, Any]]) -> str:
-    """The latest `study run` alone (the published header sums them all)."""
+    """The latest `study run` alone (the published header sums them all), beside the plan's
+    estimate for it (every run of the study, so a resumed invocation takes less)."""
     if not calls:
         return ""
-    if calls[-1].get("wall_s") is None:
+    last = calls[-1]
+    if last.get("wall_s") is None:
         return "; the last `study run` was interrupted"
-    return f"; the last `study run` took {calls[-1]['wall_s']:.1f} s"
+    estimate = (f" (`study plan` estimated {last['estimate_s']:.0f} s for all {last['estimate_runs']} runs)"
+                if last.get("estimate_s") is not None else "")
+    return f"; the last `study run` took {last['wall_s']:.1f} s{estimate}"
+
+
+def _corpus_lines(corpora: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+    for name, c in corpora.items():
+        text = (f"Corpus `{name}`: {c['train_tokens']:,} training and {c['validation_tokens']:,} validation "
+                f"tokens, {c['bytes']:,} bytes in {c['documents']:,} documents")
+        made = c.get("corpus")
+        if made:
+            text += (f"; {made['kind']} of Python {made['python']}: {made['files']:,} distinct files "
+                     f"({made['duplicates_dropped']:,} duplicates dropped), content sha256 "
+                     f"{made['content_sha256'][:16]}, made in {made['build_s']:.0f} s")
+        lines += [text + ".", ""]
+    return lines
 
 
 def render(f: dict[str, Any]) -> str:
@@ -340,6 +411,7 @@ def render(f: dict[str, Any]) -> str:
         f"**Why it might disagree.** {f['caveat']}", "",
         f"**Runs.** {f['runs']} runs, {f['runs_wall_s']:.1f} s of training wall time in all"
         + _last_invocation(calls) + ".", "",
+        *_corpus_lines(f.get("corpora") or {}),
     ]
     for note in f.get("notes") or []:
         lines += [f"Note: {note}", ""]

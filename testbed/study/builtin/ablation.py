@@ -14,6 +14,7 @@ from typing import Any
 from testbed.stats import paired_noise, relative_gap
 from testbed.stats.curves import compute_multiplier
 from testbed.study.base import (
+    SIZES,
     Analysis,
     Context,
     Study,
@@ -32,9 +33,12 @@ KEY, BASELINE, VARIANT = "model.norm_placement", "pre", "peri"
 LADDER = {  # (d_model, n_layers, training FLOPs)
     "tiny": [(16, 2, 5e8), (24, 2, 1e9), (32, 2, 2e9), (48, 2, 4e9)],
     "cpu": [(32, 4, 4e11), (48, 4, 1e12), (64, 4, 2.5e12), (96, 4, 6e12)],
+    # six layers: deep enough for the hidden-state growth Peri-LN is about, and the largest run's
+    # 44M tokens within the installed-sources corpus
+    "gpu-min": [(128, 6, 2.5e14), (192, 6, 6e14), (256, 6, 1.5e15), (384, 6, 3.5e15)],
     "gpu": [(256, 8, 3e16), (384, 8, 1e17), (512, 8, 3e17), (768, 8, 1e18)],
 }
-LRS = {"tiny": [3e-3, 1e-2], "cpu": [4e-3, 1.2e-2], "gpu": [1e-3, 3e-3]}
+LRS = {"tiny": [3e-3, 1e-2], "cpu": [4e-3, 1.2e-2], "gpu-min": [3e-3, 9e-3], "gpu": [1e-3, 3e-3]}
 
 
 def sweeps(size: str) -> list[dict[str, Any]]:
@@ -118,7 +122,7 @@ register(Study(
     paper="Kim et al. 2025, Peri-LN: Revisiting Layer Normalization in the Transformer Architecture",
     claim="Normalising each sublayer's input and output (Peri-LN) reaches a lower loss than Pre-LN at "
           "equal compute (a compute multiplier above 1) and trains more stably.",
-    sweeps=sweeps, analyse=analyse, verdict=verdict,
+    sweeps=sweeps, analyse=analyse, verdict=verdict, sizes=SIZES,
     caveat="The paper's gains come from stability at scale and high LRs; shallow small models rarely "
            "show the hidden-state growth Peri-LN prevents, and two LRs per arm is a coarse tuning.",
 ))

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from testbed.stats import seed_noise, spread
-from testbed.study.base import Analysis, Context, Study, choose, figure, lr_plot, measured, register
+from testbed.study.base import SIZES, Analysis, Context, Study, choose, figure, lr_plot, measured, register
 from testbed.study.recipes import BATCH, base, seeds, width_for
 
 TOLERANCE = 0.03  # Kaplan et al.: a few percent across aspect ratios spanning a wide band
@@ -16,19 +16,20 @@ TOLERANCE = 0.03  # Kaplan et al.: a few percent across aspect ratios spanning a
 def shapes(size: str) -> list[tuple[int, int]]:
     """(d_model, n_layers) pairs at about the same 12 L d^2."""
     n, layers, multiple = {"tiny": (12_000, [1, 2, 4], 4), "cpu": (200_000, [1, 2, 4, 8], 16),
+                           "gpu-min": (3_000_000, [2, 4, 8, 16], 64),
                            "gpu": (25_000_000, [2, 4, 8, 16, 32], 64)}[size]
     return [(width_for(n, layer, multiple), layer) for layer in layers]
 
 
 def lrs(size: str) -> list[float]:
     """Each shape at its own tuned LR from this grid (one layer and eight want different ones)."""
-    return {"tiny": [3e-3, 1e-2], "cpu": [4e-3, 1.2e-2], "gpu": [1e-3, 3e-3]}[size]
+    return {"tiny": [3e-3, 1e-2], "cpu": [4e-3, 1.2e-2], "gpu-min": [2e-3, 6e-3], "gpu": [1e-3, 3e-3]}[size]
 
 
 def sweeps(size: str) -> list[dict[str, Any]]:
     pairs = shapes(size)
     tree = base(size)
-    tree["train"]["tokens"] = {"tiny": 32, "cpu": 400, "gpu": 10000}[size] * BATCH[size]
+    tree["train"]["tokens"] = {"tiny": 32, "cpu": 400, "gpu-min": 900, "gpu": 10000}[size] * BATCH[size]
     heads = 2 if size == "tiny" else None
     zipped: dict[str, Any] = {"model.d_model": [d for d, _ in pairs], "model.n_layers": [n for _, n in pairs]}
     spec: dict[str, Any] = {"name": "shape", "base": tree, "zip": zipped, "grid": {"optim.lr": lrs(size), "train.seed": seeds(size)},
@@ -83,7 +84,7 @@ register(Study(
     paper="Kaplan et al. 2020, Scaling Laws for Neural Language Models (Fig. 5)",
     claim="At a fixed number of non-embedding parameters, loss depends only weakly on the shape: "
           "width vs depth changes it by a few percent across a wide band of aspect ratios.",
-    sweeps=sweeps, analyse=analyse, verdict=verdict,
+    sweeps=sweeps, analyse=analyse, verdict=verdict, sizes=SIZES,
     caveat="Kaplan's band is d/L ~ 10-200 at 10^6-10^9 parameters; small models force extreme shapes "
            "(one layer, or very narrow), where depth does matter; each shape's LR is the better of two, "
            "and the runs are short (4 tokens per parameter at cpu size).",

@@ -8,6 +8,7 @@ import numpy as np
 
 from testbed.stats import paired_noise, relative_gap
 from testbed.study.base import (
+    SIZES,
     Analysis,
     Context,
     Measurement,
@@ -29,12 +30,13 @@ BRANCH_SHAPES = ("1-sqrt", "linear")
 
 
 def durations(size: str) -> list[int]:
-    steps = {"tiny": [16, 32], "cpu": [64, 128, 256], "gpu": [2000, 4000, 8000]}[size]
+    # gpu-min: two durations and two LRs, so the runs' start-up (12 s each) leaves compute in 8 min
+    steps = {"tiny": [16, 32], "cpu": [64, 128, 256], "gpu-min": [600, 1200], "gpu": [2000, 4000, 8000]}[size]
     return [s * BATCH[size] for s in steps]
 
 
 def lrs(size: str) -> list[float]:
-    return {"tiny": [3e-3, 1e-2], "cpu": [3e-3, 6e-3, 1.2e-2],
+    return {"tiny": [3e-3, 1e-2], "cpu": [3e-3, 6e-3, 1.2e-2], "gpu-min": [2e-3, 5e-3],
             "gpu": [5e-4, 1e-3, 2e-3, 4e-3]}[size]
 
 
@@ -204,7 +206,7 @@ register(Study(
     claim="A constant LR with a 1-sqrt cooldown over the last 20% (WSD) matches cosine at every training "
           "duration, each at its own tuned LR; cooldown branches of one long WSD run trace the same frontier; "
           "a 1-sqrt cooldown beats a linear one.",
-    sweeps=sweeps, analyse=analyse, verdict=verdict, extra=extra, extra_cost=extra_cost,
+    sweeps=sweeps, analyse=analyse, verdict=verdict, extra=extra, extra_cost=extra_cost, sizes=SIZES,
     caveat="The LR grid is coarse (the optimum may fall between points), small models and short runs "
            "give the cooldown few steps, and two seeds make a crude interval.",
 ))
