@@ -145,13 +145,14 @@ class DataConfig:
 
 # The sources the package registers (testbed.data.loader): validation knows them before the
 # loader is imported; a user's source is known once its module (in `imports`) has registered it.
-BUILTIN_SOURCES = ("synthetic", "shards", "random")
+BUILTIN_SOURCES = ("synthetic", "shards", "random", "mixture")
 
 
 def source_name(data: DataConfig) -> str:
     """The source a data section names: data.path implies shards, as it always has, unless
-    data.source names a source of a user's (which may read data.path itself)."""
-    return "shards" if data.path and data.source in BUILTIN_SOURCES else data.source
+    data.source names a mixture (refused with a path, by validate) or a source of a user's (which
+    may read data.path itself)."""
+    return "shards" if data.path and data.source in BUILTIN_SOURCES and data.source != "mixture" else data.source
 
 
 @dataclass
@@ -730,6 +731,8 @@ def validate(c: Config) -> None:
             f"model.parametrization='mup' needs model.mup_base_width (the d_model the hyperparameters "
             f"were tuned at), e.g. model.mup_base_width={m.d_model}")
     check_source(d)
+    require(d.source != "mixture" or not d.path, f"data.path={d.path!r} with data.source='mixture': a mixture reads "
+            "its folders from data.source_options.sources; remove data.path")
     require(d.source != "random" or m.vocab_size, "data.source='random' needs model.vocab_size")
     require(d.source != "shards" or d.path, "data.source='shards' needs data.path=FOLDER "
             "(a folder written by `testbed data prepare`)")

@@ -77,13 +77,13 @@ def test_existing_configs_keep_their_run_ids():
 
 def test_an_unknown_source_is_one_error_with_the_registered_names(on_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"^data\.source='test_countng' is not a registered data source; "
-                                          r"did you mean 'test_counting'\? choose one of random, shards, "
+                                          r"did you mean 'test_counting'\? choose one of mixture, random, shards, "
                                           r"synthetic, test_counting$"):
         load_config(None, TINY + ["imports=[user_source]", "data.source=test_countng"])
     # Before anything imported the loader, validation knows the built-in names, in the same words.
     monkeypatch.delitem(testbed.registry._BY_KEY, "data.source")
     with pytest.raises(ConfigError, match=r"^data\.source='shard' is not a registered data source; did you "
-                                          r"mean 'shards'\? choose one of random, shards, synthetic$"):
+                                          r"mean 'shards'\? choose one of mixture, random, shards, synthetic$"):
         load_config(None, ["data.source=shard"])
     assert load_config(None, ["data.source=shards", "data.path=somewhere"]).data.source == "shards"
 

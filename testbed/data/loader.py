@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from testbed.config import Config, build_dataclass, source_name
+from testbed.data.mixture import MixtureOptions, MixtureSource
 from testbed.errors import ConfigError, TestbedError
 from testbed.registry import Options, Registry
 
@@ -54,7 +55,11 @@ class DataSource:
     - optional: `has_optimum = True` with `optimal_nats(windows)`, the exact -ln p of each
       window's targets under the true distribution (the loss floor); `text_tokenizer()`, the
       tokenizer the tokens were made with (evaluation tasks need it; a source without the
-      method has none).
+      method has none); `validation_groups()` -> {name: (weight, indices)}: the validation set
+      as named groups of validation indices with weights summing to 1 (the source reads
+      data.val_sequences itself). Evaluation then reports each group's source/NAME/val_loss and
+      source/NAME/val_bpb, and val_loss, val_bpb as their weighted means (docs/data.md,
+      "Mixtures"); a source without it is evaluated on the first data.val_sequences windows.
     """
 
     seq_len: int
@@ -321,7 +326,11 @@ def _epoch_permutation(seed: int, epoch: int, pool: int) -> np.ndarray:
 
 
 def validation_windows(source, n: int) -> np.ndarray:
-    """The fixed validation set: the first n validation windows (independent of training)."""
+    """The fixed validation set: the first n validation windows (independent of training), or,
+    for a source with `validation_groups`, every window of its groups."""
+    groups = getattr(source, "validation_groups", None)
+    if groups is not None:
+        return np.concatenate([np.asarray(ids, dtype=np.int64) for _, ids in groups().values()])
     available = source.num_windows(VALIDATION)
     if available is not None:
         if available == 0:
@@ -330,3 +339,7 @@ def validation_windows(source, n: int) -> np.ndarray:
         n = min(n, available)
     return np.arange(n, dtype=np.int64)
 
+
+# Built-in sources defined in modules of their own (which do not import this one), registered
+# here so that their names are always known.
+DATA_SOURCES.register("mixture", options=MixtureOptions)(MixtureSource)

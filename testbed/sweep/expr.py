@@ -126,3 +126,54 @@ def _bounded(value: Any, text: str, key: str, node: ast.AST | None = None) -> An
         raise ConfigError(f"derived {key}={text!r}: {where} {shown}, beyond +-{MAX_MAGNITUDE:g}; "
                           f"keep every value of a derived field within that magnitude")
     return value
+
+
+# ----------------------------------------------------------------------------- axis helpers
+
+
+def simplex(names: list[str], step: float) -> list[dict[str, float]]:
+    """Every weight dict over `names` on the grid of multiples of `step` summing to 1 (a
+    mixture's data.source_options.weights), the first name's weight descending: e.g.
+    simplex([a, b], 0.5) = [{a: 1, b: 0}, {a: 0.5, b: 0.5}, {a: 0, b: 1}]."""
+    n = round(1 / step) if step > 0 else 0
+    if n < 1 or abs(n * step - 1) > 1e-9 or n > 1000:
+        raise ConfigError(f"simplex step={step!r} must divide 1 into at most 1000 parts, e.g. step=0.25")
+    out: list[dict[str, float]] = []
+
+    def fill(prefix: list[int], left: int) -> None:
+        if len(prefix) == len(names) - 1:
+            out.append({name: round(k / n, 12) for name, k in zip(names, [*prefix, left])})
+            return
+        for k in range(left, -1, -1):
+            fill([*prefix, k], left - k)
+
+    fill([], n)
+    return out
+
+
+def axis_values(text: str, key: str) -> list[Any]:
+    """An axis given as a helper call instead of a list: `simplex(names=[a, b, c], step=0.25)`
+    (names are bare words or strings) -> its list of values."""
+    usage = f"write {key}: 'simplex(names=[a, b, c], step=0.25)' or a list of values"
+    try:
+        call = ast.parse(str(text), mode="eval").body
+    except SyntaxError:
+        raise ConfigError(f"axis {key}={text!r} is not a valid helper call; {usage}") from None
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "simplex"
+            and not call.args and {k.arg for k in call.keywords} == {"names", "step"}):
+        raise ConfigError(f"axis {key}={text!r} is neither a list nor a known helper; {usage}")
+    given = {k.arg: k.value for k in call.keywords}
+    names_node, step_node = given["names"], given["step"]
+    names: list[str] = []
+    for e in getattr(names_node, "elts", []):
+        if isinstance(e, ast.Name):
+            names.append(e.id)
+        elif isinstance(e, ast.Constant) and isinstance(e.value, str):
+            names.append(e.value)
+    if not isinstance(names_node, ast.List) or len(names) != len(names_node.elts) or len(set(names)) < 2 \
+            or len(set(names)) != len(names):
+        raise ConfigError(f"axis {key}={text!r}: names must list two or more different names; {usage}")
+    if not (isinstance(step_node, ast.Constant) and isinstance(step_node.value, (int, float))
+            and not isinstance(step_node.value, bool)):
+        raise ConfigError(f"axis {key}={text!r}: step must be a number; {usage}")
+    return list(simplex(names, float(step_node.value)))

@@ -126,15 +126,15 @@ def science_steps(config: Config, total_steps: int) -> set[int]:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, source, val_ids: np.ndarray, micro: int, device, dtype,
              d: Dist, optimum_nats: float | None) -> dict[str, float]:
-    """Validation loss (nats/token), bits per token and per byte on the fixed validation set."""
+    """Validation loss (nats/token), bits per token and per byte on the fixed validation set; for
+    a source with `validation_groups` (a mixture), each group's and their weighted means."""
     model.eval()
-    mine = val_ids[d.rank::d.world]
-    nats = torch.zeros((), dtype=torch.float64, device=device)
-    for i in range(0, len(mine), micro):
-        windows = torch.from_numpy(source.windows(mine[i:i + micro], data_loader.VALIDATION)).to(device)
-        with dev.autocast(device, dtype):
-            nats += model(windows[:, :-1], windows[:, 1:], reduction="sum").double()
-    nats = all_reduce_sum(nats, d).item()
+    groups = source.validation_groups() if hasattr(source, "validation_groups") else None
+    if groups is not None:
+        out = _grouped_validation(model, source, groups, micro, device, dtype, d)
+        model.train()
+        return out
+    nats = _validation_nats(model, source, val_ids, micro, device, dtype, d)
     model.train()
     n_tokens = len(val_ids) * source.seq_len
     n_bytes = int(source.window_bytes(val_ids, data_loader.VALIDATION).sum())
@@ -144,6 +144,36 @@ def evaluate(model: torch.nn.Module, source, val_ids: np.ndarray, micro: int, de
         out["val_opt_loss"] = optimum_nats / n_tokens
         out["val_excess_loss"] = out["val_loss"] - out["val_opt_loss"]
     return out
+
+
+def _validation_nats(model: torch.nn.Module, source, val_ids: np.ndarray, micro: int, device, dtype,
+                     d: Dist) -> float:
+    """Summed target nats of the windows val_ids (each process takes every world-th)."""
+    mine = val_ids[d.rank::d.world]
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    for i in range(0, len(mine), micro):
+        windows = torch.from_numpy(source.windows(mine[i:i + micro], data_loader.VALIDATION)).to(device)
+        with dev.autocast(device, dtype):
+            nats += model(windows[:, :-1], windows[:, 1:], reduction="sum").double()
+    return all_reduce_sum(nats, d).item()
+
+
+def _grouped_validation(model: torch.nn.Module, source, groups: dict, micro: int, device, dtype,
+                        d: Dist) -> dict[str, float]:
+    """source/NAME/val_loss and val_bpb per group; val_loss = sum_i w_i L_i, val_bpb = the
+    weighted nats per token over ln 2 times the weighted bytes per token (docs/data.md, "Mixtures")."""
+    out: dict[str, float] = {}
+    loss = per_token_bytes = 0.0
+    for name, (weight, ids) in groups.items():
+        nats = _validation_nats(model, source, ids, micro, device, dtype, d)
+        n_tokens = len(ids) * source.seq_len
+        n_bytes = int(source.window_bytes(ids, data_loader.VALIDATION).sum())
+        out[f"source/{name}/val_loss"] = nats / n_tokens
+        out[f"source/{name}/val_bpb"] = nats / (math.log(2) * n_bytes)
+        loss += weight * nats / n_tokens
+        per_token_bytes += weight * n_bytes / n_tokens
+    return {"val_loss": loss, "val_bits_per_token": loss / math.log(2),
+            "val_bpb": loss / (math.log(2) * per_token_bytes), **out}
 
 
 def auto_micro_batch(config: Config, device: torch.device, local_seqs: int, d: Dist) -> int:

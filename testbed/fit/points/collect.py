@@ -2,7 +2,9 @@
 
 Reads only what docs/run-directory.md promises, through testbed/rundir.py: run.json,
 checkpoints/index.jsonl and the evaluation lines of metrics.jsonl (the points of runs without an
-index, and every point's task metrics, `task/<name>/<metric>`, as columns of the same names).
+index, and every point's task metrics, `task/<name>/<metric>`, and a mixture's per-source
+validation, `source/<name>/val_loss` and `source/<name>/val_bpb`, as columns of the same names; a
+mixture's configured weights are the columns `weight/<name>`).
 Every run is found, cooldown branches (RUN_DIR/branches/*) included: a branch's final point is a
 `cooldown` point. The alternatives to a cooldown have kinds of their own, at the compute of the
 step they were taken at: `ema` (every evaluation of the moving average of the weights,
@@ -50,6 +52,17 @@ def find_run_dirs(root: str | Path) -> list[RunDir]:
 
 
 TASK_PREFIX = "task/"
+SOURCE_PREFIX = "source/"  # a mixture's per-source validation (testbed/data/mixture.py)
+EVAL_PREFIXES = (TASK_PREFIX, SOURCE_PREFIX)
+
+
+def _mixture_weights(run: dict) -> dict[str, Any]:
+    """`weight/<name>` columns: the weights a mixture run's config gives its sources."""
+    data = (run.get("config") or {}).get("data") or {}
+    if data.get("source") != "mixture":
+        return {}
+    weights = (data.get("source_options") or {}).get("weights") or {}
+    return {f"weight/{name}": value for name, value in weights.items()} if isinstance(weights, dict) else {}
 
 
 def _checkpoint_rows(run: RunDir, has_tasks: bool) -> list[dict]:
@@ -61,7 +74,7 @@ def _checkpoint_rows(run: RunDir, has_tasks: bool) -> list[dict]:
         # No usable index: fall back to the evaluation lines of the metrics log.
         return [{**r, "kind": "eval"} for r in evals]
     # The index holds the validation; the task scores of the same step are in the metrics log.
-    tasks = {r.get("step"): {k: v for k, v in r.items() if k.startswith(TASK_PREFIX)} for r in evals}
+    tasks = {r.get("step"): {k: v for k, v in r.items() if k.startswith(EVAL_PREFIXES)} for r in evals}
     return [{**tasks.get(r.get("step"), {}), **r} for r in rows]
 
 
@@ -122,7 +135,10 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
         parent = run.get("parent")
         base["parent_run"] = parent.get("run_dir") if isinstance(parent, dict) else None
         by_step: dict[int, dict] = {}
-        has_tasks = bool(((run.get("config") or {}).get("train") or {}).get("tasks"))
+        weights = _mixture_weights(run)
+        base.update(weights)
+        # Task scores and a mixture's per-source losses are in the metrics log, not the index.
+        has_tasks = bool(((run.get("config") or {}).get("train") or {}).get("tasks")) or bool(weights)
         for row in _checkpoint_rows(run_dir, has_tasks):
             kind = _point_kind(row, run, parent is not None)
             step = int(row.get("step", 0))
@@ -147,7 +163,7 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
                 "checkpoint_kind": row.get("kind"),
                 "deleted": bool(row.get("deleted", False)),
                 "point_kind": kind,
-                **{k: v for k, v in row.items() if k.startswith(TASK_PREFIX)},
+                **{k: v for k, v in row.items() if k.startswith(EVAL_PREFIXES)},
             }
         records.extend(by_step[s] for s in sorted(by_step))
         records.extend(_averaged_rows(run_dir, run, base))
