@@ -40,7 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--workers", type=int, default=1,
                      help="local: runs trained at once on the CPU (default 1)")
     run.add_argument("--gpus", default=None,
-                     help="local: comma-separated GPU indices, one run per GPU (e.g. 0,1)")
+                     help="local: comma-separated GPU indices, one slot per GPU (e.g. 0,1), or "
+                     "--runs-per-gpu slots each")
+    run.add_argument("--runs-per-gpu", default=None, metavar="K",
+                     help="runs trained at once on one GPU, as separate processes sharing it: a "
+                     "whole number or auto (the largest run's memory estimate against the GPU's "
+                     "memory, at most 8); default: the sweep file's runs_per_gpu, else the SLURM "
+                     "profile's, else auto (see docs/sweep.md, 'Several runs per GPU')")
     run.add_argument("--profile", default=None,
                      help="slurm: site profile YAML (e.g. slurm/profiles/local.yaml)")
     run.add_argument("--pack", type=int, default=1,
@@ -83,6 +89,10 @@ def run_handler(args: argparse.Namespace) -> int:
         raise TestbedError(f"--workers={args.workers} must be at least 1")
     if args.pack < 1:
         raise TestbedError(f"--pack={args.pack} must be at least 1")
+    if args.runs_per_gpu is not None:
+        from testbed.sweep.spec import runs_per_gpu_setting
+
+        args.runs_per_gpu = runs_per_gpu_setting(args.runs_per_gpu, "--runs-per-gpu")
     sweep = load_sweep(args.sweep)  # every config is validated before anything is written
     profile = None
     if args.executor == "slurm":
@@ -99,24 +109,40 @@ def run_handler(args: argparse.Namespace) -> int:
     run_ids = registry.add_runs(sweep)
 
     if args.executor == "local":
-        from testbed.sweep.local import LocalExecutor
+        from testbed.sweep.local import LocalExecutor, gpu_memory_bytes
+        from testbed.sweep.spec import sweep_runs_per_gpu
 
         gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+        runs_per_gpu = 1
+        if args.runs_per_gpu is not None and not gpus:
+            print("--runs-per-gpu applies to the slots of --gpus; on the CPU --workers sets the "
+                  "runs trained at once", file=sys.stderr)
+        if gpus:
+            setting = args.runs_per_gpu if args.runs_per_gpu is not None else sweep.runs_per_gpu
+            runs_per_gpu = sweep_runs_per_gpu(sweep, gpu_memory_bytes(gpus) if setting == "auto"
+                                              else None, setting)
+            if runs_per_gpu > 1:
+                print(f"{runs_per_gpu} runs per GPU ({setting}) on GPU {','.join(gpus)}", flush=True)
         counts = LocalExecutor(registry, run_ids, workers=args.workers, gpus=gpus,
                                max_retries=args.max_retries, progress=not args.no_progress,
-                               fork_server=not args.no_fork_server).run()
+                               fork_server=not args.no_fork_server,
+                               runs_per_gpu=runs_per_gpu).run()
     else:
         from testbed.sweep import slurm
 
         assert profile is not None  # loaded above for --executor slurm
+        runs_per_gpu = slurm.packed_per_task(profile, sweep, args.runs_per_gpu)
+        if runs_per_gpu > 1:
+            print(f"{runs_per_gpu} runs at once per array task", flush=True)
         submitted = slurm.submit(registry, sweep.name, run_ids, profile, pack=args.pack,
-                                 max_retries=args.max_retries)
+                                 max_retries=args.max_retries, runs_per_gpu=runs_per_gpu)
         print(f"submitted {len(submitted)} of {len(run_ids)} runs "
               f"({len(run_ids) - len(submitted)} done, queued or out of retries)")
         if not args.wait:
             return 0
         counts = slurm.wait(registry, sweep.name, run_ids, profile, pack=args.pack,
-                            max_retries=args.max_retries, on_poll=print_changes())
+                            max_retries=args.max_retries, on_poll=print_changes(),
+                            runs_per_gpu=runs_per_gpu)
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
     print(f"sweep {sweep.name}: {summary}; details: testbed sweep status {sweep_dir}")
     return 0 if counts.get("done", 0) == len(run_ids) else 1

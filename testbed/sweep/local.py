@@ -5,10 +5,13 @@ trainer as a subprocess with output appended to SWEEP_DIR/logs/<run_id>.log, and
 exit status. A run that exits PREEMPTED (75, testbed/exits.py) is simply started again and resumes from its
 checkpoint; a failed run is retried until it has failed `max_retries + 1` times.
 
-Slots: `workers` CPU processes (each limited to its share of the cores), or one per GPU with
-CUDA_VISIBLE_DEVICES set to that GPU. Ctrl-C, SIGTERM or SIGHUP (the terminal or ssh session
-closed) asks every trainer to save and stop (they exit PREEMPTED and stay resumable); nothing is
-lost.
+Slots: `workers` CPU processes (each limited to its share of the cores), or `runs_per_gpu` per
+GPU with CUDA_VISIBLE_DEVICES set to that GPU. Several slots on one GPU are separate trainer
+processes (their own data, seeds and CUDA context; results as if each ran alone), each told its
+share of the GPU's memory in TESTBED_GPU_MEMORY_FRACTION (testbed/train/device.py applies it) and
+of the cores in OMP_NUM_THREADS; slots take the GPUs in turn (0, 1, 0, 1, ...). Ctrl-C, SIGTERM
+or SIGHUP (the terminal or ssh session closed) asks every trainer to save and stop (they exit
+PREEMPTED and stay resumable); nothing is lost.
 
 Trainers die with their executor: a fresh process gets PR_SET_PDEATHSIG=SIGTERM (Linux), and a
 fork server sends SIGTERM to its running child when its executor goes (end of its input); so
@@ -32,6 +35,7 @@ wandb run keys (RUN_KEYS): runs of different sweeps or study arms share one.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,17 +119,50 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def worker_slots(workers: int, gpus: list[str] | None) -> list[dict[str, str]]:
-    """Environment overrides for each concurrent slot: on the CPU each slot's share of the usable
-    cores, never more than an OMP_NUM_THREADS the executor itself was given (its caller's cap)."""
-    if gpus:
-        return [{"CUDA_VISIBLE_DEVICES": gpu} for gpu in gpus]
-    threads = max(1, usable_cores() // max(1, workers))
+def slot_threads(slots: int) -> int:
+    """One slot's share of the usable cores, never more than an OMP_NUM_THREADS the executor
+    itself was given (its caller's cap)."""
+    threads = max(1, usable_cores() // max(1, slots))
     cap = os.environ.get("OMP_NUM_THREADS", "")
     if cap.isdigit() and int(cap) > 0:
         threads = min(threads, int(cap))
+    return threads
+
+
+def memory_fraction(runs_per_gpu: int) -> str:
+    """TESTBED_GPU_MEMORY_FRACTION of one of `runs_per_gpu` runs sharing a GPU: 1/k, written
+    with enough digits that k of them never add up to more than the whole."""
+    return f"{int(1e6 / runs_per_gpu) / 1e6:.6f}"
+
+
+def worker_slots(workers: int, gpus: list[str] | None, runs_per_gpu: int = 1) -> list[dict[str, str]]:
+    """Environment overrides for each concurrent slot: on the CPU each slot's share of the usable
+    cores; with GPUs `runs_per_gpu` slots per GPU, taking the GPUs in turn, and where several
+    share one, each with its share of the GPU's memory and of the cores."""
+    if gpus:
+        k = max(1, runs_per_gpu)
+        if k == 1:
+            return [{"CUDA_VISIBLE_DEVICES": gpu} for gpu in gpus]
+        shared = {"TESTBED_GPU_MEMORY_FRACTION": memory_fraction(k),
+                  "OMP_NUM_THREADS": str(slot_threads(k * len(gpus)))}
+        return [{"CUDA_VISIBLE_DEVICES": gpu, **shared} for _ in range(k) for gpu in gpus]
+    threads = slot_threads(workers)
     return [{"OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}
             for _ in range(max(1, workers))]
+
+
+def gpu_memory_bytes(gpus: list[str]) -> int | None:
+    """The memory of the smallest of these GPUs, from nvidia-smi (not from torch: the executor
+    holds no CUDA context on the GPUs its trainers share). None where it cannot be read."""
+    if not gpus or shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        result = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits",
+                                 "-i", ",".join(gpus)], capture_output=True, text=True, timeout=30)
+        sizes = [int(float(line)) for line in result.stdout.split() if line.strip()]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+    return min(sizes) * 2**20 if result.returncode == 0 and sizes else None  # MiB
 
 
 class ForkServers(dict[int, "ForkServer | None"]):
@@ -148,10 +185,10 @@ class LocalExecutor:
     def __init__(self, registry: Registry, run_ids: list[str], *, workers: int = 1,
                  gpus: list[str] | None = None, max_retries: int = 2, progress: bool = True,
                  trainer: list[str] | None = None, fork_server: bool = True,
-                 servers: ForkServers | None = None):
+                 servers: ForkServers | None = None, runs_per_gpu: int = 1):
         self.registry = registry
         self.run_ids = run_ids
-        self.slots = worker_slots(workers, gpus)
+        self.slots = worker_slots(workers, gpus, runs_per_gpu)
         # The fork server runs `testbed train` only, and never holds CUDA: GPU slots and custom
         # trainer commands start fresh processes.
         self.fork_server = fork_server and trainer is None and not gpus and fork_server_usable()

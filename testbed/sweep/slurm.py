@@ -1,7 +1,9 @@
 """Run a sweep on SLURM: site profiles, batch scripts from templates, submission, waiting.
 
-Runs are packed `pack` per array task and trained one after another inside the task. The
-scripts come from the templates shipped beside this module: templates/array.sbatch (one node
+Runs are packed `pack` per array task and trained inside the task, `runs_per_gpu` at a time
+(packed_per_task): one after another, or several at once sharing the task's GPU as separate
+trainer processes, each with its share of the GPU's memory, optionally under CUDA MPS (profile
+`mps: true`). The scripts come from the templates shipped beside this module: templates/array.sbatch (one node
 per task) or templates/multinode.sbatch (profile `nodes` > 1: srun + torchrun over the
 allocation). Values from the sweep (paths, run ids) are written with shlex.quote; profile
 values that land in `#SBATCH` lines must be plain words.
@@ -41,6 +43,9 @@ DEFAULTS: dict[str, Any] = {
     "python": None,  # interpreter on the compute nodes; default: the one submitting
     "port": 29500,  # torchrun rendezvous port base (multi-node)
     "extra_sbatch": [],  # more `--option=value` lines, e.g. --constraint=h100
+    "runs_per_gpu": "auto",  # runs trained at once on a task's GPU: a whole number, or auto
+    "gpu_memory_gb": None,  # memory of the partition's GPUs, for runs_per_gpu: auto (None: 1 run)
+    "mps": False,  # start a CUDA MPS control daemon in each task that packs several runs
 }
 PLAIN_WORD = re.compile(r"[A-Za-z0-9_.,:@+=%/-]+")
 
@@ -77,6 +82,16 @@ def load_profile(path: str | Path) -> dict[str, Any]:
     mc = profile["max_concurrent"]
     if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or mc < 1):
         raise ConfigError(f"{where}: max_concurrent={mc!r} must be a whole number >= 1 or null")
+    from testbed.sweep.spec import runs_per_gpu_setting
+
+    profile["runs_per_gpu"] = runs_per_gpu_setting(profile["runs_per_gpu"], where)
+    memory = profile["gpu_memory_gb"]
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float))
+                               or memory <= 0):
+        raise ConfigError(f"{where}: gpu_memory_gb={memory!r} must be a number > 0 (e.g. 80 for an "
+                          f"H100) or null")
+    if not isinstance(profile["mps"], bool):
+        raise ConfigError(f"{where}: mps={profile['mps']!r} must be true or false")
     for key in ("setup", "extra_sbatch"):
         if not isinstance(profile[key], list) or not all(isinstance(x, str) for x in profile[key]):
             raise ConfigError(f"{where}: {key}={profile[key]!r} must be a list of strings")
@@ -99,9 +114,60 @@ def pack_runs(run_ids: list[str], pack: int) -> list[list[str]]:
     return [run_ids[i:i + pack] for i in range(0, len(run_ids), pack)]
 
 
+def packed_per_task(profile: dict[str, Any], sweep: Any = None,
+                    override: int | str | None = None) -> int:
+    """Runs trained at once in one array task: the command line's setting, else the sweep
+    file's integer, else the profile's; auto is resolved against the profile's gpu_memory_gb
+    (1 without it). A multi-node run has its allocation to itself; a task of several GPUs
+    runs one process per run on its first GPU only, so it is not packed (refused if asked)."""
+    from testbed.sweep.spec import choose_runs_per_gpu, runs_per_gpu_setting
+
+    setting = runs_per_gpu_setting(override) if override is not None else "auto"
+    if setting == "auto" and sweep is not None:
+        setting = sweep.runs_per_gpu
+    if setting == "auto":
+        setting = profile.get("runs_per_gpu", "auto")
+    if profile["nodes"] > 1 or profile["gpus_per_task"] > 1:
+        if setting != "auto" and int(setting) > 1:
+            raise ConfigError(f"runs_per_gpu={setting} packs runs onto one GPU; the profile gives "
+                              f"each task nodes={profile['nodes']}, gpus_per_task="
+                              f"{profile['gpus_per_task']}: use gpus_per_task: 1 and nodes: 1")
+        return 1
+    if setting == "auto" and not profile["gpus_per_task"]:
+        return 1  # CPU tasks: only an explicit setting packs them
+    memory = profile.get("gpu_memory_gb")
+    configs = [r.config for r in sweep.runs] if sweep is not None else []
+    quantities = [r.quantities for r in sweep.runs] if sweep is not None else None
+    return choose_runs_per_gpu(setting, configs, int(memory * 1e9) if memory else None,
+                               quantities=quantities)
+
+
+def mps_lines(profile: dict[str, Any], runs_per_gpu: int) -> str:
+    """Shell lines starting a CUDA MPS control daemon for this task (profile mps: true, and
+    several runs per GPU), stopped when the script exits: its pipe and log folders are the
+    task's own, so two tasks on one node never share a daemon."""
+    if not profile.get("mps") or runs_per_gpu < 2:
+        return ""
+    return "\n".join([
+        "# CUDA MPS (profile mps: true): the packed trainers share the GPU through one server.",
+        'export CUDA_MPS_PIPE_DIRECTORY="${TMPDIR:-/tmp}/mps-pipe-$SELF"',
+        'export CUDA_MPS_LOG_DIRECTORY="${TMPDIR:-/tmp}/mps-log-$SELF"',
+        'mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"',
+        "if nvidia-cuda-mps-control -d; then",
+        "    trap 'echo quit | nvidia-cuda-mps-control' EXIT",
+        "else",
+        '    echo "CUDA MPS did not start; the packed runs share the GPU without it" >&2',
+        "fi",
+    ])
+
+
 def render_script(sweep_name: str, sweep_dir: Path, tasks: list[list[str]],
-                  profile: dict[str, Any], trainer: list[str] | None = None) -> str:
+                  profile: dict[str, Any], trainer: list[str] | None = None,
+                  runs_per_gpu: int = 1) -> str:
+    from testbed.sweep.local import memory_fraction
+
     multinode = profile["nodes"] > 1
+    runs_per_gpu = 1 if multinode else max(1, runs_per_gpu)
     template = (TEMPLATES_DIR / ("multinode.sbatch" if multinode else "array.sbatch")).read_text()
     python = profile["python"] or sys.executable
     array = f"0-{len(tasks) - 1}"
@@ -136,6 +202,10 @@ def render_script(sweep_name: str, sweep_dir: Path, tasks: list[list[str]],
         "exit_skip": str(exits.SKIP),
         "exit_preempted": str(exits.PREEMPTED),
         "exit_busy": str(exits.BUSY),
+        "runs_per_gpu": str(runs_per_gpu),
+        "memory_fraction": memory_fraction(runs_per_gpu),
+        "threads_per_run": str(max(1, profile["cpus_per_task"] // runs_per_gpu)),
+        "mps_start": mps_lines(profile, runs_per_gpu),
     }
     return fill_template(template, values)
 
@@ -184,11 +254,14 @@ def live_jobs() -> set[str]:
 
 
 def submit(registry: Registry, sweep_name: str, run_ids: list[str], profile: dict[str, Any], *,
-           pack: int = 1, max_retries: int = 2, trainer: list[str] | None = None) -> list[str]:
-    """Queue every startable run of `run_ids`; returns the run ids submitted (maybe none)."""
+           pack: int = 1, max_retries: int = 2, trainer: list[str] | None = None,
+           runs_per_gpu: int = 1) -> list[str]:
+    """Queue every startable run of `run_ids`; returns the run ids submitted (maybe none).
+    Each task gets at least `runs_per_gpu` runs, trained that many at a time."""
     require_slurm()
+    pack = max(pack, runs_per_gpu)
     if profile["nodes"] > 1:
-        pack = 1  # a multi-node run occupies its whole allocation
+        pack = runs_per_gpu = 1  # a multi-node run occupies its whole allocation
     with registry.locked():
         live = live_jobs()
         registry.reconcile_locked(live)
@@ -203,7 +276,8 @@ def submit(registry: Registry, sweep_name: str, run_ids: list[str], profile: dic
         registry.logs_dir.mkdir(parents=True, exist_ok=True)
         n = len(list(folder.glob("submit-*.sbatch")))
         script_path = folder / f"submit-{n:04d}-{stamp}.sbatch"
-        script_path.write_text(render_script(sweep_name, registry.root, tasks, profile, trainer))
+        script_path.write_text(render_script(sweep_name, registry.root, tasks, profile, trainer,
+                                             runs_per_gpu=runs_per_gpu))
         result = subprocess.run(["sbatch", "--parsable", str(script_path)], cwd=registry.root,
                                 capture_output=True, text=True)
         if result.returncode != 0:
@@ -223,7 +297,8 @@ def submit(registry: Registry, sweep_name: str, run_ids: list[str], profile: dic
 
 def wait(registry: Registry, sweep_name: str, run_ids: list[str], profile: dict[str, Any], *,
          pack: int = 1, max_retries: int = 2, poll_seconds: float = 5.0,
-         trainer: list[str] | None = None, on_poll: Any = None) -> dict[str, int]:
+         trainer: list[str] | None = None, on_poll: Any = None,
+         runs_per_gpu: int = 1) -> dict[str, int]:
     """Wait until no run is queued; resubmit failed (within retries) and stranded runs."""
     while True:
         records = registry.reconcile(live_jobs)
@@ -234,7 +309,7 @@ def wait(registry: Registry, sweep_name: str, run_ids: list[str], profile: dict[
         busy = [r for r in mine if r.get("state") in ACTIVE or r.get("job_id") in live]
         if not busy:
             if not submit(registry, sweep_name, run_ids, profile, pack=pack,
-                          max_retries=max_retries, trainer=trainer):
+                          max_retries=max_retries, trainer=trainer, runs_per_gpu=runs_per_gpu):
                 break
         time.sleep(poll_seconds)
     counts: dict[str, int] = {}

@@ -12,6 +12,7 @@ A sweep is YAML:
     derived:                      # evaluated in order for every run, see expr.py
       train.tokens: "20 * n_params"
     labels: [model.d_model]       # default: every axis key
+    runs_per_gpu: auto            # runs trained at once on one GPU (an integer, or auto)
 
 Runs = product(grid) x zip. A run id is `<label slug>-<10 hex>`, the hex being a hash of the
 resolved config without the keys that cannot change the result (name, labels, logging, and the
@@ -30,11 +31,18 @@ from typing import Any
 
 from testbed.config import Config, config_hash, from_dict, merge, read_yaml, set_dotted
 from testbed.errors import ConfigError
-from testbed.sweep.expr import evaluate
+from testbed.sweep.expr import axis_values, evaluate
 from testbed.sweep.quantities import describe, expression_names
 
-SWEEP_KEYS = ("name", "description", "base", "grid", "zip", "derived", "labels")
+SWEEP_KEYS = ("name", "description", "base", "grid", "zip", "derived", "labels", "runs_per_gpu")
 SLUG_CHARS = 60
+# runs_per_gpu: auto packs at most this many runs onto one GPU, into at most this share of its
+# memory (the rest is headroom: allocator fragmentation, a compiled step's workspace).
+MAX_RUNS_PER_GPU = 8
+USABLE_GPU_FRACTION = 0.9
+# Fixed cost of one more CUDA process: its context, cuBLAS/cuDNN workspaces, kernels loaded.
+PROCESS_OVERHEAD_BYTES = 1536 * 2**20
+LOSS_CHUNK_LOGITS = 2**28  # testbed.model.loss.CHUNK_LOGITS
 
 
 @dataclass
@@ -55,6 +63,7 @@ class Sweep:
     runs: list[PlannedRun]
     source: str | None = None
     description: str | None = None
+    runs_per_gpu: int | str = "auto"  # an integer >= 1, or "auto" (see choose_runs_per_gpu)
 
 
 def load_sweep(source: str | Path | dict[str, Any]) -> Sweep:
@@ -102,7 +111,8 @@ def load_sweep(source: str | Path | dict[str, Any]) -> Sweep:
         seen[config_hash] = run
         runs.append(run)
     return Sweep(name=name, runs=runs, source=None if isinstance(source, dict) else str(source),
-                 description=spec.get("description"))
+                 description=spec.get("description"),
+                 runs_per_gpu=runs_per_gpu_setting(spec.get("runs_per_gpu", "auto"), where))
 
 
 def check_keys(spec: dict[str, Any], where: str) -> None:
@@ -136,6 +146,11 @@ def axis_mapping(axes: Any, kind: str, where: str) -> dict[str, list[Any]]:
                           f"list of values, e.g. model.d_model: [32, 64]")
     out = {}
     for key, values in axes.items():
+        if isinstance(values, str):  # a helper: simplex(names=[a, b], step=0.25) (expr.py)
+            try:
+                values = axis_values(values, str(key))
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {kind} {err}") from None
         if not isinstance(values, list):
             raise ConfigError(f"{where}: {kind} axis {key}={values!r} must be a list of values, "
                               f"e.g. {key}: [{values!r}]")
@@ -234,3 +249,81 @@ def slug(labels: dict[str, Any]) -> str:
         text = format(value, "g") if isinstance(value, float) else str(value)
         parts.append(f"{short}-{re.sub(r'[^A-Za-z0-9.+-]+', '', text)}")
     return "_".join(parts)[:SLUG_CHARS].strip("_-.") or "run"
+
+
+# ----------------------------------------------------------------------------- runs per GPU
+
+
+def runs_per_gpu_setting(value: Any, where: str = "runs_per_gpu") -> int | str:
+    """A runs_per_gpu setting checked: a whole number >= 1, or "auto" (None counts as auto)."""
+    if value is None or value == "auto":
+        return "auto"
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: runs_per_gpu={value!r} must be a whole number >= 1 or auto, "
+                          f"e.g. runs_per_gpu: 4")
+    return value
+
+
+def estimate_run_memory(config: Config, quantities: dict[str, Any] | None = None) -> int | None:
+    """Bytes of GPU memory one training process of this config needs, roughly: fp32 weights,
+    gradients, two AdamW moments, the logging step's copy of the weights (and the EMA copy);
+    the activations of one micro-batch (all of a process's batch when micro_batch_size is
+    unset) at 34 x d_model bytes per token and layer in bf16 (twice in fp32; about 2 x d_model
+    with activation checkpointing), one loss chunk's fp32 logits, softmax and gradient; plus a
+    CUDA process's fixed cost. An estimate, not a measurement: auto leaves headroom for it.
+    None where it cannot be estimated (a model that cannot be described, FSDP, several
+    processes per run)."""
+    try:
+        info = quantities if quantities and "n_params" in quantities else _describe(config)
+        n_params, d_model = int(info["n_params"]), int(info["d_model"])
+        n_layers, vocab = int(info["n_layers"]), int(info["vocab_size"])
+        seq_len = int(info["seq_len"])
+    except (KeyError, TypeError, ValueError, ConfigError):
+        return None
+    train = config.train
+    if train.parallel != "ddp":
+        return None
+    states = (4 + 4 + 8 + 4 + (4 if train.ema_decay else 0)) * n_params
+    micro = train.micro_batch_size or max(1, train.global_batch_tokens // seq_len)
+    tokens = micro * seq_len
+    width = 2 if train.precision in ("auto", "bf16") else 4  # auto is bf16 on CUDA
+    per_layer = (2 if train.activation_checkpointing else 34) * d_model * width // 2
+    # The loss is computed in chunks of tokens (testbed/model/loss.py, CHUNK_LOGITS, not
+    # imported: it would import torch): one chunk's fp32 logits, softmax and gradient at once.
+    logits = min(tokens, max(1, LOSS_CHUNK_LOGITS // vocab)) * vocab * 12
+    activations = tokens * n_layers * per_layer + logits
+    return states + activations + PROCESS_OVERHEAD_BYTES
+
+
+def _describe(config: Config) -> dict[str, Any]:
+    from testbed.plan import describe as describe_run
+
+    return describe_run(config)
+
+
+def choose_runs_per_gpu(setting: int | str, configs: list[Config], gpu_memory: int | None, *,
+                        cap: int = MAX_RUNS_PER_GPU,
+                        quantities: list[dict[str, Any]] | None = None) -> int:
+    """Runs to train at once on one GPU. An integer setting is taken as it is. auto: as many
+    copies of the largest run's memory estimate as fit into USABLE_GPU_FRACTION of the GPU's
+    memory (`gpu_memory` bytes), at most `cap`; 1 when the GPU's memory is unknown, when a
+    run cannot be estimated, or when the largest run needs more than that share split in two."""
+    if setting != "auto":
+        return int(setting)
+    if not gpu_memory or not configs:
+        return 1
+    estimates = [estimate_run_memory(c, quantities[i] if quantities else None)
+                 for i, c in enumerate(configs)]
+    if any(e is None or e <= 0 for e in estimates):
+        return 1
+    largest = max(e for e in estimates if e is not None)
+    return max(1, min(cap, int(USABLE_GPU_FRACTION * gpu_memory // largest)))
+
+
+def sweep_runs_per_gpu(sweep: Sweep, gpu_memory: int | None, override: int | str | None = None) -> int:
+    """The sweep's runs per GPU: `override` (the command line's) before the sweep file's setting."""
+    setting = sweep.runs_per_gpu if override is None else override
+    return choose_runs_per_gpu(setting, [r.config for r in sweep.runs], gpu_memory,
+                               quantities=[r.quantities for r in sweep.runs])

@@ -37,7 +37,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             local = int(os.environ.get("LOCAL_RANK", 0))
-            return torch.device("cuda", local % torch.cuda.device_count())
+            device = torch.device("cuda", local % torch.cuda.device_count())
+            share_gpu_memory(device)
+            return device
         return torch.device("cpu")
     try:
         device = torch.device(name)
@@ -49,7 +51,17 @@ def resolve_device(name: str) -> torch.device:
         # Plain "cuda" means this process's GPU (torchrun's LOCAL_RANK), as auto does: an index
         # is needed by torch.cuda.set_device and the RNG calls.
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    if device.type == "cuda":
+        share_gpu_memory(device)
     return device
+
+
+def share_gpu_memory(device: torch.device) -> None:
+    """TESTBED_GPU_MEMORY_FRACTION (set by a sweep packing several runs onto one GPU): this
+    process's cap on the GPU's memory, so that the largest micro-batch search stays in its share."""
+    fraction = os.environ.get("TESTBED_GPU_MEMORY_FRACTION")
+    if fraction:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, float(fraction)), device)
 
 
 def cpu_has_bf16_units() -> bool:
