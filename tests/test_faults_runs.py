@@ -256,7 +256,7 @@ def test_placeholders_in_a_sweep_directory_path_are_written_as_they_are(tmp_path
     script = render_script("s", sweep_dir, [["run-a"]], profile)
     assert f"SWEEP_DIR={shlex.quote(str(sweep_dir))}\n" in script
     assert "PYTHON=/opt/py/bin/python\necho set up\n" in script
-    assert f"== {exits.BUSY} ]] && requeue_self" in script
+    assert f"$outcome == {exits.BUSY} ]] && requeue=1" in script
 
 
 # ----------------------------------------------------------------------------- killing `sweep run`

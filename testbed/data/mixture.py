@@ -198,6 +198,10 @@ class MixtureSource:
     @classmethod
     def vocab_size(cls, config: Config, options: Options | None = None) -> int:
         assert isinstance(options, MixtureOptions)
+        if config.model.vocab_size and not all((Path(p) / "manifest.json").is_file() for p in options.sources.values()):
+            # As for shards: a mixture can be planned before its folders are prepared when the
+            # config states the vocabulary; training still needs them (from_config says so).
+            return int(config.model.vocab_size)
         manifests = read_manifests(options)
         return int(next(iter(manifests.values()))["vocab_size"])
 
