@@ -107,7 +107,7 @@ def test_interval_coverage_on_simulated_mixtures():
     at = np.array([[0.33, 0.67]])
     c, k, t = 2.0, 1.5, np.array([-2.0, 0.0])
     truth = c + k * np.exp(at @ t)[0]
-    inside = {"law": 0, "new_run": 0, "t_web": 0}
+    inside = {"law": 0, "new_run": 0, "mean_of_two": 0, "t_web": 0}
     repeats, noise = 150, 0.005
     for _ in range(repeats):
         loss = (c + k * np.exp(weights @ t)) * np.exp(noise * rng.standard_normal(len(weights)))
@@ -117,6 +117,9 @@ def test_interval_coverage_on_simulated_mixtures():
         new = truth * np.exp(noise * rng.standard_normal())
         _, low, high = fit.interval(at, new_run=True)
         inside["new_run"] += int(low[0] <= new <= high[0])
+        mean = truth * np.exp(noise * rng.standard_normal(2).mean())  # two seeds' geometric mean
+        _, low, high = fit.interval(at, new_run=True, runs=2)
+        inside["mean_of_two"] += int(low[0] <= mean <= high[0])
         lo, hi = fit.param_intervals()["t_web"]
         inside["t_web"] += int(lo <= t[0] <= hi)
     coverage = {name: count / repeats for name, count in inside.items()}

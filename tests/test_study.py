@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ["wsd", "shape", "repetition", "chinchilla", "ablation", "annealing", "power", "vocab", "optimizers"]
+STUDIES = ["wsd", "shape", "repetition", "chinchilla", "ablation", "annealing", "power", "vocab", "optimizers", "mixture"]
 
 
 def cli(*args, cwd=None):
@@ -84,8 +84,12 @@ def test_every_gpu_study_fits_its_budget_and_the_hub_corpus(tmp_path, monkeypatc
     from testbed.study.runner import load, plan
 
     monkeypatch.setenv("TESTBED_CACHE", str(tmp_path))
+    from testbed.study.base import STUDIES as registry
+
     load()
-    for name in STUDIES:
+    without = [name for name in STUDIES if "gpu" not in registry.get(name).sizes]
+    assert without == ["mixture"]  # its domains are the library's: no hub version of them
+    for name in (n for n in STUDIES if n not in without):
         p = plan(name, "gpu")
         assert p["problems"] == [], (name, p["problems"])
         assert 0 < p["seconds"] <= recipes.BUDGET_S["gpu"], name
@@ -416,3 +420,20 @@ def test_no_rule_decides_on_a_caveat():
     assert ablation.verdict(type("A", (), {"headline": below})())[0] == "disagree"
     below.caveat = "LR 0.012 is the highest of its grid"
     assert ablation.verdict(type("A", (), {"headline": below})())[0] == "inconclusive"
+
+
+def test_library_domains_split_code_tests_and_docstrings():
+    """The mixture study's three domains: no file is both library and tests, the docstrings are
+    prose taken from the code (each a substring of some file), and the mini flavour is capped."""
+    from testbed.study import corpus
+
+    assert corpus._docstrings('"""Module."""\ndef f():\n    """Does f."""\nclass C:\n    pass\n') == "Module.\n\nDoes f."
+    assert corpus._docstrings("def (:") == ""  # the test suite holds deliberately broken files
+    library, tests = corpus.domain_texts("library", mini=True), corpus.domain_texts("tests", mini=True)
+    assert library and tests and not set(library) & set(tests)
+    assert any("def test" in text for text in tests) and not any(text.startswith("import unittest") for text in library)
+    for domain in corpus.DOMAINS:
+        texts = corpus.domain_texts(domain, mini=True)
+        assert corpus.MINI_BYTES <= sum(len(t.encode()) for t in texts) < corpus.MINI_BYTES + 2_000_000
+    path = corpus.domain_path("docstrings", 512, mini=True)
+    assert corpus.parse(path) == {"corpus": "domain", "domain": "docstrings", "vocab_size": 512, "mini": True}

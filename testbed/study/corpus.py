@@ -59,6 +59,10 @@ INSTALLED_NAME = re.compile(r"pysrc(?P<version>\d+)-py\d+-bpe(?P<vocab>\d+)$")
 
 MINI_BYTES = 400_000  # the `mini` flavour: the first files in path order, for tiny studies
 NAME = re.compile(r"stdlib(?P<version>\d+)(?P<mini>mini)?-py\d+-(?:nest(?P<nested>\d+)-)?bpe(?P<vocab>\d+)$")
+# The library split into three domains (the mixture study): its code, its test suite, and the
+# docstrings of both as prose; each tokenised with the one BPE of the library at that vocabulary.
+DOMAINS = ("library", "tests", "docstrings")
+DOMAIN_NAME = re.compile(r"stdlib(?P<version>\d+)(?P<mini>mini)?-py\d+-(?P<domain>library|tests|docstrings)-bpe(?P<vocab>\d+)$")
 
 
 def _python() -> str:
@@ -70,6 +74,12 @@ def stdlib_path(vocab_size: int = VOCAB_SIZE, nested_in: int | None = None, mini
     trained at that larger size (a vocabulary ladder); `mini`: the small flavour."""
     nest = f"nest{nested_in}-" if nested_in else ""
     return cache_root() / "studies" / f"stdlib{VERSION}{'mini' if mini else ''}-{_python()}-{nest}bpe{vocab_size}"
+
+
+def domain_path(domain: str, vocab_size: int, mini: bool = False) -> Path:
+    """Where one domain of the library lives (prepared or not), tokenised with the BPE of
+    stdlib_path(vocab_size, mini=mini)."""
+    return cache_root() / "studies" / f"stdlib{VERSION}{'mini' if mini else ''}-{_python()}-{domain}-bpe{vocab_size}"
 
 
 def hub_path(vocab_size: int = VOCAB_SIZE, nested_in: int | None = None) -> Path:
@@ -289,6 +299,12 @@ def parse(path: str | Path) -> dict | None:
         if int(match["version"]) != INSTALLED_VERSION:
             return None
         return {"corpus": "installed", "vocab_size": int(match["vocab"])}
+    match = DOMAIN_NAME.match(path.name)
+    if match:
+        if int(match["version"]) != VERSION:
+            return None
+        return {"corpus": "domain", "domain": match["domain"], "vocab_size": int(match["vocab"]),
+                "mini": bool(match["mini"])}
     match = HUB_NAME.match(path.name)
     if match:
         return {"corpus": "hub", "vocab_size": int(match["vocab"]),
@@ -308,6 +324,8 @@ def prepare(path: str | Path) -> Path:
     kind = args.pop("corpus")
     if kind == "installed":
         return installed_corpus(**args)
+    if kind == "domain":
+        return domain_corpus(**args)
     return stdlib_corpus(**args) if kind == "stdlib" else hub_corpus(**args)
 
 
@@ -323,6 +341,9 @@ def train_tokens(path: str | Path | None = None) -> tuple[int, bool]:
         return HUB_TRAIN_TOKENS_BOUND, False
     if args["corpus"] == "installed":
         return int(INSTALLED_BYTES_BOUND * (1 - INSTALLED_VAL_FRACTION) / BYTES_PER_TOKEN_BOUND), False
+    if args["corpus"] == "domain":
+        size = sum(len(text.encode()) for text in domain_texts(args["domain"], args["mini"]))
+        return int(size * (1 - VAL_FRACTION) / BYTES_PER_TOKEN_BOUND), False
     size = sum(p.stat().st_size for p in stdlib_files(args["mini"]))
     return int(size * (1 - VAL_FRACTION) / BYTES_PER_TOKEN_BOUND), False
 
@@ -330,10 +351,84 @@ def train_tokens(path: str | Path | None = None) -> tuple[int, bool]:
 def ensure_for(specs: list[dict]) -> None:
     """Prepare every study corpus a study's sweeps read (their base's data.path, or a data.path
     axis of the grid)."""
-    paths = []
-    for spec in specs:
-        paths.append(((spec.get("base") or {}).get("data") or {}).get("path"))
-        paths += list((spec.get("grid") or {}).get("data.path") or [])
-    for path in dict.fromkeys(p for p in paths if p):
+    for path in spec_paths(specs):
         if parse(path) is not None:
             prepare(path)
+
+
+def spec_paths(specs: list[dict]) -> list[str]:
+    """The data folders a study's sweeps read: their base's data.path, a data.path axis of the
+    grid, and the folders of a mixture source (data.source_options.sources), each once."""
+    paths = []
+    for spec in specs:
+        data = (spec.get("base") or {}).get("data") or {}
+        paths.append(data.get("path"))
+        paths += list((spec.get("grid") or {}).get("data.path") or [])
+        paths += list(((data.get("source_options") or {}).get("sources") or {}).values())
+    return list(dict.fromkeys(p for p in paths if p))
+
+
+# ----------------------------------------------------------------------------- domains
+
+
+def _is_test(path: Path, root: Path) -> bool:
+    parts = path.relative_to(root).parts
+    return any(part in ("test", "tests") for part in parts[:-1]) or parts[-1].startswith("test_")
+
+
+def _docstrings(text: str) -> str:
+    """A module's docstrings (module, classes, functions), in source order, one paragraph each."""
+    import ast
+
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):  # the test suite holds deliberately broken files
+        return ""
+    nodes = [tree, *(n for n in ast.walk(tree)
+                     if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)))]
+    found = [(getattr(n, "lineno", 0), ast.get_docstring(n)) for n in nodes]
+    return "\n\n".join(doc for _, doc in sorted(found, key=lambda item: item[0]) if doc)
+
+
+def domain_texts(domain: str, mini: bool = False) -> list[str]:
+    """The documents of one domain, one per library file in path order: `library` the code of
+    the files outside the test suite, `tests` the code of the test suite's files, `docstrings`
+    every file's docstrings; `mini`: the domain's first MINI_BYTES."""
+    if domain not in DOMAINS:
+        raise TestbedError(f"domain {domain!r} is not one of {', '.join(DOMAINS)}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, size = [], 0
+    for path in stdlib_files():
+        if mini and size >= MINI_BYTES:
+            break
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if domain == "docstrings":
+            text = _docstrings(text)
+        elif (domain == "tests") != _is_test(path, root):
+            continue
+        if text.strip():
+            texts.append(text)
+            size += len(text.encode())
+    return texts
+
+
+def domain_corpus(domain: str, vocab_size: int, mini: bool = False, log=print) -> Path:
+    """The prepared folder of one domain, made on first use with the library's own BPE at this
+    vocabulary (prepared first if need be), so every domain shares one tokenizer."""
+    out = domain_path(domain, vocab_size, mini)
+    if not (out / "manifest.json").is_file():
+        tokenizer = stdlib_corpus(vocab_size, mini=mini, log=log)
+        source = cache_root() / "studies" / f"{out.name}.jsonl"
+        log(f"preparing the library's {domain} in {out} (once)")
+        tmp = source.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as fh:
+            for text in domain_texts(domain, mini):
+                fh.write(json.dumps({"text": text}) + "\n")
+        os.replace(tmp, source)
+        command = [sys.executable, "-m", "testbed", "data", "prepare", "--source", str(source),
+                   "--val-fraction", str(VAL_FRACTION), "--tokenizer", str(tokenizer), "--workers", "2",
+                   "--quiet", "--out", str(out)]
+        if subprocess.run(command).returncode != 0:
+            raise TestbedError(f"preparing the corpus {out.name} failed; run {' '.join(command)}")
+    return out
+

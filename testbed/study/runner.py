@@ -111,12 +111,8 @@ def _corpora(specs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     from testbed.data.shards import read_manifest
     from testbed.study import corpus
 
-    paths = []
-    for spec in specs:
-        paths.append(((spec.get("base") or {}).get("data") or {}).get("path"))
-        paths += list((spec.get("grid") or {}).get("data.path") or [])
     found = {}
-    for path in dict.fromkeys(p for p in paths if p):
+    for path in corpus.spec_paths(specs):
         if corpus.parse(path) is None or not (Path(path) / "manifest.json").is_file():
             continue
         manifest = read_manifest(path)

@@ -199,16 +199,16 @@ class SourceFit:
     def predict(self, weights: np.ndarray) -> np.ndarray:
         return np.exp(_log_predict(self.theta, _design(np.atleast_2d(weights))))
 
-    def interval(self, weights: np.ndarray, level: float = LEVEL, new_run: bool = False
+    def interval(self, weights: np.ndarray, level: float = LEVEL, new_run: bool = False, runs: int = 1
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(prediction, low, high) at each mixture: the law's value there, or with `new_run` one
-        new run's loss (adding the residual scatter)."""
+        """(prediction, low, high) at each mixture: the law's value there, or with `new_run` the
+        geometric mean loss of `runs` new runs there (adding the residual scatter over `runs`)."""
         x = _design(np.atleast_2d(weights))
         centre = _log_predict(self.theta, x)
         grad = _log_jacobian(self.theta, x)
         var = np.einsum("np,pq,nq->n", grad, self.cov, grad)
         if new_run:
-            var = var + self.residual_sd ** 2
+            var = var + self.residual_sd ** 2 / runs
         q = sps.t.ppf(0.5 + level / 2, self.df)
         half = q * np.sqrt(np.maximum(var, 0.0))
         return np.exp(centre), np.exp(centre - half), np.exp(centre + half)

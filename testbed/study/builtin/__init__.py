@@ -4,6 +4,7 @@ from testbed.study.builtin import (  # noqa: F401
     ablation,
     annealing,
     chinchilla,
+    mixture,
     optimizers,
     power,
     repetition,
