@@ -217,10 +217,10 @@ def _paragraphs(path: Path) -> Iterator[str]:
             yield block
 
 
-def _json_rows(path: Path, original: Path) -> Iterator[dict]:
-    """The rows of a JSON Lines file, one JSON object a line (blank lines skipped); a bad line is
-    an error naming `original`:line, as with `datasets`."""
-    with open(path, encoding="utf-8") as fh:
+def _json_lines(path: Path, original: Path) -> Iterator[tuple[dict | None, TestbedError | None]]:
+    """Each non-blank line of a JSON Lines file as (its object, None), or (None, the error naming
+    `original`:line) for a line that is not a JSON object."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -230,12 +230,22 @@ def _json_rows(path: Path, original: Path) -> Iterator[dict]:
                 problem = f"is not valid JSON ({bad})"
             else:
                 if isinstance(row, dict):
-                    yield row
+                    yield row, None
                     continue
                 problem = f"holds a JSON {type(row).__name__}, not an object"
-            raise TestbedError(f"{original}:{number} {problem}: {line[:60]!r}; fix or delete that line "
-                               f"(each line of a .jsonl file is one JSON object), then run the same "
-                               f"command again")
+            yield None, TestbedError(f"{original}:{number} {problem}: {line[:60]!r}; fix or delete that line "
+                                     f"(each line of a .jsonl file is one JSON object), then run the same "
+                                     f"command again")
+
+
+def _json_rows(path: Path, original: Path) -> Iterator[dict]:
+    """The rows of a JSON Lines file, one JSON object a line (blank lines skipped); a bad line is
+    an error naming `original`:line, as with `datasets`."""
+    for row, error in _json_lines(path, original):
+        if error is not None:
+            raise error
+        assert row is not None
+        yield row
 
 
 def _parquet_rows(path: Path, text_field: str) -> Iterator[dict]:
@@ -253,21 +263,9 @@ def _parquet_rows(path: Path, text_field: str) -> Iterator[dict]:
 def _json_lines_error(group: list[Path], originals: list[Path], err: Exception) -> TestbedError:
     """The first line of a JSON Lines group that is not a JSON object, as file:line."""
     for path, original in zip(group, originals):
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as bad:
-                    problem = f"is not valid JSON ({bad})"
-                else:
-                    if isinstance(row, dict):
-                        continue
-                    problem = f"holds a JSON {type(row).__name__}, not an object"
-                return TestbedError(f"{original}:{number} {problem}: {line[:60]!r}; fix or delete that line "
-                                    f"(each line of a .jsonl file is one JSON object), then run the same "
-                                    f"command again")
+        error = next((e for _, e in _json_lines(path, original) if e is not None), None)
+        if error is not None:
+            return error
     names = ", ".join(str(p) for p in originals[:3])
     return TestbedError(f"{names} could not be read as JSON Lines ({type(err).__name__}: {err}); check "
                         f"that each line is one JSON object")
