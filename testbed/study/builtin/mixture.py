@@ -64,8 +64,8 @@ def analyse(ctx: Context) -> Analysis:
     components = [c[len("weight/"):] for c in finals.columns if str(c).startswith("weight/")]
     targets = [f"source/{d}/val_loss" for d in components]
     held = finals["label_heldout"].astype(int).to_numpy() == 1
-    fitted = fit_mixing(Mixtures(finals.loc[~held].reset_index(drop=True), components, targets, "loss"))
-    regmix = fit_mixing(Mixtures(finals.loc[~held].reset_index(drop=True), components, targets, "loss"), "regmix")
+    grid = Mixtures(finals.loc[~held].reset_index(drop=True), components, targets, "loss")
+    fitted, regmix = fit_mixing(grid), fit_mixing(grid, "regmix")
     measurements, rows, regmix_errors = [], [], []
     for label, group in finals.loc[held].groupby("label_mixture", sort=True):
         weights = group[[f"weight/{c}" for c in components]].to_numpy(float)[0]
