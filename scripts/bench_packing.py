@@ -13,11 +13,17 @@ same rate), then as k separate `testbed train` processes started together on the
   trainer's own timing), i.e. the packed rate once all are training;
 - MFU of each, against the data-sheet dense bf16 peak (testbed/train/device.py), or
   TESTBED_PEAK_FLOPS; unknown on a CPU unless that is set;
-- speed-up of wall and steady tok/s over k = 1.
+- speed-up of wall and steady tok/s over k = 1 of the same mode;
+- compile s: each run's compile (and graph capture) time, its first steps, reported apart from
+  the steady rate (the trainer's timing.compile_s, the mean over the k runs).
 
-    python scripts/bench_packing.py                     # GPU: 1m..30m, k = 1, 2, 4, 8
-    python scripts/bench_packing.py --models 1m,3m --ks 2,4 --steps 300 --json out.json
-    python scripts/bench_packing.py --smoke             # CPU: a tiny model, 2 steps, k = 2
+Each round runs in every mode of --modes: `blocks` (each block compiled, train.cuda_graphs
+off), `graphs` (the whole forward and backward compiled into CUDA graphs, train.cuda_graphs=true)
+or `eager` (nothing compiled).
+
+    python scripts/bench_packing.py                     # GPU: 1m..30m, k = 1, 2, 4, 8, blocks and graphs
+    python scripts/bench_packing.py --models 1m,3m --ks 4 --steps 300 --json out.json
+    python scripts/bench_packing.py --smoke             # CPU: a tiny model, 3 steps, eager k = 1, 2, graphs k = 1
 
 Timing uses time.perf_counter and the trainer's own run.json timing (perf_counter too).
 """
@@ -36,7 +42,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def overrides(args: argparse.Namespace, model: str) -> list[str]:
+MODES = {"eager": ["train.compile=false"],
+         "blocks": ["train.compile=true", "train.cuda_graphs=false"],
+         "graphs": ["train.compile=true", "train.cuda_graphs=true"]}
+# The first steps a mode's run times apart (compiling; under graphs also the capture).
+WARM_STEPS = {"eager": 0, "blocks": 1, "graphs": 2}
+
+
+def overrides(args: argparse.Namespace, model: str, mode: str = "eager") -> list[str]:
     if args.smoke:  # a tiny model of the given width: seconds on a CPU
         shape = [f"model.d_model={int(model)}", "model.n_layers=2", "model.n_heads=2",
                  "model.max_seq_len=32", "data.seq_len=32", "train.global_batch_tokens=256"]
@@ -46,7 +59,7 @@ def overrides(args: argparse.Namespace, model: str) -> list[str]:
                  f"train.global_batch_tokens={args.batch_tokens}"]
     return [*shape, "data.source=random", f"model.vocab_size={args.vocab}",
             f"train.steps={args.steps}", f"train.device={args.device}",
-            f"train.precision={args.precision}", f"train.compile={str(args.compile).lower()}",
+            f"train.precision={args.precision}", *MODES[mode],
             "train.eval_every=1000000", f"train.log_every={args.steps}", "data.val_sequences=1",
             "checkpoint.final=false", "checkpoint.log_spaced=0", "logging.wandb=false",
             "logging.progress=false"]
@@ -74,7 +87,7 @@ def peak(args: argparse.Namespace) -> float | None:
     return dev.peak_flops(device, torch.bfloat16)[0]
 
 
-def packed_round(args: argparse.Namespace, model: str, k: int, workdir: Path) -> dict:
+def packed_round(args: argparse.Namespace, model: str, mode: str, k: int, workdir: Path) -> dict:
     """k trainers started together; their wall clock and each one's run.json timing."""
     cores = os.cpu_count() or 1
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // k)), "PYTHONPATH": str(REPO)}
@@ -87,7 +100,7 @@ def packed_round(args: argparse.Namespace, model: str, k: int, workdir: Path) ->
     runs = [workdir / f"{model}-k{k}-{i}" for i in range(k)]
     configs = [workdir / f"{model}-k{k}-{i}.yaml" for i in range(k)]
     for i, path in enumerate(configs):
-        config = load_config(None, [*overrides(args, model), f"train.seed={i}"])
+        config = load_config(None, [*overrides(args, model, mode), f"train.seed={i}"])
         path.write_text(yaml.safe_dump(config.to_dict()))
     logs = [open(run.with_suffix(".log"), "w") for run in runs]
     t0 = time.perf_counter()
@@ -101,7 +114,7 @@ def packed_round(args: argparse.Namespace, model: str, k: int, workdir: Path) ->
         log.close()
     if any(codes):
         bad = runs[next(i for i, c in enumerate(codes) if c)]
-        raise SystemExit(f"a trainer failed ({model}, k={k}); its output: {bad.with_suffix('.log')}\n"
+        raise SystemExit(f"a trainer failed ({model}, {mode}, k={k}); its output: {bad.with_suffix('.log')}\n"
                          + bad.with_suffix(".log").read_text()[-3000:])
     summaries = [json.loads((run / "run.json").read_text())["summary"] for run in runs]
     return {"wall_s": wall, "timing": [s["timing"] for s in summaries],
@@ -113,34 +126,45 @@ def measure(args: argparse.Namespace) -> list[dict]:
     rows = []
     for model in args.models:
         info = describe(args, model)
-        tokens = args.steps * info["global_batch_tokens"]
-        steady_tokens = max(1, args.steps - 1) * info["global_batch_tokens"]
-        base: dict | None = None
-        for k in [1, *[k for k in args.ks if k > 1]]:
-            with tempfile.TemporaryDirectory(prefix="bench-packing-") as tmp:
-                result = packed_round(args, model, k, Path(tmp))
-            wall_rate = k * tokens / result["wall_s"]
-            steady = sum(steady_tokens / max(t.get("train_s") or 0.0, 1e-9) for t in result["timing"])
-            row = {"model": model, "n_params": info["n_params"], "k": k, "steps": args.steps,
-                   "wall_s": result["wall_s"], "wall_tok_s": wall_rate, "steady_tok_s": steady,
-                   "micro_batch_size": result["micro_batch_size"],
-                   "wall_mfu": wall_rate * info["flops_per_token"] / peak_flops if peak_flops else None,
-                   "steady_mfu": steady * info["flops_per_token"] / peak_flops if peak_flops else None}
-            base = base or row
-            row["wall_speedup"] = wall_rate / base["wall_tok_s"]
-            row["steady_speedup"] = steady / base["steady_tok_s"]
-            rows.append(row)
-            print(f"{model} k={k}: {wall_rate:,.0f} tok/s wall, {steady:,.0f} tok/s steady",
-                  file=sys.stderr, flush=True)
+        for mode in args.modes:
+            rows += mode_rows(args, model, mode, info, peak_flops)
+    return rows
+
+
+def mode_rows(args: argparse.Namespace, model: str, mode: str, info: dict, peak_flops: float | None) -> list[dict]:
+    """One model in one mode: alone, then k at once for each k of --ks."""
+    tokens = args.steps * info["global_batch_tokens"]
+    steady_tokens = max(1, args.steps - WARM_STEPS[mode]) * info["global_batch_tokens"]
+    rows: list[dict] = []
+    # The smoke mode compiles once on a CPU (about 15 s): graphs alone only.
+    packed = [] if args.smoke and mode != "eager" else [k for k in args.ks if k > 1]
+    for k in [1, *packed]:
+        with tempfile.TemporaryDirectory(prefix="bench-packing-") as tmp:
+            result = packed_round(args, model, mode, k, Path(tmp))
+        wall_rate = k * tokens / result["wall_s"]
+        steady = sum(steady_tokens / max(t.get("train_s") or 0.0, 1e-9) for t in result["timing"])
+        row = {"model": model, "n_params": info["n_params"], "mode": mode, "k": k, "steps": args.steps,
+               "compile_s": sum(t.get("compile_s") or 0.0 for t in result["timing"]) / k,
+               "wall_s": result["wall_s"], "wall_tok_s": wall_rate, "steady_tok_s": steady,
+               "micro_batch_size": result["micro_batch_size"],
+               "wall_mfu": wall_rate * info["flops_per_token"] / peak_flops if peak_flops else None,
+               "steady_mfu": steady * info["flops_per_token"] / peak_flops if peak_flops else None}
+        alone = rows[0] if rows else row
+        row["wall_speedup"] = wall_rate / alone["wall_tok_s"]
+        row["steady_speedup"] = steady / alone["steady_tok_s"]
+        rows.append(row)
+        print(f"{model} {mode} k={k}: {wall_rate:,.0f} tok/s wall, {steady:,.0f} tok/s steady",
+              file=sys.stderr, flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    lines = ["| model | params | k | wall s | wall tok/s | steady tok/s | wall MFU | steady MFU "
-             "| wall x | steady x |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | params | mode | k | compile s | wall s | wall tok/s | steady tok/s | wall MFU | steady MFU "
+             "| wall x | steady x |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['n_params'] / 1e6:.2f}M | {r['k']} | {r['wall_s']:.1f} "
+        lines.append(f"| {r['model']} | {r['n_params'] / 1e6:.2f}M | {r['mode']} | {r['k']} | {r['compile_s']:.1f} "
+                     f"| {r['wall_s']:.1f} "
                      f"| {r['wall_tok_s']:,.0f} | {r['steady_tok_s']:,.0f} | {pct(r['wall_mfu'])} "
                      f"| {pct(r['steady_mfu'])} | {r['wall_speedup']:.2f} | {r['steady_speedup']:.2f} |")
     return "\n".join(lines)
@@ -156,17 +180,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=32768, help="model.vocab_size (random tokens: data.source=random)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
-    p.add_argument("--compile", action="store_true",
-                   help="train.compile=true (slower start-up per run; default off)")
+    p.add_argument("--modes", default="blocks,graphs",
+                   help="compile modes, each round in each: eager, blocks, graphs (default blocks,graphs)")
     p.add_argument("--smoke", action="store_true",
-                   help="CPU check of the script: a tiny model (d_model 16), 2 steps, k = 2")
+                   help="CPU check of the script: a tiny model (d_model 16), 3 steps, k = 2 eager, k = 1 graphs")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = p.parse_args(argv)
     if args.smoke:
-        args.models, args.ks, args.steps, args.vocab = "16", "2", 2, 64
+        args.models, args.ks, args.steps, args.vocab, args.modes = "16", "2", 3, 64, "eager,graphs"
         args.device = "cpu" if args.device == "auto" else args.device
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.ks = [int(k) for k in args.ks.split(",") if k.strip()]
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        p.error(f"--modes {','.join(unknown)}: choose among {', '.join(MODES)}")
     rows = measure(args)
     print(table(rows))
     if args.json:

@@ -196,6 +196,9 @@ class TrainConfig:
     seed: int = 0  # model initialisation and dropout
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool | None = None  # torch.compile each block; None: on CUDA, off on CPU
+    # Compile the whole forward and backward of a small model into CUDA graphs
+    # (torch.compile mode="reduce-overhead"): None decides per run (train/device.py use_graphs).
+    cuda_graphs: bool | None = field(default=None, metadata=ADDED_LATER)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_every: int = 100  # steps between validations (and at the end)
     log_every: int = 10
@@ -739,6 +742,11 @@ def validate(c: Config) -> None:
     check_choice("train.precision", t.precision, CHOICES["train.precision"])
     check_choice("train.parallel", t.parallel, ("ddp", "fsdp"))
     _positive("train.collective_timeout_s", t.collective_timeout_s)
+    if t.cuda_graphs:  # the graphs capture the compiled forward and backward, whole
+        require(t.compile is not False, "train.cuda_graphs=true captures the compiled step, but train.compile=false; "
+                "remove one of them")
+        require(not t.activation_checkpointing, "train.cuda_graphs=true with train.activation_checkpointing=true: "
+                "graphs are for small models, checkpointing for large ones; turn one off")
     if c.logging.wandb_mode is not None:
         check_choice("logging.wandb_mode", c.logging.wandb_mode, CHOICES["logging.wandb_mode"])
     given = [k for k in DURATION_KEYS if getattr(t, k) is not None]

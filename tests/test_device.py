@@ -160,3 +160,47 @@ def test_compiled_blocks_keep_checkpoint_names_and_time_compilation_apart(tmp_pa
     assert keys(tmp_path / "compiled") == keys(tmp_path / "plain")
     assert compiled["timing"]["compile_s"] > 0 and plain["timing"]["compile_s"] == 0
     assert compiled["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-3)
+    # train.cuda_graphs: the whole forward compiled (reduce-overhead; on a CPU without graphs), the
+    # same names and losses, its warm-up steps timed apart, and run.json saying which path ran
+    graphs = train(load_config(None, COMMON + ["train.steps=3", "train.cuda_graphs=true"]), tmp_path / "graphs")
+    assert keys(tmp_path / "graphs") == keys(tmp_path / "plain")
+    assert graphs["timing"]["compile_s"] > 0 and graphs["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-3)
+    assert [json.loads((tmp_path / run / "run.json").read_text())["compiled"]
+            for run in ("plain", "compiled", "graphs")] == ["none", "blocks", "graphs"]
+
+
+def test_graphs_are_decided_per_run_and_hold_training_steps_only():
+    """train.cuda_graphs unset: graphs for a small model trained by one process on CUDA with
+    compilation on, nowhere else; forced on with several processes it is refused by name. The
+    graphed forward serves training mode only: evaluation (other shapes, no gradients) is eager."""
+    from testbed.errors import ConfigError
+    from testbed.model.transformer import Transformer
+    from testbed.plan import resolved_model
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    small, large = 3_000_000, dev.GRAPH_MAX_PARAMS
+    assert dev.use_graphs(None, cuda, 1, small, compiled=True, checkpointing=False) is True
+    assert dev.use_graphs(None, cuda, 1, large, compiled=True, checkpointing=False) is False
+    assert dev.use_graphs(None, cuda, 2, small, compiled=True, checkpointing=False) is False
+    assert dev.use_graphs(None, cuda, 1, small, compiled=False, checkpointing=False) is False
+    assert dev.use_graphs(None, cuda, 1, small, compiled=True, checkpointing=True) is False
+    assert dev.use_graphs(None, cpu, 1, small, compiled=True, checkpointing=False) is False
+    assert dev.use_graphs(False, cuda, 1, small, compiled=True, checkpointing=False) is False
+    assert dev.use_graphs(True, cpu, 1, small, compiled=True, checkpointing=False) is True
+    with pytest.raises(ConfigError, match="train.cuda_graphs=true with 2 processes"):
+        dev.use_graphs(True, cuda, 2, small, compiled=True, checkpointing=False)
+    for bad, field in ((["train.compile=false"], "train.compile=false"),
+                       (["train.activation_checkpointing=true"], "activation_checkpointing")):
+        with pytest.raises(ConfigError, match=field):
+            load_config(None, COMMON + ["train.cuda_graphs=true", *bad])
+
+    model = Transformer(resolved_model(load_config(None, COMMON)))
+    calls = []
+    model.graphed_hidden = lambda idx: calls.append(idx.shape) or model.hidden(idx)
+    idx = torch.zeros(2, 8, dtype=torch.long)
+    model.train()
+    trained = model(idx, idx)
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(idx, idx)
+    assert calls == [idx.shape] and torch.allclose(trained, evaluated)

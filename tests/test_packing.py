@@ -298,10 +298,12 @@ def test_a_packed_array_task_on_the_local_cluster(slurm_cluster, tmp_path, capsy
 def test_packing_benchmark_smoke_mode_prints_its_table(tmp_path):
     out = tmp_path / "rows.json"
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_packing.py"), "--smoke",
-                             "--json", str(out)], capture_output=True, text=True, timeout=120,
+                             "--json", str(out)], capture_output=True, text=True, timeout=240,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
-    assert "| model | params | k |" in result.stdout
+    assert "| model | params | mode | k | compile s |" in result.stdout
     rows = json.loads(out.read_text())
-    assert [r["k"] for r in rows] == [1, 2]
+    assert [(r["mode"], r["k"]) for r in rows] == [("eager", 1), ("eager", 2), ("graphs", 1)]
     assert all(r["wall_tok_s"] > 0 and r["steady_tok_s"] > 0 for r in rows)
+    # compile time is reported apart from the steady rate: the graphs' run compiles, eager ones do not
+    assert rows[2]["compile_s"] > 0 and rows[0]["compile_s"] == rows[1]["compile_s"] == 0

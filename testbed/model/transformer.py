@@ -40,6 +40,7 @@ carry over to wider models. The lr factor reaches the optimiser as each block mo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -281,6 +282,9 @@ class Transformer(nn.Module):
                 module.lr_scale = 1.0 / cfg.width_mult
         self.activation_checkpointing = False
         self.compile_loss = False  # set by the trainer where it compiles the blocks
+        # Set by the trainer under train.cuda_graphs: `hidden` compiled whole into CUDA graphs,
+        # used in training mode only; evaluation (other shapes, no gradients) stays eager.
+        self.graphed_hidden: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -301,14 +305,9 @@ class Transformer(nn.Module):
                 if p.dim() >= 2:
                     p.mul_(self.cfg.width_mult ** -0.5)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                reduction: str = "mean", z_loss: float | None = None, logits_at: torch.Tensor | None = None):
-        """Logits [B, T, V] for token ids [B, T]; with targets [B, T], the cross-entropy in nats
-        (mean or sum over tokens), computed without materialising the logits (loss.py). With
-        z_loss (a weight) the tuple (objective, cross-entropy, lse^2 term) instead, the
-        objective being cross-entropy + z_loss * lse^2 term (PaLM's z-loss). With logits_at (a
-        bool mask [B, T]) only the logits of those positions, [n, V]: the answers a task scores
-        are a few positions of each sequence."""
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final norm's output [B, T, d] for token ids [B, T] (µP's output multiplier
+        applied): everything before the head."""
         x = self.embed(idx)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
@@ -318,6 +317,18 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if self.output_mult is not None:
             x = x * self.output_mult  # µP: logits = head(h) / m, also inside the fused loss
+        return x
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                reduction: str = "mean", z_loss: float | None = None, logits_at: torch.Tensor | None = None):
+        """Logits [B, T, V] for token ids [B, T]; with targets [B, T], the cross-entropy in nats
+        (mean or sum over tokens), computed without materialising the logits (loss.py). With
+        z_loss (a weight) the tuple (objective, cross-entropy, lse^2 term) instead, the
+        objective being cross-entropy + z_loss * lse^2 term (PaLM's z-loss). With logits_at (a
+        bool mask [B, T]) only the logits of those positions, [n, V]: the answers a task scores
+        are a few positions of each sequence."""
+        graphed = self.graphed_hidden if self.training else None
+        x = graphed(idx) if graphed is not None else self.hidden(idx)
         if logits_at is not None:
             return self.head(x[logits_at])
         if targets is None:

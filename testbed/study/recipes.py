@@ -22,9 +22,10 @@ BATCH = {"tiny": 512, "cpu": 2048, "gpu": 65536, "gpu-min": 32768}
 # (6N + attention per token, testbed.model.counting) at `rate` plus RUN_OVERHEAD_S (start-up,
 # the final validation and checkpoint). See docs/studies.md#cost.
 BUDGET_S = {"tiny": 60, "cpu": 1800, "gpu": 8 * 3600, "gpu-min": 8 * 60}
-# gpu-min: each run is a forked process that initialises CUDA, compiles its blocks
-# (train.compile's default on CUDA: 1.4-7.5 s measured for 124M-1B models on the H200, see
-# docs/gpu/), evaluates and checkpoints: 12 s assumed.
+# gpu-min: each run is a forked process that initialises CUDA, compiles (its models are under
+# train.cuda_graphs' 50M parameters: the whole forward and backward, recorded into CUDA graphs;
+# compiling blocks took 1.4-7.5 s for 124M-1B models on the H200, docs/gpu/, the whole-model
+# compile is not yet measured), evaluates and checkpoints: 12 s assumed.
 RUN_OVERHEAD_S = {"tiny": 2.0, "cpu": 4.0, "gpu": 60.0, "gpu-min": 12.0}
 # Once per `study run`, before its first run: importing torch, starting the fork servers,
 # validating every sweep. Corpus preparation is stated separately (`study plan` names it).

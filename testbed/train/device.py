@@ -90,6 +90,27 @@ def use_compile(setting: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if setting is None else setting
 
 
+# Below this many parameters a training step on a GPU is mostly kernel launches (the ladder's
+# 1M-30M rungs; 124M already reaches 43% MFU with compiled blocks, docs/gpu/), which CUDA graphs
+# replay at once. An assumption until scripts/bench_packing.py --graphs measures it.
+GRAPH_MAX_PARAMS = 50_000_000
+
+
+def use_graphs(setting: bool | None, device: torch.device, world: int, params: int,
+               compiled: bool, checkpointing: bool) -> bool:
+    """train.cuda_graphs: None (the default) captures the step of a small model (fewer than
+    GRAPH_MAX_PARAMS parameters) trained by one process on CUDA with compilation on; True
+    forces the whole-model compile (on a CPU it has no graphs to make: the same code path,
+    testable there). Several processes use regional compilation: their collectives stay outside."""
+    if setting is None:
+        return (device.type == "cuda" and world == 1 and params < GRAPH_MAX_PARAMS and compiled
+                and not checkpointing)
+    if setting and world > 1:
+        raise ConfigError(f"train.cuda_graphs=true with {world} processes: graphs capture one process's "
+                           f"step; leave train.cuda_graphs unset (auto) or set it false")
+    return setting
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()

@@ -20,8 +20,8 @@ from testbed.train import checkpoint as ckpt
 from testbed.train.distributed import Dist, barrier
 
 # Keys that may differ between an interrupted run and its resumption (they change no number).
-RESUME_FREE_KEYS = ("logging", "train.device", "train.compile", "train.micro_batch_size", "train.parallel",
-                    "train.eval_every", "train.log_every", "train.divergence_nats", "train.tasks",
+RESUME_FREE_KEYS = ("logging", "train.device", "train.compile", "train.cuda_graphs", "train.micro_batch_size",
+                    "train.parallel", "train.eval_every", "train.log_every", "train.divergence_nats", "train.tasks",
                     "train.collective_timeout_s", "checkpoint")
 
 

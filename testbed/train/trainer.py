@@ -240,7 +240,9 @@ class Trainer:
     fpt: int  # training FLOPs per token
 
     # --- parallelize: compiling, wrapping, the optimiser
-    compiled: bool  # whether the blocks are compiled
+    compiled: bool  # whether the blocks (or, with graphs, the whole forward) are compiled
+    graphs: bool  # whether the training forward and backward are captured whole (train.cuda_graphs)
+    warm_steps: int  # a process's first steps, which compile (and record the graphs): timed apart
     model: torch.nn.Module  # base_model wrapped for DDP / FSDP2 (itself on one process)
     optimizer: torch.optim.Optimizer
     layer_params: list[list[torch.nn.Parameter]]  # parameters grouped by block, for per-layer norms
@@ -402,8 +404,22 @@ class Trainer:
     def parallelize(self) -> None:
         """Compile, wrap for DDP/FSDP2, build the optimiser and restore its state."""
         self.start_ema()
-        self.compiled = dev.use_compile(self.config.train.compile, self.device)
-        if self.compiled:
+        train = self.config.train
+        self.compiled = dev.use_compile(train.compile, self.device) or bool(train.cuda_graphs)
+        params = sum(p.numel() for p in self.base_model.parameters())
+        self.graphs = dev.use_graphs(train.cuda_graphs, self.device, self.d.world, params, self.compiled,
+                                     train.activation_checkpointing)
+        # The first step compiles; under graphs the second records them (reduce-overhead's
+        # warm-up run, then the capture), and replays start at the third.
+        self.warm_steps = 2 if self.graphs else 1 if self.compiled else 0
+        if self.graphs:
+            # A small model's step is mostly kernel launches: everything before the head, forward
+            # and backward, compiled into CUDA graphs and replayed each step (on a CPU, the same
+            # compile without graphs). The loss stays outside (the fused loss has its own kernel).
+            self.base_model.graphed_hidden = torch.compile(self.base_model.hidden, mode="reduce-overhead",
+                                                           dynamic=False)
+            self.base_model.compile_loss = True
+        elif self.compiled:
             # Regional compilation (as torchtitan does): every block shares one compiled graph, so
             # compiling takes seconds whatever the depth, and parameter names stay unchanged.
             for block in self.base_model.blocks:
@@ -473,6 +489,7 @@ class Trainer:
                       "data_fingerprint": self.source.fingerprint(), "parent": self.parent,
                       "world_size": self.d.world, "device": str(self.device),
                       "precision": str(self.dtype).replace("torch.", ""), "peak_flops": self.peak,
+                      "compiled": "graphs" if self.graphs else "blocks" if self.compiled else "none",
                       "peak_flops_source": self.peak_name, "host": socket.gethostname(), "hosts": self.d.hosts})
         started = f"resumed from {self.resumed_from}" if self.resumed_from else "started"
         rd.write_status("running", step=self.start_step, message=started)
@@ -592,6 +609,9 @@ class Trainer:
             if self.d.world > 1 and k < self.accum - 1 and hasattr(model, "no_sync"):
                 sync = model.no_sync()  # DDP: all-reduce gradients once, after the last micro-batch
             with sync:
+                if self.graphs:
+                    # The previous replay's outputs (its loss is already summed) may be overwritten.
+                    torch.compiler.cudagraph_mark_step_begin()
                 with dev.autocast(self.device, self.dtype):
                     if z_weight:
                         objective, loss, z_term = model(mb[:, :-1], mb[:, 1:], z_loss=z_weight)
@@ -622,11 +642,11 @@ class Trainer:
         self.window.loss_sum += step_loss
         self.window.steps += 1
         self.window.tokens += self.gbt
-        if self.compiled and step == self.start_step:
-            # The first step of a process compiles: time it apart and start the throughput
-            # window after it, so tokens_per_s is the steady-state speed.
+        if step < self.start_step + self.warm_steps:
+            # A process's first steps compile (and record the graphs): time them apart and start
+            # the throughput window after them, so tokens_per_s is the steady-state speed.
             dev.synchronize(self.device)
-            self.timing["compile_s"] = time.perf_counter() - t_step
+            self.timing["compile_s"] += time.perf_counter() - t_step
             self.window.restart()
         else:
             self.timing["train_s"] += time.perf_counter() - t_step
