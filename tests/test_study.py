@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ["wsd", "shape", "repetition", "chinchilla", "ablation", "annealing", "power", "vocab", "optimizers", "mixture"]
+STUDIES = ["wsd", "shape", "repetition", "chinchilla", "ablation", "annealing", "power", "vocab", "optimizers", "mixture", "stability", "discrepancy", "mup-transfer"]
 
 
 def cli(*args, cwd=None):
