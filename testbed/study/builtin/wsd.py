@@ -1,4 +1,5 @@
-"""WSD with a 1-sqrt cooldown vs cosine (Hägele et al. 2024), and cooldown branches."""
+"""WSD with a 1-sqrt cooldown vs cosine (Hägele et al. 2024), cooldown branches, and the long
+run's weight EMA against them."""
 
 from __future__ import annotations
 
@@ -21,41 +22,74 @@ from testbed.study.base import (
     register,
     upper_end,
 )
-from testbed.study.recipes import BATCH, base, seeds, with_schedule
+from testbed.study.recipes import BATCH, base, ladder_corpus, seeds
 
 TOLERANCE = 0.01  # WSD may be at most 1% above cosine, at its own tuned learning rate
 DECAY = 0.2
 # Cooldown shapes branched from the long run: the claimed one, and the linear one it should beat.
 BRANCH_SHAPES = ("1-sqrt", "linear")
+ARMS = {"cosine": {"name": "cosine", "min_lr_ratio": 0.1},
+        "wsd": {"name": "wsd", "min_lr_ratio": 0.0, "decay_fraction": DECAY, "decay_shape": "1-sqrt"}}
+# Warmup in steps, the same at every duration: a branch of the long run is then the separate WSD
+# run of its length up to its cooldown (Hägele et al.'s protocol). v2's 5% of each run warmed the
+# short runs over 3-6 steps and the branches over 13.
+WARMUP_STEPS = {"tiny": 2, "cpu": 20, "gpu-min": 30, "gpu": 100}
+# cpu: a 512-token BPE and d_model 32 in 3 layers (37k non-embedding parameters, where v2's d_model
+# 64 in 4 layers on the 4096-token BPE had 197k), so the runs reach 9-36 tokens per non-embedding
+# parameter (v2: 0.7-2.7), nearer the noise-limited regime the schedule claims are about.
+CPU_VOCAB = 512
+CPU_MODEL = {"d_model": 32, "n_layers": 3, "n_heads": 2}
 
 
 def durations(size: str) -> list[int]:
+    # Steps divisible by 5: a branch from 80% of a duration ends exactly at it.
     # gpu-min: two durations and two LRs, so the runs' start-up (12 s each) leaves compute in 8 min
-    steps = {"tiny": [16, 32], "cpu": [64, 128, 256], "gpu-min": [600, 1200], "gpu": [2000, 4000, 8000]}[size]
+    steps = {"tiny": [20, 40], "cpu": [160, 320, 640], "gpu-min": [600, 1200], "gpu": [2000, 4000, 8000]}[size]
     return [s * BATCH[size] for s in steps]
 
 
 def lrs(size: str) -> list[float]:
-    return {"tiny": [3e-3, 1e-2], "cpu": [3e-3, 6e-3, 1.2e-2], "gpu-min": [2e-3, 5e-3],
+    # cpu: four points a factor 2 apart, as the optimum moves with the duration: v2's was 6e-3 at
+    # d_model 64 (3e-3 once, at the grid's bottom); the optimizers study's AdamW chose 1.2e-2 at
+    # d_model 32 on this BPE (from 4e-3, 1.2e-2, 3.6e-2); longer runs move it down. gpu-min's two
+    # points cannot bracket (a third LR does not fit its 8 minutes): an edge there is named, and
+    # no rule rests on it.
+    return {"tiny": [3e-3, 1e-2], "cpu": [4e-3, 8e-3, 1.6e-2, 3.2e-2], "gpu-min": [2e-3, 5e-3],
             "gpu": [5e-4, 1e-3, 2e-3, 4e-3]}[size]
 
 
+def ema_decay(size: str) -> float:
+    """The long run's weight EMA decay: a time constant of the shortest cooldown's steps, so the
+    EMA averages over about as many steps as that branch spends cooling down."""
+    return 1 - 1 / (DECAY * durations(size)[0] / BATCH[size])
+
+
+def _tree(size: str, **schedule: Any) -> dict[str, Any]:
+    tree = base(size)
+    if size == "cpu":
+        tree["data"]["path"] = ladder_corpus(size, CPU_VOCAB)
+        tree["model"].update(CPU_MODEL, vocab_size=CPU_VOCAB)  # stated, so `study plan` costs it before it is prepared
+    tree["schedule"] = {"warmup_steps": WARMUP_STEPS[size], **schedule}
+    return tree
+
+
 def sweeps(size: str) -> list[dict[str, Any]]:
-    arms = {"cosine": {"name": "cosine", "min_lr_ratio": 0.1},
-            "wsd": {"name": "wsd", "min_lr_ratio": 0.0, "decay_fraction": DECAY, "decay_shape": "1-sqrt"}}
-    return [{"name": f"wsd-{arm}", "base": with_schedule(base(size), **schedule),
+    return [{"name": f"wsd-{arm}", "base": _tree(size, **schedule),
              "grid": {"train.tokens": durations(size), "optim.lr": lrs(size), "train.seed": seeds(size)},
              "labels": ["train.tokens", "optim.lr", "train.seed"]}
-            for arm, schedule in arms.items()]
+            for arm, schedule in ARMS.items()]
 
 
 def long_sweep(size: str, lr: float) -> dict[str, Any]:
-    """One WSD run per seed at the longest duration, with checkpoints where branches start."""
-    tree = with_schedule(base(size), name="wsd", min_lr_ratio=0.0, decay_fraction=DECAY,
-                         decay_shape="1-sqrt")
+    """One WSD run per seed at the longest duration, with checkpoints where branches start and
+    end, and an EMA of its weights evaluated at each (val_loss_ema): at a branch's end, weight
+    averaging without a cooldown against the cooldown (Hägele et al. §4). The EMA is a copy
+    beside the weights; the run itself is the longest WSD arm's."""
+    tree = _tree(size, **ARMS["wsd"])
     tree["optim"]["lr"] = lr
-    tree["train"]["tokens"] = durations(size)[-1]
-    tree["checkpoint"] = {"at_tokens": [s * BATCH[size] for s in branch_steps(size)]}
+    tree["train"].update(tokens=durations(size)[-1], ema_decay=ema_decay(size))
+    ends = [d // BATCH[size] for d in durations(size)[:-1]]
+    tree["checkpoint"] = {"at_tokens": [s * BATCH[size] for s in sorted({*branch_steps(size), *ends})]}
     return {"name": "wsd-long", "base": tree, "grid": {"train.seed": seeds(size)}, "labels": ["train.seed"]}
 
 
@@ -67,7 +101,8 @@ def branch_steps(size: str) -> list[int]:
 def extra_cost(size: str) -> list[dict[str, Any]]:
     """What `extra` trains, for `study plan`: the long runs, and each branch's decay as a run of
     its length (a branch trains DECAY x its end's tokens)."""
-    branches = with_schedule(base(size), name="constant")
+    branches = _tree(size)
+    branches["schedule"] = {"name": "constant"}  # the decay's cost: no warmup
     ends = durations(size)[:-1]
     return [long_sweep(size, lrs(size)[0]),
             {"name": "wsd-branches", "base": branches,
@@ -125,6 +160,7 @@ def analyse(ctx: Context) -> Analysis:
     more = [g for g in gaps if g is not worst]
     branch_rows: list[dict[str, Any]] = []
     shape_rows: list[dict[str, Any]] = []
+    average_rows: list[dict[str, Any]] = []
     if "wsd-long" in ctx.sweep_dirs and ctx.sweep_dirs["wsd-long"].is_dir():
         every = ctx.finals("wsd-long")
         # Only the branches: the long run's own end is the longest WSD arm itself, a comparison
@@ -158,19 +194,58 @@ def analyse(ctx: Context) -> Analysis:
             more.append(gap)
             branch_rows.append({"tokens": int(tokens), "branch_loss": float(np.mean(a)), "wsd_run_loss": float(np.mean(b)),
                                 "gap": gap.value, "gap_low": gap.low, "gap_high": gap.high})
-    plots = [_plot(ctx, pd.DataFrame(rows), pd.DataFrame(branch_rows))]
-    return Analysis(headline, more, {"tuned arms": rows, "branches": branch_rows, "cooldown shapes": shape_rows},
+        averaged, average_rows = _averaging(ctx, sqrt)
+        more.extend(averaged)
+    plots = [_plot(ctx, pd.DataFrame(rows), pd.DataFrame(branch_rows), pd.DataFrame(average_rows))]
+    return Analysis(headline, more, {"tuned arms": rows, "branches": branch_rows, "cooldown shapes": shape_rows,
+                                     "weight averaging": average_rows},
                     plots, [f"tolerance: WSD at most {TOLERANCE:.0%} above cosine; branches within ±{TOLERANCE:.0%}; "
                             "1-sqrt branches below linear ones (interval under 0)",
-                            f"learning rates: {cos_choice.method}"])
+                            f"learning rates: {cos_choice.method}",
+                            "weight averaging (beside the claim, not in the rule): the long run's EMA of its weights "
+                            "at a branch's end against that 1-sqrt branch, paired by seed; 'recovered' is the share "
+                            "of the cooldown's drop from the long run's own weights that the EMA reaches"])
 
 
-def _plot(ctx: Context, arms, branches) -> str:
+def _averaging(ctx: Context, sqrt) -> tuple[list[Measurement], list[dict[str, Any]]]:
+    """The long run's weight EMA (val_loss_ema) at each branch's end against the 1-sqrt branch
+    ending there, paired by parent run (Hägele et al. 2024, §4: averaging instead of a cooldown,
+    at no extra training)."""
+    points = ctx.points("wsd-long")
+    points = points[~points["run_dir"].astype(str).str.contains("/branches/")]
+    points = points.assign(parent=points["run_dir"].astype(str))
+    ema, raw = points[points["point_kind"] == "ema"], points[points["point_kind"] != "ema"]
+    pairs, unaveraged = {}, {}
+    for tokens in sorted(set(sqrt["D"])):
+        a = ema[ema["D"] == tokens].groupby("parent")["loss"].last()
+        b = sqrt[sqrt["D"] == tokens].set_index("parent")["loss"]
+        shared = sorted(set(a.index) & set(b.index))
+        if shared:
+            pairs[tokens] = ([float(a[p]) for p in shared], [float(b[p]) for p in shared])
+            unaveraged[tokens] = raw[raw["D"] == tokens]["loss"].mean()
+    noise = paired_noise(pairs.values())
+    decay = ema["ema_decay"].dropna()
+    name = f"weight EMA (decay {float(decay.iloc[0]):.4g})" if len(decay) else "weight EMA"
+    out, rows = [], []
+    for tokens, (a, b) in pairs.items():
+        gap = measured(f"{name} of the long run vs its 1-sqrt branch at D={tokens:.3g}",
+                       relative_gap(a, b, noise, paired=True))
+        out.append(gap)
+        drop = unaveraged[tokens] - np.mean(b)
+        rows.append({"tokens": int(tokens), "long_run_loss": float(unaveraged[tokens]), "ema_loss": float(np.mean(a)),
+                     "branch_loss": float(np.mean(b)), "gap": gap.value, "gap_low": gap.low, "gap_high": gap.high,
+                     "recovered": float((unaveraged[tokens] - np.mean(a)) / drop) if drop > 0 else None})
+    return out, rows
+
+
+def _plot(ctx: Context, arms, branches, averages) -> str:
     with figure(ctx.out / "wsd.png", "training tokens D") as ax:
         ax.plot(arms["tokens"], arms["cosine_loss"], "o-", label="cosine (tuned LR)")
         ax.plot(arms["tokens"], arms["wsd_loss"], "s-", label="WSD 1-sqrt 20% (tuned LR)")
         if len(branches):
             ax.plot(branches["tokens"], branches["branch_loss"], "x--", label="cooldown branches")
+        if len(averages):
+            ax.plot(averages["tokens"], averages["ema_loss"], "^:", label="long run's weight EMA (no cooldown)")
     return "wsd.png"
 
 
@@ -198,15 +273,18 @@ def verdict(analysis: Analysis) -> tuple[str, str]:
 
 
 register(Study(
-    name="wsd", version=2,
-    changes="statistics: gaps paired by seed (seeds now vary the data order too) with the seed noise pooled "
-            "over durations, LRs cross-fitted between seeds and named at a grid edge; the longest duration's "
-            "branch check, which compared the long run with a run identical to it, is gone.",
+    name="wsd", version=3,
+    changes="warmup a fixed number of steps (cpu 20) for every run, so a branch is its separate WSD run up to the "
+            "cooldown, where v2's 5% of each run gave the short runs 3-6 steps and the branches 13; cpu runs 9-36 "
+            "tokens per non-embedding parameter (v2: 0.7-2.7) on a 512-token BPE with d_model 32 in 3 layers; four "
+            "cpu LRs (4e-3 to 3.2e-2) to bracket each duration's optimum; the long run's weight EMA against its "
+            "branches reported beside the claim; claim and rule unchanged.",
     paper="Hägele et al. 2024, Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations",
     claim="A constant LR with a 1-sqrt cooldown over the last 20% (WSD) matches cosine at every training "
           "duration, each at its own tuned LR; cooldown branches of one long WSD run trace the same frontier; "
           "a 1-sqrt cooldown beats a linear one.",
     sweeps=sweeps, analyse=analyse, verdict=verdict, extra=extra, extra_cost=extra_cost, sizes=SIZES,
-    caveat="The LR grid is coarse (the optimum may fall between points), small models and short runs "
-           "give the cooldown few steps, and two seeds make a crude interval.",
+    caveat="The LR grid is coarse (a factor 2; the optimum may fall between points), a 37k-parameter "
+           "model trains at most 36 tokens per non-embedding parameter, short runs give the cooldown few steps "
+           "(32 at the shortest), and two seeds make a crude interval.",
 ))

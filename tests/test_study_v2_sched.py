@@ -1,0 +1,88 @@
+"""The chinchilla (v5) and wsd (v3) recipes: LR grids per cell, beta2 at small batch, warmup in
+steps shared by runs and branches, and the weight-EMA comparison beside wsd's rule. Fast: sweeps
+are expanded, not trained."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from testbed.study.base import Analysis, Context, Measurement
+from testbed.study.builtin import chinchilla, wsd
+from testbed.study.recipes import BATCH
+from testbed.sweep.spec import load_sweep
+
+
+@pytest.mark.parametrize("size", ["cpu", "gpu"])
+def test_chinchilla_tries_three_lrs_in_every_cell(size: str) -> None:
+    runs = load_sweep(chinchilla.sweeps(size)[0]).runs
+    cells: dict[tuple, set[float]] = {}
+    for r in runs:
+        cells.setdefault((r.config.train.tokens, r.config.model.d_model), set()).add(r.config.optim.lr)
+    assert len(cells) == len(chinchilla.budgets(size)) * len(chinchilla.widths(size))
+    for grid in cells.values():
+        low, mid, high = sorted(grid)
+        assert mid / low == pytest.approx(chinchilla.LR_RATIO, rel=1e-5)
+        assert high / mid == pytest.approx(chinchilla.LR_RATIO, rel=1e-5)
+    # the centre falls as 1/d_model: the widest model's middle LR below the narrowest's
+    widths = chinchilla.widths(size)
+    middle = {d: sorted(g)[1] for (_, d), g in cells.items()}
+    assert middle[widths[-1]] * widths[-1] == pytest.approx(middle[widths[0]] * widths[0], rel=1e-5)
+
+
+def test_chinchilla_cpu_has_beta2_for_its_small_batch():
+    runs = load_sweep(chinchilla.sweeps("cpu")[0]).runs
+    assert {tuple(r.config.optim.betas) for r in runs} == {(0.9, chinchilla.CPU_BETA2)}
+    assert {r.config.model.vocab_size for r in runs} == {chinchilla.CPU_VOCAB}
+    assert {tuple(r.config.optim.betas) for r in load_sweep(chinchilla.sweeps("gpu")[0]).runs} == {(0.9, 0.95)}
+
+
+@pytest.mark.parametrize("size", ["tiny", "cpu", "gpu-min", "gpu"])
+def test_wsd_warmup_is_the_same_steps_everywhere(size):
+    """Every arm run and the long run warm up over the same steps, and each branch ends exactly
+    at a shorter duration: a branch is the separate WSD run of its length up to its cooldown."""
+    sweeps = [*wsd.sweeps(size), wsd.long_sweep(size, wsd.lrs(size)[0])]
+    for spec in sweeps:
+        for r in load_sweep(spec).runs:
+            assert r.config.schedule.warmup_steps == wsd.WARMUP_STEPS[size]
+            assert r.config.schedule.warmup_fraction is None
+    ends = [d // BATCH[size] for d in wsd.durations(size)[:-1]]
+    assert [s / (1 - wsd.DECAY) for s in wsd.branch_steps(size)] == ends
+    assert wsd.WARMUP_STEPS[size] < wsd.branch_steps(size)[0]
+    long_run = load_sweep(wsd.long_sweep(size, 1e-3)).runs[0].config
+    assert long_run.train.ema_decay == wsd.ema_decay(size)
+    steps = {t // BATCH[size] for t in long_run.checkpoint.at_tokens}
+    assert steps == {*wsd.branch_steps(size), *ends}
+
+
+def test_wsd_cpu_trains_more_tokens_per_parameter():
+    runs = load_sweep(wsd.sweeps("cpu")[0]).runs
+    model = runs[0].config.model
+    assert model.vocab_size == wsd.CPU_VOCAB
+    non_embedding = 12 * model.n_layers * model.d_model ** 2
+    assert min(wsd.durations("cpu")) / non_embedding > 8  # v2: 0.7 to 2.7
+
+
+def test_wsd_weight_ema_is_beside_the_rule(tmp_path):
+    """The EMA gap is measured per branch end, paired by parent run, and no verdict rests on it."""
+    parents = [f"/x/long/seed-{s}" for s in (0, 1)]
+    rows = []
+    for p, shift in zip(parents, (0.0, 0.01)):
+        rows += [{"run_dir": p, "point_kind": "ema", "D": 100, "loss": 3.0 + shift, "ema_decay": 0.9},
+                 {"run_dir": p, "point_kind": "intermediate", "D": 100, "loss": 3.3 + shift, "ema_decay": 0.9},
+                 {"run_dir": p, "point_kind": "ema", "D": 200, "loss": 2.8 + shift, "ema_decay": 0.9}]
+    points = pd.DataFrame(rows)
+    sqrt = pd.DataFrame([{"parent": p, "D": 100, "loss": 2.9 + shift} for p, shift in zip(parents, (0.0, 0.012))])
+
+    class Fake(Context):
+        def points(self, sweep=None):
+            return points
+
+    found, table = wsd._averaging(Fake(tmp_path, "tiny", {}), sqrt)
+    assert len(found) == 1 and "weight EMA (decay 0.9)" in found[0].name
+    assert found[0].value == pytest.approx(3.005 / 2.906 - 1, rel=1e-3)
+    assert table[0]["recovered"] == pytest.approx((3.305 - 3.005) / (3.305 - 2.906), rel=1e-3)
+    # far outside every tolerance, yet the verdict is the rule's alone
+    ok = Measurement("largest relative loss gap WSD − cosine (D=100)", 0.0, -0.001, 0.001)
+    far = Measurement(found[0].name, 0.5, 0.4, 0.6)
+    assert wsd.verdict(Analysis(ok, [far]))[0] == "agree"
