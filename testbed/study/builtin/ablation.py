@@ -1,128 +1,151 @@
 """Peri-LN vs Pre-LN (Kim et al. 2025): the template for an ablation of your own.
 
-Copy this file, change `KEY, BASELINE, VARIANT` to your registered part (docs/ablations.md) and
-the claim, and run it with `testbed study run NAME --import your_module`. Both arms train a
-ladder of four model sizes, each size at a compute budget of its own and each arm at its own
-tuned LR; the report gives the variant's compute multiplier (how much more compute the baseline
-needs for the same loss), paired by budget, with its interval (testbed.stats.curves).
+Copy this file, change `ARMS` to your registered part (docs/ablations.md) and the claim, and run
+it with `testbed study run NAME --import your_module`. Both arms train a ladder of four model
+sizes, each size at a compute budget of its own, each arm over its own LR grid and with seeds
+that vary the data order too; the report gives the variant's compute multiplier (how much more
+compute the baseline needs for the same loss), overall and per budget, with intervals
+(testbed.study.arms). Beside it, for the stability half of the claim: each arm's LR sensitivity
+(Wortsman et al. 2023) over the LRs both grids share, and the loss spikes the trainer recorded.
+The rule rests on the multiplier alone.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from testbed.stats import paired_noise, relative_gap
-from testbed.stats.curves import compute_multiplier
-from testbed.study.base import (
-    SIZES,
-    Analysis,
-    Context,
-    Study,
-    above,
-    choose,
-    figure,
-    lr_plot,
-    measured,
-    paired_by_seed,
-    register,
-)
-from testbed.study.recipes import BATCH, base, tiny_text
+import numpy as np
 
-KEY, BASELINE, VARIANT = "model.norm_placement", "pre", "peri"
+from testbed.stats import Estimate, mean_interval, seed_noise
+from testbed.study.arms import Arms, compare_arms, ladder_sweeps
+from testbed.study.base import SIZES, Analysis, Context, Measurement, Study, above, measured, register
+from testbed.study.builtin.stability import lr_sensitivity
+from testbed.study.recipes import BATCH, base, ladder_corpus, seeds, tiny_text
+
+ARMS = Arms("model.norm_placement", "pre", "peri")
+CPU_VOCAB = 512
 
 LADDER = {  # (d_model, n_layers, training FLOPs)
-    "tiny": [(16, 2, 5e8), (24, 2, 1e9), (32, 2, 2e9), (48, 2, 4e9)],
-    "cpu": [(32, 4, 4e11), (48, 4, 1e12), (64, 4, 2.5e12), (96, 4, 6e12)],
-    # six layers: deep enough for the hidden-state growth Peri-LN is about, and the largest run's
-    # 44M tokens within the installed-sources corpus
+    "tiny": [(16, 2, 4e8), (24, 2, 8e8), (32, 2, 1.6e9), (48, 2, 3.2e9)],
+    # six layers: deep enough for the hidden-state growth Peri-LN is about; 100-185 steps, 2-8
+    # tokens per non-embedding parameter, as much as 80 runs leave of the 30 minutes
+    "cpu": [(16, 6, 7e10), (24, 6, 1.5e11), (32, 6, 2.8e11), (48, 6, 6e11)],
+    # the largest run's 44M tokens within the installed-sources corpus
     "gpu-min": [(128, 6, 2.5e14), (192, 6, 6e14), (256, 6, 1.5e15), (384, 6, 3.5e15)],
-    "gpu": [(256, 8, 3e16), (384, 8, 1e17), (512, 8, 3e17), (768, 8, 1e18)],
+    "gpu": [(256, 8, 1e16), (384, 8, 3e16), (512, 8, 8e16), (768, 8, 2e17)],
 }
-LRS = {"tiny": [3e-3, 1e-2], "cpu": [4e-3, 1.2e-2], "gpu-min": [3e-3, 9e-3], "gpu": [1e-3, 3e-3]}
+# Each arm its own grid, a factor 3 apart, Peri-LN's a step above Pre-LN's: v3's two points
+# (4e-3, 1.2e-2) put every cell's LR at an edge, Peri-LN's at the top at every size. Five points
+# at cpu size, since the best AdamW LR of the optimizers study's Pre-LN models moved ninefold
+# from d_model 16 to 48 (0.036 to 0.004); Pre-LN's top LR is where it is expected to destabilise.
+# The grids share their middle LRs, over which the LR sensitivity compares the arms.
+LRS = {"tiny": {"pre": [3e-3, 1e-2], "peri": [3e-3, 1e-2]},
+       "cpu": {"pre": [1.3e-3, 4e-3, 1.2e-2, 3.6e-2, 0.108], "peri": [4e-3, 1.2e-2, 3.6e-2, 0.108, 0.324]},
+       "gpu-min": {"pre": [3e-3, 9e-3], "peri": [3e-3, 9e-3]},
+       "gpu": {"pre": [3e-4, 1e-3, 3e-3, 1e-2], "peri": [1e-3, 3e-3, 1e-2, 3e-2]}}
 
 
 def sweeps(size: str) -> list[dict[str, Any]]:
-    ladder, batch = LADDER[size], BATCH[size]
-    tree = tiny_text(base(size)) if size == "tiny" else base(size)
-    return [{"name": "ablation", "base": tree,
-             "grid": {KEY: [BASELINE, VARIANT], "optim.lr": LRS[size]},
-             "zip": {"model.d_model": [d for d, _, _ in ladder], "model.n_layers": [n for _, n, _ in ladder],
-                     "labels.budget": [c for _, _, c in ladder]},
-             "derived": {"model.n_heads": 2 if size == "tiny" else "max(1, d_model // 32)",
-                         "train.tokens": f"max(4, round(labels.budget / flops_per_token / {batch})) * {batch}"},
-             "labels": [KEY, "optim.lr", "labels.budget", "model.d_model"]}]
+    if size == "tiny":
+        tree = tiny_text(base(size))
+    else:
+        tree = base(size)
+        if size == "cpu":  # a 512-token BPE: the blocks, not the head, hold most of the FLOPs
+            tree["data"]["path"] = ladder_corpus(size, CPU_VOCAB)
+            tree["model"]["vocab_size"] = CPU_VOCAB  # stated, so `study plan` costs it before it is prepared
+    # A run at a high LR must end with its bad loss, not fail (a failed run stops the study).
+    tree["train"]["divergence_nats"] = None
+    heads: int | str = 2 if size == "tiny" else "max(1, d_model // 16)" if size == "cpu" else "max(1, d_model // 32)"
+    # gpu-min's 8 minutes hold 16 runs of 12 s start-up each: one seed there
+    return ladder_sweeps("ablation", tree, ARMS, LADDER[size], LRS[size], BATCH[size],
+                         None if size == "gpu-min" else seeds(size), heads)
 
 
 def analyse(ctx: Context) -> Analysis:
-    finals = ctx.finals("ablation")
-    arm = "label_" + KEY.rsplit(".", 1)[1]
-    choice = choose(finals, [arm, "label_budget"])  # each arm at each budget at its own LR
-    best = choice.rows
-    budgets = sorted(set(best["label_budget"]))
-    means = best.groupby([arm, "label_budget"])["loss"].mean()
-    losses = {name: [float(means[(name, b)]) for b in budgets] for name in (BASELINE, VARIANT)}
-    compute = [float(best.loc[best["label_budget"] == b, "C"].mean()) for b in budgets]
-    result = compute_multiplier(compute, losses[BASELINE], losses[VARIANT])
-    multiplier = measured(f"{VARIANT} compute multiplier over {BASELINE}", result.estimate, "x", choice.edges())
-    trend = measured(f"trend of the log-loss offset {VARIANT} − {BASELINE} per unit log C", result.trend)
-    pairs = {b: paired_by_seed(best[(best[arm] == VARIANT) & (best["label_budget"] == b)],
-                               best[(best[arm] == BASELINE) & (best["label_budget"] == b)]) for b in budgets}
-    noise = paired_noise(pairs.values())
-    more = [trend]
-    for b in budgets:
-        gap = relative_gap(*pairs[b], noise, paired=True)
-        more.append(measured(f"relative loss gap {VARIANT} − {BASELINE} at C = {b:.3g}", gap,
-                             caveats=choice.edges({"label_budget": b})))
-    rows = []
-    for row, b in zip(result.per_budget, budgets):
-        g = best[best["label_budget"] == b]
-        row.update(budget=b, d_model=int(g["width"].iloc[0]))
-        row.update({f"{name}_lr": float(choice.cells.loc[(choice.cells[arm] == name) & (choice.cells["label_budget"] == b),
-                                                           "lr"].iloc[0]) for name in (BASELINE, VARIANT)})
-        rows.append(row)
-    notes = [f"agree: the multiplier's interval lies above 1 ({VARIANT} needs less compute)",
-             f"learning rates: {choice.method}"]
-    return Analysis(multiplier, more, {"frontiers": rows, "spikes": _spikes(finals, arm)},
-                    [_plot(ctx, rows), *lr_plot(ctx, finals, choice)], notes)
+    analysis = compare_arms(ctx, "ablation", ARMS)
+    finals = [ctx.finals(f"ablation-{arm}") for arm in (ARMS.baseline, ARMS.variant)]
+    more, rows = _sensitivity(finals)
+    analysis.more += more
+    analysis.tables["lr sensitivity"] = rows
+    analysis.tables["spikes"] = [row for f in finals for row in _spikes(f)]
+    analysis.notes.insert(0, f"agree: the multiplier's interval lies above 1 ({ARMS.variant} needs less compute)")
+    analysis.notes.append("LR sensitivity (Wortsman et al. 2023): the mean over the LRs both arms' grids share of "
+                          "min(L(η), L_init) − L*, per budget and seed; L_init = ln(vocab size), the loss of a "
+                          "uniform prediction; reported beside the multiplier, not part of the rule")
+    return analysis
 
 
-def _spikes(finals, arm: str) -> list[dict[str, Any]]:
-    """Loss spikes the trainer recorded (train/monitor.py), per arm over all its runs: the
-    stability half of the claim."""
+def _sensitivity(finals: list) -> tuple[list[Measurement], list[dict[str, Any]]]:
+    """Each arm's LR sensitivity over the shared LRs, per (budget, seed), and baseline − variant
+    paired by seed: means over the budgets and seeds, with t intervals on the seed noise pooled
+    over the budgets."""
+    import pandas as pd
+
+    frame = pd.concat(finals, ignore_index=True)
+    if "label_seed" not in frame:
+        frame["label_seed"] = 0
+    arm, baseline, variant = ARMS.column, ARMS.baseline, ARMS.variant
+    shared = set.intersection(*[set(f["peak_lr"]) for f in finals])
+    frame = frame[frame["peak_lr"].isin(shared)]
+    values: dict[tuple[str, float], dict[Any, float]] = {}  # (arm, budget) -> seed -> sensitivity
+    for (name, budget, seed), g in frame.groupby([arm, "label_budget", "label_seed"]):
+        values.setdefault((name, budget), {})[seed] = lr_sensitivity(g["loss"], math.log(float(g["vocab"].iloc[0])))
+    budgets = sorted({b for _, b in values})
+    noise = seed_noise([list(v.values()) for v in values.values()], log=False)
+    differences = {b: [values[(baseline, b)][s] - values[(variant, b)][s]
+                       for s in sorted(set(values[(baseline, b)]) & set(values[(variant, b)]))] for b in budgets}
+    paired = seed_noise(differences.values(), log=False)
+    over = f"{len(shared)} shared LRs {min(shared):g}–{max(shared):g}, {len(budgets)} budgets"
+    more = [measured(f"LR sensitivity of {name} ({over})",
+                     _mean([x for b in budgets for x in values[(name, b)].values()], noise), "nats")
+            for name in (baseline, variant)]
+    more.append(measured(f"LR sensitivity {baseline} − {variant} (> 0: {variant} less sensitive)",
+                         _mean([x for b in budgets for x in differences[b]], paired), "nats"))
+    rows = [{"arm": name, "budget": b, "lr_sensitivity": float(np.mean(list(values[(name, b)].values()))),
+             "seeds": len(values[(name, b)])} for name in (baseline, variant) for b in budgets]
+    return more, rows
+
+
+def _mean(values: list[float], noise) -> Estimate:
+    """The mean with a t interval from pooled seed noise; none without it (one seed: the spread
+    over budgets is not seed noise)."""
+    if noise is None:
+        return Estimate(float(np.mean(values)), method="one seed: no pooled seed noise, no interval")
+    return mean_interval(values, noise)
+
+
+def _spikes(finals) -> list[dict[str, Any]]:
+    """Loss spikes the trainer recorded (train/monitor.py) over all of one arm's runs."""
     from testbed.rundir import RunDir
 
     counts: dict[str, int] = {}
     for _, run in finals.iterrows():
         rows = [r for r in RunDir(run["run_dir"]).metrics() if "spikes" in r]
-        counts[run[arm]] = counts.get(run[arm], 0) + int(rows[-1]["spikes"] if rows else 0)
+        counts[run[ARMS.column]] = counts.get(run[ARMS.column], 0) + int(rows[-1]["spikes"] if rows else 0)
     return [{"arm": name, "loss_spikes": n} for name, n in sorted(counts.items())]
-
-
-def _plot(ctx: Context, rows: list[dict]) -> str:
-    with figure(ctx.out / "ablation.png", "training FLOPs C") as ax:
-        ax.plot([r["C"] for r in rows], [r["baseline_loss"] for r in rows], "o-", label=f"{BASELINE} (tuned LR)")
-        ax.plot([r["C"] for r in rows], [r["variant_loss"] for r in rows], "s-", label=f"{VARIANT} (tuned LR)")
-        ax.set_yscale("log")
-    return "ablation.png"
 
 
 def verdict(analysis: Analysis) -> tuple[str, str]:
     return above(analysis.headline, 1,
-                 agree=f"{VARIANT} needs less compute across the whole interval",
-                 disagree=f"{VARIANT} needs more compute across the whole interval",
+                 agree=f"{ARMS.variant} needs less compute across the whole interval",
+                 disagree=f"{ARMS.variant} needs more compute across the whole interval",
                  holds="the multiplier's interval holds 1",
                  undecided="no interval for the multiplier, or a caveat on it")
 
 
 register(Study(
-    name="ablation", version=3,
-    changes="statistics: the multiplier is paired by budget (the baseline's frontier and the variant's "
-            "log-loss offset) instead of a bootstrap over each arm's budgets; LRs at the edge of their grid "
-            "are named and no verdict rests on them.",
+    name="ablation", version=4,
+    changes="cpu: six layers (was four), d_model 16-48 on a 512-token BPE, each arm its own five-point LR grid a "
+            "factor 3 apart (Pre-LN 1.3e-3 to 0.108, Peri-LN 4e-3 to 0.324) with two seeds, where v3's shared two "
+            "points and one seed put every cell's LR at an edge (Peri-LN's at the top); gpu four-point grids, three seeds "
+            "and budgets 1e16-2e17; divergence guard off, so a run at a high LR finishes; built on testbed.study.arms "
+            "(per-budget multipliers); each arm's LR sensitivity beside the multiplier; claim and rule unchanged.",
     paper="Kim et al. 2025, Peri-LN: Revisiting Layer Normalization in the Transformer Architecture",
     claim="Normalising each sublayer's input and output (Peri-LN) reaches a lower loss than Pre-LN at "
           "equal compute (a compute multiplier above 1) and trains more stably.",
     sweeps=sweeps, analyse=analyse, verdict=verdict, sizes=SIZES,
-    caveat="The paper's gains come from stability at scale and high LRs; shallow small models rarely "
-           "show the hidden-state growth Peri-LN prevents, and two LRs per arm is a coarse tuning.",
+    caveat="The paper's gains come from stability at scale and high LRs; six-layer models of 25k-170k "
+           "non-embedding parameters trained for 100-185 steps rarely show the hidden-state growth Peri-LN prevents, and "
+           "the LR sensitivity covers only the LRs both grids share (a factor of 27).",
 ))
