@@ -9,7 +9,7 @@ import pytest
 
 from testbed.study.base import Analysis, Context, Measurement
 from testbed.study.builtin import chinchilla, wsd
-from testbed.study.recipes import BATCH
+from testbed.study.recipes import BATCH, SMALL_VOCAB
 from testbed.sweep.spec import load_sweep
 
 
@@ -33,7 +33,7 @@ def test_chinchilla_tries_three_lrs_in_every_cell(size: str) -> None:
 def test_chinchilla_cpu_has_beta2_for_its_small_batch():
     runs = load_sweep(chinchilla.sweeps("cpu")[0]).runs
     assert {tuple(r.config.optim.betas) for r in runs} == {(0.9, chinchilla.CPU_BETA2)}
-    assert {r.config.model.vocab_size for r in runs} == {chinchilla.CPU_VOCAB}
+    assert {r.config.model.vocab_size for r in runs} == {SMALL_VOCAB}
     assert {tuple(r.config.optim.betas) for r in load_sweep(chinchilla.sweeps("gpu")[0]).runs} == {(0.9, 0.95)}
 
 
@@ -58,7 +58,7 @@ def test_wsd_warmup_is_the_same_steps_everywhere(size):
 def test_wsd_cpu_trains_more_tokens_per_parameter():
     runs = load_sweep(wsd.sweeps("cpu")[0]).runs
     model = runs[0].config.model
-    assert model.vocab_size == wsd.CPU_VOCAB
+    assert model.vocab_size == SMALL_VOCAB
     non_embedding = 12 * model.n_layers * model.d_model ** 2
     assert min(wsd.durations("cpu")) / non_embedding > 8  # v2: 0.7 to 2.7
 

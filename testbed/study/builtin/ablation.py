@@ -21,10 +21,9 @@ from testbed.stats import Estimate, mean_interval, seed_noise
 from testbed.study.arms import Arms, compare_arms, ladder_sweeps
 from testbed.study.base import SIZES, Analysis, Context, Measurement, Study, above, measured, register
 from testbed.study.builtin.stability import lr_sensitivity
-from testbed.study.recipes import BATCH, base, ladder_corpus, seeds, tiny_text
+from testbed.study.recipes import BATCH, seeds, small_vocab_base
 
 ARMS = Arms("model.norm_placement", "pre", "peri")
-CPU_VOCAB = 512
 
 LADDER = {  # (d_model, n_layers, training FLOPs)
     "tiny": [(16, 2, 4e8), (24, 2, 8e8), (32, 2, 1.6e9), (48, 2, 3.2e9)],
@@ -47,13 +46,7 @@ LRS = {"tiny": {"pre": [3e-3, 1e-2], "peri": [3e-3, 1e-2]},
 
 
 def sweeps(size: str) -> list[dict[str, Any]]:
-    if size == "tiny":
-        tree = tiny_text(base(size))
-    else:
-        tree = base(size)
-        if size == "cpu":  # a 512-token BPE: the blocks, not the head, hold most of the FLOPs
-            tree["data"]["path"] = ladder_corpus(size, CPU_VOCAB)
-            tree["model"]["vocab_size"] = CPU_VOCAB  # stated, so `study plan` costs it before it is prepared
+    tree = small_vocab_base(size, text_at_tiny=True)
     # A run at a high LR must end with its bad loss, not fail (a failed run stops the study).
     tree["train"]["divergence_nats"] = None
     heads: int | str = 2 if size == "tiny" else "max(1, d_model // 16)" if size == "cpu" else "max(1, d_model // 32)"

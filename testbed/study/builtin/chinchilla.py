@@ -19,14 +19,14 @@ from testbed.study.base import (
     measured,
     register,
 )
-from testbed.study.recipes import BATCH, base, ladder_corpus
+from testbed.study.recipes import BATCH, small_vocab_base
 
 KAPLAN_A = 0.73
 CHINCHILLA_TOKENS_PER_PARAMETER = 20  # Hoffmann et al. 2022, Table 3: D_opt / N_opt ≈ 20
 # At cpu budgets Chinchilla's ~20 tokens per parameter puts N_opt near 50k-100k parameters, fewer
 # than a 4096-token embedding alone holds at d_model 32 (v2's grid had its minimum below the
-# smallest size at every budget): the cpu size reads the 512-token rung of the vocabulary ladder.
-CPU_VOCAB = 512
+# smallest size at every budget): the cpu size reads the 512-token rung of the vocabulary ladder
+# (small_vocab_base).
 
 
 # The cpu batch is 1024 tokens (8 sequences), where AdamW's beta2 = 0.95 averages the second
@@ -62,10 +62,7 @@ def lrs(size: str) -> dict[str, list[float]]:
 
 
 def sweeps(size: str) -> list[dict[str, Any]]:
-    tree = base(size)
-    if size == "cpu":
-        tree["data"]["path"] = ladder_corpus(size, CPU_VOCAB)
-        tree["model"]["vocab_size"] = CPU_VOCAB
+    tree = small_vocab_base(size)
     if size in ("tiny", "cpu"):  # gpu's 32k-token batch keeps the default 0.95
         tree["optim"]["betas"] = [0.9, CPU_BETA2]
     tree["train"]["global_batch_tokens"] = BATCH[size] // 2

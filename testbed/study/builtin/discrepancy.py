@@ -53,15 +53,14 @@ from testbed.study.base import (
     measured,
     register,
 )
-from testbed.study.recipes import BATCH, base, ladder_corpus
+from testbed.study.recipes import BATCH, small_vocab_base
 
 CHINCHILLA_A = 0.5
 HIGH_A = 0.6  # the Kaplan recipe must give an exponent clearly above Chinchilla's: its interval above this
 # A bigger vocabulary (the 4096-token base corpus) makes the head 70-90% of N over d_model 16-64 and
 # correction (1) larger (0.5 would read as about 0.62), but at these budgets it puts the IsoFLOP minima
 # below the smallest width (chinchilla v2's experience): an optimum at the grid's edge is no result,
-# for any step. 512 keeps them inside, at the price of a smaller counting effect.
-CPU_VOCAB = 512
+# for any step. 512 (small_vocab_base) keeps them inside, at the price of a smaller counting effect.
 SPREAD = 0.02  # a group whose runs' log C spread wider than this is not one budget: step (1)'s fit
 STEPS = ("(0) Kaplan's recipe and count", "(1) head counted", "(2) + short warmup", "(3) + tuned LR")
 
@@ -95,10 +94,8 @@ KAPLAN_WARMUP_STEPS = {"tiny": 4, "cpu": 60, "gpu": 1000}
 
 
 def sweeps(size: str) -> list[dict[str, Any]]:
-    tree = base(size)
+    tree = small_vocab_base(size)
     if size == "cpu":
-        tree["data"]["path"] = ladder_corpus(size, CPU_VOCAB)
-        tree["model"]["vocab_size"] = CPU_VOCAB  # so `study plan` costs the runs before preparation
         # Two layers, not four: a model of the same N is wider, so it trains faster on the CPU (the rate
         # grows with d_model) and the head is a larger share of it; the optima (N ≈ 25k-55k with the
         # head, from chinchilla's cpu minima) then sit mid-grid, d_model 24-36 of 16-64.

@@ -35,7 +35,7 @@ from testbed.study.base import (
     register,
     within,
 )
-from testbed.study.recipes import BATCH, base, ladder_corpus, seeds, tiny_text
+from testbed.study.recipes import BATCH, seeds, small_vocab_base
 
 NAME = "mup-transfer"
 PARAMETRIZATIONS = ("sp", "mup")
@@ -43,7 +43,6 @@ PARAMETRIZATIONS = ("sp", "mup")
 # (8x) that is at most 0.75 octave, less than one step of the factor-2 grid, where SP's 1/width
 # rule for Adam predicts −1 per doubling (3 octaves), four times the tolerance.
 TOLERANCE = 0.25
-CPU_VOCAB = 512
 COORD_STEPS = 4  # AdamW steps before the coordinate check measures (Yang et al.'s D.1 uses a few)
 COORD_FILE = "coord_check.json"
 
@@ -73,13 +72,7 @@ def sweep_name(parametrization: str) -> str:
 
 def tree(size: str) -> dict[str, Any]:
     """The base config of every run: the size's base at the base width and the study's depth."""
-    if size == "tiny":
-        config = tiny_text(base(size))
-    else:
-        config = base(size)
-        if size == "cpu":  # a 512-token BPE: the blocks, not the head, hold most of the FLOPs
-            config["data"]["path"] = ladder_corpus(size, CPU_VOCAB)
-            config["model"]["vocab_size"] = CPU_VOCAB  # stated, so `study plan` costs it before it is prepared
+    config = small_vocab_base(size, text_at_tiny=True)
     config["model"].update(d_model=BASE_WIDTH[size], n_layers=LAYERS[size], n_heads=HEADS[size])
     config["optim"]["lr"] = CENTRE[size]
     # An LR above the optimum may diverge; that is the grid's upper side doing its job, not a

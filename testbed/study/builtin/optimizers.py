@@ -13,10 +13,9 @@ from typing import Any
 
 from testbed.study.arms import Arms, compare_arms, ladder_sweeps
 from testbed.study.base import Analysis, Context, Study, at_most, combine, decidable, register
-from testbed.study.recipes import BATCH, base, ladder_corpus, seeds, tiny_text
+from testbed.study.recipes import BATCH, seeds, small_vocab_base
 
 ARMS = Arms("optim.name", "adamw", "muon")
-CPU_VOCAB = 512
 CLAIM_MAX = 1.4  # Wen et al.: at most about 1.4x when both are tuned, falling with scale
 
 LADDER = {  # (d_model, n_layers, training FLOPs): 5-7 tokens per parameter at cpu size
@@ -33,13 +32,7 @@ LRS = {"tiny": {"adamw": [3e-3, 1e-2], "muon": [3e-3, 1e-2]},
 
 
 def sweeps(size: str) -> list[dict[str, Any]]:
-    if size == "tiny":
-        tree = tiny_text(base(size))
-    else:
-        tree = base(size)
-        if size == "cpu":  # a 512-token BPE: the blocks, not the head, hold most of the FLOPs
-            tree["data"]["path"] = ladder_corpus(size, CPU_VOCAB)
-            tree["model"]["vocab_size"] = CPU_VOCAB  # stated, so `study plan` costs it before it is prepared
+    tree = small_vocab_base(size, text_at_tiny=True)
     heads: int | str = 2 if size == "tiny" else "max(1, d_model // 16)" if size == "cpu" else "max(1, d_model // 64)"
     return ladder_sweeps("optimizers", tree, ARMS, LADDER[size], LRS[size], BATCH[size], seeds(size), heads)
 

@@ -13,10 +13,9 @@ import numpy as np
 
 from testbed.stats import seed_noise, spread
 from testbed.study.base import SIZES, Analysis, Context, Study, choose, figure, lr_plot, measured, register
-from testbed.study.recipes import BATCH, base, ladder_corpus, seeds, width_for
+from testbed.study.recipes import BATCH, seeds, small_vocab_base, width_for
 
 TOLERANCE = 0.03  # Kaplan et al.: a few percent across aspect ratios spanning a wide band
-CPU_VOCAB = 512
 
 
 def shapes(size: str) -> list[tuple[int, int]]:
@@ -41,10 +40,7 @@ def lrs(size: str) -> list[float]:
 
 def sweeps(size: str) -> list[dict[str, Any]]:
     pairs = shapes(size)
-    tree = base(size)
-    if size == "cpu":  # a 512-token BPE: the blocks, not the head, hold most of the FLOPs
-        tree["data"]["path"] = ladder_corpus(size, CPU_VOCAB)
-        tree["model"]["vocab_size"] = CPU_VOCAB  # stated, so `study plan` costs it before it is prepared
+    tree = small_vocab_base(size)
     tree["train"]["tokens"] = {"tiny": 32, "cpu": 270, "gpu-min": 900, "gpu": 10000}[size] * BATCH[size]
     heads = {"tiny": 2, "cpu": "max(1, d_model // 16)"}.get(size, "max(1, d_model // 64)")
     zipped: dict[str, Any] = {"model.d_model": [d for d, _ in pairs], "model.n_layers": [n for _, n in pairs]}

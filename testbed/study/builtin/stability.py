@@ -30,11 +30,10 @@ import numpy as np
 
 from testbed.stats import Estimate, mean_interval, seed_noise
 from testbed.study.base import Analysis, Context, Measurement, Study, combine, decidable, figure, measured, register
-from testbed.study.recipes import BATCH, base, ladder_corpus, seeds, tiny_text
+from testbed.study.recipes import BATCH, seeds, small_vocab_base
 
 # name -> (model.qk_norm, optim.z_loss); PaLM's and the paper's z-loss weight 1e-4
 ARMS = {"plain": (False, 0.0), "qk_norm": (True, 0.0), "z_loss": (False, 1e-4), "qk_norm+z_loss": (True, 1e-4)}
-CPU_VOCAB = 512
 GROWTH = 2.0  # "much above": plain's largest attention logit at the top LR at least twice the bottom LR's
 MEASURE_SEQUENCES = 16  # the fixed validation batch the logits are read on
 
@@ -52,13 +51,7 @@ DESIGN: dict[str, dict[str, Any]] = {
 
 def sweeps(size: str) -> list[dict[str, Any]]:
     design = DESIGN[size]
-    if size == "tiny":
-        tree = tiny_text(base(size))
-    else:
-        tree = base(size)
-        if size == "cpu":  # a 512-token BPE: the blocks, not the head, hold most of the FLOPs
-            tree["data"]["path"] = ladder_corpus(size, CPU_VOCAB)
-            tree["model"]["vocab_size"] = CPU_VOCAB  # stated, so `study plan` costs it before it is prepared
+    tree = small_vocab_base(size, text_at_tiny=True)
     tree["model"]["d_model"] = design["d_model"]
     tree["model"]["n_heads"] = design["heads"]
     # A run at too high an LR must end with its bad loss, not fail (a failed run stops the study).

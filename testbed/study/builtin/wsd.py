@@ -22,7 +22,7 @@ from testbed.study.base import (
     register,
     upper_end,
 )
-from testbed.study.recipes import BATCH, base, ladder_corpus, seeds
+from testbed.study.recipes import BATCH, seeds, small_vocab_base
 
 TOLERANCE = 0.01  # WSD may be at most 1% above cosine, at its own tuned learning rate
 DECAY = 0.2
@@ -37,7 +37,6 @@ WARMUP_STEPS = {"tiny": 2, "cpu": 20, "gpu-min": 30, "gpu": 100}
 # cpu: a 512-token BPE and d_model 32 in 3 layers (37k non-embedding parameters, where v2's d_model
 # 64 in 4 layers on the 4096-token BPE had 197k), so the runs reach 9-36 tokens per non-embedding
 # parameter (v2: 0.7-2.7), nearer the noise-limited regime the schedule claims are about.
-CPU_VOCAB = 512
 CPU_MODEL = {"d_model": 32, "n_layers": 3, "n_heads": 2}
 
 
@@ -65,10 +64,9 @@ def ema_decay(size: str) -> float:
 
 
 def _tree(size: str, **schedule: Any) -> dict[str, Any]:
-    tree = base(size)
+    tree = small_vocab_base(size)
     if size == "cpu":
-        tree["data"]["path"] = ladder_corpus(size, CPU_VOCAB)
-        tree["model"].update(CPU_MODEL, vocab_size=CPU_VOCAB)  # stated, so `study plan` costs it before it is prepared
+        tree["model"].update(CPU_MODEL)
     tree["schedule"] = {"warmup_steps": WARMUP_STEPS[size], **schedule}
     return tree
 
