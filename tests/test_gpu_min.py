@@ -54,9 +54,15 @@ def test_cpu_plan_on_a_fresh_clone_names_the_corpus_to_prepare(tmp_path, monkeyp
 
     monkeypatch.setenv("TESTBED_CACHE", str(tmp_path))
     load()
-    p = plan("repetition", "cpu")  # on the 4096-token corpus, its vocabulary not stated
-    assert p["problems"] == [] and p["unprepared"] == [str(corpus.stdlib_path())]
+    from testbed.study import recipes
+    from testbed.study.builtin import repetition
+
+    p = plan("repetition", "cpu")  # on the 512-token rung of the BPE ladder, its vocabulary stated
+    assert p["problems"] == [] and p["unprepared"] == [recipes.ladder_corpus("cpu", recipes.SMALL_VOCAB)]
     assert p["startup_s"] == 0 and 0 < p["seconds"] <= 1800
+    # the vocabulary not stated (as a config of one's own may leave it): taken from the folder's name
+    monkeypatch.setattr(repetition, "small_vocab_base", recipes.base)
+    assert plan("repetition", "cpu")["unprepared"] == [str(corpus.stdlib_path())]
 
 
 def _tree(root: Path) -> None:

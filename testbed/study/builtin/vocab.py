@@ -3,7 +3,10 @@
 For each model size (non-vocabulary parameters N_nv) at its own compute budget, the same text is
 tokenised at five vocabulary sizes from one nested BPE ladder (`data prepare --nested-in`) and
 the runs are compared in bits per byte, the unit that does not depend on the tokenizer. The
-vocabulary with the lowest bits per byte, from a parabola in log V, is V_opt for that size.
+vocabulary with the lowest bits per byte, from a parabola in log V, is V_opt for that size. Each
+size's budget trains it on TOKENS_PER_PARAMETER tokens per non-vocabulary parameter at the
+ladder's middle vocabulary, so the data grows with the model as at compute-optimal scale; the
+LR is checked at that vocabulary against a factor LR_RATIO either side.
 """
 
 from __future__ import annotations
@@ -13,32 +16,74 @@ from typing import Any
 import numpy as np
 
 from testbed.stats.curves import parametric_bootstrap, percentile
-from testbed.study.base import Analysis, Context, Measurement, Study, above, figure, register
+from testbed.study.base import Analysis, Context, Measurement, Study, above, choose, figure, register
 from testbed.study.recipes import BATCH, VOCAB_LADDER, base, ladder_corpus, tiny_text
 
 # Tao et al.'s Approach 2 on their runs: N_v,opt ∝ N_nv^0.8354 (sail-sg/scaling-with-vocab).
 PUBLISHED_GAMMA = 0.8354
-MODELS = {"tiny": [(16, 2), (32, 2)], "cpu": [(32, 4), (64, 4), (128, 4)],
-          "gpu": [(256, 8), (512, 8), (1024, 8)]}  # (d_model, n_layers)
-BUDGETS = {"tiny": [1e9, 3e9], "cpu": [8e11, 2.4e12, 7.2e12], "gpu": [3e16, 1.2e17, 4.8e17]}
+# (d_model, n_layers). cpu: four widths in 2 layers (N_nv 14k-107k, a factor 7.7); at 20 tokens
+# per parameter v2's d_model 128 in 4 layers (804k) alone would take an hour; gpu tops out at
+# d_model 768 (57M) for the same reason (v2: 1024).
+MODELS = {"tiny": [(16, 2), (32, 2)], "cpu": [(24, 2), (32, 2), (48, 2), (64, 2)],
+          "gpu": [(256, 8), (512, 8), (768, 8)]}
+# Tokens per non-vocabulary parameter at the reference vocabulary, the same for every size: v2's
+# budgets gave every cpu size about 1M tokens (16 per parameter at d_model 32, 1.2 at 128), where a
+# flat optimum is expected; Tao et al.'s optimum grows with compute-optimal D (Chinchilla's ~20).
+# tiny: mechanics only.
+TOKENS_PER_PARAMETER = {"tiny": 0.5, "cpu": 20, "gpu": 20}
+# The LR falls as 1/d_model from LR_CENTRE at LR_WIDTH (chinchilla's cpu and gpu rule); every
+# vocabulary trains at the centre, and the reference vocabulary also a factor LR_RATIO either side:
+# a centre that is not the best of the three is an edge, a caveat on every figure. A full grid at
+# every vocabulary would triple the runs (cpu: 20 tokens per parameter no longer fits).
+LR_CENTRE = {"tiny": 1e-2, "cpu": 6e-3, "gpu": 2e-3}
+LR_WIDTH = {"tiny": 16, "cpu": 32, "gpu": 512}
+LR_RATIO = 2.5
+
+
+def reference(size: str) -> int:
+    """The vocabulary the budgets and the LR check are set at: the ladder's middle."""
+    ladder = VOCAB_LADDER[size]
+    return ladder[len(ladder) // 2]
+
+
+def budgets(size: str, tree: dict[str, Any]) -> list[float]:
+    """Each model's training FLOPs: TOKENS_PER_PARAMETER x N_nv tokens at the reference vocabulary
+    (the other vocabularies get the same FLOPs, so fewer tokens with a larger head)."""
+    from testbed.config import ModelConfig
+    from testbed.model.counting import count_params, flops_per_token
+
+    out = []
+    for d, layers in MODELS[size]:
+        cfg = ModelConfig(**{**tree["model"], "d_model": d, "n_layers": layers, "n_heads": max(1, d // 32),
+                             "vocab_size": reference(size)})
+        n_nv = count_params(cfg).non_embedding
+        out.append(float(TOKENS_PER_PARAMETER[size] * n_nv * flops_per_token(cfg, tree["data"]["seq_len"])))
+    return out
 
 
 def sweeps(size: str) -> list[dict[str, Any]]:
     tree = tiny_text(base(size)) if size == "tiny" else base(size)  # real text at every size
     batch = BATCH[size]
     models = MODELS[size]
+    budget = budgets(size, tree)
     specs = []
     # One sweep per vocabulary: its corpus and vocab_size stated together, so `study plan` can
-    # cost the runs before the corpora are prepared.
+    # cost the runs before the corpora are prepared. One seed: a second would double the runs
+    # (the interval comes from the parabolas' residuals, not from seeds).
     for vocab in VOCAB_LADDER[size]:
         path = ladder_corpus(size, vocab)
         tree = {**tree, "data": {**tree["data"], "path": path}, "model": {**tree["model"], "vocab_size": vocab}}
+        steps = [-1, 0, 1] if vocab == reference(size) else [0]
         specs.append({"name": f"vocab-{vocab}", "base": tree,
                       "zip": {"model.d_model": [d for d, _ in models], "model.n_layers": [n for _, n in models],
-                              "labels.budget": BUDGETS[size]},
+                              "labels.budget": budget},
+                      "grid": {"labels.lr_step": steps},
                       "derived": {"model.n_heads": "max(1, d_model // 32)",
-                                  "train.tokens": f"max(4, round(labels.budget / flops_per_token / {batch})) * {batch}"},
-                      "labels": ["labels.budget", "model.d_model"]})
+                                  "train.tokens": f"max(4, round(labels.budget / flops_per_token / {batch})) * {batch}",
+                                  # rounded: the grid prints as 0.0048, not 0.0048000000000000004
+                                  "optim.lr": f"round({LR_CENTRE[size]} * {LR_WIDTH[size]} / d_model"
+                                              f" * {LR_RATIO} ** labels.lr_step, 8)"},
+                      "labels": ["labels.budget", "model.d_model", "labels.lr_step"]})
     return specs
 
 
@@ -77,16 +122,22 @@ def _slope(frame) -> tuple[float | None, float | None, list[dict[str, Any]]]:
 
 def analyse(ctx: Context) -> Analysis:
     finals = ctx.finals()
-    frame = finals[["run_id", "N_non_embedding", "width", "vocab", "bpb", "C"]].dropna()
+    # The LR check: the reference vocabulary's three LRs per size; the profiles are at the centre.
+    check = choose(finals[finals["vocab"] == reference(ctx.size)], ["N_non_embedding"])
+    centre = finals[finals["label_lr_step"] == 0]
+    frame = centre[["run_id", "N_non_embedding", "width", "vocab", "bpb", "C", "D", "peak_lr"]].dropna()
     frame = frame.sort_values(["N_non_embedding", "vocab"]).reset_index(drop=True)
     slope, gamma, rows = _slope(frame)
     low = high = (None, None)
     how = "parabola in log V per model size; no interval (a parabola failed or too few sizes)"
-    caveat = ""
+    caveats = []
     if slope is not None and gamma is not None:
         (low, high), how, caveat = _interval(frame, rows)
+        caveats += [caveat] if caveat else []
     if any(not r["inside"] for r in rows):
-        caveat = "some V_opt lies at the edge of the sampled vocabularies" + (f"; {caveat}" if caveat else "")
+        caveats.insert(0, "some V_opt lies at the edge of the sampled vocabularies")
+    caveats += check.edges()
+    caveat = "; ".join(caveats)
     headline = Measurement("b in V_opt ∝ N_nv^b", slope, low[0], high[0], "", how, caveat)
     more = []
     if gamma is not None:
@@ -94,13 +145,21 @@ def analyse(ctx: Context) -> Analysis:
                                 low[1], high[1], "", how + "; the paper's γ < 1: vocabulary parameters "
                                 "grow slower than non-vocabulary ones", caveat))
     points = [{"N_nv": float(r["N_non_embedding"]), "vocab": int(r["vocab"]), "bpb": float(r["bpb"]),
-               "C": float(r["C"])} for _, r in frame.iterrows()]
-    notes = ["agree: the interval of b lies above 0 (V_opt grows with the model); disagree: below 0"]
+               "C": float(r["C"]), "tokens_per_N_nv": float(r["D"] / r["N_non_embedding"]),
+               "lr": float(r["peak_lr"])} for _, r in frame.iterrows()]
+    lrs = [{"N_nv": float(c["N_non_embedding"]), "lr": float(c["lr"]), "grid": str(c["grid"]),
+            "edge": c["edge"] or "inside"} for _, c in check.cells.iterrows()]
+    notes = ["agree: the interval of b lies above 0 (V_opt grows with the model); disagree: below 0",
+             f"budgets: {TOKENS_PER_PARAMETER[ctx.size]:g} tokens per non-vocabulary parameter at V = "
+             f"{reference(ctx.size)}, the same FLOPs at every vocabulary",
+             f"learning rates: every vocabulary at a centre falling as 1/d_model; at V = {reference(ctx.size)} "
+             f"also a factor {LR_RATIO} either side, the centre to be the best of the three ({check.method})"]
     if more and more[0].low is not None and more[0].high is not None:
         holds = more[0].low <= PUBLISHED_GAMMA <= more[0].high
         notes.append(f"the paper's trend, N_v,opt ∝ N_nv^{PUBLISHED_GAMMA} (Approach 2 on its 1,200 runs), "
                      f"{'lies inside' if holds else 'lies outside'} the interval of γ")
-    return Analysis(headline, more, {"optimal vocabulary": rows, "points": points}, [_plot(ctx, points)], notes)
+    return Analysis(headline, more, {"optimal vocabulary": rows, "points": points, "learning rates": lrs},
+                    [_plot(ctx, points)], notes)
 
 
 def _interval(frame, rows: list[dict], draws: int = 400) -> tuple[tuple[tuple, tuple], str, str]:
@@ -153,16 +212,17 @@ def verdict(analysis: Analysis) -> tuple[str, str]:
 
 
 register(Study(
-    name="vocab", version=2,
-    changes="statistics: intervals from a parametric bootstrap of the parabolas' residuals instead of "
-            "resampling vocabularies (which refitted parabolas on duplicates); an optimum at the edge of the "
-            "sampled vocabularies is a caveat, not a result.",
+    name="vocab", version=3,
+    changes="budgets at 20 tokens per non-vocabulary parameter for every size (cpu 4 models of 14k-107k in 2 "
+            "layers), where v2 gave every size about 1M tokens (16 per parameter at d_model 32, 1.2 at 128), so D "
+            "grows with N as in the paper; LR falling as 1/d_model, checked at the middle vocabulary against a "
+            "factor 2.5 either side (an edge is a caveat) instead of one 3e-3; claim and rule unchanged.",
     paper="Tao et al. 2024, Scaling Laws with Vocabulary: Larger Models Deserve Larger Vocabularies",
     claim="At a compute budget matched to the model, the vocabulary giving the lowest loss per byte "
           "grows with the model's non-vocabulary parameters (V_opt ∝ N_nv^b with b > 0), with "
           "vocabulary parameters growing more slowly than non-vocabulary ones.",
     sweeps=sweeps, analyse=analyse, verdict=verdict,
-    caveat="Three small models over one decade of N_nv, one seed per point, code rather than prose "
-           "(whose token statistics differ), and embeddings that dominate the parameters of the "
-           "smallest models.",
+    caveat="Small models over less than a decade of N_nv (cpu: 14k-107k), one seed per point, the LR checked "
+           "at one vocabulary only (its optimum may move with V), code rather than prose (whose token "
+           "statistics differ), and embeddings that dominate the parameters of the smallest models.",
 ))
