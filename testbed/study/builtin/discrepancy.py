@@ -71,7 +71,7 @@ def budgets(size: str) -> list[float]:
 
 
 def widths(size: str) -> list[int]:
-    return {"tiny": [8, 16, 32], "cpu": [16, 24, 32, 48, 64], "gpu": [256, 384, 512, 768, 1024]}[size]
+    return {"tiny": [4, 8, 16], "cpu": [16, 24, 32, 48, 64], "gpu": [256, 384, 512, 768, 1024]}[size]
 
 
 def lrs(size: str) -> list[float]:
