@@ -10,12 +10,11 @@ import torch
 
 from testbed.config import ModelConfig
 from testbed.model.transformer import Transformer
-from testbed.study.base import Analysis, Measurement
+from testbed.study.base import Analysis, Measurement, lr_sensitivity
 from testbed.study.builtin.stability import (
     GROWTH,
     attention_logits,
     logit_stats,
-    lr_sensitivity,
     summarise,
     verdict,
 )

@@ -163,6 +163,15 @@ def choose(frame, by: list[str], lr: str = "peak_lr") -> LrChoice:
     return choose_lr(frame, by, lr=lr, seed="label_seed")
 
 
+def lr_sensitivity(losses: Sequence[float], l_init: float) -> float:
+    """LR sensitivity (Wortsman et al. 2023) over one LR grid: the mean over LRs of
+    min(L(η), L_init) − L*, L* the best capped loss; a non-finite loss counts as L_init (a
+    diverged run). Lower: a wider band of LRs that train well."""
+    x = np.asarray(losses, float)
+    capped = np.where(np.isfinite(x), np.minimum(x, l_init), l_init)
+    return float(np.mean(capped - capped.min()))
+
+
 def paired_by_seed(a, b, value: str = "loss") -> tuple[list[float], list[float]]:
     """Two arms' values matched by their seed label (each seed present in both)."""
     left = a.set_index("label_seed")[value] if "label_seed" in a else a[value].reset_index(drop=True)
@@ -258,7 +267,8 @@ def lr_plot(ctx: Context, frame, choice: LrChoice, name: str = "lr_sensitivity.p
     `frame`, the rows `choice` was made from), the LR the study chose marked: [name], or [] when
     no cell tried two learning rates. Cells of two or more keys get one axes per value of the
     first key (at most six, each with more than one cell), a line per value of the rest."""
-    from testbed.fit.reporting.lr_plots import LrCurve, lr_sensitivity
+    from testbed.fit.reporting.lr_plots import LrCurve
+    from testbed.fit.reporting.lr_plots import lr_sensitivity as sensitivity_plot
 
     cells = choice.cells[[len(g) > 1 for g in choice.cells["grid"]]]
     if cells.empty:
@@ -280,7 +290,7 @@ def lr_plot(ctx: Context, frame, choice: LrChoice, name: str = "lr_sensitivity.p
                               size=float(sizes[0]) if len(sizes) == 1 else None,
                               panel=f"{_name(panel_key)} {_value(cell[panel_key])}" if panel_key else ""))
     seeds = int(choice.cells["seeds"].max())
-    lr_sensitivity(curves, ctx.out / name, "loss against learning rate" + (f" (mean over {seeds} seeds)" if seeds > 1 else ""),
+    sensitivity_plot(curves, ctx.out / name, "loss against learning rate" + (f" (mean over {seeds} seeds)" if seeds > 1 else ""),
                    chosen_label="LR chosen (mean over seeds)" if seeds > 1 else "LR chosen")
     return [name]
 

@@ -19,8 +19,7 @@ import numpy as np
 
 from testbed.stats import Estimate, mean_interval, seed_noise
 from testbed.study.arms import Arms, compare_arms, ladder_sweeps
-from testbed.study.base import SIZES, Analysis, Context, Measurement, Study, above, measured, register
-from testbed.study.builtin.stability import lr_sensitivity
+from testbed.study.base import SIZES, Analysis, Context, Measurement, Study, above, lr_sensitivity, measured, register
 from testbed.study.recipes import BATCH, seeds, small_vocab_base
 
 ARMS = Arms("model.norm_placement", "pre", "peri")

@@ -22,14 +22,24 @@ and the attention- and output-logit growth against LR.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from testbed.stats import Estimate, mean_interval, seed_noise
-from testbed.study.base import Analysis, Context, Measurement, Study, combine, decidable, figure, measured, register
+from testbed.study.base import (
+    Analysis,
+    Context,
+    Measurement,
+    Study,
+    combine,
+    decidable,
+    figure,
+    lr_sensitivity,
+    measured,
+    register,
+)
 from testbed.study.recipes import BATCH, seeds, small_vocab_base
 
 # name -> (model.qk_norm, optim.z_loss); PaLM's and the paper's z-loss weight 1e-4
@@ -66,14 +76,6 @@ def sweeps(size: str) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- the measures
-
-
-def lr_sensitivity(losses: Sequence[float], l_init: float) -> float:
-    """The paper's LR sensitivity over one LR grid: the mean over LRs of min(L(η), L_init) − L*,
-    L* the best capped loss; a non-finite loss counts as L_init (a diverged run)."""
-    x = np.asarray(losses, float)
-    capped = np.where(np.isfinite(x), np.minimum(x, l_init), l_init)
-    return float(np.mean(capped - capped.min()))
 
 
 def attention_logits(attn, x):
