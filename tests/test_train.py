@@ -96,6 +96,7 @@ def test_nonfinite_loss_stops_with_the_step(tmp_path):
         train(config, tmp_path / "nan")
     status = json.loads((tmp_path / "nan" / "status.json").read_text())
     assert status["state"] == "failed" and "step" in status["message"]
+    assert status["diverged"] is True  # a study's LR bracket reads it as a measured outcome
 
 
 def test_repetition_logs_epochs(tmp_path):

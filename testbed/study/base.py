@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,9 +50,38 @@ class Context:
         return collect_runs(self.sweep_dirs[sweep] if sweep else self.out / "sweep")
 
     def finals(self, sweep: str | None = None):
-        """The final (and cooldown) point of every run."""
+        """The final (and cooldown) point of every run; a run that diverged (only a bracketed sweep
+        keeps one, testbed.study.bracket) is a final point of infinite loss with `diverged` true: worse
+        than any LR that trained, never dropped."""
+        import pandas as pd
+
         points = self.points(sweep)
-        return points[points["point_kind"].isin(["final", "cooldown"])].reset_index(drop=True)
+        finals = points[points["point_kind"].isin(["final", "cooldown"])].reset_index(drop=True)
+        lost = diverged_rows(self.sweep_dirs[sweep] if sweep else self.out / "sweep", set(finals["run_id"]))
+        if not lost:
+            return finals
+        return pd.concat([finals.assign(diverged=False), pd.DataFrame(lost)], ignore_index=True)
+
+
+def diverged_rows(root: Path, have: set[str]) -> list[dict[str, Any]]:
+    """A final row of infinite loss for each run under `root` whose status says it diverged and
+    that has no final point: its run.json columns, planned tokens and FLOPs."""
+    from testbed.fit.points.collect import run_columns
+    from testbed.rundir import find_runs
+
+    rows = []
+    for run_dir in find_runs(root):
+        if not run_dir.read_status().get("diverged"):
+            continue
+        run = run_dir.read_run() or {}
+        row = run_columns(run_dir, run)
+        if row["run_id"] in have:
+            continue
+        tokens, per_token = row.get("planned_tokens"), row.get("flops_per_token")
+        rows.append({**row, "step": run_dir.read_status().get("step"), "D": tokens,
+                     "C": tokens * per_token if tokens and per_token else None,
+                     "loss": math.inf, "bpb": math.inf, "point_kind": "final", "diverged": True})
+    return rows
 
 
 @dataclass
@@ -103,6 +132,21 @@ class Analysis:
 
 
 @dataclass(frozen=True)
+class Bracket:
+    """A sweep's axes to extend until each cell's optimum lies inside them (testbed.study.bracket).
+
+    `axes`: the grid keys to bracket (the LR, or a label an LR is derived from), each "log" (the next
+    point one grid ratio beyond the edge) or "linear" (one grid step beyond). A cell is one value of
+    every other axis but the seed; the point its seeds' mean loss chooses (a diverged run counts
+    as worse than any) at the lowest or highest value of an axis adds that axis's next value
+    beyond it, for every value of the cell's other bracketed axes and every seed, at most
+    `rounds` times. A cell still at an edge after them keeps its caveat."""
+
+    axes: Mapping[str, str]
+    rounds: int = 2
+
+
+@dataclass(frozen=True)
 class Study:
     name: str
     version: int
@@ -119,6 +163,8 @@ class Study:
     # Sweeps standing in for what `extra` trains (at placeholder values), so `study plan` can cost it.
     extra_cost: Callable[[str], list[dict[str, Any]]] | None = None
     sizes: Sequence[str] = DEFAULT_SIZES
+    # By sweep name: the axes extended until every cell's optimum lies inside its grid.
+    brackets: Mapping[str, Bracket] = field(default_factory=dict)
     module: str = ""
 
 

@@ -100,6 +100,11 @@ def plan_handler(args: argparse.Namespace) -> int:
         print(f"note: {len(p['unprepared'])} corpus folder(s) are prepared first by `study run` ({each}; "
               f"not in the time above); corpus sizes are lower estimates until then: "
               + ", ".join(p["unprepared"]))
+    for r in p["sweeps"]:
+        if r.get("bracket_runs_at_most"):
+            print(f"note: sweep {r['sweep']} extends its LR grid where a cell's optimum lands at an edge: "
+                  f"at most {r['bracket_runs_at_most']} more runs ({duration(r['bracket_seconds_at_most'])}), "
+                  "not in the time above")
     for problem in p["problems"]:
         print(f"problem: {problem}")
     return 0 if not p["problems"] else 1

@@ -46,7 +46,7 @@ def sweep_dirs(out: Path) -> dict[str, Path]:
 def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool = False,
         log=print) -> dict[str, Any]:
     """Train every run of the study not yet done, then write the report."""
-    from testbed.study import corpus
+    from testbed.study import bracket, corpus
     from testbed.sweep.local import ForkServers
     from testbed.sweep.spec import load_sweep
 
@@ -69,6 +69,8 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
         corpus.ensure_for(specs)
         for spec in specs:
             load_sweep(spec)  # every run of every sweep is validated before any is trained
+            if spec["name"] in study.brackets:
+                bracket.check(study.brackets[spec["name"]], spec)
         # The plan's time for this invocation (every run, done or not, at the size's rates),
         # recorded beside the measured wall time so the estimate is checked against the run.
         estimate = plan(name, size)
@@ -86,8 +88,11 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
     try:
         for spec in specs:
             with wandb_tags(f"study:{study.name}", f"arm:{spec['name']}"):
-                dirs[spec["name"]] = run_sweep(out, spec, workers=workers, progress=progress, log=log,
-                                               servers=servers)
+                options = {"workers": workers, "progress": progress, "log": log, "servers": servers}
+                if spec["name"] in study.brackets:
+                    dirs[spec["name"]] = bracket.run_bracketed(out, spec, study.brackets[spec["name"]], **options)
+                else:
+                    dirs[spec["name"]] = run_sweep(out, spec, **options)
         if study.extra is not None:
             with wandb_tags(f"study:{study.name}"):
                 study.extra(Context(out, size, dirs), {"workers": workers, "servers": servers})
@@ -144,7 +149,7 @@ def plan(name: str, size: str, rate: float | None = None) -> dict[str, Any]:
     """What `study run` would train, without training: per sweep the runs, tokens and FLOPs, the
     time (each run's FLOPs at `rate` FLOP/s, else at recipes.rate for its width, plus the per-run
     overhead), and whether every run's fresh tokens fit the corpus it reads."""
-    from testbed.study import corpus, recipes
+    from testbed.study import bracket, corpus, recipes
     from testbed.sweep.spec import load_sweep
 
     study: Study = STUDIES.get(name)
@@ -174,9 +179,15 @@ def plan(name: str, size: str, rate: float | None = None) -> dict[str, Any]:
         flops = sum(q["planned_flops"] for q in quantities)
         seconds = sum(q["planned_flops"] / (rate or recipes.rate(size, q["d_model"])) + recipes.RUN_OVERHEAD_S[size]
                       for q in quantities)
-        rows.append({"sweep": sweep.name, "runs": len(quantities),
-                     "tokens": sum(q["planned_tokens"] for q in quantities), "flops": flops,
-                     "largest_fresh_tokens": fresh, "corpus_tokens": available, "seconds": seconds})
+        row = {"sweep": sweep.name, "runs": len(quantities),
+               "tokens": sum(q["planned_tokens"] for q in quantities), "flops": flops,
+               "largest_fresh_tokens": fresh, "corpus_tokens": available, "seconds": seconds}
+        if sweep.name in study.brackets:
+            # Beyond the grid only where a cell's optimum lands at its edge: not in the total, which
+            # is what the study trains when every cell is bracketed; the most it can add, apart.
+            added = bracket.most_added(spec, study.brackets[sweep.name])
+            row.update(bracket_runs_at_most=added, bracket_seconds_at_most=added * seconds / len(quantities))
+        rows.append(row)
     startup = recipes.STARTUP_S[size]
     total = startup + sum(r["seconds"] for r in rows)
     if total > recipes.BUDGET_S[size]:

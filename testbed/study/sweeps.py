@@ -22,9 +22,12 @@ def vary_data_order(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_sweep(out: Path, spec: dict[str, Any], workers: int = 1, progress: bool = False,
-              log=print, servers: Any = None) -> Path:
+              log=print, servers: Any = None, accept_diverged: bool = False) -> Path:
     """Train every run of one sweep mapping not yet done, in OUT/sweep/NAME; returns that folder.
-    `servers` (sweep.local.ForkServers): the study's fork servers, kept from sweep to sweep."""
+    `servers` (sweep.local.ForkServers): the study's fork servers, kept from sweep to sweep.
+    `accept_diverged`: a run that diverged is an outcome, not a failure (an LR bracket's upper side,
+    testbed.study.bracket); every other sweep stops on it."""
+    from testbed.rundir import RunDir
     from testbed.sweep.local import LocalExecutor
     from testbed.sweep.registry import Registry
     from testbed.sweep.spec import load_sweep
@@ -39,6 +42,11 @@ def run_sweep(out: Path, spec: dict[str, Any], workers: int = 1, progress: bool 
     ids = registry.add_runs(sweep)
     log(f"sweep {sweep.name}: {len(ids)} runs in {folder}")
     counts = LocalExecutor(registry, ids, workers=workers, progress=progress, servers=servers).run()
+    if accept_diverged and counts.get("done", 0) != len(ids):
+        diverged = sum(bool(RunDir(registry.run_dir(i)).read_status().get("diverged")) for i in ids)
+        if diverged:
+            log(f"sweep {sweep.name}: {diverged} run(s) diverged (a measured outcome: worse than any LR that trained)")
+        counts = {**counts, "done": counts.get("done", 0) + diverged}
     if counts.get("done", 0) != len(ids):
         summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
         raise TestbedError(f"sweep {sweep.name} ended with {summary}; see testbed sweep status "

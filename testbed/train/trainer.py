@@ -55,7 +55,7 @@ from testbed.train.distributed import (
 )
 from testbed.train.ema import WeightEMA
 from testbed.train.metrics import MetricsLog
-from testbed.train.monitor import LossWatch, Window, significant, squared_norms
+from testbed.train.monitor import Diverged, LossWatch, Window, significant, squared_norms
 from testbed.train.prefetch import Prefetcher
 from testbed.train.resume import Preemption, announce, load_run_config, prepare_run_dir, restore_rng, rng_state
 from testbed.train.tasks import evaluate_tasks, summary_line
@@ -821,6 +821,10 @@ class Trainer:
             message = str(err) if isinstance(err, TestbedError) else f"{type(err).__name__}: {err}"
             # A lost peer is no fault of the run: the status says it may be started again.
             state, extra = ("preempted", {"lost_peer": True}) if isinstance(err, PeerLost) else ("failed", {})
+            if isinstance(err, (NonFiniteLoss, Diverged)):
+                # Its LR was too high: a measured outcome, which a study's LR bracket reads as such
+                # (testbed.study.bracket), where any other failure stops the study.
+                extra["diverged"] = True
             try:
                 self.run_dir.write_status(state, step=self.done, message=message, **extra)
                 self.log_line(f"{'stopped' if state == 'preempted' else 'failed'} at step {self.done}: {message}")

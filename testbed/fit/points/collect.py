@@ -122,18 +122,26 @@ def _averaged_rows(run_dir: RunDir, run: dict, base: dict) -> list[dict]:
     return rows
 
 
+def run_columns(run_dir: RunDir, run: dict[str, Any]) -> dict[str, Any]:
+    """The columns every point of one run shares: its id, folder, labels (`label_<name>`), the
+    run.json quantities (RUN_COLUMNS) and its parent run's folder (a cooldown branch's)."""
+    base: dict[str, Any] = {"run_id": str(run.get("run_id") or run_dir.path.name), "run_dir": str(run_dir.path)}
+    for key, value in (run.get("labels") or {}).items():
+        base[f"label_{key}"] = value
+    for key, column in RUN_COLUMNS.items():
+        base[column] = run.get(key)
+    parent = run.get("parent")
+    base["parent_run"] = parent.get("run_dir") if isinstance(parent, dict) else None
+    return base
+
+
 def collect_runs(root: str | Path) -> pd.DataFrame:
     """One row per evaluated checkpoint of every run under `root`."""
     records: list[dict[str, Any]] = []
     for run_dir in find_run_dirs(root):
         run = run_dir.read_run() or {}
-        base: dict[str, Any] = {"run_id": str(run.get("run_id") or run_dir.path.name), "run_dir": str(run_dir.path)}
-        for key, value in (run.get("labels") or {}).items():
-            base[f"label_{key}"] = value
-        for key, column in RUN_COLUMNS.items():
-            base[column] = run.get(key)
+        base = run_columns(run_dir, run)
         parent = run.get("parent")
-        base["parent_run"] = parent.get("run_dir") if isinstance(parent, dict) else None
         by_step: dict[int, dict] = {}
         weights = _mixture_weights(run)
         base.update(weights)
