@@ -112,3 +112,20 @@ def test_a_diverged_run_is_an_outcome_in_a_bracket_and_a_failure_elsewhere(tmp_p
     assert cell["lr"] == 3e-3 and cell["edge"] == "lowest"  # the diverged LR is in the grid, never chosen
     with pytest.raises(TestbedError, match="1 failed"):
         run_sweep(tmp_path / "plain", {**spec, "name": "plain"}, log=lambda *_: None)
+
+
+def test_every_built_in_bracket_names_numeric_grid_axes_of_its_sweep_at_every_size():
+    from testbed.study.base import STUDIES
+    from testbed.study.runner import load
+
+    load()
+    bracketed = set()
+    for name in STUDIES.names():
+        study = STUDIES.get(name)
+        for size in study.sizes:
+            specs = {spec["name"]: spec for spec in study.sweeps(size)}
+            for sweep, bracket in study.brackets_at(size).items():
+                assert sweep in specs, (name, size, sweep)
+                check(bracket, specs[sweep])
+                bracketed.add((name, sweep))
+    assert {("chinchilla", "chinchilla"), ("discrepancy", "discrepancy-tuned"), ("power", "power-tune")} <= bracketed

@@ -86,3 +86,14 @@ def test_wsd_weight_ema_is_beside_the_rule(tmp_path):
     ok = Measurement("largest relative loss gap WSD − cosine (D=100)", 0.0, -0.001, 0.001)
     far = Measurement(found[0].name, 0.5, 0.4, 0.6)
     assert wsd.verdict(Analysis(ok, [far]))[0] == "agree"
+
+
+def test_wsd_branches_are_a_check_of_construction_not_in_the_rule():
+    """v4: a branch is its separate run (warmup in steps), so their gap decides nothing; the rule
+    reads WSD against cosine and 1-sqrt against linear."""
+    ok = Measurement("largest relative loss gap WSD − cosine (D=100)", 0.0, -0.001, 0.001)
+    branch = Measurement("branch vs separate WSD run at D=100 (a check of construction, not in the rule)", 0.2, 0.1, 0.3)
+    sqrt = Measurement("1-sqrt vs linear cooldown branch at D=100", -0.01, -0.02, -0.005)
+    assert wsd.verdict(Analysis(ok, [branch, sqrt]))[0] == "agree"
+    linear_wins = Measurement("1-sqrt vs linear cooldown branch at D=100", 0.01, 0.005, 0.02)
+    assert wsd.verdict(Analysis(ok, [branch, linear_wins]))[0] == "disagree"

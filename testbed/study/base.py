@@ -163,9 +163,12 @@ class Study:
     # Sweeps standing in for what `extra` trains (at placeholder values), so `study plan` can cost it.
     extra_cost: Callable[[str], list[dict[str, Any]]] | None = None
     sizes: Sequence[str] = DEFAULT_SIZES
-    # By sweep name: the axes extended until every cell's optimum lies inside its grid.
-    brackets: Mapping[str, Bracket] = field(default_factory=dict)
+    # size -> by sweep name, the axes extended until every cell's optimum lies inside its grid.
+    brackets: Callable[[str], Mapping[str, Bracket]] | None = None
     module: str = ""
+
+    def brackets_at(self, size: str) -> Mapping[str, Bracket]:
+        return self.brackets(size) if self.brackets else {}
 
 
 def register(study: Study) -> Study:
@@ -329,6 +332,7 @@ def lr_plot(ctx: Context, frame, choice: LrChoice, name: str = "lr_sensitivity.p
             value = cell[column]
             mask &= frame[column].isna().to_numpy() if _missing(value) else (frame[column] == value).to_numpy()
         means = frame[mask].groupby(lr)[loss].mean().sort_index()
+        means = means[np.isfinite(means.to_numpy(float))]  # a diverged LR (+inf) is off the top
         shown = [c for c in by if c != panel_key]
         sizes = frame.loc[mask, "N"].unique() if "N" in frame.columns else []
         curves.append(LrCurve(label=", ".join(f"{_name(c)} {_value(cell[c])}" for c in shown),

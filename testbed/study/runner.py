@@ -67,10 +67,11 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
         meta.setdefault("invocations", []).append(invocation)
     try:
         corpus.ensure_for(specs)
+        brackets = study.brackets_at(size)
         for spec in specs:
             load_sweep(spec)  # every run of every sweep is validated before any is trained
-            if spec["name"] in study.brackets:
-                bracket.check(study.brackets[spec["name"]], spec)
+            if spec["name"] in brackets:
+                bracket.check(brackets[spec["name"]], spec)
         # The plan's time for this invocation (every run, done or not, at the size's rates),
         # recorded beside the measured wall time so the estimate is checked against the run.
         estimate = plan(name, size)
@@ -89,8 +90,8 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
         for spec in specs:
             with wandb_tags(f"study:{study.name}", f"arm:{spec['name']}"):
                 options = {"workers": workers, "progress": progress, "log": log, "servers": servers}
-                if spec["name"] in study.brackets:
-                    dirs[spec["name"]] = bracket.run_bracketed(out, spec, study.brackets[spec["name"]], **options)
+                if spec["name"] in brackets:
+                    dirs[spec["name"]] = bracket.run_bracketed(out, spec, brackets[spec["name"]], **options)
                 else:
                     dirs[spec["name"]] = run_sweep(out, spec, **options)
         if study.extra is not None:
@@ -182,10 +183,10 @@ def plan(name: str, size: str, rate: float | None = None) -> dict[str, Any]:
         row = {"sweep": sweep.name, "runs": len(quantities),
                "tokens": sum(q["planned_tokens"] for q in quantities), "flops": flops,
                "largest_fresh_tokens": fresh, "corpus_tokens": available, "seconds": seconds}
-        if sweep.name in study.brackets:
+        if sweep.name in study.brackets_at(size):
             # Beyond the grid only where a cell's optimum lands at its edge: not in the total, which
             # is what the study trains when every cell is bracketed; the most it can add, apart.
-            added = bracket.most_added(spec, study.brackets[sweep.name])
+            added = bracket.most_added(spec, study.brackets_at(size)[sweep.name])
             row.update(bracket_runs_at_most=added, bracket_seconds_at_most=added * seconds / len(quantities))
         rows.append(row)
     startup = recipes.STARTUP_S[size]

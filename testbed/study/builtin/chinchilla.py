@@ -9,6 +9,7 @@ import numpy as np
 from testbed.stats.curves import IsoflopFit, isoflop_slope, parametric_bootstrap, percentile
 from testbed.study.base import (
     Analysis,
+    Bracket,
     Context,
     Measurement,
     Study,
@@ -50,15 +51,16 @@ def widths(size: str) -> list[int]:
 # 1/d_model (LR_CENTRE at width LR_WIDTH): v4's shared points [4e-3, 1.2e-2] put the narrow models'
 # optimum at the top and the wide ones' at the bottom (15 of 15 cells at an edge), and the
 # optimizers study's AdamW (512-token BPE) chose 1.2e-2 at d_model 24-32 and 4e-3 at 48.
-LR_CENTRE = {"cpu": 6e-3, "gpu": 2e-3}
-LR_WIDTH = {"cpu": 32, "gpu": 512}
+LR_CENTRE = {"tiny": 1e-2, "cpu": 6e-3, "gpu": 2e-3}
+LR_WIDTH = {"tiny": 16, "cpu": 32, "gpu": 512}
 LR_RATIO = 2.5
 
 
 def lrs(size: str) -> dict[str, list[float]]:
-    """The sweep's LR axis: tiny one LR (the choice among several is exercised by the other
-    studies' tiny runs); cpu and gpu the step from each width's centre, -1, 0 or +1."""
-    return {"optim.lr": [1e-2]} if size == "tiny" else {"labels.lr_step": [-1, 0, 1]}
+    """The sweep's LR axis, the step from each width's centre: -1, 0 or +1, extended past an edge
+    where a cell's optimum lands there (the study's bracket); tiny the centre alone (the choice
+    among several is exercised by the other studies' tiny runs)."""
+    return {"labels.lr_step": [0] if size == "tiny" else [-1, 0, 1]}
 
 
 def sweeps(size: str) -> list[dict[str, Any]]:
@@ -71,9 +73,8 @@ def sweeps(size: str) -> list[dict[str, Any]]:
     # One seed: the 36 cpu runs already plan 27 of the 30 minutes, and a second would double them;
     # Approach 2's interval comes from the joint fit's residuals, not from seeds.
     derived = {"train.tokens": f"max(1, round(labels.budget / flops_per_token / {batch})) * {batch}"}
-    if size != "tiny":
-        # rounded: the grid prints as 0.0048, not 0.0048000000000000004
-        derived["optim.lr"] = f"round({LR_CENTRE[size]} * {LR_WIDTH[size]} / d_model * {LR_RATIO} ** labels.lr_step, 8)"
+    # rounded: the grid prints as 0.0048, not 0.0048000000000000004
+    derived["optim.lr"] = f"round({LR_CENTRE[size]} * {LR_WIDTH[size]} / d_model * {LR_RATIO} ** labels.lr_step, 8)"
     return [{"name": "chinchilla", "base": tree,
              "grid": {"labels.budget": budgets(size), "model.d_model": widths(size), **lrs(size)},
              "derived": derived,
@@ -226,11 +227,10 @@ def verdict(analysis: Analysis) -> tuple[str, str]:
 
 
 register(Study(
-    name="chinchilla", version=5,
-    changes="each (budget, width) cell tries three LRs a factor 2.5 apart around a centre falling as 1/d_model, "
-            "where v4's two shared LRs left all 15 cells at a grid edge; AdamW beta2 0.99 at the small cpu batch "
-            "(Porian et al. 2024); cpu budgets 0.8x v4's and d_model 64 (far above every optimum) dropped to fit "
-            "30 minutes; one seed still; claim and rule unchanged.",
+    name="chinchilla", version=6,
+    changes="a cell whose best LR lands at an edge of its three tries one more a factor 2.5 beyond it, at most "
+            "twice (v5 left 4 of 12 cells at an edge); claim and rule unchanged.",
+    brackets=lambda size: {"chinchilla": Bracket({"labels.lr_step": "linear"})},
     paper="Hoffmann et al. 2022, Training Compute-Optimal Large Language Models (Approaches 1-3); "
           "Besiroglu et al. 2024, Chinchilla Scaling: A replication attempt",
     claim="Approaches 1, 2 and 3 agree: the compute-optimal model grows as N_opt ∝ C^a with a ≈ 0.5 "
@@ -238,6 +238,6 @@ register(Study(
     sweeps=sweeps, analyse=analyse, verdict=verdict,
     caveat="Budgets spanning a factor of four or ten give a short lever arm; Approach 1 on final "
            "points can only pick a sampled size; embedding parameters weigh heavily in small models; "
-           "each LR is the best of three a factor 2.5 apart, chosen on the one seed that measures it; "
+           "each LR is the best of three or more a factor 2.5 apart, chosen on the one seed that measures it; "
            "beta2 is fixed at 0.99 (cpu), not tuned.",
 ))

@@ -10,6 +10,7 @@ import numpy as np
 from testbed.stats import paired_noise, relative_gap
 from testbed.study.base import (
     Analysis,
+    Bracket,
     Context,
     Study,
     choose,
@@ -99,6 +100,15 @@ def sweeps(size: str) -> list[dict[str, Any]]:
             {"name": "power-tune", "base": tune,
              "grid": {"schedule.power_a": power_as(size), "optim.lr": caps(size), "train.seed": seeds(size)},
              "labels": ["schedule.power_a", "optim.lr", "train.seed"]}]
+
+
+def brackets(size: str) -> dict[str, Bracket]:
+    """(a, cap) and cosine's LR extended where the best lands at an edge (testbed.study.bracket);
+    tiny keeps its 2 x 2 within its minute."""
+    if size == "tiny":
+        return {}
+    return {"power-tune": Bracket({"schedule.power_a": "log", "optim.lr": "log"}),
+            "power-cosine": Bracket({"optim.lr": "log"})}
 
 
 def frozen_settings(size: str) -> list[tuple[int, int]]:
@@ -228,12 +238,11 @@ def verdict(analysis: Analysis) -> tuple[str, str]:
 
 
 register(Study(
-    name="power", version=3,
-    changes="power's (a, cap) tuned on a 3x3 grid in one setting (the smaller batch, the shorter horizon) and "
-            "frozen (was: a set by formula, cap the top of cosine's grid); batch and horizon each span 4x (was 2x); "
-            "µP at the model's width (SP bit for bit); cpu on a 512-token BPE with d_model 32 in 3 layers at 11-43 "
-            "tokens per non-embedding parameter, cosine on four LRs; warmup 16 steps in every run; claim and rule "
-            "unchanged.",
+    name="power", version=4,
+    changes="the tuning grid of (a, cap) and cosine's LR grid extended past an edge, a factor 2 at a time (at most "
+            "two rounds), where the best lands there: v3 tuned a at its highest and the cap at its lowest point; "
+            "claim and rule unchanged.",
+    brackets=brackets,
     paper="Shen et al. 2024, Power Scheduler: A Batch Size and Token Number Agnostic Learning Rate Scheduler",
     claim="One (a, b) of the power scheduler, lr = min(cap, batch·a·n^b), is near-optimal across batch "
           "sizes and training horizons without retuning, against cosine tuned per setting "

@@ -11,6 +11,7 @@ from testbed.stats import paired_noise, relative_gap
 from testbed.study.base import (
     SIZES,
     Analysis,
+    Bracket,
     Context,
     Measurement,
     Study,
@@ -55,6 +56,14 @@ def lrs(size: str) -> list[float]:
     # no rule rests on it.
     return {"tiny": [3e-3, 1e-2], "cpu": [4e-3, 8e-3, 1.6e-2, 3.2e-2], "gpu-min": [2e-3, 5e-3],
             "gpu": [5e-4, 1e-3, 2e-3, 4e-3]}[size]
+
+
+def brackets(size: str) -> dict[str, Bracket]:
+    """Each arm's LR extended where a duration's optimum lands at an edge (testbed.study.bracket);
+    not at gpu-min, whose two LRs are all its 8 minutes hold, nor tiny's minute."""
+    if size in ("tiny", "gpu-min"):
+        return {}
+    return {f"wsd-{arm}": Bracket({"optim.lr": "log"}) for arm in ARMS}
 
 
 def ema_decay(size: str) -> float:
@@ -187,7 +196,8 @@ def analyse(ctx: Context) -> Analysis:
                 branch_pairs[tokens] = (paired_by_seed(sqrt[sqrt["D"] == tokens], arm), arm)
         branch_noise = paired_noise(p for p, _ in branch_pairs.values())
         for tokens, ((a, b), arm) in branch_pairs.items():
-            gap = measured(f"branch vs separate WSD run at D={tokens:.3g}", relative_gap(a, b, branch_noise, paired=True),
+            gap = measured(f"branch vs separate WSD run at D={tokens:.3g} (a check of construction, not in the rule)",
+                           relative_gap(a, b, branch_noise, paired=True),
                            caveats=wsd_choice.edges({"planned_tokens": arm["planned_tokens"].iloc[0]}))
             more.append(gap)
             branch_rows.append({"tokens": int(tokens), "branch_loss": float(np.mean(a)), "wsd_run_loss": float(np.mean(b)),
@@ -197,8 +207,12 @@ def analyse(ctx: Context) -> Analysis:
     plots = [_plot(ctx, pd.DataFrame(rows), pd.DataFrame(branch_rows), pd.DataFrame(average_rows))]
     return Analysis(headline, more, {"tuned arms": rows, "branches": branch_rows, "cooldown shapes": shape_rows,
                                      "weight averaging": average_rows},
-                    plots, [f"tolerance: WSD at most {TOLERANCE:.0%} above cosine; branches within ±{TOLERANCE:.0%}; "
-                            "1-sqrt branches below linear ones (interval under 0)",
+                    plots, [f"tolerance: WSD at most {TOLERANCE:.0%} above cosine; 1-sqrt branches below linear ones "
+                            "(interval under 0)",
+                            "branches: with warmup in steps and the data order set by the step, a cooldown branch of "
+                            "the long run is its separate WSD run of that length, so the two must agree exactly; "
+                            "the paper's frontier claim holds here by construction and checks the testbed, not the "
+                            "science (not in the rule)",
                             f"learning rates: {cos_choice.method}",
                             "weight averaging (beside the claim, not in the rule): the long run's EMA of its weights "
                             "at a branch's end against that 1-sqrt branch, paired by seed; 'recovered' is the share "
@@ -255,32 +269,30 @@ def below_zero(m: Measurement) -> str:
 
 
 def verdict(analysis: Analysis) -> tuple[str, str]:
-    from testbed.study.base import at_most, combine, within
+    from testbed.study.base import at_most, combine
 
     checks = [(m, at_most(m, TOLERANCE)) for m in [analysis.headline] + analysis.more if "cosine" in m.name]
-    checks += [(m, within(m, TOLERANCE)) for m in analysis.more if m.name.startswith("branch")]
     checks += [(m, below_zero(m)) for m in analysis.more if m.name.startswith("1-sqrt")]
     # Name what fails and in which direction: a branch may fail by being better, not only worse.
     failing = "; ".join(f"{m.name}: {m.value:+.1%} [{m.low:+.1%}, {m.high:+.1%}]"
                         for m, part in checks if part == "disagree")
     return combine([part for _, part in checks],
-                   disagree=f"outside the tolerance (WSD at most +{TOLERANCE:.0%} over cosine, branches within "
-                            f"±{TOLERANCE:.0%} of a separate run, 1-sqrt below linear), interval included: {failing}",
-                   agree="every duration's interval lies within the tolerance, branches included",
+                   disagree=f"outside the tolerance (WSD at most +{TOLERANCE:.0%} over cosine, 1-sqrt below linear), "
+                            f"interval included: {failing}",
+                   agree="every duration's interval lies within the tolerance and 1-sqrt is below linear",
                    inconclusive="some interval straddles the tolerance or is missing (one seed)")
 
 
 register(Study(
-    name="wsd", version=3,
-    changes="warmup a fixed number of steps (cpu 20) for every run, so a branch is its separate WSD run up to the "
-            "cooldown, where v2's 5% of each run gave the short runs 3-6 steps and the branches 13; cpu runs 9-36 "
-            "tokens per non-embedding parameter (v2: 0.7-2.7) on a 512-token BPE with d_model 32 in 3 layers; four "
-            "cpu LRs (4e-3 to 3.2e-2) to bracket each duration's optimum; the long run's weight EMA against its "
-            "branches reported beside the claim; claim and rule unchanged.",
+    name="wsd", version=4,
+    changes="the rule drops branches-match-separate-runs (v3 measured it at 0 [0, 0]: with warmup in steps a branch "
+            "is its separate run, so it decided nothing; the table stays as a check) and the claim says so; each "
+            "duration's LR grid extended past an edge, a factor 2 at a time, where its optimum lands there.",
+    brackets=brackets,
     paper="Hägele et al. 2024, Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations",
     claim="A constant LR with a 1-sqrt cooldown over the last 20% (WSD) matches cosine at every training "
-          "duration, each at its own tuned LR; cooldown branches of one long WSD run trace the same frontier; "
-          "a 1-sqrt cooldown beats a linear one.",
+          "duration, each at its own tuned LR (so cooldown branches of one long WSD run trace the cosine "
+          "frontier); a 1-sqrt cooldown beats a linear one.",
     sweeps=sweeps, analyse=analyse, verdict=verdict, extra=extra, extra_cost=extra_cost, sizes=SIZES,
     caveat="The LR grid is coarse (a factor 2; the optimum may fall between points), a 37k-parameter "
            "model trains at most 36 tokens per non-embedding parameter, short runs give the cooldown few steps "
