@@ -13,7 +13,6 @@ from testbed.model.transformer import Transformer
 from testbed.study.base import Analysis, Measurement, lr_sensitivity
 from testbed.study.builtin.stability import (
     GROWTH,
-    attention_logits,
     logit_stats,
     summarise,
     verdict,
@@ -47,7 +46,7 @@ def test_attention_logits_reproduce_the_attention_output(overrides):
     model = tiny_model(**overrides)
     attn = model.blocks[0].attn
     x = torch.randn(3, 12, 32)
-    logits = attention_logits(attn, x)
+    logits = attn.logits(x)
     B, T, _ = x.shape
     v = attn.qkv(x)[..., -attn.kv_heads * attn.head_dim:].view(B, T, attn.kv_heads, attn.head_dim).transpose(1, 2)
     v = v.repeat_interleave(attn.n_heads // attn.kv_heads, dim=1)

@@ -152,7 +152,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.scale = attention_scale(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, heads, T, d_head] and k, v [B, kv_heads, T, d_head], QK-norm and positions applied."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
@@ -162,10 +163,26 @@ class CausalSelfAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:  # both or neither (model.qk_norm)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.position(q, k)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.heads(x)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
             enable_gqa=self.kv_heads != self.n_heads)
         return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention logits [B, heads, T, T] forward's softmax reads (q.k times the scale, in
+        fp32), the future masked to -inf: for measuring attention-logit growth, not for training."""
+        q, k, _ = self.heads(x)
+        k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)  # grouped-query heads share their key
+        scale = self.scale if self.scale is not None else self.head_dim ** -0.5
+        logits = (q @ k.transpose(-2, -1)).float() * scale
+        T = x.shape[1]
+        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+        return logits.masked_fill(future, float("-inf"))
 
 
 def norm(cfg: ModelConfig) -> nn.Module:

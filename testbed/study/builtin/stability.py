@@ -78,26 +78,6 @@ def sweeps(size: str) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------- the measures
 
 
-def attention_logits(attn, x):
-    """Attention logits [B, heads, T, T] of one `sdpa` attention sublayer on its input x, as its
-    forward computes them (q.k times its scale; QK-norm and rotary applied), the future masked
-    to -inf."""
-    import torch
-
-    B, T, _ = x.shape
-    h, kv, d = attn.n_heads, attn.kv_heads, attn.head_dim
-    q, k, _ = attn.qkv(x).split([h * d, kv * d, kv * d], dim=-1)
-    q, k = q.view(B, T, h, d).transpose(1, 2), k.view(B, T, kv, d).transpose(1, 2)
-    if attn.q_norm is not None and attn.k_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = attn.position(q, k)
-    k = k.repeat_interleave(h // kv, dim=1)  # grouped-query heads share their key
-    scale = attn.scale if attn.scale is not None else d ** -0.5
-    logits = (q @ k.transpose(-2, -1)).float() * scale
-    future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-    return logits.masked_fill(future, float("-inf"))
-
-
 def logit_stats(model, windows) -> dict[str, float]:
     """On token windows [B, T+1]: the largest attention logit over every layer (forward hooks on
     the attention sublayers), the mean and largest output logsumexp z, the largest output logit
@@ -110,7 +90,7 @@ def logit_stats(model, windows) -> dict[str, float]:
     largest: list[float] = []
 
     def hook(module, inputs, output):
-        largest.append(float(attention_logits(module, inputs[0]).max()))
+        largest.append(float(module.logits(inputs[0]).max()))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, CausalSelfAttention)]
     model.eval()
