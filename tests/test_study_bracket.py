@@ -110,6 +110,11 @@ def test_a_diverged_run_is_an_outcome_in_a_bracket_and_a_failure_elsewhere(tmp_p
     assert len(lost) == 1 and bool(lost["diverged"].iloc[0]) and math.isinf(lost["loss"].iloc[0])
     cell = choose(finals.assign(cell=1), ["cell"]).cells.iloc[0]
     assert cell["lr"] == 3e-3 and cell["edge"] == "lowest"  # the diverged LR is in the grid, never chosen
+    from testbed.sweep.registry import Registry
+
+    launches = {r["run_id"]: r["launches"] for r in Registry(folder).records()}
+    run_bracketed(tmp_path, spec, Bracket({"optim.lr": "log"}, rounds=0), log=lambda *_: None)
+    assert {r["run_id"]: r["launches"] for r in Registry(folder).records()} == launches  # not tried again
     with pytest.raises(TestbedError, match="1 failed"):
         run_sweep(tmp_path / "plain", {**spec, "name": "plain"}, log=lambda *_: None)
 
