@@ -1,4 +1,4 @@
-"""The vocab (v3) and repetition (v4) recipes: data that grows with the model, their LR check and
+"""The vocab (v4) and repetition (v4) recipes: data that grows with the model, their LR check and
 their per-size rules, without training."""
 
 from __future__ import annotations
@@ -18,57 +18,74 @@ def _runs(spec):
 def test_vocab_budgets_give_every_size_the_same_tokens_per_parameter():
     from testbed.study.builtin import vocab
 
-    specs = vocab.sweeps("cpu")
-    ref = next(s for s in specs if s["name"] == f"vocab-{vocab.reference('cpu')}")
+    (check,) = vocab.sweeps("cpu")
     ratios, grids = {}, {}
-    for run in _runs(ref):
+    for run in _runs(check):
         q = run.quantities
+        assert q["vocab_size"] == vocab.reference("cpu") and run.config.train.seed == 0
         ratios.setdefault(q["d_model"], set()).add(q["planned_tokens"] / q["n_params_non_embedding"])
         grids.setdefault(q["d_model"], []).append(run.config.optim.lr)
     assert len(ratios) == len(vocab.MODELS["cpu"]) >= 3
-    # 20 tokens per parameter at the reference vocabulary, to within a batch
-    assert all(abs(r - 20) < 1 for rs in ratios.values() for r in rs), ratios
+    # the same tokens per parameter at the reference vocabulary for every size, to within a batch
+    target = vocab.TOKENS_PER_PARAMETER["cpu"]
+    assert all(abs(r - target) < 1 for rs in ratios.values() for r in rs), ratios
     # the LR check: three LRs a factor 2.5 apart around a centre falling as 1/d_model
     for d, lrs in grids.items():
         low, mid, high = sorted(lrs)
         assert mid == pytest.approx(vocab.LR_CENTRE["cpu"] * 32 / d) and high / mid == pytest.approx(2.5)
-    # the other vocabularies: the centre only, at the same FLOPs (fewer tokens with a larger head)
+    assert "vocab-lr" in vocab.brackets("cpu")
+
+
+def test_vocab_profiles_train_every_vocabulary_at_the_chosen_lr_on_their_own_seed():
+    """Each size's profile at the LR step the check chose for it (here +1 for d_model 24, -2 beyond the
+    check's grid for 48), seed 1 for initialisation and data order, the same FLOPs at every vocabulary."""
+    from testbed.study.builtin import vocab
+
+    steps = {24: 1, 32: 0, 48: -2, 64: 0}
+    specs = vocab.profile_sweeps("cpu", steps)
+    assert [s["name"] for s in specs] == [f"vocab-{v}" for v in vocab.VOCAB_LADDER["cpu"]]
+    flops = {}
     for spec in specs:
-        if spec is ref:
-            continue
-        runs = _runs(spec)
-        assert len(runs) == len(vocab.MODELS["cpu"]) and {r.labels["lr_step"] for r in runs} == {0}
+        for run in _runs(spec):
+            d = run.config.model.d_model
+            assert run.config.train.seed == run.config.data.seed == vocab.PROFILE_SEED
+            assert run.config.optim.lr == pytest.approx(vocab.LR_CENTRE["cpu"] * 32 / d * 2.5 ** steps[d])
+            flops.setdefault(d, []).append(run.quantities["planned_flops"])
+    assert all(max(f) / min(f) < 1.05 for f in flops.values()), flops
 
 
-def _vocab_finals(best_step: int) -> pd.DataFrame:
-    """A synthetic profile: V_opt doubling with each 4x in N_nv, the centre LR the best at the
-    reference vocabulary unless `best_step` says otherwise."""
+def _vocab_finals(best_step: int):
+    """A synthetic study: V_opt doubling with each 4x in N_nv; at the reference vocabulary the LR
+    check's best step is `best_step`; the profiles (one sweep per vocabulary) at that step."""
     import numpy as np
 
     from testbed.study.builtin import vocab
 
     noise = np.random.default_rng(0)
-    rows = []
+    sweeps: dict[str, list[dict]] = {}
     for i, (n, d) in enumerate([(1.4e4, 24), (5.6e4, 48), (2.2e5, 96)]):
         best = np.log(1024 * 2 ** i)
+
+        def row(v, step, seed, n=n, d=d, best=best):
+            bpb = 1.5 + 0.05 * (np.log(v) - best) ** 2 + 0.02 * abs(step - best_step) + noise.normal(0, 0.002)
+            return {"run_id": f"{n}-{v}-{step}-{seed}", "N_non_embedding": n, "width": d, "vocab": v, "bpb": bpb,
+                    "loss": bpb, "C": 1e12, "D": 20 * n, "peak_lr": 6e-3 * 2.5 ** step, "label_lr_step": step}
+        sweeps.setdefault("vocab-lr", []).extend(row(vocab.reference("cpu"), s, 0) for s in (-1, 0, 1))
         for v in vocab.VOCAB_LADDER["cpu"]:
-            steps = [-1, 0, 1] if v == vocab.reference("cpu") else [0]
-            for step in steps:
-                bpb = 1.5 + 0.05 * (np.log(v) - best) ** 2 + 0.02 * abs(step - best_step) + noise.normal(0, 0.002)
-                rows.append({"run_id": f"{n}-{v}-{step}", "N_non_embedding": n, "width": d, "vocab": v,
-                             "bpb": bpb, "loss": bpb, "C": 1e12, "D": 20 * n, "peak_lr": 6e-3 * 2.5 ** step,
-                             "label_lr_step": step})
-    return pd.DataFrame(rows)
+            sweeps.setdefault(f"vocab-{v}", []).append(row(v, best_step, 1))
+    return {k: pd.DataFrame(v) for k, v in sweeps.items()}
 
 
 @pytest.mark.parametrize("best_step", [0, 1])
 def test_vocab_lr_at_the_edge_of_its_check_is_a_caveat(tmp_path, monkeypatch, best_step):
     from testbed.study.builtin import vocab
 
-    monkeypatch.setattr(Context, "finals", lambda self, sweep=None: _vocab_finals(best_step))
+    frames = _vocab_finals(best_step)
+    monkeypatch.setattr(Context, "finals", lambda self, sweep=None: frames[sweep])
     analysis = vocab.analyse(Context(tmp_path, "cpu", {}))
     assert [r["V_opt"] > 0 for r in analysis.tables["optimal vocabulary"]] == [True] * 3
-    assert len(analysis.tables["points"]) == 15  # the profiles: the centre LR only
+    assert len(analysis.tables["points"]) == 15  # the profiles: five vocabularies per size
+    assert {r["lr step"] for r in analysis.tables["learning rates"]} == {best_step}
     edged = "LR at the edge" in analysis.headline.caveat
     assert edged == (best_step != 0)
     if edged:

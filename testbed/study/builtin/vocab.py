@@ -5,8 +5,13 @@ tokenised at five vocabulary sizes from one nested BPE ladder (`data prepare --n
 the runs are compared in bits per byte, the unit that does not depend on the tokenizer. The
 vocabulary with the lowest bits per byte, from a parabola in log V, is V_opt for that size. Each
 size's budget trains it on TOKENS_PER_PARAMETER tokens per non-vocabulary parameter at the
-ladder's middle vocabulary, so the data grows with the model as at compute-optimal scale; the
-LR is checked at that vocabulary against a factor LR_RATIO either side.
+ladder's middle vocabulary, so the data grows with the model as at compute-optimal scale.
+
+Two stages. `vocab-lr` tunes each size's LR at the middle vocabulary (three LRs a factor LR_RATIO
+apart around a centre falling as 1/d_model, bracketed: extended past an edge where the best lands
+there); `extra` then trains every vocabulary's profile (`vocab-V`) at that size's chosen LR, with
+another seed (its own initialisation and data order), so the middle vocabulary's point is not the
+minimum over the LRs that chose it (which would pull every V_opt towards it).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from testbed.stats.curves import parametric_bootstrap, percentile
-from testbed.study.base import Analysis, Context, Measurement, Study, above, choose, figure, register
+from testbed.study.base import Analysis, Bracket, Context, Measurement, Study, above, choose, figure, register
 from testbed.study.recipes import BATCH, VOCAB_LADDER, base, ladder_corpus, tiny_text
 
 # Tao et al.'s Approach 2 on their runs: N_v,opt ∝ N_nv^0.8354 (sail-sg/scaling-with-vocab).
@@ -30,11 +35,10 @@ MODELS = {"tiny": [(16, 2), (32, 2)], "cpu": [(24, 2), (32, 2), (48, 2), (64, 2)
 # budgets gave every cpu size about 1M tokens (16 per parameter at d_model 32, 1.2 at 128), where a
 # flat optimum is expected; Tao et al.'s optimum grows with compute-optimal D (Chinchilla's ~20).
 # tiny: mechanics only.
-TOKENS_PER_PARAMETER = {"tiny": 0.5, "cpu": 20, "gpu": 20}
-# The LR falls as 1/d_model from LR_CENTRE at LR_WIDTH (chinchilla's cpu and gpu rule); every
-# vocabulary trains at the centre, and the reference vocabulary also a factor LR_RATIO either side:
-# a centre that is not the best of the three is an edge, a caveat on every figure. A full grid at
-# every vocabulary would triple the runs (cpu: 20 tokens per parameter no longer fits).
+# cpu: 18 (v3: 20), so the profiles' own seed (four more runs than v3) fits the 30 minutes.
+TOKENS_PER_PARAMETER = {"tiny": 0.5, "cpu": 18, "gpu": 20}
+# The LR falls as 1/d_model from LR_CENTRE at LR_WIDTH (chinchilla's cpu and gpu rule) and is tuned
+# at the reference vocabulary only: a full grid at every vocabulary would triple the runs.
 LR_CENTRE = {"tiny": 1e-2, "cpu": 6e-3, "gpu": 2e-3}
 LR_WIDTH = {"tiny": 16, "cpu": 32, "gpu": 512}
 LR_RATIO = 2.5
@@ -61,30 +65,76 @@ def budgets(size: str, tree: dict[str, Any]) -> list[float]:
     return out
 
 
-def sweeps(size: str) -> list[dict[str, Any]]:
-    tree = tiny_text(base(size)) if size == "tiny" else base(size)  # real text at every size
-    batch = BATCH[size]
+def _models(size: str) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """The shared base (real text at every size) and the zip of models and their budgets."""
+    tree = tiny_text(base(size)) if size == "tiny" else base(size)
     models = MODELS[size]
-    budget = budgets(size, tree)
-    specs = []
-    # One sweep per vocabulary: its corpus and vocab_size stated together, so `study plan` can
-    # cost the runs before the corpora are prepared. One seed: a second would double the runs
-    # (the interval comes from the parabolas' residuals, not from seeds).
-    for vocab in VOCAB_LADDER[size]:
-        path = ladder_corpus(size, vocab)
-        tree = {**tree, "data": {**tree["data"], "path": path}, "model": {**tree["model"], "vocab_size": vocab}}
-        steps = [-1, 0, 1] if vocab == reference(size) else [0]
-        specs.append({"name": f"vocab-{vocab}", "base": tree,
-                      "zip": {"model.d_model": [d for d, _ in models], "model.n_layers": [n for _, n in models],
-                              "labels.budget": budget},
-                      "grid": {"labels.lr_step": steps},
-                      "derived": {"model.n_heads": "max(1, d_model // 32)",
-                                  "train.tokens": f"max(4, round(labels.budget / flops_per_token / {batch})) * {batch}",
-                                  # rounded: the grid prints as 0.0048, not 0.0048000000000000004
-                                  "optim.lr": f"round({LR_CENTRE[size]} * {LR_WIDTH[size]} / d_model"
-                                              f" * {LR_RATIO} ** labels.lr_step, 8)"},
-                      "labels": ["labels.budget", "model.d_model", "labels.lr_step"]})
-    return specs
+    return tree, {"model.d_model": [d for d, _ in models], "model.n_layers": [n for _, n in models],
+                  "labels.budget": budgets(size, tree)}
+
+
+def _sweep(size: str, name: str, vocab: int, tree: dict[str, Any], zipped: dict[str, list[Any]],
+           grid: dict[str, list[Any]]) -> dict[str, Any]:
+    batch = BATCH[size]
+    tree = {**tree, "data": {**tree["data"], "path": ladder_corpus(size, vocab)},
+            "model": {**tree["model"], "vocab_size": vocab}}
+    return {"name": name, "base": tree, "zip": zipped, "grid": grid,
+            "derived": {"model.n_heads": "max(1, d_model // 32)",
+                        "train.tokens": f"max(4, round(labels.budget / flops_per_token / {batch})) * {batch}",
+                        # rounded: the grid prints as 0.0048, not 0.0048000000000000004
+                        "optim.lr": f"round({LR_CENTRE[size]} * {LR_WIDTH[size]} / d_model"
+                                    f" * {LR_RATIO} ** labels.lr_step, 8)"},
+            "labels": ["labels.budget", "model.d_model", "labels.lr_step"]}
+
+
+def sweeps(size: str) -> list[dict[str, Any]]:
+    """`vocab-lr`: each size at the reference vocabulary on three LRs (tiny: the centre alone),
+    seed 0. Its corpus and vocab_size are stated together, so `study plan` can cost the runs before
+    the corpora are prepared. One seed per stage: the interval comes from the parabolas' residuals."""
+    tree, zipped = _models(size)
+    return [_sweep(size, "vocab-lr", reference(size), tree, zipped,
+                   {"labels.lr_step": [0] if size == "tiny" else [-1, 0, 1]})]
+
+
+PROFILE_SEED = 1  # the profiles' seed, not the LR check's: the check's choice does not measure them
+
+
+def profile_sweeps(size: str, steps: dict[int, int]) -> list[dict[str, Any]]:
+    """One sweep per vocabulary (`vocab-V`): every size at its chosen LR step (by d_model), seed 1
+    for the initialisation and the data order."""
+    tree, zipped = _models(size)
+    tree = {**tree, "train": {**tree["train"], "seed": PROFILE_SEED}, "data": {**tree["data"], "seed": PROFILE_SEED}}
+    zipped = {**zipped, "labels.lr_step": [steps[d] for d in zipped["model.d_model"]]}
+    return [_sweep(size, f"vocab-{vocab}", vocab, tree, zipped, {}) for vocab in VOCAB_LADDER[size]]
+
+
+def brackets(size: str) -> dict[str, Bracket]:
+    return {} if size == "tiny" else {"vocab-lr": Bracket({"labels.lr_step": "linear"})}
+
+
+def lr_check(ctx: Context):
+    """Each size's LR choice at the reference vocabulary (by its lr step)."""
+    return choose(ctx.finals("vocab-lr"), ["N_non_embedding"], lr="label_lr_step")
+
+
+def extra(ctx: Context, options: dict[str, Any]) -> None:
+    """Train every vocabulary's profile at the LR step `vocab-lr` chose for each size."""
+    from testbed.study import corpus
+    from testbed.study.sweeps import run_sweep
+
+    finals = ctx.finals("vocab-lr")
+    check = lr_check(ctx)
+    width = finals.groupby("N_non_embedding")["width"].first()
+    steps = {int(width[n]): int(step) for n, step in zip(check.cells["N_non_embedding"], check.cells["lr"])}
+    specs = profile_sweeps(ctx.size, steps)
+    corpus.ensure_for(specs)
+    for spec in specs:
+        ctx.sweep_dirs[spec["name"]] = run_sweep(ctx.out, spec, workers=options["workers"], servers=options["servers"])
+
+
+def extra_cost(size: str) -> list[dict[str, Any]]:
+    """What `extra` trains, for `study plan`: the profiles at the centre LR (the step costs nothing)."""
+    return profile_sweeps(size, {d: 0 for d, _ in MODELS[size]})
 
 
 def v_opt(vocab, bpb) -> tuple[float | None, bool]:
@@ -121,11 +171,11 @@ def _slope(frame) -> tuple[float | None, float | None, list[dict[str, Any]]]:
 
 
 def analyse(ctx: Context) -> Analysis:
-    finals = ctx.finals()
-    # The LR check: the reference vocabulary's three LRs per size; the profiles are at the centre.
-    check = choose(finals[finals["vocab"] == reference(ctx.size)], ["N_non_embedding"])
-    centre = finals[finals["label_lr_step"] == 0]
-    frame = centre[["run_id", "N_non_embedding", "width", "vocab", "bpb", "C", "D", "peak_lr"]].dropna()
+    import pandas as pd
+
+    check = lr_check(ctx)
+    profiles = pd.concat([ctx.finals(f"vocab-{v}") for v in VOCAB_LADDER[ctx.size]], ignore_index=True)
+    frame = profiles[["run_id", "N_non_embedding", "width", "vocab", "bpb", "C", "D", "peak_lr"]].dropna()
     frame = frame.sort_values(["N_non_embedding", "vocab"]).reset_index(drop=True)
     slope, gamma, rows = _slope(frame)
     low = high = (None, None)
@@ -147,13 +197,16 @@ def analyse(ctx: Context) -> Analysis:
     points = [{"N_nv": float(r["N_non_embedding"]), "vocab": int(r["vocab"]), "bpb": float(r["bpb"]),
                "C": float(r["C"]), "tokens_per_N_nv": float(r["D"] / r["N_non_embedding"]),
                "lr": float(r["peak_lr"])} for _, r in frame.iterrows()]
-    lrs = [{"N_nv": float(c["N_non_embedding"]), "lr": float(c["lr"]), "grid": str(c["grid"]),
-            "edge": c["edge"] or "inside"} for _, c in check.cells.iterrows()]
+    chosen = frame.groupby("N_non_embedding")["peak_lr"].first()
+    lrs = [{"N_nv": float(c["N_non_embedding"]), "lr step": int(c["lr"]), "lr": float(chosen.get(c["N_non_embedding"], np.nan)),
+            "steps tried": str([int(g) for g in c["grid"]]), "edge": c["edge"] or "inside"}
+           for _, c in check.cells.iterrows()]
     notes = ["agree: the interval of b lies above 0 (V_opt grows with the model); disagree: below 0",
              f"budgets: {TOKENS_PER_PARAMETER[ctx.size]:g} tokens per non-vocabulary parameter at V = "
              f"{reference(ctx.size)}, the same FLOPs at every vocabulary",
-             f"learning rates: every vocabulary at a centre falling as 1/d_model; at V = {reference(ctx.size)} "
-             f"also a factor {LR_RATIO} either side, the centre to be the best of the three ({check.method})"]
+             f"learning rates: each size's chosen at V = {reference(ctx.size)} (steps of a factor {LR_RATIO} from a "
+             f"centre falling as 1/d_model, bracketed; {check.method}); every vocabulary's profile then trained "
+             f"at it with seed {PROFILE_SEED}"]
     if more and more[0].low is not None and more[0].high is not None:
         holds = more[0].low <= PUBLISHED_GAMMA <= more[0].high
         notes.append(f"the paper's trend, N_v,opt ∝ N_nv^{PUBLISHED_GAMMA} (Approach 2 on its 1,200 runs), "
@@ -212,17 +265,18 @@ def verdict(analysis: Analysis) -> tuple[str, str]:
 
 
 register(Study(
-    name="vocab", version=3,
-    changes="budgets at 20 tokens per non-vocabulary parameter for every size (cpu 4 models of 14k-107k in 2 "
-            "layers), where v2 gave every size about 1M tokens (16 per parameter at d_model 32, 1.2 at 128), so D "
-            "grows with N as in the paper; LR falling as 1/d_model, checked at the middle vocabulary against a "
-            "factor 2.5 either side (an edge is a caveat) instead of one 3e-3; claim and rule unchanged.",
+    name="vocab", version=4,
+    changes="the profiles train at each size's LR chosen at the middle vocabulary (v3: at the centre, which the "
+            "check put at the bottom of its grid for 2 of 4 sizes), the check bracketed (extended past an edge), "
+            "the profiles on a seed of their own; cpu budgets at 18 tokens per non-vocabulary parameter (v3: 20) "
+            "to fit; claim and rule unchanged.",
+    brackets=brackets, extra=extra, extra_cost=extra_cost,
     paper="Tao et al. 2024, Scaling Laws with Vocabulary: Larger Models Deserve Larger Vocabularies",
     claim="At a compute budget matched to the model, the vocabulary giving the lowest loss per byte "
           "grows with the model's non-vocabulary parameters (V_opt ∝ N_nv^b with b > 0), with "
           "vocabulary parameters growing more slowly than non-vocabulary ones.",
     sweeps=sweeps, analyse=analyse, verdict=verdict,
-    caveat="Small models over less than a decade of N_nv (cpu: 14k-107k), one seed per point, the LR checked "
+    caveat="Small models over less than a decade of N_nv (cpu: 14k-107k), one seed per point, the LR tuned "
            "at one vocabulary only (its optimum may move with V), code rather than prose (whose token "
            "statistics differ), and embeddings that dominate the parameters of the smallest models.",
 ))
