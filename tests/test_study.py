@@ -270,6 +270,19 @@ def test_unknown_study_and_foreign_folder(tmp_path):
     assert result.returncode == 2 and "did you mean 'wsd'" in result.stderr
     result = cli("study", "report", str(tmp_path))
     assert result.returncode == 2 and "study.json" in result.stderr
+    # a folder of an earlier version is not re-reported (and mislabelled) under this one
+    from testbed.study.base import STUDIES as registry
+    from testbed.study.runner import load
+
+    load()
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "study.json").write_text(json.dumps({"study": "vocab", "version": registry.get("vocab").version - 1,
+                                                "size": "tiny"}))
+    result = cli("study", "report", str(old))
+    assert result.returncode == 2, result.stderr
+    assert f"v{registry.get('vocab').version - 1}, but this testbed defines v" in result.stderr
+    assert not (old / "report.md").exists()
 
 
 def test_compute_multiplier_recovers_a_known_shift():

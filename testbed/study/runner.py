@@ -257,6 +257,12 @@ def report(out: str | Path, imports: list[str] | tuple[str, ...] = ()) -> dict[s
         load([meta["module"]])
     study: Study = STUDIES.get(meta["study"])
     size = meta["size"]
+    if meta.get("version") != study.version:
+        # Each version has its own recipe and analysis: another version's report would be mislabelled.
+        raise TestbedError(f"{str(out)!r} holds study {study.name!r} v{meta.get('version')}, but this testbed "
+                           f"defines v{study.version} ({study.changes or 'a new recipe'}); run `testbed study run "
+                           f"{study.name} --size {size} --out NEW` for v{study.version}, or report this folder with "
+                           f"the testbed that made it")
     context = Context(out, size, sweep_dirs(out))
     analysis: Analysis = study.analyse(context)
     verdict, why = study.verdict(analysis)
