@@ -58,6 +58,9 @@ def test_every_cpu_study_fits_its_budget_and_the_corpus(tmp_path, monkeypatch):
     assert plan("wsd", "cpu", rate=recipes.rate("cpu", 64) / 4)["problems"]
     result = cli("study", "plan", "wsd", "--size", "cpu", "--flops-per-s", "1e9")
     assert result.returncode == 1 and "exceeds the cpu budget" in result.stdout, result.stdout
+    # what bracketing may add is stated apart from the total
+    assert "sweep wsd-wsd extends its LR grid where a cell's optimum lands at an edge: at most" in result.stdout
+    assert plan("wsd", "cpu")["sweeps"][0]["bracket_runs_at_most"] > 0
 
 
 def test_hub_corpus_tokenises_with_the_cores_it_may_use(tmp_path, monkeypatch):
