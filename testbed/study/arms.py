@@ -19,7 +19,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from testbed.stats.curves import budget_multipliers, compute_multiplier
-from testbed.study.base import Analysis, Context, Measurement, choose, figure, lr_plot, measured, paired_by_seed
+from testbed.study.base import (
+    Analysis,
+    Bracket,
+    Context,
+    Measurement,
+    choose,
+    figure,
+    lr_plot,
+    measured,
+    paired_by_seed,
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,11 @@ def ladder_sweeps(name: str, tree: dict[str, Any], arms: Arms, ladder: list[tupl
                                    "train.tokens": f"max(4, round(labels.budget / flops_per_token / {batch})) * {batch}"},
                        "labels": labels})
     return sweeps
+
+
+def ladder_brackets(name: str, arms: Arms) -> dict[str, Bracket]:
+    """Each arm's LR grid extended past an edge where a rung's optimum lands there (testbed.study.bracket)."""
+    return {f"{name}-{value}": Bracket({"optim.lr": "log"}) for value in (arms.baseline, arms.variant)}
 
 
 def compare_arms(ctx: Context, name: str, arms: Arms) -> Analysis:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from testbed.study.arms import Arms, compare_arms, ladder_sweeps
+from testbed.study.arms import Arms, compare_arms, ladder_brackets, ladder_sweeps
 from testbed.study.base import Analysis, Context, Study, at_most, combine, decidable, register
 from testbed.study.recipes import BATCH, seeds, small_vocab_base
 
@@ -25,7 +25,7 @@ LADDER = {  # (d_model, n_layers, training FLOPs): 5-7 tokens per parameter at c
 }
 # Each optimiser's own grid, four points a factor 3 apart at cpu size, Muon's a step above
 # AdamW's: on v1's shared three points (4e-3 to 3.6e-2) AdamW's optimum fell to the lowest LR at
-# the largest size and Muon's to the highest at three sizes.
+# the largest size and Muon's to the highest at three sizes. Bracketed beyond cpu's tiny.
 LRS = {"tiny": {"adamw": [3e-3, 1e-2], "muon": [3e-3, 1e-2]},
        "cpu": {"adamw": [1.3e-3, 4e-3, 1.2e-2, 3.6e-2], "muon": [4e-3, 1.2e-2, 3.6e-2, 0.108]},
        "gpu": {"adamw": [3e-4, 1e-3, 3e-3, 1e-2], "muon": [1e-3, 3e-3, 1e-2, 3e-2]}}
@@ -55,10 +55,10 @@ def verdict(analysis: Analysis) -> tuple[str, str]:
 
 
 register(Study(
-    name="optimizers", version=2,
-    changes="each optimiser its own four-point LR grid (AdamW 1.3e-3 to 3.6e-2, Muon 4e-3 to 0.108) instead of "
-            "v1's shared three points (4e-3 to 3.6e-2), where the chosen LR sat at an edge in 5 of 8 cells, so v1 had "
-            "no result; budgets 0.8x v1's to keep the plan within the cpu budget; claim and rule unchanged.",
+    name="optimizers", version=3,
+    changes="each optimiser's LR grid extended past an edge, a factor 3 at a time (at most two rounds), where a "
+            "size's optimum lands there: v2 left the smallest size at the top of both grids; claim and rule unchanged.",
+    brackets=lambda size: {} if size == "tiny" else ladder_brackets("optimizers", ARMS),
     paper="Wen et al. 2025, Fantastic Pretraining Optimizers and Where to Find Them",
     claim=f"With each optimiser tuned at each size, Muon's speed-up over AdamW is at most about "
           f"{CLAIM_MAX}x in compute and falls as models grow (Moonlight, Liu et al. 2025, report about 2x).",
