@@ -267,7 +267,7 @@ def every_at_most(ms: Sequence[Measurement], tolerance: float, disagree: str, ag
     tolerance, agree when every one is at most tolerance, inconclusive (a straddling or missing
     interval) otherwise; with the matching reason."""
     return combine([at_most(m, tolerance) for m in ms], disagree=disagree, agree=agree,
-                   inconclusive=f"some interval straddles {tolerance:.0%} or is missing (one seed)")
+                   inconclusive=f"some interval straddles {tolerance:.0%} or is missing (a single seed gives none)")
 
 
 def above(m: Measurement, threshold: float, agree: str, disagree: str, holds: str,

@@ -83,7 +83,7 @@ def verdict(analysis: Analysis) -> tuple[str, str]:
     result = at_most(analysis.headline, TOLERANCE)
     why = {"agree": f"the whole interval of the spread is under {TOLERANCE:.0%}",
            "disagree": f"the whole interval of the spread is above {TOLERANCE:.0%}",
-           "inconclusive": f"the interval straddles {TOLERANCE:.0%} or is missing (one seed)"}[result]
+           "inconclusive": f"the interval straddles {TOLERANCE:.0%} or is missing (a single seed gives none)"}[result]
     return result, why
 
 

@@ -280,7 +280,7 @@ def verdict(analysis: Analysis) -> tuple[str, str]:
                    disagree=f"outside the tolerance (WSD at most +{TOLERANCE:.0%} over cosine, 1-sqrt below linear), "
                             f"interval included: {failing}",
                    agree="every duration's interval lies within the tolerance and 1-sqrt is below linear",
-                   inconclusive="some interval straddles the tolerance or is missing (one seed)")
+                   inconclusive="some interval straddles the tolerance or is missing (a single seed gives none)")
 
 
 register(Study(
