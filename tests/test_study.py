@@ -454,3 +454,26 @@ def test_library_domains_split_code_tests_and_docstrings():
         assert corpus.MINI_BYTES <= sum(len(t.encode()) for t in texts) < corpus.MINI_BYTES + 2_000_000
     path = corpus.domain_path("docstrings", 512, mini=True)
     assert corpus.parse(path) == {"corpus": "domain", "domain": "docstrings", "vocab_size": 512, "mini": True}
+
+
+def test_the_writing_a_study_example_in_the_docs_runs_against_the_api(tmp_path, monkeypatch):
+    """docs/studies.md's example (its custom norm swapped for a built-in one): its sweep expands,
+    and its analysis measures a paired gap on final points shaped as ctx.finals gives them."""
+    import pandas as pd
+
+    from testbed.study.base import STUDIES as registry
+    from testbed.study.base import Context
+    from testbed.sweep.spec import load_sweep
+
+    text = (ROOT / "docs" / "studies.md").read_text().split("## Writing a study")[1]
+    code = text.split("```python")[1].split("```")[0].replace("my_norm", "layernorm").replace('"mine"', '"doc-example"')
+    namespace: dict = {}
+    exec(compile(code, "docs/studies.md", "exec"), namespace)
+    study = registry.get("doc-example")
+    runs = load_sweep(study.sweeps("cpu")[0]).runs
+    assert {r.config.model.norm for r in runs} == {"rmsnorm", "layernorm"} and len(runs) == 4
+    finals = pd.DataFrame({"label_norm": ["rmsnorm", "rmsnorm", "layernorm", "layernorm"], "label_seed": [0, 1, 0, 1],
+                           "loss": [3.0, 3.1, 2.9, 3.0]})
+    monkeypatch.setattr(Context, "finals", lambda self, sweep=None: finals)
+    headline = study.analyse(Context(tmp_path, "cpu", {})).headline
+    assert headline.value < 0 and headline.low is not None and headline.high < 0
