@@ -272,3 +272,20 @@ def test_an_index_without_phases_gets_them_from_the_schedule(wsd_run):
     assert {line["step"]: line["phase"] for line in filled}[3] == "stable"
     assert [line["phase"] for line in filled if line["step"] in (2, 8)] == ["warmup", "decay"]
     assert describe_choice(lines[-2:]).startswith("averaging 2 checkpoint")  # unknown phases still read
+
+
+def test_average_until_a_step_takes_the_newest_checkpoints_up_to_it(wsd_run, capsys):
+    """At a point inside the run (where a cooldown branch from earlier would end): the last K saved at
+    or before it; a step without a checkpoint, or too few before it, is one error naming what is saved."""
+    before = RunDir(wsd_run).averages()
+    record = average_checkpoints(wsd_run, 2, until=7)
+    assert record["steps"] == [6, 7] and record["step"] == 7
+    assert testbed_cli.main(["average", str(wsd_run), "--last", "3", "--until-step", "7"]) == 0
+    assert RunDir(wsd_run).averages()[-1]["steps"] == [4, 6, 7]
+    capsys.readouterr()
+    assert testbed_cli.main(["average", str(wsd_run), "--last", "2", "--until-step", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "saved no checkpoint at that step (saved: [1, 4, 6, 7, 8, 9, 10])" in err, err
+    with pytest.raises(TestbedError, match="4 saved checkpoint\\(s\\) up to step 7"):
+        average_checkpoints(wsd_run, 5, until=7)
+    assert len(RunDir(wsd_run).averages()) == len(before) + 2

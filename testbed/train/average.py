@@ -1,5 +1,5 @@
-"""`testbed average RUN_DIR --last K`: the arithmetic mean of the weights of a run's last K saved
-checkpoints, evaluated on the run's validation windows and recorded in RUN_DIR/averages.jsonl.
+"""`testbed average RUN_DIR --last K [--until-step S]`: the arithmetic mean of the weights of a run's
+last K saved checkpoints (up to step S), evaluated on the run's validation windows and recorded in RUN_DIR/averages.jsonl.
 
 Averaging the last checkpoints of a constant-learning-rate run is, like an EMA of the weights
 (train.ema_decay), an alternative to a cooldown that costs no training (Hägele et al. 2024; the
@@ -61,8 +61,11 @@ def _counts(lines: list[dict], key: str) -> str:
     return ", ".join(f"{name} {n}" for name, n in counts.items())
 
 
-def last_checkpoints(rd: RunDir, last: int, phase: str | None = None, config=None) -> list[dict]:
-    """The newest `last` saved checkpoints; with `phase`, the newest of that phase only."""
+def last_checkpoints(rd: RunDir, last: int, phase: str | None = None, config=None,
+                     until: int | None = None) -> list[dict]:
+    """The newest `last` saved checkpoints; with `phase`, the newest of that phase only; with
+    `until`, the newest at or before that step (an average at a point inside the run, where a
+    cooldown branch from it would end)."""
     if phase is not None and phase not in PHASES:
         raise TestbedError(f"--phase {phase!r} is not a phase; choose one of {', '.join(PHASES)}")
     saved = saved_checkpoints(rd)
@@ -70,14 +73,20 @@ def last_checkpoints(rd: RunDir, last: int, phase: str | None = None, config=Non
         raise TestbedError(f"{str(rd.path)!r} has no saved checkpoint in {rd.index_path}; pass a run "
                            f"directory that saved some (checkpoint.every, checkpoint.final)")
     saved = with_phases(saved, config)
-    pool = [line for line in saved if phase is None or line.get("phase") == phase]
+    pool = [line for line in saved if (phase is None or line.get("phase") == phase)
+            and (until is None or line["step"] <= until)]
     steps = [line["step"] for line in pool]
+    if until is not None and not any(line["step"] == until for line in pool):
+        have = [line["step"] for line in saved if phase is None or line.get("phase") == phase]
+        raise TestbedError(f"--until-step {until}: {str(rd.path)!r} saved no checkpoint at that step (saved: "
+                           f"{have}); choose one of them, or save one there (checkpoint.at_tokens)")
     if phase is not None and not pool:
         raise TestbedError(f"--phase {phase}: {str(rd.path)!r} saved no checkpoint in its {phase} phase (its "
                            f"{len(saved)} saved checkpoint(s) are: {_counts(saved, 'phase')}); choose another "
                            f"--phase or leave it out")
     if last < 1 or last > len(pool):
-        what = f"{len(pool)} saved checkpoint(s)" + (f" in its {phase} phase" if phase else "")
+        what = (f"{len(pool)} saved checkpoint(s)" + (f" in its {phase} phase" if phase else "")
+                + (f" up to step {until}" if until is not None else ""))
         raise TestbedError(f"--last {last}: {str(rd.path)!r} has {what} (steps {steps}); choose --last between "
                            f"1 and {len(pool)}")
     return pool[-last:]
@@ -119,8 +128,10 @@ def average_weights(folders: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def average_checkpoints(run_dir: str | Path, last: int, out: str | Path | None = None,
-                        device: str | None = None, phase: str | None = None, say=None) -> dict:
-    """Average the last `last` checkpoints of a run (with `phase`: of that schedule phase only),
+                        device: str | None = None, phase: str | None = None, say=None,
+                        until: int | None = None) -> dict:
+    """Average the last `last` checkpoints of a run (with `phase`: of that schedule phase only; with
+    `until`: the last up to that step, which must have one),
     evaluate the average, append the record to RUN_DIR/averages.jsonl and return it; `out`: also
     write the averaged model as a Hugging Face Llama folder (as `testbed export` does). `say`
     (e.g. print) gets one line naming the checkpoints and the phases they mix, before the
@@ -131,7 +142,7 @@ def average_checkpoints(run_dir: str | Path, last: int, out: str | Path | None =
         raise TestbedError(f"{str(rd.path)!r} {what}; pass the run directory (the folder given to "
                            f"`testbed train --run-dir`, holding run.json and checkpoints/)")
     config = load_run_config(rd.path)
-    chosen = last_checkpoints(rd, last, phase, config)
+    chosen = last_checkpoints(rd, last, phase, config, until)
     if say is not None:
         say(describe_choice(chosen))
     if out is not None:

@@ -160,6 +160,9 @@ def _add_average(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--phase", choices=["warmup", "stable", "decay"],
                    help="average the last K checkpoints of this schedule phase only (default: the last K, "
                         "whatever their phases; the command names the phases it mixes)")
+    a.add_argument("--until-step", type=int, metavar="S",
+                   help="the last K checkpoints up to step S, which must have one (an average inside the run, "
+                        "to compare with a cooldown branch ending there)")
     a.set_defaults(func=cmd_average)
 
 
@@ -404,7 +407,8 @@ def cmd_sample(args) -> int:
 def cmd_average(args) -> int:
     from testbed.train.average import average_checkpoints
 
-    record = average_checkpoints(args.run, args.last, args.out, args.device, phase=args.phase, say=print)
+    record = average_checkpoints(args.run, args.last, args.out, args.device, phase=args.phase, say=print,
+                                 until=args.until_step)
     print(f"{args.run}: the mean of checkpoints {record['steps']}: val_loss {record['val_loss']:.4f} "
           f"nats/token, val_bpb {record['val_bpb']:.4f}; recorded in {args.run}/averages.jsonl"
           + (f"; model written to {args.out}" if args.out else ""))
