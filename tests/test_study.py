@@ -145,6 +145,9 @@ def test_tiny_run_and_report(tmp_path, name, monkeypatch):
     if name == "wsd":  # cooldown branches of the long run are part of the report
         more = json.loads((out / "figures.json").read_text())["more"]
         assert any("branch" in m["name"] for m in more)
+        # beside them, the long run's weight EMA and its last-K checkpoint average (evaluated, not trained)
+        assert any(m["name"].startswith("weight EMA") for m in more)
+        assert any(m["name"].startswith("last-4 checkpoint average") and m["value"] is not None for m in more)
         # only real branches: the long run's own end is the longest WSD arm, a check that cannot fail
         longest = max(wsd_durations("tiny"))
         assert all(float(re.search(r"D=([0-9.e+]+)", m["name"])[1]) < longest

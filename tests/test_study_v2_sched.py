@@ -52,7 +52,11 @@ def test_wsd_warmup_is_the_same_steps_everywhere(size):
     long_run = load_sweep(wsd.long_sweep(size, 1e-3)).runs[0].config
     assert long_run.train.ema_decay == wsd.ema_decay(size)
     steps = {t // BATCH[size] for t in long_run.checkpoint.at_tokens}
-    assert steps == {*wsd.branch_steps(size), *ends}
+    assert steps == {*wsd.branch_steps(size), *ends, *wsd.average_steps(size)}
+    # the last-K average at each branch end: K saved steps over the branch's window, the newest at the end
+    for end, start in zip(ends, wsd.branch_steps(size)):
+        window = sorted(s for s in steps if start < s <= end)
+        assert len(window) == wsd.AVERAGE_LAST and window[-1] == end, (size, end, window)
 
 
 def test_wsd_cpu_trains_more_tokens_per_parameter():
@@ -81,7 +85,16 @@ def test_wsd_weight_ema_is_beside_the_rule(tmp_path):
     found, table = wsd._averaging(Fake(tmp_path, "tiny", {}), sqrt)
     assert len(found) == 1 and "weight EMA (decay 0.9)" in found[0].name
     assert found[0].value == pytest.approx(3.005 / 2.906 - 1, rel=1e-3)
-    assert table[0]["recovered"] == pytest.approx((3.305 - 3.005) / (3.305 - 2.906), rel=1e-3)
+    assert table[0]["ema_recovered"] == pytest.approx((3.305 - 3.005) / (3.305 - 2.906), rel=1e-3)
+    # the last-K checkpoint average beside it, read from the run's average points of that K
+    rows += [{"run_dir": p, "point_kind": "average", "D": 100, "loss": 2.95 + shift, "average_last": wsd.AVERAGE_LAST}
+             for p, shift in zip(parents, (0.0, 0.01))]
+    rows += [{"run_dir": parents[0], "point_kind": "average", "D": 100, "loss": 9.0, "average_last": 2}]
+    points = pd.DataFrame(rows)
+    found, table = wsd._averaging(Fake(tmp_path, "tiny", {}), sqrt)
+    assert [m.name.split(" of the")[0] for m in found] == ["weight EMA (decay 0.9)", f"last-{wsd.AVERAGE_LAST} checkpoint average"]
+    assert found[1].value == pytest.approx(2.955 / 2.906 - 1, rel=1e-3)
+    assert table[0]["average_recovered"] == pytest.approx((3.305 - 2.955) / (3.305 - 2.906), rel=1e-3)
     # far outside every tolerance, yet the verdict is the rule's alone
     ok = Measurement("largest relative loss gap WSD − cosine (D=100)", 0.0, -0.001, 0.001)
     far = Measurement(found[0].name, 0.5, 0.4, 0.6)

@@ -66,6 +66,18 @@ def brackets(size: str) -> dict[str, Bracket]:
     return {f"wsd-{arm}": Bracket({"optim.lr": "log"}) for arm in ARMS}
 
 
+# The long run's last-K checkpoint average at each branch's end: K checkpoints spread evenly over
+# the last 20% of that duration (the steps its branch spends cooling down), the newest at the end.
+AVERAGE_LAST = 4
+
+
+def average_steps(size: str) -> list[int]:
+    """The long run's steps saved for the averages: for each branch end e, e·(1 − DECAY·j/K) for
+    j = K−1 … 0 (cpu, e = 160: 136, 144, 152, 160)."""
+    ends = [d // BATCH[size] for d in durations(size)[:-1]]
+    return sorted({round(e * (1 - DECAY * j / AVERAGE_LAST)) for e in ends for j in range(AVERAGE_LAST)})
+
+
 def ema_decay(size: str) -> float:
     """The long run's weight EMA decay: a time constant of the shortest cooldown's steps, so the
     EMA averages over about as many steps as that branch spends cooling down."""
@@ -89,14 +101,16 @@ def sweeps(size: str) -> list[dict[str, Any]]:
 
 def long_sweep(size: str, lr: float) -> dict[str, Any]:
     """One WSD run per seed at the longest duration, with checkpoints where branches start and
-    end, and an EMA of its weights evaluated at each (val_loss_ema): at a branch's end, weight
-    averaging without a cooldown against the cooldown (Hägele et al. §4). The EMA is a copy
-    beside the weights; the run itself is the longest WSD arm's."""
+    end and over each branch's window (for the last-K averages), and an EMA of its weights evaluated
+    at each (val_loss_ema): at a branch's end, weight averaging without a cooldown against the
+    cooldown (Hägele et al. §4). The EMA is a copy beside the weights; the run itself is the longest
+    WSD arm's."""
     tree = _tree(size, **ARMS["wsd"])
     tree["optim"]["lr"] = lr
     tree["train"].update(tokens=durations(size)[-1], ema_decay=ema_decay(size))
     ends = [d // BATCH[size] for d in durations(size)[:-1]]
-    tree["checkpoint"] = {"at_tokens": [s * BATCH[size] for s in sorted({*branch_steps(size), *ends})]}
+    steps = sorted({*branch_steps(size), *ends, *average_steps(size)})
+    tree["checkpoint"] = {"at_tokens": [s * BATCH[size] for s in steps]}
     return {"name": "wsd-long", "base": tree, "grid": {"train.seed": seeds(size)}, "labels": ["train.seed"]}
 
 
@@ -119,10 +133,12 @@ def extra_cost(size: str) -> list[dict[str, Any]]:
 
 
 def extra(ctx: Context, options: dict[str, Any]) -> None:
-    """Train the long WSD run at the tuned LR of the longest WSD arm, then branch it with each
-    cooldown shape."""
+    """Train the long WSD run at the tuned LR of the longest WSD arm, branch it with each
+    cooldown shape, and average its last AVERAGE_LAST checkpoints up to each branch's end (no
+    training: the average is evaluated and recorded in the run's averages.jsonl)."""
     from testbed.rundir import RunDir
     from testbed.study.sweeps import run_sweep
+    from testbed.train.average import average_checkpoints
     from testbed.train.branch import branch
 
     cells = choose(ctx.finals("wsd-wsd"), ["planned_tokens"]).cells
@@ -137,6 +153,10 @@ def extra(ctx: Context, options: dict[str, Any]) -> None:
                 if (child.read_status() or {}).get("state") == "done":
                     continue
                 branch(parent, step, DECAY, shape)
+        done = {(r["step"], r["last"]) for r in RunDir(parent).averages()}
+        for end in (d // BATCH[ctx.size] for d in durations(ctx.size)[:-1]):
+            if (end, AVERAGE_LAST) not in done:
+                average_checkpoints(parent, AVERAGE_LAST, until=end)
 
 
 def analyse(ctx: Context) -> Analysis:
@@ -214,9 +234,10 @@ def analyse(ctx: Context) -> Analysis:
                             "the paper's frontier claim holds here by construction and checks the testbed, not the "
                             "science (not in the rule)",
                             f"learning rates: {cos_choice.method}",
-                            "weight averaging (beside the claim, not in the rule): the long run's EMA of its weights "
-                            "at a branch's end against that 1-sqrt branch, paired by seed; 'recovered' is the share "
-                            "of the cooldown's drop from the long run's own weights that the EMA reaches"])
+                            "weight averaging (beside the claim, not in the rule): the long run's EMA of its weights, "
+                            f"and the mean of its last {AVERAGE_LAST} checkpoints over the branch's last 20%, at a "
+                            "branch's end against that 1-sqrt branch, paired by seed; 'recovered' is the share of the "
+                            "cooldown's drop from the long run's own weights that the average reaches"])
 
 
 def _averaging(ctx: Context, sqrt) -> tuple[list[Measurement], list[dict[str, Any]]]:
@@ -226,28 +247,36 @@ def _averaging(ctx: Context, sqrt) -> tuple[list[Measurement], list[dict[str, An
     points = ctx.points("wsd-long")
     points = points[~points["run_dir"].astype(str).str.contains("/branches/")]
     points = points.assign(parent=points["run_dir"].astype(str))
-    ema, raw = points[points["point_kind"] == "ema"], points[points["point_kind"] != "ema"]
-    pairs, unaveraged = {}, {}
-    for tokens in sorted(set(sqrt["D"])):
-        a = ema[ema["D"] == tokens].groupby("parent")["loss"].last()
-        b = sqrt[sqrt["D"] == tokens].set_index("parent")["loss"]
-        shared = sorted(set(a.index) & set(b.index))
-        if shared:
-            pairs[tokens] = ([float(a[p]) for p in shared], [float(b[p]) for p in shared])
-            unaveraged[tokens] = raw[raw["D"] == tokens]["loss"].mean()
-    noise = paired_noise(pairs.values())
-    decay = ema["ema_decay"].dropna()
-    name = f"weight EMA (decay {float(decay.iloc[0]):.4g})" if len(decay) else "weight EMA"
-    out, rows = [], []
-    for tokens, (a, b) in pairs.items():
-        gap = measured(f"{name} of the long run vs its 1-sqrt branch at D={tokens:.3g}",
-                       relative_gap(a, b, noise, paired=True))
-        out.append(gap)
-        drop = unaveraged[tokens] - np.mean(b)
-        rows.append({"tokens": int(tokens), "long_run_loss": float(unaveraged[tokens]), "ema_loss": float(np.mean(a)),
-                     "branch_loss": float(np.mean(b)), "gap": gap.value, "gap_low": gap.low, "gap_high": gap.high,
-                     "recovered": float((unaveraged[tokens] - np.mean(a)) / drop) if drop > 0 else None})
-    return out, rows
+    kinds = points["point_kind"]
+    raw = points[(kinds != "ema") & (kinds != "average")]
+    decay = points.loc[kinds == "ema", "ema_decay"].dropna()
+    averages = points[kinds == "average"]
+    averages = averages[averages["average_last"] == AVERAGE_LAST] if "average_last" in averages else averages.iloc[:0]
+    methods = {"ema": (f"weight EMA (decay {float(decay.iloc[0]):.4g})" if len(decay) else "weight EMA",
+                       points[kinds == "ema"]),
+               "average": (f"last-{AVERAGE_LAST} checkpoint average", averages)}
+    out, by_tokens = [], {}
+    for key, (name, frame) in methods.items():
+        pairs, unaveraged = {}, {}
+        for tokens in sorted(set(sqrt["D"])):
+            a = frame[frame["D"] == tokens].groupby("parent")["loss"].last()
+            b = sqrt[sqrt["D"] == tokens].set_index("parent")["loss"]
+            shared = sorted(set(a.index) & set(b.index))
+            if shared:
+                pairs[tokens] = ([float(a[p]) for p in shared], [float(b[p]) for p in shared])
+                unaveraged[tokens] = raw[raw["D"] == tokens]["loss"].mean()
+        noise = paired_noise(pairs.values())
+        for tokens, (a, b) in pairs.items():
+            gap = measured(f"{name} of the long run vs its 1-sqrt branch at D={tokens:.3g}",
+                           relative_gap(a, b, noise, paired=True))
+            out.append(gap)
+            drop = unaveraged[tokens] - np.mean(b)
+            row = by_tokens.setdefault(tokens, {"tokens": int(tokens), "long_run_loss": float(unaveraged[tokens]),
+                                                "branch_loss": float(np.mean(b))})
+            row.update({f"{key}_loss": float(np.mean(a)), f"{key}_gap": gap.value, f"{key}_gap_low": gap.low,
+                        f"{key}_gap_high": gap.high,
+                        f"{key}_recovered": float((unaveraged[tokens] - np.mean(a)) / drop) if drop > 0 else None})
+    return out, [by_tokens[t] for t in sorted(by_tokens)]
 
 
 def _plot(ctx: Context, arms, branches, averages) -> str:
@@ -256,8 +285,11 @@ def _plot(ctx: Context, arms, branches, averages) -> str:
         ax.plot(arms["tokens"], arms["wsd_loss"], "s-", label="WSD 1-sqrt 20% (tuned LR)")
         if len(branches):
             ax.plot(branches["tokens"], branches["branch_loss"], "x--", label="cooldown branches")
-        if len(averages):
+        if len(averages) and "ema_loss" in averages:
             ax.plot(averages["tokens"], averages["ema_loss"], "^:", label="long run's weight EMA (no cooldown)")
+        if len(averages) and "average_loss" in averages:
+            ax.plot(averages["tokens"], averages["average_loss"], "v:",
+                    label=f"long run's last-{AVERAGE_LAST} checkpoint average (no cooldown)")
     return "wsd.png"
 
 
@@ -284,10 +316,11 @@ def verdict(analysis: Analysis) -> tuple[str, str]:
 
 
 register(Study(
-    name="wsd", version=4,
-    changes="the rule drops branches-match-separate-runs (v3 measured it at 0 [0, 0]: with warmup in steps a branch "
-            "is its separate run, so it decided nothing; the table stays as a check) and the claim says so; each "
-            "duration's LR grid extended past an edge, a factor 2 at a time, where its optimum lands there.",
+    name="wsd", version=5,
+    changes="beside the weight EMA, the long run's last-4 checkpoint average at each branch's end (its checkpoints "
+            "spread over the branch's last 20%; evaluation only, no training). v4: the rule dropped "
+            "branches-match-separate-runs (an identity with warmup in steps, 0 [0, 0]) and bracketed each duration's "
+            "LR; claim and rule as in v4.",
     brackets=brackets,
     paper="Hägele et al. 2024, Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations",
     claim="A constant LR with a 1-sqrt cooldown over the last 20% (WSD) matches cosine at every training "
