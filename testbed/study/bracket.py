@@ -104,7 +104,7 @@ def extensions(assignments: list[dict[str, Any]], losses: list[float], bracket: 
         finite = {p: m for p, m in means.items() if math.isfinite(m)}
         if not finite:
             continue
-        best = min(finite, key=finite.get)
+        best = min(finite, key=lambda point: finite[point])
         template = members[0][0]
         seeds = sorted({tuple((k, a[k]) for k in SEED_KEYS if k in a) for a, _ in members})
         for i, (key, scale) in enumerate(bracket.axes.items()):

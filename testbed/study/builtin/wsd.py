@@ -255,7 +255,8 @@ def _averaging(ctx: Context, sqrt) -> tuple[list[Measurement], list[dict[str, An
     methods = {"ema": (f"weight EMA (decay {float(decay.iloc[0]):.4g})" if len(decay) else "weight EMA",
                        points[kinds == "ema"]),
                "average": (f"last-{AVERAGE_LAST} checkpoint average", averages)}
-    out, by_tokens = [], {}
+    out: list[Measurement] = []
+    by_tokens: dict[float, dict[str, Any]] = {}
     for key, (name, frame) in methods.items():
         pairs, unaveraged = {}, {}
         for tokens in sorted(set(sqrt["D"])):
