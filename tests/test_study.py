@@ -1,24 +1,13 @@
-"""Studies: the list, each built-in study's tiny run and report, re-analysis without training, a user study."""
+"""Studies: the list, plans, re-analysis without training, a user study (each built-in study's tiny run and
+report: test_study_tiny_models.py and test_study_tiny_data.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ["wsd", "shape", "repetition", "chinchilla", "ablation", "annealing", "power", "vocab", "optimizers", "mixture", "stability", "discrepancy", "mup-transfer"]
-
-
-def cli(*args, cwd=None):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    return subprocess.run([sys.executable, "-m", "testbed", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
+from study_tiny import DATA_STUDIES, MODEL_STUDIES, ROOT, STUDIES, cli
 
 
 def test_list_names_every_study_with_its_claim():
@@ -32,6 +21,9 @@ def test_list_names_every_study_with_its_claim():
         assert name in registry.names()
         line = next(line for line in out.stdout.splitlines() if line.startswith(name + " "))
         assert registry.get(name).claim in line
+    # every built-in study is trained at tiny by one of the two files that share them between workers
+    builtin = {n for n in registry.names() if registry.get(n).module.startswith("testbed.study.builtin")}
+    assert sorted(MODEL_STUDIES + DATA_STUDIES) == sorted(STUDIES) == sorted(builtin)
 
 
 def test_every_cpu_study_fits_its_budget_and_the_corpus(tmp_path, monkeypatch):
@@ -66,7 +58,6 @@ def test_every_cpu_study_fits_its_budget_and_the_corpus(tmp_path, monkeypatch):
 def test_hub_corpus_tokenises_with_the_cores_it_may_use(tmp_path, monkeypatch):
     """On a GPU node inside a SLURM allocation, the hub corpus is tokenised by as many workers
     as the allocation grants (the affinity mask), not one per core of the node."""
-    import os
 
     from testbed.study import corpus
 
@@ -103,66 +94,6 @@ def test_every_gpu_study_fits_its_budget_and_the_hub_corpus(tmp_path, monkeypatc
 
     monkeypatch.setattr(chinchilla, "budgets", lambda size: [3e18])
     assert any("distinct training tokens" in q for q in plan("chinchilla", "gpu")["problems"])
-
-
-def _check_report(out: Path, name: str):
-    figures = json.loads((out / "figures.json").read_text())
-    assert figures["study"] == name and figures["claim"]
-    assert figures["measured"]["value"] is not None
-    assert figures["verdict"] == "inconclusive (tiny)"
-    assert figures["runs"] > 0 and figures["runs_wall_s"] > 0
-    report = (out / "report.md").read_text()
-    assert figures["claim"] in report and "Verdict" in report and "Measured" in report
-    return figures
-
-
-def wsd_durations(size):
-    from testbed.study.builtin.wsd import durations
-
-    return durations(size)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", STUDIES)
-def test_tiny_run_and_report(tmp_path, name, monkeypatch):
-    monkeypatch.setenv("TESTBED_CACHE", str(tmp_path / "cache"))  # vocab prepares its mini corpora here
-    out = tmp_path / name
-    result = cli("study", "run", name, "--size", "tiny", "--out", str(out), "--workers", "2")
-    assert result.returncode == 0, result.stdout + result.stderr
-    _check_report(out, name)
-    # the study keeps each slot's fork server from sweep to sweep: torch is imported once per slot
-    servers = set(re.findall(r"forked by fork server (\d+)", "".join(
-        p.read_text() for p in out.glob("sweep/*/logs/*.log"))))
-    assert 1 <= len(servers) <= 2, servers
-    if name == "annealing":  # one run per sweep: every run on slot 0's server
-        assert len(servers) == 1, servers
-    if name == "vocab":  # every (model, vocabulary) point, on corpora cut from one BPE training
-        points = json.loads((out / "figures.json").read_text())["tables"]["points"]
-        assert sorted({p["vocab"] for p in points}) == [300, 384, 512] and len(points) == 6
-        merges = {v: json.loads(next((tmp_path / "cache").glob(f"studies/*nest512-bpe{v}/tokenizer.json"))
-                                .read_text())["model"]["merges"] for v in (300, 512)}
-        assert merges[300] == merges[512][:300 - 257]
-    if name == "wsd":  # cooldown branches of the long run are part of the report
-        more = json.loads((out / "figures.json").read_text())["more"]
-        assert any("branch" in m["name"] for m in more)
-        # beside them, the long run's weight EMA and its last-K checkpoint average (evaluated, not trained)
-        assert any(m["name"].startswith("weight EMA") for m in more)
-        assert any(m["name"].startswith("last-4 checkpoint average") and m["value"] is not None for m in more)
-        # only real branches: the long run's own end is the longest WSD arm, a check that cannot fail
-        longest = max(wsd_durations("tiny"))
-        assert all(float(re.search(r"D=([0-9.e+]+)", m["name"])[1]) < longest
-                   for m in more if m["name"].startswith("branch"))
-        # study report re-analyses without training: no run directory changes, no run starts
-        before = {p: p.stat().st_mtime_ns for p in out.rglob("status.json")}
-        again = cli("study", "report", str(out))
-        assert again.returncode == 0, again.stderr
-        assert {p: p.stat().st_mtime_ns for p in out.rglob("status.json")} == before
-        assert not list(out.rglob("registry/*.json")) or all(
-            json.loads(p.read_text())["launches"] == 1 for p in out.rglob("registry/*.json"))
-        # running again resumes: every run is done, so nothing is trained
-        rerun = cli("study", "run", name, "--size", "tiny", "--out", str(out))
-        assert rerun.returncode == 0, rerun.stderr
-        assert {p: p.stat().st_mtime_ns for p in out.rglob("status.json")} == before
 
 
 @pytest.mark.slow

@@ -1,0 +1,12 @@
+"""Each schedule, data and vocabulary study run at tiny size and reported (study_tiny.run_tiny)."""
+
+from __future__ import annotations
+
+import pytest
+from study_tiny import DATA_STUDIES, run_tiny
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DATA_STUDIES)
+def test_tiny_run_and_report(tmp_path, name, monkeypatch):
+    run_tiny(tmp_path, name, monkeypatch)
