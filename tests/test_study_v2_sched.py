@@ -110,3 +110,32 @@ def test_wsd_branches_are_a_check_of_construction_not_in_the_rule():
     assert wsd.verdict(Analysis(ok, [branch, sqrt]))[0] == "agree"
     linear_wins = Measurement("1-sqrt vs linear cooldown branch at D=100", 0.01, 0.005, 0.02)
     assert wsd.verdict(Analysis(ok, [branch, linear_wins]))[0] == "disagree"
+
+
+def _law_sweep(pairs, law: dict, sd: float, seed: int = 0) -> pd.DataFrame:
+    """One run per (N, D) with losses from L = E + A/N^alpha + B/D^beta and lognormal scatter."""
+    import numpy as np
+
+    n, d = (np.array(v, float) for v in zip(*pairs))
+    clean = law["E"] + law["A"] / n ** law["alpha"] + law["B"] / d ** law["beta"]
+    loss = clean * np.exp(sd * np.random.default_rng(seed).standard_normal(len(n)))
+    return pd.DataFrame({"run_id": [f"r{k}" for k in range(len(n))], "N": n, "D": d, "C": 6 * n * d, "loss": loss})
+
+
+def test_approach3_coverage_is_measured_at_the_studys_own_design():
+    """On a grid of sizes and token counts the wild bootstrap covers (as tests/test_fit_recovery.py
+    measures); on an IsoFLOP design whose N and D move together along three budgets a factor 4
+    apart the same interval covers far less, and Approach 3's figures then carry a caveat."""
+    import numpy as np
+
+    grid = [(n, d) for n in np.logspace(7, 9, 4) for d in np.logspace(9, 11, 3)]
+    chinchilla_like = {"E": 2.0, "A": 400.0, "B": 1500.0, "alpha": 0.34, "beta": 0.36}
+    a, b, _ = chinchilla._approach3(_law_sweep(grid, chinchilla_like, sd=0.01))
+    assert "sweeps simulated from that law" in a.how and not a.caveat, a
+    # the cpu study's design (three budgets, four widths) and the law v6 fitted there, at its scatter
+    isoflop = [(n, c / (6 * n)) for c in (2e11, 4e11, 8e11) for n in (3.3e4, 5.2e4, 8.6e4, 1.6e5)]
+    fitted_there = {"E": 2.452, "A": 1.493e8, "B": 1920.0, "alpha": 1.878, "beta": 0.5833}
+    a, b, _ = chinchilla._approach3(_law_sweep(isoflop, fitted_there, sd=0.015))
+    assert "coverage at this design" in a.caveat and a.caveat == b.caveat, a
+    assert chinchilla.verdict(Analysis(Measurement("a in N_opt ∝ C^a, Approach 2 (joint IsoFLOP fit)", 0.5, 0.4, 0.6),
+                                       [a]))[0] == "inconclusive"
