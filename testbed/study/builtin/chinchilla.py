@@ -279,7 +279,8 @@ def verdict(analysis: Analysis) -> tuple[str, str]:
 register(Study(
     name="chinchilla", version=7,
     changes="Approach 3's interval is checked for coverage at the study's own design (40 sweeps simulated from the "
-            "fitted law at the runs' N and D): below 85% it is a caveat, so no rule decides on it. v6 bracketed every "
+            "fitted law at the runs' N and D): below 85% it is a caveat, so no rule decides on it. The cpu report "
+            "re-analyses v6's runs (nothing trained again: `study run` took 8.2 min under v6). v6 bracketed every "
             "cell's LR (v5 left 4 of 12 at an edge); claim and rule unchanged.",
     brackets=lambda size: {"chinchilla": Bracket({"labels.lr_step": "linear"})},
     paper="Hoffmann et al. 2022, Training Compute-Optimal Large Language Models (Approaches 1-3); "
