@@ -107,7 +107,7 @@ def extensions(assignments: list[dict[str, Any]], losses: list[float], bracket: 
         best = min(finite, key=lambda point: finite[point])
         template = members[0][0]
         seeds = sorted({tuple((k, a[k]) for k in SEED_KEYS if k in a) for a, _ in members})
-        for i, (key, scale) in enumerate(bracket.axes.items()):
+        for i, scale in enumerate(bracket.axes.values()):
             values = sorted({p[i] for p in means})
             if len(values) < 2 or values[0] < best[i] < values[-1]:
                 continue
