@@ -71,14 +71,14 @@ def diverged_rows(root: Path, have: set[str]) -> list[dict[str, Any]]:
 
     rows = []
     for run_dir in find_runs(root):
-        if not run_dir.read_status().get("diverged"):
+        status = run_dir.read_status()
+        if not status.get("diverged"):
             continue
-        run = run_dir.read_run() or {}
-        row = run_columns(run_dir, run)
+        row = run_columns(run_dir, run_dir.read_run() or {})
         if row["run_id"] in have:
             continue
         tokens, per_token = row.get("planned_tokens"), row.get("flops_per_token")
-        rows.append({**row, "step": run_dir.read_status().get("step"), "D": tokens,
+        rows.append({**row, "step": status.get("step"), "D": tokens,
                      "C": tokens * per_token if tokens and per_token else None,
                      "loss": math.inf, "bpb": math.inf, "point_kind": "final", "diverged": True})
     return rows

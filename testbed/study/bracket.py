@@ -163,7 +163,7 @@ def most_added(spec: dict[str, Any], bracket: Bracket) -> int:
     sizes = {k: len(v) if isinstance(v, list) else 1 for k, v in grid.items()}
     if any(sizes.get(k, 1) < 2 for k in bracket.axes):
         return 0
-    every = math.prod(sizes.values()) * max(1, len(next(iter((spec.get("zip") or {"": [0]}).values()))))
+    every = len(points(spec))
     bracketed = math.prod(sizes[k] for k in bracket.axes)
     slabs = sum(bracketed // sizes[k] for k in bracket.axes)
     return bracket.rounds * (every // bracketed) * slabs

@@ -66,7 +66,8 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
     with _study_json(out, study, size) as meta:
         meta.setdefault("invocations", []).append(invocation)
     try:
-        corpus.ensure_for(specs)
+        # What `extra` trains may read corpora the sweeps do not (vocab's profiles): all prepared first.
+        corpus.ensure_for(specs + (study.extra_cost(size) if study.extra_cost else []))
         brackets = study.brackets_at(size)
         for spec in specs:
             load_sweep(spec)  # every run of every sweep is validated before any is trained
@@ -158,6 +159,7 @@ def plan(name: str, size: str, rate: float | None = None) -> dict[str, Any]:
         raise TestbedError(f"--size {size!r} is not defined for study {name!r}; choose one of "
                            f"{', '.join(study.sizes)}")
     specs = study.sweeps(size) + (study.extra_cost(size) if study.extra_cost else [])
+    brackets = study.brackets_at(size)
     rows, problems = [], []
     held_by_path: dict[str, tuple[int, bool]] = {}  # each corpus is counted (or estimated) once
     for spec in specs:
@@ -183,10 +185,10 @@ def plan(name: str, size: str, rate: float | None = None) -> dict[str, Any]:
         row = {"sweep": sweep.name, "runs": len(quantities),
                "tokens": sum(q["planned_tokens"] for q in quantities), "flops": flops,
                "largest_fresh_tokens": fresh, "corpus_tokens": available, "seconds": seconds}
-        if sweep.name in study.brackets_at(size):
+        if sweep.name in brackets:
             # Beyond the grid only where a cell's optimum lands at its edge: not in the total, which
             # is what the study trains when every cell is bracketed; the most it can add, apart.
-            added = bracket.most_added(spec, study.brackets_at(size)[sweep.name])
+            added = bracket.most_added(spec, brackets[sweep.name])
             row.update(bracket_runs_at_most=added, bracket_seconds_at_most=added * seconds / len(quantities))
         rows.append(row)
     startup = recipes.STARTUP_S[size]
