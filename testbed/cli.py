@@ -82,23 +82,23 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    try:
-        return int(args.func(args) or 0)
-    except TestbedError as err:
-        from testbed import exits
+    from testbed import exits
 
+    try:
+        code = int(args.func(args) or 0)
+    except TestbedError as err:
         report_error(err)
         # Bad input, or an error with a code of its own (a busy run directory: exits.BUSY).
-        return int(getattr(err, "exit_code", exits.BAD_INPUT))
+        code = int(getattr(err, "exit_code", exits.BAD_INPUT))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        code = 130
     except BrokenPipeError:  # output piped into `head` and the like: not an error
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-
+        code = 0
+    return exits.leave(code)  # a torchrun rank ends here (exits.skip_finalization)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -192,3 +192,37 @@ def test_a_rank_that_dies_or_hangs_ends_the_run_resumable(tmp_path, fault):
     launch(config, run_dir, 1, "--resume")
     assert "resume from" in (run_dir / "train.log").read_text()
     assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
+
+
+# A stand-in for a gloo thread that outlives Python: an object that aborts the process if it is
+# ever finalized. A correctly finished rank must still exit with its own code, its output and
+# atexit handlers intact.
+ABORTS_AT_TEARDOWN = """
+import atexit, os, signal, sys
+from testbed import exits
+from testbed.cli import main
+
+class Thread:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGABRT)
+
+holder = Thread()
+atexit.register(lambda: print("atexit ran"))
+if sys.argv[1] == "rank":
+    exits.skip_finalization()  # as init_distributed does
+sys.exit(main(["study", "list"]))
+"""
+
+
+@pytest.mark.parametrize("process", ["rank", "plain"])
+def test_a_rank_exits_with_its_code_without_tearing_the_interpreter_down(tmp_path, process):
+    """A torchrun rank aborted now and then at interpreter teardown after a correct run (SIGABRT,
+    'terminate called without an active exception'): after joining a process group, the process
+    ends with os._exit once main returns. A process that joined none finalizes as usual."""
+    out = subprocess.run([sys.executable, "-c", ABORTS_AT_TEARDOWN, process], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+    if process == "rank":
+        assert out.returncode == 0, out.stderr[-2000:]
+    else:
+        assert out.returncode == -signal.SIGABRT, "the stand-in no longer aborts at teardown"
+    assert "chinchilla" in out.stdout and out.stdout.rstrip().endswith("atexit ran"), out.stdout[-500:]

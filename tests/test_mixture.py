@@ -259,3 +259,21 @@ def test_a_mixture_with_a_data_path_is_refused():
                                           r"from data.source_options.sources; remove data.path$"):
         load_config(None, ["data.source=mixture", "data.path=x", "data.source_options.sources={a: f, b: g}",
                            "data.source_options.weights={a: 0.5, b: 0.5}"])
+
+
+def test_the_mup_lr_point_weighs_a_mixture_as_the_trainer_does(folders, tmp_path):
+    """testbed.train.mup.lr_point's validation loss on a mixture is the trainer's weighted
+    val_loss (it was the unweighted mean over every source's windows)."""
+    from testbed.train.mup import lr_point
+    from testbed.train.trainer import train
+
+    cfg = config(folders, "checkpoint.rolling_every=null")
+    train(cfg, tmp_path / "run")
+    last = [r for r in lines(tmp_path / "run") if "val_loss" in r][-1]
+    assert last["step"] == 6
+    point = lr_point(cfg, 32, cfg.optim.lr, 6, "sp", 32)
+    assert point["loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+    # Before: every source's windows in one mean, each source weighed by its window count.
+    counts = {n: len(ids) for n, (_, ids) in data_loader.make_source(cfg).validation_groups().items()}
+    by_windows = sum(counts[n] * last[f"source/{n}/val_loss"] for n in WEIGHTS) / sum(counts.values())
+    assert by_windows != pytest.approx(last["val_loss"], rel=1e-5)

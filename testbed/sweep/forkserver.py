@@ -281,30 +281,8 @@ def _run_child(request: dict) -> int:
 
         traceback.print_exc()
         code = 1
-    _interpreter_exit()
+    exits.wind_down()  # the child ends with os._exit, so that it never returns into the server's loop
     return code if isinstance(code, int) else 1
-
-
-def _interpreter_exit() -> None:
-    """What a fresh interpreter does on its way out: wait for non-daemon threads, run atexit
-    handlers, flush stdout and stderr (os._exit, which the child must use so that it never
-    returns into the server's loop, would skip them)."""
-    import atexit
-    import threading
-
-    try:
-        threading._shutdown()  # type: ignore[attr-defined]
-    except Exception:
-        pass
-    try:
-        atexit._run_exitfuncs()
-    except Exception:
-        pass
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
 
 
 def _child(request: dict, gate: int, inherited: list[int]) -> None:

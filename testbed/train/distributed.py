@@ -51,6 +51,7 @@ def init_distributed(device_name: str, timeout_s: float) -> Dist:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and device_name != "cpu" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    exits.skip_finalization()
     hosts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(hosts, socket.gethostname())
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(),

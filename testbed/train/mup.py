@@ -146,21 +146,22 @@ def slopes(rows: list[dict], step: int | None = None) -> dict[tuple[str, str], f
 def lr_point(config: Config, width: int, lr: float, steps: int, parametrization: str, base_width: int,
              val_sequences: int = 64) -> dict:
     """{parametrization, width, lr, loss}: the validation loss after `steps` steps, on the same
-    `val_sequences` held-out windows for every run (so runs compare on equal terms); inf where
-    training diverged."""
+    `val_sequences` held-out windows for every run (so runs compare on equal terms; a mixture's
+    are its sources' windows, weighted as the trainer weighs them); inf where training diverged."""
+    from testbed.train.distributed import Dist
+    from testbed.train.trainer import evaluate
+
     cfg = at_width(config, width, parametrization, base_width, {"optim.lr": lr, "train.steps": steps})
     source = data_loader.make_source(cfg)
-    windows = torch.from_numpy(source.windows(data_loader.validation_windows(source, val_sequences),
-                                              data_loader.VALIDATION))
+    val_ids = data_loader.validation_windows(source, val_sequences)
     final = {}
 
-    @torch.no_grad()
-    def evaluate(step, model, loss):
+    def evaluate_last(step, model, loss):
         if step == steps:
-            model.eval()
-            final["loss"] = model(windows[:, :-1], windows[:, 1:]).item()
+            final["loss"] = evaluate(model, source, val_ids, len(val_ids), torch.device("cpu"), torch.float32,
+                                     Dist(), None)["val_loss"]
 
-    losses = train_steps(cfg, steps, evaluate, source=source)
+    losses = train_steps(cfg, steps, evaluate_last, source=source)
     loss = final["loss"] if np.all(np.isfinite(losses)) and math.isfinite(final["loss"]) else math.inf
     return {"parametrization": parametrization, "width": width, "lr": lr, "loss": loss}
 
