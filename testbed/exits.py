@@ -1,4 +1,5 @@
-"""The trainer's exit contract, read by every executor (local, fork server, SLURM hook).
+"""The trainer's exit contract, read by every executor (local, fork server, SLURM hook), and
+how a process ends with its code (`leave`).
 
     0   DONE        the run is done (status.json says "done")
     1   FAILURE     anything else went wrong: worth retrying within the sweep's limit
@@ -43,10 +44,10 @@ _skip_finalization = False
 
 def skip_finalization() -> None:
     """This process ends through `leave` without finalizing the interpreter. A gloo rank that
-    has trained correctly and left its group sometimes aborts while the interpreter tears down
-    (SIGABRT, "terminate called without an active exception": a C++ thread of the group outlives
-    Python), about one two-process run in 40 on a 2-core machine, which turns a done run's exit
-    0 into a crash its executor retries."""
+    has trained correctly and destroyed its group now and then aborted as the interpreter tore
+    down (SIGABRT, "terminate called without an active exception", as when a C++ thread is
+    never joined; DDP's reducer keeps the group alive until then): once in 158 two-process runs
+    on a 2-core machine, and once in the test suite. That turns a done run's exit 0 into a crash."""
     global _skip_finalization
     _skip_finalization = True
 
