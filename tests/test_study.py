@@ -128,6 +128,7 @@ def test_user_study_from_import(tmp_path, monkeypatch):
         runner.run("user-demo", "tiny", out, log=lambda message: None)
     calls = json.loads((out / "study.json").read_text())["invocations"]
     assert len(calls) == 2 and calls[0]["wall_s"] == wall and calls[1]["wall_s"] is None
+    assert calls[0]["trained_runs"] == figures["runs"] > 0, calls[0]
     # A run refused before training (bad input) is no interrupted invocation: nothing is added.
     from testbed.errors import TestbedError
     from testbed.study import corpus
@@ -200,6 +201,19 @@ def test_two_study_runs_on_one_out_keep_both_invocations(tmp_path, monkeypatch):
     calls = json.loads((out / "study.json").read_text())["invocations"]
     assert len(calls) == 2 and all(c["wall_s"] is not None for c in calls), calls
     assert "interrupted" not in runner.invocations_text(calls)
+
+
+def test_wall_time_of_a_folder_whose_runs_were_trained_elsewhere_says_so():
+    """A re-analysis (an earlier version's runs in a fresh folder) records invocations that
+    trained nothing: its header must not read as the study's training time."""
+    from testbed.study.runner import invocations_text
+
+    again = [{"wall_s": 0.9, "trained_runs": 0}]
+    assert invocations_text(again).endswith("which trained no run: every run was trained before this folder's "
+                                            "first `study run`")
+    for calls in ([{"wall_s": 60.0, "trained_runs": 12}, *again], [{"wall_s": 0.9}],
+                  [*again, {"wall_s": None}]):
+        assert "trained no run" not in invocations_text(calls), calls
 
 
 def test_unknown_study_and_foreign_folder(tmp_path):

@@ -85,6 +85,7 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
         with _study_json(out, study, size) as meta:
             meta["invocations"] = [c for c in meta.get("invocations", []) if c.get("id") != invocation["id"]]
         raise
+    done_before = _done_runs(out)
     dirs = {}
     servers = ForkServers(out / "logs")  # each slot imports torch once for the whole study
     try:
@@ -100,7 +101,8 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
                 study.extra(Context(out, size, dirs), {"workers": workers, "servers": servers})
     finally:
         servers.close()
-    invocation.update(wall_s=round(time.time() - started, 2), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    invocation.update(wall_s=round(time.time() - started, 2), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                      trained_runs=_done_runs(out) - done_before)
     with _study_json(out, study, size) as meta:
         calls = meta.setdefault("invocations", [])
         mine = [n for n, c in enumerate(calls) if c.get("id") == invocation["id"]]
@@ -109,6 +111,14 @@ def run(name: str, size: str, out: str | Path, workers: int = 1, progress: bool 
         else:  # removed by hand meanwhile: recorded again rather than lost
             calls.append(invocation)
     return report(out)
+
+
+def _done_runs(out: Path) -> int:
+    """How many runs (branches included) under the study's folder are done."""
+    from testbed.rundir import find_runs
+
+    root = out / "sweep"
+    return sum(run.read_status().get("state") == "done" for run in find_runs(root)) if root.is_dir() else 0
 
 
 def _corpora(specs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -376,6 +386,10 @@ def invocations_text(calls: list[dict[str, Any]]) -> str:
     unfinished = len(calls) - len(finished)
     if unfinished:
         text += f" and {unfinished} interrupted invocation(s), whose time is not recorded"
+    if finished and not unfinished and all(c.get("trained_runs") == 0 for c in finished):
+        # A folder of runs trained elsewhere (an earlier version's, re-analysed): its time is
+        # only the analysis'; the time inside the runs, which follows, is the training's.
+        text += ", which trained no run: every run was trained before this folder's first `study run`"
     return text
 
 
