@@ -100,5 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         code = 0
     return exits.leave(code)  # a torchrun rank ends here (exits.skip_finalization)
 
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
