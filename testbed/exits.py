@@ -46,7 +46,7 @@ def skip_finalization() -> None:
     """This process ends through `leave` without finalizing the interpreter. A gloo rank that
     has trained correctly and destroyed its group now and then aborted as the interpreter tore
     down (SIGABRT, "terminate called without an active exception", as when a C++ thread is
-    never joined; DDP's reducer keeps the group alive until then): once in 158 two-process runs
+    never joined; likely the group kept alive until then by DDP's reducer): once in 158 two-process runs
     on a 2-core machine, and once in the test suite. That turns a done run's exit 0 into a crash."""
     global _skip_finalization
     _skip_finalization = True
