@@ -71,11 +71,15 @@ def brackets(size: str) -> dict[str, Bracket]:
 AVERAGE_LAST = 4
 
 
+def branch_ends(size: str) -> list[int]:
+    """The long run's steps where its cooldown branches end: the shorter durations' ends."""
+    return [d // BATCH[size] for d in durations(size)[:-1]]
+
+
 def average_steps(size: str) -> list[int]:
     """The long run's steps saved for the averages: for each branch end e, e·(1 − DECAY·j/K) for
     j = K−1 … 0 (cpu, e = 160: 136, 144, 152, 160)."""
-    ends = [d // BATCH[size] for d in durations(size)[:-1]]
-    return sorted({round(e * (1 - DECAY * j / AVERAGE_LAST)) for e in ends for j in range(AVERAGE_LAST)})
+    return sorted({round(e * (1 - DECAY * j / AVERAGE_LAST)) for e in branch_ends(size) for j in range(AVERAGE_LAST)})
 
 
 def ema_decay(size: str) -> float:
@@ -108,15 +112,14 @@ def long_sweep(size: str, lr: float) -> dict[str, Any]:
     tree = _tree(size, **ARMS["wsd"])
     tree["optim"]["lr"] = lr
     tree["train"].update(tokens=durations(size)[-1], ema_decay=ema_decay(size))
-    ends = [d // BATCH[size] for d in durations(size)[:-1]]
-    steps = sorted({*branch_steps(size), *ends, *average_steps(size)})
+    steps = sorted({*branch_steps(size), *branch_ends(size), *average_steps(size)})
     tree["checkpoint"] = {"at_tokens": [s * BATCH[size] for s in steps]}
     return {"name": "wsd-long", "base": tree, "grid": {"train.seed": seeds(size)}, "labels": ["train.seed"]}
 
 
 def branch_steps(size: str) -> list[int]:
     """A branch from step S decaying over 20% ends at S / 0.8: the shorter durations' steps."""
-    return [round((1 - DECAY) * d / BATCH[size]) for d in durations(size)[:-1]]
+    return [round((1 - DECAY) * e) for e in branch_ends(size)]
 
 
 def extra_cost(size: str) -> list[dict[str, Any]]:
@@ -154,7 +157,7 @@ def extra(ctx: Context, options: dict[str, Any]) -> None:
                     continue
                 branch(parent, step, DECAY, shape)
         done = {(r["step"], r["last"]) for r in RunDir(parent).averages()}
-        for end in (d // BATCH[ctx.size] for d in durations(ctx.size)[:-1]):
+        for end in branch_ends(ctx.size):
             if (end, AVERAGE_LAST) not in done:
                 average_checkpoints(parent, AVERAGE_LAST, until=end)
 
