@@ -74,7 +74,10 @@ def test_sp_is_the_default_and_unchanged():
     assert config().model.parametrization == "sp"
     losses, model = adamw_losses(config())
     assert losses == pytest.approx([4.152826309204102, 3.9734480381011963, 3.8349037170410156], rel=1e-6)
-    assert sum(p.double().sum().item() for p in model.parameters()) == pytest.approx(164.12345239076603, rel=1e-9)
+    # rel 1e-6, as the losses: float32 kernels differ in their last bits between CPUs (an
+    # AVX512-BF16 AMD and an AVX512 Intel part differ by 3.6e-8 here), while any change to an init
+    # or a group's LR moves this sum by far more.
+    assert sum(p.double().sum().item() for p in model.parameters()) == pytest.approx(164.12345239076603, rel=1e-6)
     groups = param_groups(model, 0.1)
     assert [set(g) for g in groups] == [{"params", "weight_decay"}] * 2  # no lr_scale under SP
     assert model.output_mult is None and model.blocks[0].attn.scale is None

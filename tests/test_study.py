@@ -411,14 +411,18 @@ def test_the_writing_a_study_example_in_the_docs_runs_against_the_api(tmp_path, 
 
     from testbed.study.base import STUDIES as registry
     from testbed.study.base import Context
+    from testbed.study.runner import _stated_vocabulary
     from testbed.sweep.spec import load_sweep
 
+    # A fresh machine: no study corpus prepared. The sweep expands as `study plan` expands it,
+    # with the vocabulary the corpus folder's name states.
+    monkeypatch.setenv("TESTBED_CACHE", str(tmp_path / "cache"))
     text = (ROOT / "docs" / "studies.md").read_text().split("## Writing a study")[1]
     code = text.split("```python")[1].split("```")[0].replace("my_norm", "layernorm").replace('"mine"', '"doc-example"')
     namespace: dict = {}
     exec(compile(code, "docs/studies.md", "exec"), namespace)
     study = registry.get("doc-example")
-    runs = load_sweep(study.sweeps("cpu")[0]).runs
+    runs = load_sweep(_stated_vocabulary(study.sweeps("cpu")[0])).runs
     assert {r.config.model.norm for r in runs} == {"rmsnorm", "layernorm"} and len(runs) == 4
     finals = pd.DataFrame({"label_norm": ["rmsnorm", "rmsnorm", "layernorm", "layernorm"], "label_seed": [0, 1, 0, 1],
                            "loss": [3.0, 3.1, 2.9, 3.0]})
