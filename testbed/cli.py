@@ -44,29 +44,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def report_error(err: TestbedError) -> None:
-    """Our error, once: on stderr from rank 0 (or the only process). Under torchrun (and
-    `accelerate launch`, torchrun underneath) every rank also writes it to the launcher's error
-    file, so the launcher's failure table names it instead of a hint to enable tracebacks; a
-    non-zero rank prints it only where no launcher collects it."""
+    """Our error, once. Under torchrun (and `accelerate launch`, torchrun underneath) every rank
+    writes it to the launcher's error file, so the failure table names it instead of a hint to
+    enable tracebacks, and the first rank of the node to fail prints it: the launcher stops the
+    others as soon as one exits, so a rank waiting for another's word may never print. Without a
+    launcher collecting errors, rank 0 prints it and any other rank prints it with its rank."""
     import json
     import os
     import time
 
     line = f"error: {err}"
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    first = os.environ.get("RANK", "0") == "0"
+    if error_file:
+        # The launcher gives each local rank attempt_K/<local rank>/error.json: their shared
+        # attempt folder holds one claim, taken by whichever rank gets here first.
+        claim = os.path.join(os.path.dirname(os.path.dirname(error_file)), "testbed-error-reported")
+        try:
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            first = True
+        except FileExistsError:
+            first = False
+        except OSError:
+            pass  # no claim possible: rank 0 prints, as without a launcher
+    if first:
+        print(line, file=sys.stderr, flush=True)
     if error_file:
         record = {"message": {"message": f"{type(err).__name__}: {err}",
                               "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
         try:
             with open(error_file, "w") as f:
                 json.dump(record, f)
+            return
         except OSError:
-            error_file = None
-    rank = os.environ.get("RANK", "0")
-    if rank == "0":
-        print(line, file=sys.stderr)
-    elif not error_file:
-        print(f"error (rank {rank}): {err}", file=sys.stderr)
+            pass
+    if not first:
+        print(f"error (rank {os.environ.get('RANK')}): {err}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
