@@ -56,10 +56,13 @@ def report_error(err: TestbedError) -> None:
     line = f"error: {err}"
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     first = os.environ.get("RANK", "0") == "0"
-    if error_file:
+    rank_dir = os.path.dirname(error_file or "")
+    attempt_dir = os.path.dirname(rank_dir)
+    if os.path.basename(rank_dir).isdigit() and os.path.basename(attempt_dir).startswith("attempt_"):
         # The launcher gives each local rank attempt_K/<local rank>/error.json: their shared
-        # attempt folder holds one claim, taken by whichever rank gets here first.
-        claim = os.path.join(os.path.dirname(os.path.dirname(error_file)), "testbed-error-reported")
+        # attempt folder holds one claim, taken by whichever rank gets here first. (An error
+        # file laid out otherwise, set by hand, leaves the printing to rank 0.)
+        claim = os.path.join(attempt_dir, "testbed-error-reported")
         try:
             os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
             first = True

@@ -394,6 +394,14 @@ def test_an_error_is_printed_by_the_first_rank_to_fail_and_written_to_the_launch
         record = json.loads((attempt / rank / "error.json").read_text())["message"]
         assert record["message"].startswith("ConfigError: unknown config key 'model.dmodel'")
         assert record["extraInfo"]["py_callstack"].startswith("error: unknown config key 'model.dmodel'")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))  # not the launcher's layout
+    for rank in ("1", "0", "0"):  # rank 0 prints, every time: no claim is left behind
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err == "" if rank == "1" else err.startswith("error: unknown config key"), (rank, err)
+        assert json.loads((tmp_path / "error.json").read_text())["message"]["message"].startswith("ConfigError")
+    assert not (tmp_path / "testbed-error-reported").exists() and not (tmp_path.parent / "testbed-error-reported").exists()
     monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")
     assert main(["train", str(bad)]) == 2  # no launcher collects it: rank 0 says it
     assert capsys.readouterr().err.startswith("error: unknown config key 'model.dmodel'")
